@@ -1,0 +1,40 @@
+# One-command set-up on a fresh machine with Python 3.10+:
+#   make test   create .venv, install pmakit with its test extras, run the whole suite
+#   make demo   same set-up, then run the PMA pre-training example (examples/pretrain_pma.py)
+#   make bench  same set-up plus the peers (mergekit), then run the benchmarks
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# torch is pinned to the CPU build first so that no dependency pulls a CUDA build of several GB.
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test demo bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[test,examples]" "$(TORCH)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PY) examples/pretrain_pma.py --output_dir runs/pretrain_pma
+
+$(VENV)/.bench: $(STAMP)
+	$(PIP) install -q -e ".[bench]" "$(TORCH)"
+	touch $(VENV)/.bench
+
+bench: $(VENV)/.bench
+	$(PY) benchmarks/update.py
+	$(PY) benchmarks/merge.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
