@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 
-__all__ = ["atomic_directory", "build_model_card", "publish_directory"]
+__all__ = ["atomic_directory", "build_model_card", "copy_model_folder", "publish_directory", "save_averaged_model"]
 
 
 def _is_nonempty_dir(path: Path) -> bool:
@@ -100,3 +100,47 @@ def _looks_like_hub_id(name: str) -> bool:
     if not name or os.path.exists(name) or name.startswith((".", "/", "~")) or os.sep in name.replace("/", "", 1):
         return False
     return name.count("/") <= 1 and " " not in name
+
+
+def save_averaged_model(
+    model,
+    averages: dict,
+    path: str | os.PathLike,
+    *,
+    processing_class=None,
+    model_card: str | None = None,
+) -> Path:
+    """Write ``model`` with ``averages`` (``{param: fp32 tensor}``) in place of its live weights.
+
+    The live model is not touched: the averaged tensors are cast to each parameter's dtype and
+    passed to ``save_pretrained`` as its state dict, so parameters that were not averaged
+    (frozen ones, buffers) come from the model. Every name of a tied parameter maps to the same
+    tensor, so ``save_pretrained`` still writes it once. PEFT models write their adapter only.
+    The folder is built aside and renamed into place, replacing an older one.
+    """
+    state_dict = model.state_dict()
+    names_by_param: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_by_param.setdefault(id(param), []).append(name)
+    for param, avg in averages.items():
+        names = names_by_param.get(id(param))
+        if not names:
+            continue
+        merged = avg.detach().to(device=param.device, dtype=param.dtype)
+        for name in names:
+            if name in state_dict:
+                state_dict[name] = merged
+    with atomic_directory(path, overwrite=True) as tmp:
+        model.save_pretrained(tmp, state_dict=state_dict)
+        if processing_class is not None and hasattr(processing_class, "save_pretrained"):
+            processing_class.save_pretrained(tmp)
+        if model_card is not None:
+            (tmp / "README.md").write_text(model_card, encoding="utf-8")
+    return Path(path)
+
+
+def copy_model_folder(source: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Replace ``path`` by a copy of the finished folder ``source`` (built aside, then renamed)."""
+    with atomic_directory(path, overwrite=True) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+    return Path(path)

@@ -1,0 +1,45 @@
+"""`PmaTrainer`: a `transformers.Trainer` with PMA on whatever optimizer it builds (`args.optim`)."""
+
+from __future__ import annotations
+
+from transformers import Trainer, TrainingArguments
+
+from .callback import PmaCallback
+from .config import PmaArguments, PmaConfig
+from .engine import PmaEngine
+
+
+__all__ = ["PmaTrainer"]
+
+
+class PmaTrainer(Trainer):
+    """`Trainer` + PMA. Rename `TrainingArguments` -> `PmaArguments` and `Trainer` -> `PmaTrainer`.
+
+    The PMA settings come from the `pma_*` fields of `PmaArguments`, or from ``pma_config`` when
+    the arguments are plain `TrainingArguments`. The engine is attached as soon as the optimizer
+    is created, before a checkpoint's optimizer state is loaded, so resuming restores the fp32
+    average exactly.
+    """
+
+    _tag_names = ["pmakit", "pma"]
+
+    def __init__(self, model=None, args: TrainingArguments | None = None, *pargs, pma_config: PmaConfig | None = None, **kwargs):
+        if args is None:
+            args = PmaArguments(output_dir="trainer_output")
+        if pma_config is None:
+            pma_config = args.pma_config if isinstance(args, PmaArguments) else PmaConfig()
+        super().__init__(model, args, *pargs, **kwargs)
+        self.pma_callback = PmaCallback(pma_config, trainer=self)
+        self.add_callback(self.pma_callback)
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(self._tag_names)
+
+    @property
+    def pma_engine(self) -> PmaEngine | None:
+        """The engine holding the running average (None before the optimizer exists)."""
+        return self.pma_callback.engine
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        self.pma_callback.attach(self.optimizer)
+        return optimizer
