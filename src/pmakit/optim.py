@@ -42,7 +42,9 @@ def _attach(optimizer, config: PmaConfig, model, output_dir, processing_class) -
     engine = attach_engine(optimizer, config)
     if output_dir is not None:
         if model is None:
-            raise ValueError("Writing `pma-<step>` folders needs the model: pass `model=` with `output_dir=`.")
+            raise ValueError(
+                "Writing `pma-<step>` folders needs the model: pass it (`pma_model=` for `PmaAdamW`) with `output_dir=`."
+            )
         engine.add_cycle_handler(
             PmaExporter(model, output_dir, config, processing_class=processing_class, is_main_process=_is_main_process())
         )
@@ -52,13 +54,14 @@ def _attach(optimizer, config: PmaConfig, model, output_dir, processing_class) -
 class PmaAdamW(torch.optim.AdamW):
     """`torch.optim.AdamW` with online PMA (see `PmaConfig`).
 
-    ``pma`` holds the settings; with ``model`` and ``output_dir`` the merged model of each cycle is
-    written to ``output_dir/pma-<step>`` (and ``output_dir/pma``). Example with FSDP-friendly
-    creation by the Trainer:
+    ``pma`` holds the settings; with ``pma_model`` and ``output_dir`` the merged model of each cycle
+    is written to ``output_dir/pma-<step>`` (and ``output_dir/pma``). The model keyword is not
+    ``model`` because the Trainer takes that one for itself. Example with FSDP-friendly creation by
+    the Trainer:
 
     ```python
     trainer = Trainer(model, args, optimizer_cls_and_kwargs=(PmaAdamW, {"lr": 3e-4, "pma": {"interleave_step": 100},
-                      "model": model, "output_dir": args.output_dir}), ...)
+                      "pma_model": model, "output_dir": args.output_dir}), ...)
     ```
     """
 
@@ -67,13 +70,13 @@ class PmaAdamW(torch.optim.AdamW):
         params: Iterable,
         *,
         pma: PmaConfig | dict | None = None,
-        model: torch.nn.Module | None = None,
+        pma_model: torch.nn.Module | None = None,
         output_dir: str | Path | None = None,
         processing_class=None,
         **adamw_kwargs,
     ) -> None:
         super().__init__(params, **adamw_kwargs)
-        self.pma_engine = _attach(self, _as_config(pma), model, output_dir, processing_class)
+        self.pma_engine = _attach(self, _as_config(pma), pma_model, output_dir, processing_class)
 
 
 def create_pma_optimizer(
