@@ -1,0 +1,370 @@
+"""Hub upload and download for merged models, through the official `huggingface_hub` client.
+
+`push_folder_to_hub` sends a finished model folder (merged offline, or `output_dir/pma` of an
+online run) to a Hub repo: it creates the repo and the branch when they are missing, uploads the
+folder as one commit (weights through LFS), and adds nothing that is not in the folder. Transient
+failures (HTTP 5xx/429, dropped connections) are retried; a push that still fails raises
+`HubPushError`, a one-line message that says what went wrong and that the local folder is kept.
+
+`download_model` fetches only what a merge or `from_pretrained` needs: safetensors weights,
+config, generation config, tokenizer files and the model card.
+
+The token comes from the argument, else from ``HF_TOKEN`` or ``hf auth login`` (resolved by
+`huggingface_hub`); it is never printed, logged or put in an error message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+import httpx2
+from huggingface_hub import HfApi, constants, snapshot_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    LocalTokenNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import get_token
+
+
+__all__ = [
+    "DOWNLOAD_PATTERNS",
+    "HubDownloadError",
+    "HubPushError",
+    "download_model",
+    "push_folder_to_hub",
+    "push_pma_folder",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Files `download_model` fetches by default (top level of the repo, or of ``subfolder``).
+DOWNLOAD_PATTERNS: tuple[str, ...] = (
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    "adapter_config.json",
+    "tokenizer*.json",
+    "*.model",
+    "vocab.*",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "README.md",
+)
+
+#: Attempts of each Hub step (create repo, create branch, upload) on transient failures, and the
+#: first wait between them in seconds (doubled each time). The client also retries its own calls.
+RETRY_ATTEMPTS = 3
+RETRY_WAIT = 2.0
+_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_sleep = time.sleep  # replaced by the test suite to keep retries fast
+
+T = TypeVar("T")
+
+
+class HubPushError(RuntimeError):
+    """A push to the Hub failed; the local folder is untouched (``folder``)."""
+
+    def __init__(self, message: str, *, folder: Path, repo_id: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.folder = folder
+        self.repo_id = repo_id
+        self.status = status
+
+
+class HubDownloadError(RuntimeError):
+    """A download from the Hub failed: missing repo or revision, no access, or no reachable server."""
+
+    def __init__(self, message: str, *, repo_id: str, revision: str | None, status: int | None = None) -> None:
+        super().__init__(message)
+        self.repo_id = repo_id
+        self.revision = revision
+        self.status = status
+
+
+# --------------------------------------------------------------------------------------- errors
+def _chain(err: BaseException) -> list[BaseException]:
+    """``err`` and its causes/contexts, outermost first (the client wraps HTTP errors, e.g. in LFS uploads)."""
+    seen: list[BaseException] = []
+    while err is not None and err not in seen:
+        seen.append(err)
+        err = err.__cause__ or err.__context__
+    return seen
+
+
+def _http_error(err: BaseException) -> HfHubHTTPError | None:
+    return next((e for e in _chain(err) if isinstance(e, HfHubHTTPError) and e.response is not None), None)
+
+
+def _transport_error(err: BaseException) -> httpx2.TransportError | None:
+    return next((e for e in _chain(err) if isinstance(e, httpx2.TransportError)), None)
+
+
+def _is_transient(err: BaseException) -> bool:
+    http = _http_error(err)
+    if http is not None:
+        return http.response.status_code in _TRANSIENT_STATUS
+    return _transport_error(err) is not None
+
+
+def _where(response) -> str:
+    request = getattr(response, "request", None)
+    if request is None:
+        return ""
+    url = urlsplit(str(request.url))
+    return f" to {request.method} {url.scheme}://{url.netloc}{url.path}"  # no query: signed URLs stay out
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    line = " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _scrub(text: str, token: str | bool | None) -> str:
+    """Remove any token (the explicit one and the one the client would use) from a message."""
+    secrets = {t for t in (token if isinstance(token, str) else None, get_token()) if t}
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+def _with_retries(step: str, call: Callable[[], T]) -> T:
+    wait = RETRY_WAIT
+    for attempt in range(1, RETRY_ATTEMPTS + 1):
+        try:
+            return call()
+        except Exception as err:
+            if attempt == RETRY_ATTEMPTS or not _is_transient(err):
+                raise
+            logger.warning(
+                "Hub %s failed (%s); retrying in %.0f s [%d/%d].",
+                step, type(err).__name__, wait, attempt, RETRY_ATTEMPTS - 1,
+            )
+            _sleep(wait)
+            wait *= 2
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _push_reason(err: BaseException, repo_id: str, revision: str | None, had_token: bool) -> tuple[str, int | None]:
+    if isinstance(err, LocalTokenNotFoundError):
+        return "no Hub token was found: pass `token=`, set HF_TOKEN or run `hf auth login`", None
+    http = _http_error(err)
+    if http is not None:
+        status = http.response.status_code
+        where = _where(http.response)
+        if status == 401:
+            if not had_token:
+                return (
+                    f"the Hub requires authentication (HTTP 401{where}) and no token was found: pass `token=`, "
+                    "set HF_TOKEN or run `hf auth login`",
+                    status,
+                )
+            return (
+                f"the Hub rejected the token (HTTP 401{where}): check that it is valid and has write access",
+                status,
+            )
+        if status == 403:
+            return f"the token may not write to {repo_id} (HTTP 403{where}): use a token with write access", status
+        if isinstance(http, RevisionNotFoundError):
+            return f"revision {revision!r} was not found in {repo_id} (HTTP 404{where})", status
+        if isinstance(http, RepositoryNotFoundError):
+            return f"repository {repo_id} was not found or is not visible to this token (HTTP {status}{where})", status
+        if status == 404:
+            return f"not found (HTTP 404{where})", status
+        server = http.server_message or ""
+        suffix = f": {_one_line(server, 200)}" if server else ""
+        retried = " after retries" if status in _TRANSIENT_STATUS else ""
+        return f"the Hub answered HTTP {status}{where}{retried}{suffix}", status
+    transport = _transport_error(err)
+    if transport is not None:
+        return f"the connection to the Hub failed after retries ({type(transport).__name__}: {_one_line(transport)})", None
+    return f"{type(err).__name__}: {_one_line(err)}", None
+
+
+# --------------------------------------------------------------------------------------- push
+def push_folder_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool | None = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+    path_in_repo: str | None = None,
+    create_pr: bool = False,
+) -> str:
+    """Upload the model folder ``folder`` to the Hub repo ``repo_id`` and return the commit URL.
+
+    The repo is created if missing (``private`` applies only then), and so is the branch
+    ``revision``; the folder's files are uploaded as one commit (weights through LFS) under
+    ``path_in_repo`` (the repo root by default), or as a pull request with ``create_pr``. Nothing
+    else is written and nothing is deleted. The token comes from ``token``, else ``HF_TOKEN`` or
+    the login; it never appears in logs or errors.
+
+    Raises:
+        HubPushError: the Hub refused or failed (after retries of transient errors). The local
+            folder is kept; the message says where it is.
+    """
+    folder = Path(folder).expanduser().resolve()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Cannot push {folder} to the Hub: it is not a folder.")
+    if not any(p.is_file() for p in folder.rglob("*")):
+        raise ValueError(f"Cannot push {folder} to the Hub: the folder is empty.")
+    if not isinstance(repo_id, str) or not repo_id.strip() or repo_id.count("/") > 1:
+        raise ValueError(f"`repo_id` must be 'name' or 'namespace/name'; got {repo_id!r}.")
+    if create_pr and revision not in (None, constants.DEFAULT_REVISION):
+        raise ValueError(f"`create_pr=True` opens a pull request against main; do not also pass revision={revision!r}.")
+
+    api = HfApi(token=token)
+    target = repo_id
+    try:
+        repo_url = _with_retries(
+            "create_repo", lambda: api.create_repo(repo_id, private=private, exist_ok=True)
+        )
+        target = repo_url.repo_id
+        if revision is not None and revision != constants.DEFAULT_REVISION and not create_pr:
+            _with_retries(
+                "create_branch", lambda: api.create_branch(target, branch=revision, exist_ok=True)
+            )
+        info = _with_retries(
+            "upload",
+            lambda: api.upload_folder(
+                repo_id=target,
+                folder_path=folder,
+                path_in_repo=path_in_repo,
+                commit_message=commit_message or f"Upload {folder.name} with pmakit",
+                revision=revision,
+                create_pr=create_pr,
+            ),
+        )
+    except Exception as err:
+        where = f"{target}" + (f" (revision {revision})" if revision else "")
+        where += f", path {path_in_repo}" if path_in_repo else ""
+        reason, status = _push_reason(err, target, revision, had_token=bool(token or get_token()))
+        message = _scrub(
+            f"Could not push {folder} to the Hub repo {where}: {reason}. The local folder is kept at {folder}.",
+            token,
+        )
+        raise HubPushError(message, folder=folder, repo_id=target, status=status) from err
+    url = str(info.pr_url or info.commit_url) if create_pr else str(info.commit_url)
+    logger.info("Pushed %s to %s: %s", folder, target, url)
+    return url
+
+
+# --------------------------------------------------------------------------------------- download
+def download_model(
+    repo_id: str,
+    revision: str | None = None,
+    token: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    allow_patterns: Sequence[str] | None = None,
+    *,
+    subfolder: str | None = None,
+) -> Path:
+    """Download the files of a model repo that a merge or `from_pretrained` needs; return the local folder.
+
+    By default only top-level files matching `DOWNLOAD_PATTERNS` are fetched (safetensors weights and
+    their index, config, generation config, tokenizer files, chat template, model card); pickled
+    checkpoints and other folders are not. ``allow_patterns`` replaces the default list. With
+    ``subfolder`` (e.g. ``"pma"`` for the merged model of a pushed run) the patterns apply inside it
+    and the returned path is that subfolder. Files land in the Hub cache (``cache_dir``).
+
+    Raises:
+        HubDownloadError: missing repo or revision, no access, nothing matched, or no reachable Hub.
+    """
+    sub = subfolder.strip("/") if subfolder else ""
+    patterns = list(allow_patterns) if allow_patterns is not None else list(DOWNLOAD_PATTERNS)
+    if isinstance(allow_patterns, str):
+        patterns = [allow_patterns]
+    ignore: list[str] | None = None
+    if sub:
+        patterns = [f"{sub}/{p}" for p in patterns]
+        ignore = [f"{sub}/*/*"] if allow_patterns is None else None
+    elif allow_patterns is None:
+        ignore = ["*/*"]  # top level only: a run repo also holds `pma/`, `last-checkpoint/`, ...
+    at = f"{repo_id}" + (f" (revision {revision})" if revision else "")
+
+    def fail(message: str, err: BaseException | None, status: int | None = None) -> HubDownloadError:
+        exc = HubDownloadError(_scrub(message, token), repo_id=repo_id, revision=revision, status=status)
+        exc.__cause__ = err
+        return exc
+
+    try:
+        path = Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                token=token,
+                cache_dir=cache_dir,
+                allow_patterns=patterns,
+                ignore_patterns=ignore,
+            )
+        )
+    except RevisionNotFoundError as err:
+        raise fail(f"Revision {revision!r} was not found in the Hub repo {repo_id}.", err, 404) from err
+    except RepositoryNotFoundError as err:
+        raise fail(
+            f"The Hub repo {repo_id} was not found at {constants.ENDPOINT}, or it is private and the token cannot "
+            "read it: check the id and pass a token with read access (`token=`, HF_TOKEN or `hf auth login`).",
+            err,
+            err.response.status_code if err.response is not None else None,
+        ) from err
+    except (HfHubHTTPError, httpx2.HTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, EntryNotFoundError) as err:
+        http = _http_error(err)
+        status = http.response.status_code if http is not None else None
+        detail = f"HTTP {status}{_where(http.response)}" if http is not None else _one_line(err)
+        raise fail(f"Could not download {at} from the Hub: {detail}.", err, status) from err
+    folder = path / sub if sub else path
+    if not folder.is_dir() or not any(p.is_file() for p in folder.rglob("*")):
+        raise fail(
+            f"Nothing to download from {at}{f' in {sub}/' if sub else ''}: no file matches {patterns}.", None
+        )
+    return folder
+
+
+# --------------------------------------------------------------------------------------- online runs
+def push_pma_folder(args, config, *, trainer=None, step: int | None = None) -> str | None:
+    """Push ``output_dir/pma`` of a finished run that pushes to the Hub (``args.push_to_hub``).
+
+    The merged model goes to ``config.hub_model_id`` when set (its own repo, at the root), else to
+    the ``pma`` subfolder of the run's repo (``from_pretrained(repo, subfolder="pma")``). The
+    Trainer's token, privacy flag and revision (``hub_token``, ``hub_private_repo``,
+    ``hub_revision``) apply. Returns the commit URL, or None when there is no ``pma`` folder.
+    """
+    folder = Path(args.output_dir) / "pma"
+    if not folder.is_dir():
+        logger.info("PMA: no `%s` folder to push to the Hub.", folder)
+        return None
+    finish = getattr(trainer, "_finish_current_push", None)
+    if callable(finish):
+        finish()  # the Trainer's own background pushes go first: one commit at a time per repo
+    own_repo = getattr(config, "hub_model_id", None)
+    if own_repo:
+        repo_id, path_in_repo = own_repo, None
+    else:
+        repo_id = getattr(trainer, "hub_model_id", None) or args.hub_model_id or Path(args.output_dir).absolute().name
+        path_in_repo = "pma"
+    label = f"step {step}" if step is not None else "end of training"
+    return push_folder_to_hub(
+        folder,
+        repo_id,
+        private=getattr(args, "hub_private_repo", None),
+        revision=getattr(args, "hub_revision", None),
+        commit_message=f"PMA merged model ({label})",
+        token=getattr(args, "hub_token", None),
+        path_in_repo=path_in_repo,
+    )
