@@ -45,6 +45,12 @@ def _meta(name: str) -> dict:
     return {"help": _HELP[name]}
 
 
+def _wsa_meta(name: str) -> dict:
+    from .wsa import _HELP as WSA_HELP
+
+    return {"help": "WSA: " + WSA_HELP[name]}
+
+
 def _validate(values: dict, prefix: str = "") -> None:
     """Check PMA settings; `prefix` is how the fields are named to the user (`pma_` in `PmaArguments`)."""
 
@@ -182,6 +188,13 @@ class PmaArguments(TrainingArguments):
     pma_save: bool = field(default=True, metadata=_meta("save"))
     pma_save_total_limit: int | None = field(default=None, metadata=_meta("save_total_limit"))
     pma_hub_model_id: str | None = field(default=None, metadata=_meta("hub_model_id"))
+    # Weight Scope Alignment (pmakit.wsa): off while pma_wsa_weight is 0. The paper fixes neither the weight
+    # nor the target; the defaults below are ours.
+    pma_wsa_weight: float = field(default=0.0, metadata=_wsa_meta("weight"))
+    pma_wsa_target: str = field(default="init", metadata=_wsa_meta("target"))
+    pma_wsa_reference: list[str] | None = field(default=None, metadata=_wsa_meta("reference"))
+    pma_wsa_reference_weights: list[float] | None = field(default=None, metadata=_wsa_meta("reference_weights"))
+    pma_wsa_layers: str | None = field(default=None, metadata=_wsa_meta("layers"))
 
     def __post_init__(self) -> None:
         # Refuse before the DeepSpeed integration replaces our optimizer with its own (PMA silently lost).
@@ -194,6 +207,9 @@ class PmaArguments(TrainingArguments):
         if self.pma_fused_weights is not None:
             self.pma_fused_weights = [float(w) for w in self.pma_fused_weights]
         _validate({name: getattr(self, f"pma_{name}") for name in _PMA_FIELDS}, prefix="pma_")
+        from .wsa import WSA_FIELDS, validate_wsa_settings
+
+        validate_wsa_settings({name: getattr(self, f"pma_wsa_{name}") for name in WSA_FIELDS}, "pma_wsa_")
         super().__post_init__()
         if self.max_steps and self.max_steps > 0:
             self.pma_config.check_horizon(self.max_steps)
@@ -202,3 +218,12 @@ class PmaArguments(TrainingArguments):
     def pma_config(self) -> PmaConfig:
         """The PMA settings as a `PmaConfig`."""
         return PmaConfig(**{name: getattr(self, f"pma_{name}") for name in _PMA_FIELDS})
+
+    @property
+    def pma_wsa_config(self):
+        """The WSA settings as a `pmakit.wsa.WsaConfig`, or None while `pma_wsa_weight` is 0 (off)."""
+        from .wsa import WSA_FIELDS, WsaConfig
+
+        if not self.pma_wsa_weight:
+            return None
+        return WsaConfig(**{name: getattr(self, f"pma_wsa_{name}") for name in WSA_FIELDS})

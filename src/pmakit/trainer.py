@@ -31,6 +31,12 @@ class PmaTrainer(Trainer):
         super().__init__(model, args, *pargs, **kwargs)
         self.pma_callback = PmaCallback(pma_config, trainer=self)
         self.add_callback(self.pma_callback)
+        self.wsa_callback = None
+        wsa_config = args.pma_wsa_config if isinstance(args, PmaArguments) else None
+        if wsa_config is not None:  # WSA loss term (pmakit.wsa), logged as `wsa_loss`
+            from .wsa import add_wsa
+
+            self.wsa_callback = add_wsa(self, wsa_config)
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
 
