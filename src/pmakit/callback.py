@@ -75,29 +75,35 @@ class PmaExporter:
         """Write the merge that completes at optimizer step ``step``."""
         steps = list(engine.counters["sample_steps"])
         latest = self.output_dir / LATEST_DIR
-        if not self.is_main_process:
-            return None
         if self.config.save:
             folder = self.output_dir / f"{PMA_PREFIX}{step}"
-            self._write(engine, folder, step, steps)
+            self._write(engine, folder, step, steps)  # every process: sharded averages are gathered
+            if not self.is_main_process:
+                return None
             copy_model_folder(folder, latest)
             self._rotate()
             logger.info("PMA: wrote the merge of steps %s to %s", steps, folder)
             return folder
         self._write(engine, latest, step, steps)
-        return latest
+        return latest if self.is_main_process else None
 
     def export_latest(self, engine: PmaEngine, step: int, steps: list[int]) -> Path | None:
         """Write the current average (e.g. an unfinished cycle at the end of training) to ``pma``."""
-        if not self.is_main_process:
-            return None
         return self._write(engine, self.output_dir / LATEST_DIR, step, steps)
 
-    def _write(self, engine: PmaEngine, folder: Path, step: int, steps: list[int]) -> Path:
+    def _write(self, engine: PmaEngine, folder: Path, step: int, steps: list[int]) -> Path | None:
+        """Called on every process (gathers are collective); only the main process writes."""
         model = _unwrap_model(self.model)
-        card = self.model_card(model, step, steps)
+        card = self.model_card(model, step, steps) if self.is_main_process else None
+        deepspeed = getattr(engine, "deepspeed", False)
         return save_averaged_model(
-            model, engine.averages(), folder, processing_class=self.processing_class, model_card=card
+            model,
+            {} if deepspeed else engine.averages(),
+            folder,
+            processing_class=self.processing_class,
+            model_card=card,
+            is_main_process=self.is_main_process,
+            optimizer_state_key=AVG_KEY if deepspeed else None,
         )
 
     def model_card(self, model, step: int, steps: list[int]) -> str:

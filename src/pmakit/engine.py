@@ -24,14 +24,14 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .config import PmaConfig
 
 
-__all__ = ["PmaEngine", "attach_engine", "unwrap_optimizer"]
+__all__ = ["PmaEngine", "attach_deepspeed", "attach_engine", "unwrap_optimizer"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,15 @@ AVG_KEY = "pma_avg"
 COUNTERS_KEY = "pma"
 
 CycleHandler = Callable[["PmaEngine", int], None]
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The rank-local shard of a DTensor (a view: writes go to the shard), or ``t`` itself."""
+    return t.to_local() if _is_dtensor(t) else t
 
 
 def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -54,22 +63,87 @@ def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
 
 def attach_engine(optimizer: torch.optim.Optimizer, config: PmaConfig) -> PmaEngine:
-    """The engine on ``optimizer``, attaching a new one if it has none (idempotent)."""
+    """The engine on ``optimizer``, attaching a new one if it has none (idempotent).
+
+    When a DeepSpeed ZeRO optimizer sits in the wrapper chain, the engine follows its fp32 master
+    partitions (`attach_deepspeed`).
+    """
     inner = unwrap_optimizer(optimizer)
     engine = getattr(inner, "_pma_engine", None)
     if engine is None:
         engine = PmaEngine(inner, config)
     elif engine.config != config:
         raise ValueError("This optimizer already carries a PMA engine with different settings.")
+    zero = _find_zero_optimizer(optimizer)
+    if zero is not None:
+        attach_deepspeed(engine, zero)
     return engine
+
+
+def _find_zero_optimizer(optimizer):
+    """The DeepSpeed ZeRO optimizer in a wrapper chain (Accelerate -> ZeRO -> torch), if any."""
+    seen = set()
+    while optimizer is not None and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        if hasattr(optimizer, "single_partition_of_fp32_groups") or hasattr(optimizer, "fp32_partitioned_groups_flat"):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None
+
+
+def attach_deepspeed(engine: PmaEngine, zero_optimizer) -> None:
+    """Drive ``engine`` from a DeepSpeed ZeRO optimizer (stages 1-3; idempotent).
+
+    ZeRO re-points the torch optimizer at flat fp32 master partitions (one per parameter group,
+    or sub-group under ZeRO-3) and steps it once per (sub-)group, so the engine counts the ZeRO
+    optimizer's own ``step`` instead (skipped on fp16 overflow) and averages each rank's fp32
+    partition: the average is sharded exactly like the master weights, saved in DeepSpeed's
+    optimizer checkpoints, and gathered per parameter on export (`pmakit.export`).
+    """
+    if getattr(zero_optimizer, "_pma_engine_driven", None) is engine:
+        return
+    if engine.config.write_back or engine.config.eval:
+        raise ValueError(
+            "PMA under DeepSpeed ZeRO keeps the average beside the fp32 master partitions; `write_back` and "
+            "`eval` (which put the average into the live weights) are not supported there yet."
+        )
+    if hasattr(zero_optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3
+
+        def source() -> list[list[torch.Tensor]]:
+            return [[t] for t in zero_optimizer.fp32_partitioned_groups_flat]
+
+    else:  # ZeRO-1/2
+
+        def source() -> list[list[torch.Tensor]]:
+            return [[t] for t in zero_optimizer.single_partition_of_fp32_groups]
+
+    engine.drive_externally(source)
+    engine.deepspeed = True
+    original_step = zero_optimizer.step
+
+    def step(*args, **kwargs):
+        result = original_step(*args, **kwargs)
+        if not getattr(zero_optimizer, "overflow", False):
+            engine.on_step()
+        return result
+
+    zero_optimizer.step = step
+    zero_optimizer._pma_engine_driven = engine
 
 
 @dataclass
 class _Group:
-    """Parameters of one (device, dtype) with their averages: the unit a foreach kernel works on."""
+    """Parameters of one (device, dtype) with their averages: the unit a foreach kernel works on.
+
+    ``params``/``avgs`` are what the optimizer holds (DTensors under FSDP2); ``lparams``/``lavgs``
+    are their rank-local shards, the plain tensors the kernels run on, so a sharded average is
+    never materialised in full.
+    """
 
     params: list[torch.Tensor]
     avgs: list[torch.Tensor]
+    lparams: list[torch.Tensor] = field(default_factory=list)
+    lavgs: list[torch.Tensor] = field(default_factory=list)
     staging: list[torch.Tensor] | None = None  # pinned CPU copies of CUDA params (offload="cpu")
 
 
@@ -77,7 +151,13 @@ class PmaEngine:
     """Online PMA on ``optimizer``. Use `attach_engine`, `PmaCallback`, `PmaTrainer` or `create_pma_optimizer`.
 
     Cycle-end handlers (``add_cycle_handler``) run on every process after the ``fused_num``-th
-    sample of a cycle, before the optional write-back; exporters use them to write ``pma-<step>``.
+    sample of a cycle, before the optional write-back; exporters use them to write ``pma-<step>``
+    (under FSDP2 or ZeRO-3 every process must take part in the export's gather collectives).
+
+    At scale the average has exactly the layout of what the optimizer steps: under DDP a full
+    fp32 copy per rank (like the optimizer moments), under FSDP2 one fp32 shard per rank (a DTensor
+    whose local shard is folded), under DeepSpeed ZeRO the rank's fp32 master partition
+    (see `attach_deepspeed`).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, config: PmaConfig) -> None:
@@ -87,12 +167,16 @@ class PmaEngine:
         self._handlers: list[CycleHandler] = []
         self._groups: list[_Group] | None = None
         self._signature: tuple | None = None
-        self._pending: threading.Thread | None = None
+        self._pending: list[threading.Thread] = []
         self._pending_error: BaseException | None = None
         self._stream = None
+        self._copied = None  # CUDA event: the offload copy of the parameters has finished
         self._stashed: dict[int, torch.Tensor] = {}
+        self._param_source: Callable[[], list[list[torch.Tensor]]] | None = None
+        self.deepspeed = False  # set by `attach_deepspeed`: the average shadows ZeRO's fp32 partitions
         optimizer._pma_engine = self
-        optimizer.register_step_post_hook(self._after_step)
+        self._step_hook = optimizer.register_step_post_hook(self._after_step)
+        optimizer.register_step_pre_hook(self._before_step)
         optimizer.register_load_state_dict_pre_hook(self._before_load)
         optimizer.register_load_state_dict_post_hook(self._after_load)
         optimizer.register_state_dict_pre_hook(lambda _opt: self.join())
@@ -130,7 +214,31 @@ class PmaEngine:
         if handler not in self._handlers:
             self._handlers.append(handler)
 
+    def drive_externally(self, param_source: Callable[[], list[list[torch.Tensor]]]) -> None:
+        """Stop counting the optimizer's own ``step`` calls: the owner calls `on_step` once per real step.
+
+        Needed where a wrapper steps the optimizer several times per training step (DeepSpeed ZeRO
+        steps its base optimizer once per parameter group or sub-group). ``param_source`` returns
+        the lists of tensors to average (the fp32 master partitions); their averages are allocated
+        at once so that the wrapper's checkpoint restore finds them.
+        """
+        self._step_hook.remove()
+        self._param_source = param_source
+        self._groups = None
+        self._param_groups()
+
+    def on_step(self) -> None:
+        """Count one real optimizer step and sample when due (what the step hook does)."""
+        self._after_step(self.optimizer, (), {})
+
     # ------------------------------------------------------------------ the hot path
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        # The parameters may still be copied to pinned memory on the side stream: the update must not
+        # overwrite them before that. A device-side wait, so the host never blocks here.
+        if self._copied is not None:
+            torch.cuda.current_stream(self._copied_device).wait_event(self._copied)
+            self._copied = None
+
     def _after_step(self, optimizer, args, kwargs) -> None:
         counters = self.counters
         counters["step"] += 1
@@ -158,33 +266,39 @@ class PmaEngine:
             if group.staging is not None:
                 self._fold_offloaded(group, c)
             else:
-                _fold_into(group.avgs, group.params, c)
+                _fold_into(group.lavgs, group.lparams, c)
 
     def _fold_offloaded(self, group: _Group, c: float) -> None:
-        """CUDA params, CPU average: copy on a side stream into pinned memory, fold on a CPU thread."""
+        """CUDA params, pinned-CPU average: copy on a side stream, fold on a CPU thread.
+
+        The training stream goes on at once; only the next optimizer update waits (on the GPU) for
+        the copy, and anything that reads the average calls `join` first.
+        """
+        device = group.lparams[0].device
         if self._stream is None:
-            self._stream = torch.cuda.Stream(device=group.params[0].device)
-        self._stream.wait_stream(torch.cuda.current_stream(group.params[0].device))
+            self._stream = torch.cuda.Stream(device=device)
+        self._stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(self._stream):
-            torch._foreach_copy_(group.staging, group.params, non_blocking=True)
+            torch._foreach_copy_(group.staging, group.lparams, non_blocking=True)
             event = torch.cuda.Event()
             event.record(self._stream)
+        self._copied, self._copied_device = event, device
 
         def work() -> None:
             try:
                 event.synchronize()
-                _fold_into(group.avgs, group.staging, c)
+                _fold_into(group.lavgs, group.staging, c)
             except BaseException as err:  # surfaced by join()
                 self._pending_error = err
 
-        self._pending = threading.Thread(target=work, name="pma-fold", daemon=True)
-        self._pending.start()
+        thread = threading.Thread(target=work, name="pma-fold", daemon=True)
+        thread.start()
+        self._pending.append(thread)
 
     def join(self) -> None:
-        """Wait for an asynchronous fold; call before anything reads the average."""
-        if self._pending is not None:
-            self._pending.join()
-            self._pending = None
+        """Wait for an asynchronous fold; called before anything reads or writes the average."""
+        while self._pending:
+            self._pending.pop().join()
         if self._pending_error is not None:
             err, self._pending_error = self._pending_error, None
             raise RuntimeError("PMA: the asynchronous update of the average failed.") from err
@@ -206,11 +320,15 @@ class PmaEngine:
         """Copy the average into the live parameters (optimizer moments are left as they are)."""
         self.join()
         for group in self._param_groups():
-            torch._foreach_copy_(group.params, group.avgs)
+            torch._foreach_copy_(group.lparams, group.lavgs)
 
     # ------------------------------------------------------------------ reading the average
     def averages(self) -> dict[torch.Tensor, torch.Tensor]:
-        """``{param: fp32 average}`` for every averaged parameter (joins a pending update first)."""
+        """``{param: fp32 average}`` for every averaged parameter (joins a pending update first).
+
+        Under FSDP2 both are DTensors (the average sharded like the parameter); `pmakit.export`
+        gathers them for writing.
+        """
         self.join()
         if not self.has_average:
             raise RuntimeError("PMA has taken no sample yet, so there is no average to read.")
@@ -223,56 +341,60 @@ class PmaEngine:
         if not self.has_average:
             raise RuntimeError("PMA has taken no sample yet, so there are no PMA weights to swap in.")
         groups = self._param_groups()
-        backups = [[torch.empty_like(p) for p in g.params] for g in groups]
+        backups = [[torch.empty_like(p) for p in g.lparams] for g in groups]
         with torch.no_grad():
             for g, backup in zip(groups, backups):
-                torch._foreach_copy_(backup, g.params)
-                torch._foreach_copy_(g.params, g.avgs)
+                torch._foreach_copy_(backup, g.lparams)
+                torch._foreach_copy_(g.lparams, g.lavgs)
         try:
             yield
         finally:
             with torch.no_grad():
                 for g, backup in zip(groups, backups):
-                    torch._foreach_copy_(g.params, backup)
+                    torch._foreach_copy_(g.lparams, backup)
 
     # ------------------------------------------------------------------ state layout
+    def _param_lists(self) -> list[list[torch.Tensor]]:
+        if self._param_source is not None:
+            return self._param_source()
+        return [group["params"] for group in self.optimizer.param_groups]
+
     def _param_groups(self) -> list[_Group]:
         """Averaged parameters grouped by (device, dtype), allocating averages on first use."""
-        groups = self.optimizer.param_groups
-        signature = (len(groups), tuple(len(g["params"]) for g in groups), id(groups[0]["params"]))
+        lists = self._param_lists()
+        signature = (len(lists), tuple(len(g) for g in lists), tuple(id(g[0]) if g else 0 for g in lists))
         if self._groups is not None and signature == self._signature:
             return self._groups
         by_key: dict[tuple, _Group] = {}
         offload = self.config.offload == "cpu"
-        for group in groups:
-            for p in group["params"]:
+        for params in lists:
+            for p in params:
                 if not p.requires_grad:
                     continue
                 avg = self._average_for(p, offload)
-                key = (p.device, p.dtype)
+                local = _local(p)
+                key = (local.device, local.dtype)
                 entry = by_key.setdefault(key, _Group([], []))
                 entry.params.append(p)
                 entry.avgs.append(avg)
+                entry.lparams.append(local)
+                entry.lavgs.append(_local(avg))
         for (device, _dtype), entry in by_key.items():
             if offload and device.type == "cuda":
-                entry.staging = [torch.empty(p.shape, dtype=p.dtype, pin_memory=True) for p in entry.params]
+                entry.staging = [torch.empty(p.shape, dtype=p.dtype, pin_memory=True) for p in entry.lparams]
         self._groups, self._signature = list(by_key.values()), signature
         return self._groups
 
     def _average_for(self, p: torch.Tensor, offload: bool) -> torch.Tensor:
         state = self.optimizer.state[p]
         avg = state.get(AVG_KEY)
-        device = torch.device("cpu") if offload else p.device
+        pinned = offload and _local(p).device.type == "cuda"
+        device = torch.device("cpu") if offload else _local(p).device
         if avg is None:
-            if offload and p.device.type == "cuda":
-                avg = torch.zeros(p.shape, dtype=torch.float32, device=device, pin_memory=True)
-            else:
-                avg = torch.zeros_like(p, dtype=torch.float32, device=device)
+            avg = _new_average(p, device, pinned)
             state[AVG_KEY] = avg
-        elif avg.dtype != torch.float32 or avg.device != device:
-            avg = avg.to(device=device, dtype=torch.float32)
-            if offload and p.device.type == "cuda":
-                avg = avg.pin_memory()
+        elif avg.dtype != torch.float32 or _local(avg).device != device:
+            avg = _moved_average(avg, p, device, pinned)
             state[AVG_KEY] = avg
         return avg
 
@@ -293,13 +415,48 @@ class PmaEngine:
         for index, avg in self._stashed.items():
             if isinstance(index, int) and index < len(params):
                 p = params[index]
-                device = torch.device("cpu") if offload else p.device
-                restored = avg.to(device=device, dtype=torch.float32)
-                if offload and p.device.type == "cuda":
-                    restored = restored.pin_memory()
-                optimizer.state[p][AVG_KEY] = restored
+                pinned = offload and _local(p).device.type == "cuda"
+                device = torch.device("cpu") if offload else _local(p).device
+                optimizer.state[p][AVG_KEY] = _moved_average(avg, p, device, pinned, copy=True)
         self._stashed = {}
         self._groups = None
+
+
+def _new_average(p: torch.Tensor, device: torch.device, pinned: bool) -> torch.Tensor:
+    """A zero fp32 average shaped (and, for a DTensor, sharded) like ``p``."""
+    if not _is_dtensor(p):
+        if pinned:
+            return torch.zeros(p.shape, dtype=torch.float32, pin_memory=True)
+        return torch.zeros_like(p, dtype=torch.float32, device=device)
+    local = _local(p)
+    if not pinned:
+        return torch.zeros_like(p, dtype=torch.float32)  # same mesh and placements, local shard only
+    return _like_dtensor(p, torch.zeros(local.shape, dtype=torch.float32, pin_memory=True))
+
+
+def _moved_average(avg: torch.Tensor, p: torch.Tensor, device: torch.device, pinned: bool, copy: bool = False) -> torch.Tensor:
+    """``avg`` as fp32 on ``device`` (pinned when asked), keeping a DTensor's sharding."""
+    local = _local(avg).to(device=device, dtype=torch.float32, copy=copy)
+    if pinned and not local.is_pinned():
+        local = local.pin_memory()
+    if _is_dtensor(p):
+        if _is_dtensor(avg) and not pinned and local.device == _local(p).device:
+            return _like_dtensor(avg, local)
+        return _like_dtensor(p, local)
+    return local
+
+
+def _like_dtensor(template: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """A DTensor with ``template``'s mesh, placements and global shape around the shard ``local``.
+
+    The global shape and stride are given explicitly: inferring them from the local shard is
+    wrong for the uneven last shard of a dim-0 split.
+    """
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        local, template.device_mesh, template.placements, run_check=False, shape=template.shape, stride=template.stride()
+    )
 
 
 def _fold_into(avgs: list[torch.Tensor], samples: list[torch.Tensor], c: float) -> None:

@@ -14,10 +14,18 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 import yaml
 
 
-__all__ = ["atomic_directory", "build_model_card", "copy_model_folder", "publish_directory", "save_averaged_model"]
+__all__ = [
+    "atomic_directory",
+    "build_model_card",
+    "copy_model_folder",
+    "gather_averaged_state_dict",
+    "publish_directory",
+    "save_averaged_model",
+]
 
 
 def _is_nonempty_dir(path: Path) -> bool:
@@ -102,6 +110,93 @@ def _looks_like_hub_id(name: str) -> bool:
     return name.count("/") <= 1 and " " not in name
 
 
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "full_tensor")
+
+
+def _full(t, is_main_process: bool):
+    """``t`` whole on the CPU of the main process (None elsewhere); a DTensor is all-gathered (collective)."""
+    if _is_dtensor(t):
+        t = t.full_tensor()
+    return t.detach().cpu() if is_main_process else None
+
+
+def gather_averaged_state_dict(
+    model,
+    averages: dict,
+    *,
+    is_main_process: bool = True,
+    optimizer_state_key: str | None = None,
+) -> dict | None:
+    """The model's full state dict with the averages in place of its weights, on the main process.
+
+    Returns ``{name: CPU tensor}`` on the main process and None elsewhere. Sharded tensors are
+    gathered one at a time, so no rank ever holds more than one full tensor beyond its shards:
+    FSDP2 DTensors with ``full_tensor`` and, with ``optimizer_state_key`` (DeepSpeed ZeRO, where the
+    average lives beside the fp32 master partitions), DeepSpeed's
+    ``safe_get_full_optimizer_state``; frozen ZeRO-3 parameters are gathered with
+    ``GatheredParameters``. Those are collectives: every process must call this, in the same order.
+    Unsharded models need no communication and other processes return at once.
+    """
+    params = list(model.named_parameters(remove_duplicate=False))
+    state_dict = model.state_dict()
+    sharded = optimizer_state_key is not None or any(_is_dtensor(t) for t in state_dict.values())
+    if not sharded and not is_main_process:
+        return None
+    names_by_param: dict[int, list[str]] = {}
+    unique: list = []
+    for name, param in params:
+        if id(param) not in names_by_param:
+            unique.append(param)
+        names_by_param.setdefault(id(param), []).append(name)
+    by_id = {id(p): a for p, a in averages.items()}
+    result: dict = {}
+    covered: set[str] = set()
+    for param in unique:
+        names = names_by_param[id(param)]
+        covered.update(names)
+        if not any(name in state_dict for name in names):
+            continue
+        if optimizer_state_key is not None:
+            full = _gather_zero(param, optimizer_state_key, is_main_process)
+        else:
+            value = by_id.get(id(param), param)
+            full = _full(value, is_main_process)
+        if full is not None:
+            full = full.to(dtype=param.dtype).reshape(_full_shape(param))
+            for name in names:
+                if name in state_dict:
+                    result[name] = full
+    for name, tensor in state_dict.items():  # buffers and anything else the model saves
+        if name not in covered:
+            value = _full(tensor, is_main_process)
+            if value is not None:
+                result[name] = value
+    return result if is_main_process else None
+
+
+def _full_shape(param) -> torch.Size:
+    shape = getattr(param, "ds_shape", None)  # a ZeRO-3 parameter is empty outside a gather
+    return torch.Size(shape) if shape is not None else param.shape
+
+
+def _gather_zero(param, key: str, is_main_process: bool):
+    """One parameter's average (trainable) or weight (frozen) gathered from DeepSpeed ZeRO partitions."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    if param.requires_grad:
+        full = safe_get_full_optimizer_state(param, key)
+        if full is None:
+            raise RuntimeError(f"DeepSpeed has no `{key}` state for a parameter of shape {tuple(_full_shape(param))}.")
+        return full.detach().cpu() if is_main_process else None
+    if hasattr(param, "ds_id"):
+        from deepspeed.zero import GatheredParameters
+
+        with GatheredParameters([param], modifier_rank=None):
+            return param.detach().cpu().clone() if is_main_process else None
+    return param.detach().cpu() if is_main_process else None
+
+
 def save_averaged_model(
     model,
     averages: dict,
@@ -109,7 +204,9 @@ def save_averaged_model(
     *,
     processing_class=None,
     model_card: str | None = None,
-) -> Path:
+    is_main_process: bool = True,
+    optimizer_state_key: str | None = None,
+) -> Path | None:
     """Write ``model`` with ``averages`` (``{param: fp32 tensor}``) in place of its live weights.
 
     The live model is not touched: the averaged tensors are cast to each parameter's dtype and
@@ -117,7 +214,30 @@ def save_averaged_model(
     (frozen ones, buffers) come from the model. Every name of a tied parameter maps to the same
     tensor, so ``save_pretrained`` still writes it once. PEFT models write their adapter only.
     The folder is built aside and renamed into place, replacing an older one.
+
+    In a distributed run call it on every process: sharded weights (FSDP2, DeepSpeed ZeRO) are
+    gathered with collectives (see `gather_averaged_state_dict`), and only the main process
+    writes; the others return None.
     """
+    if is_main_process and optimizer_state_key is None and not any(_is_dtensor(a) for a in averages.values()):
+        state_dict = _local_state_dict(model, averages)
+    else:
+        state_dict = gather_averaged_state_dict(
+            model, averages, is_main_process=is_main_process, optimizer_state_key=optimizer_state_key
+        )
+    if not is_main_process:
+        return None
+    with atomic_directory(path, overwrite=True) as tmp:
+        model.save_pretrained(tmp, state_dict=state_dict)
+        if processing_class is not None and hasattr(processing_class, "save_pretrained"):
+            processing_class.save_pretrained(tmp)
+        if model_card is not None:
+            (tmp / "README.md").write_text(model_card, encoding="utf-8")
+    return Path(path)
+
+
+def _local_state_dict(model, averages: dict) -> dict:
+    """An unsharded model's state dict with the averages cast in (no copy of anything else)."""
     state_dict = model.state_dict()
     names_by_param: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -130,13 +250,7 @@ def save_averaged_model(
         for name in names:
             if name in state_dict:
                 state_dict[name] = merged
-    with atomic_directory(path, overwrite=True) as tmp:
-        model.save_pretrained(tmp, state_dict=state_dict)
-        if processing_class is not None and hasattr(processing_class, "save_pretrained"):
-            processing_class.save_pretrained(tmp)
-        if model_card is not None:
-            (tmp / "README.md").write_text(model_card, encoding="utf-8")
-    return Path(path)
+    return state_dict
 
 
 def copy_model_folder(source: str | os.PathLike, path: str | os.PathLike) -> Path:
