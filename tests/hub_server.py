@@ -106,6 +106,7 @@ class _Fault:
     kind: str  # "status" or "drop"
     status: int
     remaining: int
+    message: str | None = None
 
 
 class HubError(Exception):
@@ -173,10 +174,10 @@ class LocalHub:
     def add_token(self, token: str, user: str, role: str = "write") -> None:
         self.tokens[token] = (user, role)
 
-    def fail(self, endpoint: str, status: int = 503, times: int = 1) -> None:
-        """Answer the next ``times`` requests to ``endpoint`` with HTTP ``status``."""
+    def fail(self, endpoint: str, status: int = 503, times: int = 1, message: str | None = None) -> None:
+        """Answer the next ``times`` requests to ``endpoint`` with HTTP ``status`` (and error ``message``)."""
         with self._lock:
-            self._faults.append(_Fault(endpoint, "status", status, times))
+            self._faults.append(_Fault(endpoint, "status", status, times, message))
 
     def drop(self, endpoint: str, times: int = 1) -> None:
         """Close the connection of the next ``times`` requests to ``endpoint`` without answering."""
@@ -263,6 +264,7 @@ _STORAGE = re.compile(r"^/lfs/([^/]+)/([0-9a-f]{64})$")
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in separate writes: avoid 40 ms stalls
     hub: LocalHub
     role: str
     server_version = "LocalHub/1.0"
@@ -334,7 +336,7 @@ class _Handler(BaseHTTPRequestHandler):
                 pass
             return
         if fault is not None:
-            self._json(fault.status, {"error": f"Injected failure {fault.status} on {endpoint}"})
+            self._json(fault.status, {"error": fault.message or f"Injected failure {fault.status} on {endpoint}"})
             return
         if route is None:
             self._json(404, {"error": f"No such endpoint: {self.command} {url.path}"})

@@ -142,6 +142,13 @@ def _scrub(text: str, token: str | bool | None) -> str:
     return text
 
 
+def _safe_cause(err: BaseException, token: str | bool | None) -> BaseException | None:
+    """``err`` to chain for debugging, or None when any message in its chain shows a token."""
+    secrets = {t for t in (token if isinstance(token, str) else None, get_token()) if t}
+    texts = [str(e) for e in _chain(err)]
+    return None if any(s in t for s in secrets for t in texts) else err
+
+
 def _with_retries(step: str, call: Callable[[], T]) -> T:
     wait = RETRY_WAIT
     for attempt in range(1, RETRY_ATTEMPTS + 1):
@@ -259,7 +266,7 @@ def push_folder_to_hub(
             f"Could not push {folder} to the Hub repo {where}: {reason}. The local folder is kept at {folder}.",
             token,
         )
-        raise HubPushError(message, folder=folder, repo_id=target, status=status) from err
+        raise HubPushError(message, folder=folder, repo_id=target, status=status) from _safe_cause(err, token)
     url = str(info.pr_url or info.commit_url) if create_pr else str(info.commit_url)
     logger.info("Pushed %s to %s: %s", folder, target, url)
     return url
@@ -300,7 +307,8 @@ def download_model(
 
     def fail(message: str, err: BaseException | None, status: int | None = None) -> HubDownloadError:
         exc = HubDownloadError(_scrub(message, token), repo_id=repo_id, revision=revision, status=status)
-        exc.__cause__ = err
+        exc.__cause__ = _safe_cause(err, token) if err is not None else None
+        exc.__suppress_context__ = True
         return exc
 
     try:
@@ -315,19 +323,19 @@ def download_model(
             )
         )
     except RevisionNotFoundError as err:
-        raise fail(f"Revision {revision!r} was not found in the Hub repo {repo_id}.", err, 404) from err
+        raise fail(f"Revision {revision!r} was not found in the Hub repo {repo_id}.", err, 404)  # noqa: B904
     except RepositoryNotFoundError as err:
         raise fail(
             f"The Hub repo {repo_id} was not found at {constants.ENDPOINT}, or it is private and the token cannot "
             "read it: check the id and pass a token with read access (`token=`, HF_TOKEN or `hf auth login`).",
             err,
             err.response.status_code if err.response is not None else None,
-        ) from err
+        )  # noqa: B904 (fail() sets the cause)
     except (HfHubHTTPError, httpx2.HTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, EntryNotFoundError) as err:
         http = _http_error(err)
         status = http.response.status_code if http is not None else None
         detail = f"HTTP {status}{_where(http.response)}" if http is not None else _one_line(err)
-        raise fail(f"Could not download {at} from the Hub: {detail}.", err, status) from err
+        raise fail(f"Could not download {at} from the Hub: {detail}.", err, status)  # noqa: B904
     folder = path / sub if sub else path
     if not folder.is_dir() or not any(p.is_file() for p in folder.rglob("*")):
         raise fail(
