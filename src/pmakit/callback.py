@@ -248,6 +248,14 @@ class PmaCallback(TrainerCallback):
         metrics.update(pma_metrics)
 
     def on_train_end(self, args, state, control, **kwargs):
+        self._finish_latest()
+        if args.push_to_hub and state.is_world_process_zero and self.engine is not None:
+            from .hub import push_pma_folder  # the merged model goes to the Hub with the run
+
+            push_pma_folder(args, self.config, trainer=self.trainer, step=self.engine.step)
+
+    def _finish_latest(self) -> None:
+        """Make sure ``pma/`` holds the latest merge (an unfinished cycle's average if none completed)."""
         engine, exporter = self.engine, self.exporter
         if engine is None or exporter is None:
             return

@@ -366,7 +366,7 @@ def push_pma_folder(args, config, *, trainer=None, step: int | None = None) -> s
     else:
         repo_id = getattr(trainer, "hub_model_id", None) or args.hub_model_id or Path(args.output_dir).absolute().name
         path_in_repo = "pma"
-    label = f"step {step}" if step is not None else "end of training"
+    label = f"end of training, step {step}" if step is not None else "end of training"
     return push_folder_to_hub(
         folder,
         repo_id,
