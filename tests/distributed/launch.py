@@ -1,0 +1,34 @@
+"""Run a worker script under `torch.distributed.run` (2 CPU processes, gloo) from a test, with a timeout."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TESTS = HERE.parent
+
+
+def torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Launch ``script`` on ``nproc`` local CPU processes and wait; fail the test on a hang or non-zero exit."""
+    env = dict(os.environ)
+    env.update(
+        CUDA_VISIBLE_DEVICES="",
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=os.pathsep.join([str(TESTS), str(HERE), env.get("PYTHONPATH", "")]),
+        TORCH_CPP_LOG_LEVEL="ERROR",
+        PYTHONWARNINGS="ignore",
+    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(HERE / script), *args]
+    try:
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as err:  # a hang at a collective or at shutdown
+        raise AssertionError(f"{script} did not finish within {timeout}s:\n{(err.stderr or '')[-4000:]}") from None
+    if proc.returncode != 0:
+        raise AssertionError(f"{script} exited with {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")
+    return proc
