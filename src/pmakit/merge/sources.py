@@ -229,7 +229,10 @@ def resolve_source(
     from .. import hub as hub_api  # imported lazily: plain local merges need no network code
 
     repo, revision = hub
-    path = Path(hub_api.download_model(repo, revision=revision, token=token, cache_dir=cache_dir))
+    try:
+        path = Path(hub_api.download_model(repo, revision=revision, token=token, cache_dir=cache_dir))
+    except hub_api.HubDownloadError as e:  # bad input: the CLI reports it in one line, exit code 2
+        raise MergeError(str(e)) from e
     return ModelSource(text, path, step=step, hub_id=repo, revision=revision)
 
 
