@@ -267,8 +267,8 @@ def push_folder_to_hub(
             token,
         )
         raise HubPushError(message, folder=folder, repo_id=target, status=status) from _safe_cause(err, token)
-    url = str(info.pr_url or info.commit_url) if create_pr else str(info.commit_url)
-    logger.info("Pushed %s to %s: %s", folder, target, url)
+    url = str(info.commit_url)
+    logger.info("Pushed %s to %s: %s%s", folder, target, url, f" (pull request {info.pr_url})" if info.pr_url else "")
     return url
 
 

@@ -61,3 +61,22 @@ def test_pma_goes_to_its_own_repo_when_named(local_hub, tmp_path, model_factory,
     merged = AutoModelForCausalLM.from_pretrained("pma-org/run2-pma", token=local_hub.write_token,
                                                   cache_dir=tmp_path / "cache")
     _assert_same_weights(merged, pma)
+
+
+def test_push_pma_folder_names_the_run_repo_like_the_trainer(local_hub, tmp_path):
+    """A plain Trainer + `PmaCallback` (no trainer handle): the run repo is `hub_model_id` or the output folder name."""
+    from types import SimpleNamespace
+
+    from pmakit import PmaConfig
+    from pmakit.hub import push_pma_folder
+
+    out = tmp_path / "my-run"
+    args = SimpleNamespace(output_dir=str(out), hub_model_id=None, hub_token=local_hub.write_token,
+                           hub_private_repo=None, hub_revision="exp")
+    assert push_pma_folder(args, PmaConfig()) is None  # nothing to push yet
+    (out / "pma").mkdir(parents=True)
+    (out / "pma" / "config.json").write_text("{}")
+    url = push_pma_folder(args, PmaConfig())
+    assert url.startswith(f"{local_hub.endpoint}/alice/my-run/commit/")
+    assert local_hub.files("alice/my-run", "exp")["pma/config.json"] == b"{}"
+    assert local_hub.commits("alice/my-run", "exp")[0] == "PMA merged model (end of training)"

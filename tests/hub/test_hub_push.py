@@ -53,6 +53,18 @@ def test_push_to_a_new_branch_and_a_subfolder_with_the_login_token(local_hub, mo
     assert len(local_hub.commits("alice/run", "pma-exp")) == 2  # unchanged files: no new commit
 
 
+def test_push_as_pull_request(local_hub, model_dir):
+    push_folder_to_hub(model_dir, "alice/pr", token=local_hub.write_token)
+    (model_dir / "config.json").write_text('{"model_type": "llama", "changed": true}\n')
+    url = push_folder_to_hub(model_dir, "alice/pr", token=local_hub.write_token, create_pr=True)
+    repo = local_hub.repo("alice/pr")
+    assert url.endswith(repo.branches["refs/pr/1"])
+    assert local_hub.files("alice/pr", "refs/pr/1")["config.json"] == (model_dir / "config.json").read_bytes()
+    assert b"changed" not in local_hub.files("alice/pr", "main")["config.json"]  # main waits for the merge
+    with pytest.raises(ValueError, match="create_pr"):
+        push_folder_to_hub(model_dir, "alice/pr", token=local_hub.write_token, create_pr=True, revision="dev")
+
+
 def test_transient_commit_failure_is_retried(local_hub, model_dir, fast_retries):
     local_hub.fail("commit", status=500, times=1)  # the client does not retry commits itself
     push_folder_to_hub(model_dir, "alice/retried", token=local_hub.write_token)
