@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 from trainer_utils import load_folder, pma_args
@@ -68,7 +69,7 @@ def test_push_pma_folder_names_the_run_repo_like_the_trainer(local_hub, tmp_path
     from types import SimpleNamespace
 
     from pmakit import PmaConfig
-    from pmakit.hub import push_pma_folder
+    from pmakit.hub import HubPushError, push_pma_folder
 
     out = tmp_path / "my-run"
     args = SimpleNamespace(output_dir=str(out), hub_model_id=None, hub_token=local_hub.write_token,
@@ -80,3 +81,7 @@ def test_push_pma_folder_names_the_run_repo_like_the_trainer(local_hub, tmp_path
     assert url.startswith(f"{local_hub.endpoint}/alice/my-run/commit/")
     assert local_hub.files("alice/my-run", "exp")["pma/config.json"] == b"{}"
     assert local_hub.commits("alice/my-run", "exp")[0] == "PMA merged model (end of training)"
+    local_hub.fail("commit", status=502, times=100)
+    with pytest.raises(HubPushError, match=r"HTTP 502 .*The local folder is kept at .*my-run/pma\.$"):
+        push_pma_folder(args, PmaConfig(hub_model_id="alice/elsewhere"))
+    assert (out / "pma" / "config.json").read_text() == "{}"

@@ -84,6 +84,10 @@ def test_branches_and_revisions(local_hub, folder, tmp_path):
     api.create_branch("alice/branched", branch="dev", exist_ok=True)
     files = {f.path for f in api.list_repo_tree("alice/branched", revision="dev", recursive=True)}
     assert {"config.json", "model.safetensors", "sub", "sub/notes.txt"} <= files
+    info = {i.path: i for i in api.get_paths_info("alice/branched", ["model.safetensors", "sub", "x"], revision="dev")}
+    assert set(info) == {"model.safetensors", "sub"}
+    assert info["model.safetensors"].lfs.sha256 == hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    assert set(api.list_repo_files("alice/branched", revision="dev")) == set(local_hub.files("alice/branched", "dev"))
 
 
 def test_private_repo_and_permissions(local_hub, folder, tmp_path):
