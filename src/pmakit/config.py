@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from transformers import TrainingArguments
 
 from .averaging import ALGORITHMS, AveragingRule
+from .spike import SPIKE_FIELDS, SPIKE_HELP, SpikeConfig, validate_spike_settings
 
 
 __all__ = ["PmaConfig", "PmaArguments", "OFFLOAD_CHOICES"]
@@ -43,6 +44,10 @@ _HELP = {
 
 def _meta(name: str) -> dict:
     return {"help": _HELP[name]}
+
+
+def _spike_meta(name: str) -> dict:
+    return {"help": "Spike recovery: " + SPIKE_HELP[name]}
 
 
 def _wsa_meta(name: str) -> dict:
@@ -195,6 +200,27 @@ class PmaArguments(TrainingArguments):
     pma_wsa_reference: list[str] | None = field(default=None, metadata=_wsa_meta("reference"))
     pma_wsa_reference_weights: list[float] | None = field(default=None, metadata=_wsa_meta("reference_weights"))
     pma_wsa_layers: str | None = field(default=None, metadata=_wsa_meta("layers"))
+    # Loss-spike recovery (pmakit.spike): off by default; the other pma_spike_* fields are its settings.
+    pma_spike_recovery: bool = field(
+        default=False,
+        metadata={
+            "help": "Watch every step's loss and, on a spike, restart from the merge of the weights sampled "
+            "before it (PMA-init). Settings: the `pma_spike_*` fields."
+        },
+    )
+    pma_spike_factor: float = field(default=2.0, metadata=_spike_meta("factor"))
+    pma_spike_patience: int = field(default=3, metadata=_spike_meta("patience"))
+    pma_spike_window: int = field(default=50, metadata=_spike_meta("window"))
+    pma_spike_min_history: int = field(default=10, metadata=_spike_meta("min_history"))
+    pma_spike_num_samples: int = field(default=3, metadata=_spike_meta("num_samples"))
+    pma_spike_interval: int = field(default=100, metadata=_spike_meta("interval"))
+    pma_spike_fused_algo: str = field(default="sma", metadata=_spike_meta("fused_algo"))
+    pma_spike_ema_alpha: float = field(default=0.2, metadata=_spike_meta("ema_alpha"))
+    pma_spike_reset_optimizer: bool = field(default=True, metadata=_spike_meta("reset_optimizer"))
+    pma_spike_rewarm_steps: int = field(default=100, metadata=_spike_meta("rewarm_steps"))
+    pma_spike_lr_scale: float = field(default=1.0, metadata=_spike_meta("lr_scale"))
+    pma_spike_max_recoveries: int = field(default=3, metadata=_spike_meta("max_recoveries"))
+    pma_spike_offload: str = field(default="cpu", metadata=_spike_meta("offload"))
 
     def __post_init__(self) -> None:
         # Refuse before the DeepSpeed integration replaces our optimizer with its own (PMA silently lost).
@@ -210,6 +236,7 @@ class PmaArguments(TrainingArguments):
         from .wsa import WSA_FIELDS, validate_wsa_settings
 
         validate_wsa_settings({name: getattr(self, f"pma_wsa_{name}") for name in WSA_FIELDS}, "pma_wsa_")
+        validate_spike_settings({name: getattr(self, f"pma_spike_{name}") for name in SPIKE_FIELDS}, "pma_spike_")
         super().__post_init__()
         if self.max_steps and self.max_steps > 0:
             self.pma_config.check_horizon(self.max_steps)
@@ -227,3 +254,8 @@ class PmaArguments(TrainingArguments):
         if not self.pma_wsa_weight:
             return None
         return WsaConfig(**{name: getattr(self, f"pma_wsa_{name}") for name in WSA_FIELDS})
+
+    @property
+    def pma_spike_config(self) -> SpikeConfig:
+        """The loss-spike recovery settings as a `SpikeConfig` (used when `pma_spike_recovery` is on)."""
+        return SpikeConfig(**{name: getattr(self, f"pma_spike_{name}") for name in SPIKE_FIELDS})

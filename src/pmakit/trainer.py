@@ -37,6 +37,12 @@ class PmaTrainer(Trainer):
             from .wsa import add_wsa
 
             self.wsa_callback = add_wsa(self, wsa_config)
+        self.spike_callback = None
+        if isinstance(args, PmaArguments) and args.pma_spike_recovery:
+            from .spike import SpikeRecoveryCallback
+
+            self.spike_callback = SpikeRecoveryCallback(args.pma_spike_config, trainer=self)
+            self.add_callback(self.spike_callback)
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
 
