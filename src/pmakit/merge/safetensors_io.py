@@ -311,12 +311,9 @@ class ShardWriter:
         }
 
     def close(self) -> None:
-        """Flush to disk and close every shard."""
+        """Close every shard (like ``save_pretrained``, no fsync: the folder is published by rename)."""
         for fd in self.fds:
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            os.close(fd)
         self.fds = []
 
     def abort(self) -> None:
