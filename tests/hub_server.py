@@ -38,7 +38,6 @@ LFS_PATTERNS = (
 )
 LFS_SIZE_THRESHOLD = 10 * 1024 * 1024
 GITATTRIBUTES = "".join(f"*{ext} filter=lfs diff=lfs merge=lfs -text\n" for ext in LFS_PATTERNS).encode()
-TRANSIENT = (408, 429, 500, 502, 503, 504)
 _REVISION_PREFIXES = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 
 
@@ -302,7 +301,9 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
-    def _send(self, status: int, body: bytes = b"", headers: dict | None = None, content_type: str = "application/json"):
+    def _send(
+        self, status: int, body: bytes = b"", headers: dict | None = None, content_type: str = "application/json"
+    ):
         self.send_response(status)
         headers = dict(headers or {})
         headers.setdefault("Content-Type", content_type)
@@ -418,7 +419,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _readable(self, repo_type: str, repo_id: str) -> Repo:
         user = self._user()
         repo = self.hub.repos.get((repo_type, repo_id))
-        visible = repo is not None and (not repo.private or (user and self._may_write_namespace(user[0], repo.namespace)))
+        member = user is not None and repo is not None and self._may_write_namespace(user[0], repo.namespace)
+        visible = repo is not None and (not repo.private or member)
         if not visible:
             status = 401 if user is None else 404
             raise HubError(status, "Repository not found", "RepoNotFound")
@@ -463,8 +465,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._json(409, {"error": f"You already created this {repo_type} repo", "url": url},
                            {"X-Error-Message": f"You already created this {repo_type} repo"})
                 return
-            self.hub.create_repo(repo_id, private=payload.get("visibility") == "private" or bool(payload.get("private")),
-                                 repo_type=repo_type)
+            private = payload.get("visibility") == "private" or bool(payload.get("private"))
+            self.hub.create_repo(repo_id, private=private, repo_type=repo_type)
         self._json(200, {"url": url, "name": repo_id, "id": repo_id})
 
     def _validate_yaml(self):
@@ -555,7 +557,8 @@ class _Handler(BaseHTTPRequestHandler):
             repo = self._readable(repo_type, repo_id)
             branches = [{"name": n, "ref": f"refs/heads/{n}", "targetCommit": c}
                         for n, c in repo.branches.items() if not n.startswith("refs/pr/")]
-            prs = [{"name": n, "ref": n, "targetCommit": c} for n, c in repo.branches.items() if n.startswith("refs/pr/")]
+            prs = [{"name": n, "ref": n, "targetCommit": c}
+                   for n, c in repo.branches.items() if n.startswith("refs/pr/")]
             self._json(200, {"branches": branches, "converts": [], "tags": [], "pullRequests": prs})
 
     def _create_branch(self, repo_type: str, repo_id: str, branch: str):
@@ -572,7 +575,10 @@ class _Handler(BaseHTTPRequestHandler):
         with self.hub._lock:
             repo = self._writable(repo_type, repo_id)
             create_pr = self.query.get("create_pr") == "1"
-            files = {} if create_pr and revision not in repo.branches else repo.commits[self.hub._resolve(repo, revision)].files
+            if create_pr and revision not in repo.branches:
+                files = {}
+            else:
+                files = repo.commits[self.hub._resolve(repo, revision)].files
             out = []
             for item in payload.get("files", []):
                 path, size = item["path"], int(item["size"])
@@ -582,7 +588,8 @@ class _Handler(BaseHTTPRequestHandler):
                 oid = None
                 if existing is not None:
                     oid = existing.lfs_oid if lfs else (None if existing.lfs_oid else existing.git_oid)
-                out.append({"path": path, "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid})
+                mode = "lfs" if lfs else "regular"
+                out.append({"path": path, "uploadMode": mode, "shouldIgnore": False, "oid": oid})
         self._json(200, {"files": out, "commitOid": None})
 
     def _lfs_batch(self, repo_type: str, repo_id: str):
@@ -644,7 +651,7 @@ class _Handler(BaseHTTPRequestHandler):
                         raise HubError(422, f"LFS file {path} (oid {oid}) was not uploaded")
                     size = len(self.hub.lfs[oid])
                     if "size" in value and int(value["size"]) != size:
-                        raise HubError(422, f"LFS file {path}: size {value['size']} does not match the upload ({size})")
+                        raise HubError(422, f"LFS file {path}: size {value['size']} differs from the upload ({size})")
                     files[path] = Entry(size, git_blob_oid(lfs_pointer(oid, size)), oid)
                 elif key == "deletedFile":
                     if path not in files:
@@ -695,7 +702,9 @@ class _Handler(BaseHTTPRequestHandler):
             location = self.hub.storage_url(repo, entry.lfs_oid) if entry.lfs_oid else None
         headers = {"X-Repo-Commit": sha, "ETag": f'"{entry.git_oid}"'}
         if location is not None:
-            headers.update({"Location": location, "X-Linked-Etag": f'"{entry.lfs_oid}"', "X-Linked-Size": str(entry.size)})
+            headers.update(
+                {"Location": location, "X-Linked-Etag": f'"{entry.lfs_oid}"', "X-Linked-Size": str(entry.size)}
+            )
             self._send(302, b"", headers)
             return
         self._send_bytes(data, headers)

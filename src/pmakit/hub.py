@@ -198,7 +198,8 @@ def _push_reason(err: BaseException, repo_id: str, revision: str | None, had_tok
         return f"the Hub answered HTTP {status}{where}{retried}{suffix}", status
     transport = _transport_error(err)
     if transport is not None:
-        return f"the connection to the Hub failed after retries ({type(transport).__name__}: {_one_line(transport)})", None
+        detail = f"{type(transport).__name__}: {_one_line(transport)}"
+        return f"the connection to the Hub failed after retries ({detail})", None
     return f"{type(err).__name__}: {_one_line(err)}", None
 
 
@@ -234,7 +235,9 @@ def push_folder_to_hub(
     if not isinstance(repo_id, str) or not repo_id.strip() or repo_id.count("/") > 1:
         raise ValueError(f"`repo_id` must be 'name' or 'namespace/name'; got {repo_id!r}.")
     if create_pr and revision not in (None, constants.DEFAULT_REVISION):
-        raise ValueError(f"`create_pr=True` opens a pull request against main; do not also pass revision={revision!r}.")
+        raise ValueError(
+            f"`create_pr=True` opens a pull request against main; do not also pass revision={revision!r}."
+        )
 
     api = HfApi(token=token)
     target = repo_id
@@ -331,7 +334,9 @@ def download_model(
             err,
             err.response.status_code if err.response is not None else None,
         )  # noqa: B904 (fail() sets the cause)
-    except (HfHubHTTPError, httpx2.HTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, EntryNotFoundError) as err:
+    except (
+        HfHubHTTPError, httpx2.HTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, EntryNotFoundError
+    ) as err:
         http = _http_error(err)
         status = http.response.status_code if http is not None else None
         detail = f"HTTP {status}{_where(http.response)}" if http is not None else _one_line(err)

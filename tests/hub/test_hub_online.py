@@ -65,7 +65,7 @@ def test_pma_goes_to_its_own_repo_when_named(local_hub, tmp_path, model_factory,
 
 
 def test_push_pma_folder_names_the_run_repo_like_the_trainer(local_hub, tmp_path):
-    """A plain Trainer + `PmaCallback` (no trainer handle): the run repo is `hub_model_id` or the output folder name."""
+    """Plain Trainer + `PmaCallback` (no trainer handle): the run repo is `hub_model_id`, else the folder name."""
     from types import SimpleNamespace
 
     from pmakit import PmaConfig

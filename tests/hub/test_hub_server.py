@@ -47,7 +47,7 @@ def test_upload_folder_round_trip_through_lfs(local_hub, folder, tmp_path):
     info = api.upload_folder(repo_id="alice/roundtrip", folder_path=folder, commit_message="first upload")
     assert info.commit_url.startswith(f"{local_hub.endpoint}/alice/roundtrip/commit/")
     # the weights went through the LFS batch API, basic PUT to storage, and verify; small files inline
-    assert local_hub.calls("lfs_batch") == 1 and local_hub.calls("lfs_upload") == 1 and local_hub.calls("lfs_verify") == 1
+    assert [local_hub.calls(e) for e in ("lfs_batch", "lfs_upload", "lfs_verify")] == [1, 1, 1]
     stored = local_hub.repo("alice/roundtrip")
     assert hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest() in stored.lfs_oids
     remote = local_hub.files("alice/roundtrip")
@@ -86,7 +86,8 @@ def test_branches_and_revisions(local_hub, folder, tmp_path):
     assert {"config.json", "model.safetensors", "sub", "sub/notes.txt"} <= files
     info = {i.path: i for i in api.get_paths_info("alice/branched", ["model.safetensors", "sub", "x"], revision="dev")}
     assert set(info) == {"model.safetensors", "sub"}
-    assert info["model.safetensors"].lfs.sha256 == hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    weights = (folder / "model.safetensors").read_bytes()
+    assert info["model.safetensors"].lfs.sha256 == hashlib.sha256(weights).hexdigest()
     assert set(api.list_repo_files("alice/branched", revision="dev")) == set(local_hub.files("alice/branched", "dev"))
 
 
