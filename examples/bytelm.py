@@ -129,14 +129,13 @@ def split_corpus(data: bytes, val_fraction: float = 0.1, segment_bytes: int = 40
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"`val_fraction` must lie in (0, 1); got {val_fraction!r}.")
     every = max(2, round(1.0 / val_fraction))
+    # Small corpora get smaller segments, so that validation still gets its share (at least 4 segments).
+    segment_bytes = max(1, min(segment_bytes, len(data) // (4 * every)))
     train, val = bytearray(), bytearray()
     for i, start in enumerate(range(0, len(data), segment_bytes)):
         (val if i % every == every - 1 else train).extend(data[start : start + segment_bytes])
-    if not val:
-        raise ValueError(
-            f"The corpus ({len(data)} bytes) is too small for a validation split of {val_fraction:g} "
-            f"with {segment_bytes}-byte segments."
-        )
+    if not val or not train:
+        raise ValueError(f"The corpus ({len(data)} bytes) is too small for a validation split of {val_fraction:g}.")
     return bytes(train), bytes(val)
 
 
