@@ -7,7 +7,7 @@ it only sees real updates: gradient-accumulation micro-steps never reach ``step`
 step that fp16 overflow skipped never calls it.
 
 Per parameter ``p`` the average is ``optimizer.state[p]["pma_avg"]`` (fp32, allocated at the
-first sample). The counters (optimizer steps seen, samples in the current cycle, the steps
+first optimizer step, like the optimizer's own state). The counters (optimizer steps seen, samples in the current cycle, the steps
 they were taken at) sit in ``optimizer.param_groups[0]["pma"]``, which ``load_state_dict``
 restores verbatim. ``Optimizer.load_state_dict`` casts floating state to the parameter dtype;
 the engine's load hooks keep the average in fp32 (bf16/fp16 models).
@@ -171,7 +171,7 @@ class PmaEngine:
         self._pending_error: BaseException | None = None
         self._stream = None
         self._copied = None  # CUDA event: the offload copy of the parameters has finished
-        self._stashed: dict[int, torch.Tensor] = {}
+        self._stashed: dict = {}
         self._param_source: Callable[[], list[list[torch.Tensor]]] | None = None
         self.deepspeed = False  # set by `attach_deepspeed`: the average shadows ZeRO's fp32 partitions
         optimizer._pma_engine = self
@@ -240,6 +240,10 @@ class PmaEngine:
             self._copied = None
 
     def _after_step(self, optimizer, args, kwargs) -> None:
+        if self._groups is None:
+            # Allocate at the first step, beside the optimizer's own state: a sharded checkpoint loader
+            # (DCP under FSDP2) only restores state keys that already exist in the live optimizer.
+            self._param_groups()
         counters = self.counters
         counters["step"] += 1
         step = counters["step"]
@@ -403,21 +407,23 @@ class PmaEngine:
         """Set the fp32 averages aside before `load_state_dict` casts them to the parameter dtype."""
         self.join()
         self._stashed = {}
+        # Map saved ids to live parameters the way `load_state_dict` does: in group order (the ids of a
+        # state dict rebuilt by torch.distributed.checkpoint need not be 0..n-1 in that order).
+        saved_ids = [i for group in state_dict.get("param_groups", []) for i in group.get("params", [])]
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        id_map = dict(zip(saved_ids, params))
         for index, entry in state_dict.get("state", {}).items():
-            if isinstance(entry, dict) and AVG_KEY in entry:
-                self._stashed[index] = entry[AVG_KEY]
+            if isinstance(entry, dict) and AVG_KEY in entry and index in id_map:
+                self._stashed[index] = (id_map[index], entry[AVG_KEY])
         return state_dict
 
     def _after_load(self, optimizer) -> None:
         """Put the stashed fp32 averages back in place of the cast copies."""
-        params = [p for group in optimizer.param_groups for p in group["params"]]
         offload = self.config.offload == "cpu"
-        for index, avg in self._stashed.items():
-            if isinstance(index, int) and index < len(params):
-                p = params[index]
-                pinned = offload and _local(p).device.type == "cuda"
-                device = torch.device("cpu") if offload else _local(p).device
-                optimizer.state[p][AVG_KEY] = _moved_average(avg, p, device, pinned, copy=True)
+        for p, avg in self._stashed.values():
+            pinned = offload and _local(p).device.type == "cuda"
+            device = torch.device("cpu") if offload else _local(p).device
+            optimizer.state[p][AVG_KEY] = _moved_average(avg, p, device, pinned, copy=True)
         self._stashed = {}
         self._groups = None
 
@@ -459,12 +465,53 @@ def _like_dtensor(template: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _fold_into(avgs: list[torch.Tensor], samples: list[torch.Tensor], c: float) -> None:
-    """``avg <- avg + c (x - avg)`` over a list; ``c == 1`` starts a new average (a plain copy)."""
+# Elements of the fp32 scratch that low-precision samples are upcast into before the lerp: small enough
+# that the scratch stays in cache between the two passes (CPU: 1 MiB, inside one core's L2), large
+# enough to keep the number of kernel launches small (CUDA: 16 MiB, a fraction of the L2).
+_UPCAST_CHUNK = {"cpu": 1 << 18, "cuda": 1 << 22}
+
+
+def _fold_into(avgs: list[torch.Tensor], samples: list[torch.Tensor], c: float, chunk: int | None = None) -> None:
+    """``avg <- avg + c (x - avg)`` over a list; ``c == 1`` starts a new average (a plain copy).
+
+    Samples of another dtype (bf16/fp16 parameters into the fp32 average) cannot go straight into
+    ``lerp``, and ``mul_`` then ``add_`` passes over the average twice (18 bytes per bf16 parameter
+    instead of 10). So they are upcast slice by slice into a small fp32 scratch that stays in cache,
+    and lerped from there: the average is read and written once, the sample read once. ``chunk``
+    overrides the scratch size in elements (benchmarks).
+    """
     if c == 1.0:
         torch._foreach_copy_(avgs, samples)
-    elif samples[0].dtype == avgs[0].dtype:
+        return
+    if samples[0].dtype == avgs[0].dtype:
         torch._foreach_lerp_(avgs, samples, c)
-    else:  # low-precision samples: lerp needs equal dtypes, mul+add promotes without a temporary copy
-        torch._foreach_mul_(avgs, 1.0 - c)
-        torch._foreach_add_(avgs, samples, alpha=c)
+        return
+    flat_avgs, flat_samples = [], []
+    for avg, x in zip(avgs, samples):
+        if avg.is_contiguous() and x.is_contiguous():
+            flat_avgs.append(avg.view(-1))
+            flat_samples.append(x.view(-1))
+        else:  # rare (strided shards): one temporary of this tensor's size
+            avg.lerp_(x.to(avg.dtype), c)
+    if not flat_avgs:
+        return
+    size = chunk or _UPCAST_CHUNK.get(flat_avgs[0].device.type, 1 << 20)
+    size = min(size, sum(a.numel() for a in flat_avgs))
+    scratch = torch.empty(size, dtype=flat_avgs[0].dtype, device=flat_avgs[0].device)
+    dst, src, buf, used = [], [], [], 0
+    for avg, x in zip(flat_avgs, flat_samples):
+        start, n = 0, avg.numel()
+        while start < n:
+            take = min(n - start, size - used)
+            dst.append(avg[start : start + take])
+            src.append(x[start : start + take])
+            buf.append(scratch[used : used + take])
+            start += take
+            used += take
+            if used == size:
+                torch._foreach_copy_(buf, src)
+                torch._foreach_lerp_(dst, buf, c)
+                dst, src, buf, used = [], [], [], 0
+    if dst:
+        torch._foreach_copy_(buf, src)
+        torch._foreach_lerp_(dst, buf, c)
