@@ -351,6 +351,8 @@ class _Handler(BaseHTTPRequestHandler):
                 headers["X-Error-Code"] = err.code
             headers["X-Error-Message"] = err.message
             self._json(err.status, {"error": err.message}, headers)
+        except Exception as err:  # a server bug or a malformed request: answer, so the test shows it
+            self._json(500, {"error": f"LocalHub {name} failed: {type(err).__name__}: {err}"})
 
     def _route(self, path: str):
         method = self.command
