@@ -79,3 +79,39 @@ def test_bad_arguments_name_the_option(bench, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--device", "cpu", "--clock", "cpu", "--threads", "2"])
     assert "--threads 1" in capsys.readouterr().err
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_upcast_fold_equals_lerp_on_upcast_samples_bitwise(device):
+    """The chunked fold the benchmark measures is exactly ``lerp_(x.float())``, whatever the slicing."""
+    from pmakit.engine import _fold_into
+
+    generator = torch.Generator().manual_seed(3)
+    shapes = [(513, 7), (1,), (64, 64), (3, 5, 11), (1000,)]
+    for dtype in (torch.bfloat16, torch.float16):
+        samples = [torch.randn(s, generator=generator).to(device=device, dtype=dtype) for s in shapes]
+        samples.append(torch.randn(40, 30, generator=generator).to(device=device, dtype=dtype).t())  # strided
+        start = [torch.randn(x.shape, generator=generator).to(device) for x in samples]
+        for c in (0.37, 1e-3, 0.9):
+            ref = [a.clone() for a in start]
+            for a, x in zip(ref, samples):
+                a.lerp_(x.float(), c)
+            for chunk in (1, 97, 4096, None):
+                out = [a.clone() for a in start]
+                _fold_into(out, samples, c, chunk=chunk)
+                for o, r in zip(out, ref):
+                    assert torch.equal(o, r), (dtype, c, chunk, o.shape)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tiny_run_on_cuda(bench, capsys):
+    results = bench.main(["--device", "cuda", "--size", "tiny", "--reps", "3", "--warmup", "1"])
+    assert "CUDA events" in capsys.readouterr().out
+    for r in results:
+        assert r["check"]["pma_rel_err"] < 1e-6
+        assert all(0 < r["stats"][k]["median"] < 1.0 for k in ("pma", "averaged_model", "copy"))
