@@ -117,3 +117,26 @@ def test_peak_memory_is_bounded_by_the_block_not_the_inputs(tmp_path):
         assert np.allclose(got, ref, rtol=1e-5, atol=1e-6)
     assert peaks[2] < 1 << 20 and peaks[8] < 1 << 20, peaks  # far below one input (4 MiB)
     assert peaks[8] <= peaks[2] + (128 << 10), peaks  # flat in the number of inputs
+
+
+CHILD = """
+import resource, sys
+from pmakit.merge import merge
+merge(sys.argv[3:], sys.argv[2], algo="wma", reader=sys.argv[1], threads=2)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+@pytest.mark.parametrize("reader", ["mmap", "pread"])
+def test_peak_rss_is_flat_in_the_number_of_inputs(tmp_path, reader):
+    """16 MiB per input, in a child process: keeping the inputs mapped or buffered would add 96 MiB at N=8."""
+    import subprocess
+    import sys
+
+    peaks = {}
+    for n in (2, 8):
+        inputs = _big_inputs(tmp_path / f"n{n}", n, numel=1 << 22)
+        out = subprocess.run([sys.executable, "-c", CHILD, reader, str(tmp_path / f"out{n}"), *map(str, inputs)],
+                             capture_output=True, text=True, check=True)
+        peaks[n] = int(out.stdout.split()[-1])
+    assert peaks[8] - peaks[2] < 8 << 20, {n: p >> 20 for n, p in peaks.items()}

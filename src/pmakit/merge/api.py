@@ -286,6 +286,7 @@ def merge(
     cache_dir: str | os.PathLike | None = None,
     threads: int | None = None,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    reader: str = "mmap",
     progress: bool = False,
     dry_run: bool = False,
 ) -> MergeResult:
@@ -330,7 +331,7 @@ def merge(
             bar = _progress_bar(plan.bytes_to_write, progress)
             try:
                 run_fold(
-                    plan, writer, threads=threads, allow_nonfinite=allow_nonfinite, block_elements=block_elements,
+                    plan, writer, threads=threads, allow_nonfinite=allow_nonfinite, block_elements=block_elements, reader=reader,
                     progress=bar.update if bar is not None else None,
                 )
                 writer.close()

@@ -13,6 +13,7 @@ saves a pass per input; otherwise each input is scaled before it is added.
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -58,10 +59,12 @@ def _blocks(plan: MergePlan, block: int) -> Iterator[tuple[PlannedTensor, int, i
 
 
 class _Fold:
-    def __init__(self, plan: MergePlan, writer: ShardWriter, fds: dict[Path, int], allow_nonfinite: bool, block: int):
+    def __init__(self, plan: MergePlan, writer: ShardWriter, fds: dict[Path, int], allow_nonfinite: bool, block: int,
+                 maps: dict[Path, mmap.mmap] | None = None):
         self.plan = plan
         self.writer = writer
         self.fds = fds
+        self.maps = maps
         self.allow_nonfinite = allow_nonfinite
         self.block = block
         self.acc_dtype = np.dtype(plan.accumulate_dtype)
@@ -71,9 +74,22 @@ class _Fold:
 
     def _read(self, info, e0: int, e1: int, key: str = "in") -> np.ndarray:
         size = DTYPES[info.dtype].itemsize
+        if self.maps is not None:  # zero-copy view of the page cache; released by _release
+            return np.frombuffer(self.maps[info.file], DTYPES[info.dtype], e1 - e0, info.start + e0 * size)
         raw = self.buffers.get(key, (e1 - e0) * size)
         read_into(self.fds[info.file], memoryview(raw), info.start + e0 * size, info.file)
         return raw.view(DTYPES[info.dtype])
+
+    def _release(self, t: PlannedTensor, e0: int, e1: int) -> None:
+        """Unmap the block's pages from this process (they stay in the page cache), so RSS stays bounded."""
+        if self.maps is None:
+            return
+        for info in t.inputs:
+            size = DTYPES[info.dtype].itemsize
+            begin = (info.start + e0 * size) // mmap.PAGESIZE * mmap.PAGESIZE
+            end = min(len(self.maps[info.file]), info.start + e1 * size)
+            if end > begin:
+                self.maps[info.file].madvise(mmap.MADV_DONTNEED, begin, end - begin)
 
     def _as_acc(self, x: np.ndarray, key: str) -> np.ndarray:
         if x.dtype == self.acc_dtype:
@@ -106,6 +122,12 @@ class _Fold:
         self.writer.write(t.out, e0, values)
 
     def __call__(self, t: PlannedTensor, e0: int, e1: int) -> None:
+        try:
+            self._block(t, e0, e1)
+        finally:
+            self._release(t, e0, e1)
+
+    def _block(self, t: PlannedTensor, e0: int, e1: int) -> None:
         if t.action == "merge":
             acc = self.buffers.get("acc", (e1 - e0) * self.acc_dtype.itemsize).view(self.acc_dtype)
             dt = self.acc_dtype
@@ -156,19 +178,31 @@ def run_fold(
     allow_nonfinite: bool = False,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     progress: Callable[[int], None] | None = None,
+    reader: str = "mmap",
 ) -> None:
-    """Execute ``plan`` into ``writer``'s shards. The first error stops every worker and is raised."""
+    """Execute ``plan`` into ``writer``'s shards. The first error stops every worker and is raised.
+
+    ``reader="mmap"`` reads the inputs as zero-copy views of the page cache and unmaps each block
+    after use (``MADV_DONTNEED``); ``"pread"`` copies each block into a per-thread buffer.
+    """
     if block_elements < 1:
         raise MergeError(f"`block_elements` must be positive, got {block_elements}.")
+    if reader not in ("mmap", "pread"):
+        raise MergeError(f"`reader` must be 'mmap' or 'pread', got {reader!r}.")
     files = {i.file for t in plan.tensors for i in t.inputs}
     fds: dict[Path, int] = {}
+    maps: dict[Path, mmap.mmap] | None = {} if reader == "mmap" else None
+    fold = None
     try:
         for f in files:
             try:
                 fds[f] = os.open(f, os.O_RDONLY)
+                if maps is not None:
+                    maps[f] = mmap.mmap(fds[f], 0, access=mmap.ACCESS_READ)
+                    maps[f].madvise(mmap.MADV_SEQUENTIAL)
             except OSError as e:
                 raise MergeError(f"Cannot open {f}: {e.strerror}.") from e
-        fold = _Fold(plan, writer, fds, allow_nonfinite, block_elements)
+        fold = _Fold(plan, writer, fds, allow_nonfinite, block_elements, maps)
         work = _blocks(plan, block_elements)
         lock = threading.Lock()
         stop = threading.Event()
@@ -210,6 +244,12 @@ def run_fold(
         if errors:
             raise errors[0]
     finally:
+        del fold
+        for m in (maps or {}).values():
+            try:
+                m.close()
+            except BufferError:  # a view is still referenced (e.g. by a traceback): freed with it
+                pass
         for fd in fds.values():
             os.close(fd)
 

@@ -30,7 +30,7 @@ from .errors import MergeError
 
 __all__ = ["RECIPE_KEYS", "load_recipe"]
 
-_SKIP = {"progress", "dry_run", "token", "block_elements"}
+_SKIP = {"progress", "dry_run", "token", "block_elements", "reader"}
 RECIPE_KEYS: tuple[str, ...] = tuple(p for p in inspect.signature(merge).parameters if p not in _SKIP)
 _PUSH_KEYS = {"repo_id": "push_to_hub", "private": "private", "revision": "revision", "commit_message": "commit_message"}
 
