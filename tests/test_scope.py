@@ -96,3 +96,24 @@ def test_compare_flags_exactly_the_rescaled_layer(tmp_path):
     other.save_pretrained(tmp_path / "b")
     with pytest.warns(UserWarning, match="up_proj"):
         assert len(warn_if_scopes_differ([tmp_path / "a", tmp_path / "b"], 0.1)) == 1
+
+
+def test_cli_inspect_scopes_and_merge_warning(tmp_path, capsys):
+    from pmakit.cli import main
+
+    base, other = tiny_llama(seed=6), tiny_llama(seed=6)
+    with torch.no_grad():
+        other.model.layers[0].self_attn.v_proj.weight.mul_(1.3)
+    base.save_pretrained(tmp_path / "a")
+    other.save_pretrained(tmp_path / "b")
+    assert main(["inspect", str(tmp_path / "a"), str(tmp_path / "b"), "--scopes", "--scope-threshold", "0.2"]) == 0
+    out = capsys.readouterr().out
+    flagged = [line for line in out.splitlines() if line.startswith("!")]
+    assert len(flagged) == 1 and "layers.0.self_attn.v_proj.weight" in flagged[0] and "1.300" in flagged[0]
+    assert "1 of 15 shared layer(s) differ beyond the threshold" in out
+    argv = ["average", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "m"), "--no-progress"]
+    assert main(argv + ["--check-scopes"]) == 0
+    err = capsys.readouterr().err
+    assert "weight scopes of the 2 inputs differ beyond 0.1 in 1 layer(s)" in err and "v_proj" in err
+    assert main(argv + ["--check-scopes", "--scope-threshold", "0.5", "--overwrite"]) == 0
+    assert "weight scopes" not in capsys.readouterr().err

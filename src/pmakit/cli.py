@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="list a run's checkpoints and what a merge would read")
     i.add_argument("inputs", nargs="+", help="a run folder, or model folders")
     _add_selection(i)
+    i.add_argument("--scopes", action="store_true", help="also report each input's per-layer weight mean/std and "
+                   "flag the layers whose scopes differ (reads every weight once)")
+    i.add_argument("--scope-threshold", type=float, default=0.1,
+                   help="flag a layer when max(std ratio - 1, mean spread / std) exceeds this (default 0.1)")
     return parser
 
 
@@ -75,6 +79,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="check the inputs and print the plan; write nothing")
     p.add_argument("--threads", type=int, help="worker threads (default: up to 4)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--check-scopes", action="store_true", help="before merging, warn about layers whose weight "
+                   "scopes (mean/std) differ across the inputs (reads every weight once more)")
+    p.add_argument("--scope-threshold", type=float, default=0.1, help="threshold of --check-scopes (default 0.1)")
 
 
 def _size(n: int) -> str:
@@ -105,6 +112,28 @@ def _run_merge(kwargs: dict, dry_run: bool) -> int:
     return 0
 
 
+def _input_scopes(plan):
+    from .scope import compute_scopes
+
+    return [compute_scopes(s.path) for s in plan.sources], [s.name for s in plan.sources]
+
+
+def _warn_scopes(kwargs: dict, threshold: float) -> None:
+    """Print (stderr) the layers whose weight scopes differ across the merge inputs, before any merge runs."""
+    import inspect
+
+    from .merge import plan_merge
+    from .scope import compare_scopes
+
+    accepted = inspect.signature(plan_merge).parameters
+    scopes, names = _input_scopes(plan_merge(**{k: v for k, v in kwargs.items() if k in accepted}))
+    flagged = compare_scopes(scopes, threshold)
+    if flagged:
+        worst = ", ".join(f"{d.name} (std ratio {d.std_ratio:.3f}, mean shift {d.mean_shift:.3f})" for d in flagged[:5])
+        print(f"pmakit: warning: weight scopes of the {len(names)} inputs differ beyond {threshold:g} in "
+              f"{len(flagged)} layer(s): {worst}; see `pmakit inspect --scopes`", file=sys.stderr)
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
     from .merge import load_recipe
 
@@ -118,6 +147,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     if args.threads:
         kwargs["threads"] = args.threads
     kwargs["progress"] = args.progress
+    if args.check_scopes:
+        _warn_scopes(kwargs, args.scope_threshold)
     return _run_merge(kwargs, args.dry_run)
 
 
@@ -139,6 +170,8 @@ def _cmd_average(args: argparse.Namespace) -> int:
     )
     if not args.dry_run and not args.output:
         raise MergeError("average needs an output folder: -o OUT (or --dry-run).")
+    if args.check_scopes:
+        _warn_scopes(kwargs, args.scope_threshold)
     return _run_merge(kwargs, args.dry_run)
 
 
@@ -167,6 +200,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         plan = plan_merge(args.inputs, **selection)
     print("a merge would read:")
     print(plan.describe())
+    if args.scopes:
+        from .scope import format_scope_report
+
+        print(format_scope_report(*_input_scopes(plan), threshold=args.scope_threshold))
     return 0
 
 
