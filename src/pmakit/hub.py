@@ -122,7 +122,10 @@ def _is_transient(err: BaseException) -> bool:
 
 
 def _where(response) -> str:
-    request = getattr(response, "request", None)
+    try:
+        request = response.request
+    except (AttributeError, RuntimeError):  # httpx raises when a response has no request attached
+        return ""
     if request is None:
         return ""
     url = urlsplit(str(request.url))
