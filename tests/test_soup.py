@@ -79,3 +79,13 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="lacks parameter"):
         fit_learned_soup(tiny_llama(), [tiny_llama(), {"x": torch.zeros(1)}], _batches())
     assert VOCAB == 64
+
+
+def test_soup_pushed_to_the_hub_with_its_card(local_hub, tmp_path):
+    soup = fit_learned_soup(tiny_llama(seed=0), [tiny_llama(seed=0), _noisy(5, 0.1)], _batches(n=2), max_steps=2)
+    soup.save(tiny_llama(seed=0), tmp_path / "soup", push_to_hub="soup", token=local_hub.write_token,
+              commit_message="Add learned soup")
+    files = local_hub.files("alice/soup")
+    assert files["README.md"] == (tmp_path / "soup" / "README.md").read_bytes()
+    assert b"learned_soup" in files["README.md"] and "model.safetensors" in files
+    assert local_hub.commits("alice/soup")[0] == "Add learned soup"
