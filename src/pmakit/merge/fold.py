@@ -28,6 +28,7 @@ from .safetensors_io import DTYPES, ShardWriter, read_into
 
 __all__ = ["DEFAULT_BLOCK_ELEMENTS", "default_threads", "run_fold"]
 
+_RELEASE_MARGIN = 1 << 20
 DEFAULT_BLOCK_ELEMENTS = 1 << 18  # 1 MiB of fp32 accumulator: stays in cache while the inputs stream by
 
 
@@ -82,14 +83,17 @@ class _Fold:
 
     def _release(self, t: PlannedTensor, e0: int, e1: int) -> None:
         """Unmap the block's pages from this process (they stay in the page cache), so RSS stays bounded."""
-        if self.maps is None:
-            return
         for info in t.inputs:
+            self._release_one(info, e0, e1)
+
+    def _release_one(self, info, e0: int, e1: int) -> None:
+        if self.maps is not None:
+            # The kernel maps pages around each fault ("fault-around"), also just before and after the
+            # block; a margin on both sides unmaps those too (a neighbour in use simply faults them back).
             size = DTYPES[info.dtype].itemsize
-            begin = (info.start + e0 * size) // mmap.PAGESIZE * mmap.PAGESIZE
-            end = min(len(self.maps[info.file]), info.start + e1 * size)
-            if end > begin:
-                self.maps[info.file].madvise(mmap.MADV_DONTNEED, begin, end - begin)
+            begin = max(0, info.start + e0 * size - _RELEASE_MARGIN) // mmap.PAGESIZE * mmap.PAGESIZE
+            end = min(len(self.maps[info.file]), info.start + e1 * size + _RELEASE_MARGIN)
+            self.maps[info.file].madvise(mmap.MADV_DONTNEED, begin, end - begin)
 
     def _as_acc(self, x: np.ndarray, key: str) -> np.ndarray:
         if x.dtype == self.acc_dtype:
@@ -144,6 +148,8 @@ class _Fold:
                     tmp = self.buffers.get("tmp", acc.nbytes).view(dt)
                     np.multiply(x, w, out=tmp, dtype=dt, casting="unsafe")
                     np.add(acc, tmp, out=acc)
+                del x
+                self._release_one(info, e0, e1)  # one input's block mapped at a time
             if self.equal:
                 np.multiply(acc, self.weights[0], out=acc)
             self._check_finite(t, acc, e0, e1)
