@@ -1,11 +1,12 @@
 """The streaming fold: one block of one tensor at a time, one input at a time, into an fp32 accumulator.
 
 Work is split into blocks of at most ``block_elements`` elements of one output tensor. For each
-block a worker reads that element range from each input in turn (``os.preadv`` into a buffer it
-reuses), adds it into its accumulator with the input's weight, checks the result is finite, casts
-it to the output dtype and writes it at its final place in the output shard. Memory is therefore
-a few blocks per thread, independent of the number of inputs and of the largest tensor, and blocks
-are independent, so a few threads (numpy releases the GIL in its loops and in reads) use every core.
+block a worker takes that element range from each input in turn (a zero-copy view of the
+memory-mapped file, unmapped right after use, or an ``os.preadv`` copy into a reused buffer), adds
+it into its accumulator with the input's weight, checks the result is finite, casts it to the output
+dtype and writes it at its final place in the output shard. Memory is therefore a few blocks per
+thread, independent of the number of inputs and of the largest tensor, and blocks are independent,
+so a few threads (numpy releases the GIL in its loops) use every core.
 
 When every weight is equal (SMA) the fold adds the inputs and scales once at the end, which
 saves a pass per input; otherwise each input is scaled before it is added.

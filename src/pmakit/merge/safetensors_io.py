@@ -1,12 +1,10 @@
 """Reading and writing safetensors files block by block, with numpy only (no torch import).
 
-Why not ``safe_open``: the merger needs one element range of one tensor at a time, from many
-files, into a buffer it reuses. Parsing the (tiny, JSON) header ourselves and reading ranges with
-``os.preadv`` into a per-thread buffer keeps memory bounded by the block size, whatever the number
-or size of the inputs. Memory-mapping (what ``safe_open`` does) would leave every page it touched
-resident in the process until the map is closed, so resident memory would grow with the number of
-inputs. The writer knows the whole layout up front, so it writes each shard's header first and
-then each block at its final offset (``os.pwrite``): no shard is ever buffered in memory.
+The merger needs one element range of one tensor at a time, from many files. It parses the
+(small, JSON) header itself, validating every offset against the file size so that a corrupt or
+truncated file is refused before anything is read, and then reads ranges directly (see ``fold``).
+The writer knows the whole layout up front, so it writes each shard's header first and then each
+block at its final offset (``os.pwrite``): no shard is ever buffered in memory.
 """
 
 from __future__ import annotations
