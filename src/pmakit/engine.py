@@ -80,6 +80,22 @@ def attach_engine(optimizer: torch.optim.Optimizer, config: PmaConfig) -> PmaEng
     return engine
 
 
+def _relink_zero_fragments(engine: PmaEngine, zero_optimizer) -> None:
+    """Let ZeRO-1/2 map each parameter to its slice of the average, as it does for its own state.
+
+    ZeRO-1/2 links every parameter to views of its optimizer state once, after the first step;
+    the average is allocated after that step, so the links are rebuilt once it exists (and
+    whenever it is replaced, e.g. by a checkpoint load). `pmakit.export` gathers through them.
+    """
+    if not hasattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state") or engine._groups is None:
+        return
+    key = tuple(id(a) for group in engine._groups for a in group.avgs)
+    if getattr(zero_optimizer, "_pma_linked", None) != key:
+        zero_optimizer._hp_optimizer_states_linked = False
+        zero_optimizer._lazy_init_hp_params_optimizer_state()
+        zero_optimizer._pma_linked = key
+
+
 def _find_zero_optimizer(optimizer):
     """The DeepSpeed ZeRO optimizer in a wrapper chain (Accelerate -> ZeRO -> torch), if any."""
     seen = set()
@@ -125,6 +141,7 @@ def attach_deepspeed(engine: PmaEngine, zero_optimizer) -> None:
         result = original_step(*args, **kwargs)
         if not getattr(zero_optimizer, "overflow", False):
             engine.on_step()
+            _relink_zero_fragments(engine, zero_optimizer)
         return result
 
     zero_optimizer.step = step
@@ -145,6 +162,7 @@ class _Group:
     lparams: list[torch.Tensor] = field(default_factory=list)
     lavgs: list[torch.Tensor] = field(default_factory=list)
     staging: list[torch.Tensor] | None = None  # pinned CPU copies of CUDA params (offload="cpu")
+    fold_cache: dict = field(default_factory=dict)  # `_fold_into`'s plan and scratch for this group
 
 
 class PmaEngine:
@@ -219,13 +237,11 @@ class PmaEngine:
 
         Needed where a wrapper steps the optimizer several times per training step (DeepSpeed ZeRO
         steps its base optimizer once per parameter group or sub-group). ``param_source`` returns
-        the lists of tensors to average (the fp32 master partitions); their averages are allocated
-        at once so that the wrapper's checkpoint restore finds them.
+        the lists of tensors to average (the fp32 master partitions).
         """
         self._step_hook.remove()
         self._param_source = param_source
         self._groups = None
-        self._param_groups()
 
     def on_step(self) -> None:
         """Count one real optimizer step and sample when due (what the step hook does)."""
@@ -270,7 +286,7 @@ class PmaEngine:
             if group.staging is not None:
                 self._fold_offloaded(group, c)
             else:
-                _fold_into(group.lavgs, group.lparams, c)
+                _fold_into(group.lavgs, group.lparams, c, cache=group.fold_cache)
 
     def _fold_offloaded(self, group: _Group, c: float) -> None:
         """CUDA params, pinned-CPU average: copy on a side stream, fold on a CPU thread.
@@ -291,7 +307,7 @@ class PmaEngine:
         def work() -> None:
             try:
                 event.synchronize()
-                _fold_into(group.lavgs, group.staging, c)
+                _fold_into(group.lavgs, group.staging, c, cache=group.fold_cache)
             except BaseException as err:  # surfaced by join()
                 self._pending_error = err
 
@@ -467,18 +483,79 @@ def _like_dtensor(template: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
 
 # Elements of the fp32 scratch that low-precision samples are upcast into before the lerp: small enough
 # that the scratch stays in cache between the two passes (CPU: 1 MiB, inside one core's L2), large
-# enough to keep the number of kernel launches small (CUDA: 16 MiB, a fraction of the L2).
-_UPCAST_CHUNK = {"cpu": 1 << 18, "cuda": 1 << 22}
+# enough to keep kernel launches few (CUDA: 32 MiB, within the L2 of an H100/H200, a dozen batches per
+# 100M parameters). The scratch lives in the group's fold plan.
+_UPCAST_CHUNK = {"cpu": 1 << 18, "cuda": 1 << 23}
 
 
-def _fold_into(avgs: list[torch.Tensor], samples: list[torch.Tensor], c: float, chunk: int | None = None) -> None:
+@dataclass
+class _UpcastPlan:
+    """Averages, samples and slices of one fp32 scratch, batched so that each batch fills the scratch once."""
+
+    avgs: list[torch.Tensor]
+    samples: list[torch.Tensor]
+    size: int
+    ptrs: list[int]  # where each tensor's data was when planned: a moved `.data` invalidates the slices
+    batches: list[tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]] = field(default_factory=list)
+    strided: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+def _data_ptrs(avgs: list[torch.Tensor], samples: list[torch.Tensor]) -> list[int]:
+    return [t.data_ptr() for t in avgs] + [t.data_ptr() for t in samples]
+
+
+def _upcast_plan(avgs: list[torch.Tensor], samples: list[torch.Tensor], size: int) -> _UpcastPlan:
+    plan = _UpcastPlan(avgs, samples, size, _data_ptrs(avgs, samples))
+    pairs = []
+    for avg, x in zip(avgs, samples):
+        (pairs if avg.is_contiguous() and x.is_contiguous() else plan.strided).append((avg, x))
+    if not pairs:
+        return plan
+    size = max(1, min(size, sum(avg.numel() for avg, _ in pairs)))
+    scratch = torch.empty(size, dtype=pairs[0][0].dtype, device=pairs[0][0].device)
+    dst, src, buf, used = [], [], [], 0
+    for avg, x in pairs:
+        n = avg.numel()
+        if n <= size - used:  # the whole tensor fits in what is left of the scratch: no slicing
+            dst.append(avg)
+            src.append(x)
+            buf.append(scratch[used : used + n].view(avg.shape))
+            used += n
+        else:
+            flat_avg, flat_x, start = avg.view(-1), x.view(-1), 0
+            while start < n:
+                take = min(n - start, size - used)
+                dst.append(flat_avg[start : start + take])
+                src.append(flat_x[start : start + take])
+                buf.append(scratch[used : used + take])
+                start += take
+                used += take
+                if used == size:
+                    plan.batches.append((dst, src, buf))
+                    dst, src, buf, used = [], [], [], 0
+        if used == size:
+            plan.batches.append((dst, src, buf))
+            dst, src, buf, used = [], [], [], 0
+    if dst:
+        plan.batches.append((dst, src, buf))
+    return plan
+
+
+def _fold_into(
+    avgs: list[torch.Tensor],
+    samples: list[torch.Tensor],
+    c: float,
+    chunk: int | None = None,
+    cache: dict | None = None,
+) -> None:
     """``avg <- avg + c (x - avg)`` over a list; ``c == 1`` starts a new average (a plain copy).
 
     Samples of another dtype (bf16/fp16 parameters into the fp32 average) cannot go straight into
     ``lerp``, and ``mul_`` then ``add_`` passes over the average twice (18 bytes per bf16 parameter
-    instead of 10). So they are upcast slice by slice into a small fp32 scratch that stays in cache,
-    and lerped from there: the average is read and written once, the sample read once. ``chunk``
-    overrides the scratch size in elements (benchmarks).
+    instead of 10). So they are upcast batch by batch into a small fp32 scratch that stays in cache,
+    and lerped from there: the average is read and written once, the sample read once. The result is
+    bitwise ``avg.lerp_(x.float(), c)``. ``cache`` (a dict owned by the caller, one per group) keeps
+    the batching plan and its scratch between samples; ``chunk`` overrides the scratch size in elements.
     """
     if c == 1.0:
         torch._foreach_copy_(avgs, samples)
@@ -486,32 +563,20 @@ def _fold_into(avgs: list[torch.Tensor], samples: list[torch.Tensor], c: float, 
     if samples[0].dtype == avgs[0].dtype:
         torch._foreach_lerp_(avgs, samples, c)
         return
-    flat_avgs, flat_samples = [], []
-    for avg, x in zip(avgs, samples):
-        if avg.is_contiguous() and x.is_contiguous():
-            flat_avgs.append(avg.view(-1))
-            flat_samples.append(x.view(-1))
-        else:  # rare (strided shards): one temporary of this tensor's size
-            avg.lerp_(x.to(avg.dtype), c)
-    if not flat_avgs:
-        return
-    size = chunk or _UPCAST_CHUNK.get(flat_avgs[0].device.type, 1 << 20)
-    size = min(size, sum(a.numel() for a in flat_avgs))
-    scratch = torch.empty(size, dtype=flat_avgs[0].dtype, device=flat_avgs[0].device)
-    dst, src, buf, used = [], [], [], 0
-    for avg, x in zip(flat_avgs, flat_samples):
-        start, n = 0, avg.numel()
-        while start < n:
-            take = min(n - start, size - used)
-            dst.append(avg[start : start + take])
-            src.append(x[start : start + take])
-            buf.append(scratch[used : used + take])
-            start += take
-            used += take
-            if used == size:
-                torch._foreach_copy_(buf, src)
-                torch._foreach_lerp_(dst, buf, c)
-                dst, src, buf, used = [], [], [], 0
-    if dst:
+    size = chunk or _UPCAST_CHUNK.get(avgs[0].device.type, 1 << 20)
+    plan = cache.get("upcast") if cache is not None else None
+    if (
+        plan is None
+        or plan.avgs is not avgs
+        or plan.samples is not samples
+        or plan.size != size
+        or plan.ptrs != _data_ptrs(avgs, samples)
+    ):
+        plan = _upcast_plan(avgs, samples, size)
+        if cache is not None:
+            cache["upcast"] = plan
+    for avg, x in plan.strided:  # rare (strided shards): one temporary of this tensor's size
+        avg.lerp_(x.to(avg.dtype), c)
+    for dst, src, buf in plan.batches:
         torch._foreach_copy_(buf, src)
         torch._foreach_lerp_(dst, buf, c)

@@ -5,25 +5,10 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_llama
-from fsdp2_common import CONFIG, STEPS, batch
+from reference import unsharded_reference
 from launch import torchrun
 from trainer_utils import load_folder
 
-from pmakit.engine import attach_engine
-
-
-def unsharded_reference(dtype):
-    model = tiny_llama(dtype=dtype)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    engine = attach_engine(optimizer, CONFIG)
-    for step in range(1, STEPS + 1):
-        ids = batch(step)
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    averages = engine.averages()
-    return {name: averages[p] for name, p in model.named_parameters()}
 
 
 @pytest.fixture(scope="module")

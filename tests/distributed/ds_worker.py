@@ -1,0 +1,84 @@
+"""DeepSpeed ZeRO worker: the engine on ZeRO stages 1, 2 and 3 (2 CPU processes, gloo).
+
+The engine is attached to the torch optimizer before `deepspeed.initialize` (as `PmaTrainer`
+does), then to the ZeRO wrapper (as `PmaCallback` does at train start). Each rank averages
+its fp32 master partition; a cycle is exported through `PmaExporter` (all ranks gather, rank 0
+writes); a DeepSpeed checkpoint is saved and loaded into a fresh engine.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_get_full_fp32_param
+from conftest import tiny_llama
+from reference import CONFIG, STEPS, batch
+
+from pmakit.callback import PmaExporter
+from pmakit.engine import AVG_KEY, attach_engine
+
+
+def build(stage: int):
+    model = tiny_llama()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    pma = attach_engine(optimizer, CONFIG)
+    config = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+    engine, zero_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    assert attach_engine(zero_optimizer, CONFIG) is pma and pma.deepspeed
+    return engine, zero_optimizer, pma
+
+
+def check(out: Path, stage: int, rank: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    engine, zero_optimizer, pma = build(stage)
+    pma.add_cycle_handler(PmaExporter(engine.module, out / "run", CONFIG, is_main_process=rank == 0))
+    samples = []
+    for step in range(1, STEPS + 1):
+        ids = batch(step)[4 * rank : 4 * rank + 4]
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+        if CONFIG.is_sample_step(step):  # the fp32 master weights PMA samples, gathered independently
+            samples.append({n: safe_get_full_fp32_param(p).double() for n, p in engine.module.named_parameters()})
+    if rank == 0:
+        weights = CONFIG.rule.weights_for(len(samples))
+        reference = {n: sum(w * s[n] for w, s in zip(weights, samples)) for n in samples[0]}
+        torch.save(reference, out / "reference.pt")
+    facts = {"stage": stage, "counters": pma.counters, "type": type(zero_optimizer).__name__}
+    averages = pma.averages()
+    facts["partition_numel"] = sum(a.numel() for a in averages.values())
+    facts["model_numel"] = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
+    facts["flat_fp32"] = all(a.dtype == torch.float32 and a.dim() == 1 for a in averages.values())
+    engine.save_checkpoint(str(out / "ds"), tag="step6")
+
+    engine2, _, pma2 = build(stage)
+    engine2.load_checkpoint(str(out / "ds"), tag="step6")
+    loaded = pma2.averages()
+    facts["resume_ok"] = pma2.counters == pma.counters and len(loaded) == len(averages)
+    for a1, a2 in zip(averages.values(), loaded.values()):
+        n = min(a1.numel(), a2.numel())  # DeepSpeed saves partitions without their alignment padding
+        facts["resume_ok"] &= torch.equal(a1[:n], a2[:n]) and a2.dtype == torch.float32
+    facts["state_ok"] = all(pma2.optimizer.state[flat][AVG_KEY] is a for flat, a in loaded.items())
+    (out / f"facts_rank{rank}.json").write_text(json.dumps(facts))
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    deepspeed.init_distributed(dist_backend="gloo")
+    for stage in map(int, sys.argv[2].split(",")):
+        check(out / f"zero{stage}", stage, dist.get_rank())
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
