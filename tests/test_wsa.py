@@ -196,3 +196,20 @@ def test_pma_trainer_wsa_logged_and_target_survives_resume(tmp_path):
         assert target[name].mean == pytest.approx(init[name].mean, rel=1e-6, abs=1e-9)
         assert target[name].std == pytest.approx(init[name].std, rel=1e-6)
     assert PmaTrainer(model=tiny_llama(), args=_args(PmaArguments, tmp_path / "off", **{**kw, "pma_wsa_weight": 0.0})).wsa_callback is None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_cpu(dtype):
+    target = {n: Scope(s.mean, s.std * 1.2, s.numel) for n, s in compute_scopes(tiny_llama(seed=1)).items()}
+    cpu = tiny_llama(seed=0).to(dtype)
+    gpu = tiny_llama(seed=0).to(dtype).cuda()
+    reg_cpu, reg_gpu = WsaRegularizer(cpu, target), WsaRegularizer(gpu, target)
+    loss_cpu, loss_gpu = reg_cpu(), reg_gpu()
+    assert loss_gpu.device.type == "cuda"
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert float(loss_gpu.detach()) == pytest.approx(float(loss_cpu.detach()), rel=tol)
+    for g_cpu, g_gpu in zip(torch.autograd.grad(loss_cpu, reg_cpu.params), torch.autograd.grad(loss_gpu, reg_gpu.params)):
+        assert g_gpu.dtype == dtype and g_gpu.is_cuda
+        torch.testing.assert_close(g_gpu.cpu().float(), g_cpu.float(), rtol=tol, atol=tol * float(g_cpu.abs().max()))
