@@ -7,8 +7,10 @@ recovery by merging the checkpoints saved *before* the collapse and resuming fro
 * **Samples.** Every ``interval`` optimizer steps it copies the trainable weights into a ring of
   the last ``num_samples`` samples (CPU memory by default). Memory cost: ``num_samples`` times
   the trainable weights in their own dtype (a 1B-parameter bf16 model with the default 3 samples:
-  6 GB of host RAM); nothing else is kept. No sample is taken while a spike is suspected, so a
-  sample taken during a spike never enters the ring.
+  6 GB of host RAM); nothing else is kept. The weights after step ``k`` are copied only once the
+  loss of step ``k + 1`` (which is computed on them) has been seen to be normal, just before
+  optimizer step ``k + 1`` changes them; nothing is sampled while a spike is suspected. So every
+  sample in the ring predates the spike, and the ring's memory is all usable.
 * **Seeing every step's loss.** The Trainer shows the loss to callbacks only every
   ``logging_steps``. With ``trainer=`` (what `PmaTrainer` passes) the callback wraps that
   Trainer's ``training_step``, whose return value is exactly the loss it back-propagates (already
@@ -276,6 +278,10 @@ class SpikeRecoveryCallback(TrainerCallback):
                 self._history.append(loss)
         if reason is not None:
             self._recover(args, state, step, reason)
+        elif self._streak_start is None and state.global_step > 0 and state.global_step % self.config.interval == 0:
+            # The live weights are still those of step global_step, and the loss just seen on them was normal:
+            # only weights whose own loss was checked enter the ring.
+            self._take_sample(state.global_step)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self._saved_lrs is not None:  # give the scheduler back the learning rate it set
@@ -286,8 +292,6 @@ class SpikeRecoveryCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self._since_recovery is not None:
             self._since_recovery += 1
-        if self._streak_start is None and state.global_step % self.config.interval == 0:
-            self._take_sample(state.global_step)
 
     # ------------------------------------------------------------------ detection
     def _observe(self) -> tuple[float | None, bool]:
@@ -359,12 +363,17 @@ class SpikeRecoveryCallback(TrainerCallback):
             p.copy_(merged)
             p.grad = None  # the optimizer skips this step's update: spike gradients never reach the moments
         if config.reset_optimizer:
+            # Back to the freshly initialised state (Adam: step 0, zero moments). Zeroing in place rather than
+            # clearing keeps other entries (the PMA average) and the optimizer's lazy-init check consistent.
             for p in self._params:
                 entry = self._optimizer.state.get(p)
-                if entry:
-                    kept = {k: v for k, v in entry.items() if str(k).startswith("pma")}
-                    entry.clear()
-                    entry.update(kept)
+                for key, value in (entry or {}).items():
+                    if str(key).startswith("pma"):
+                        continue
+                    if isinstance(value, torch.Tensor):
+                        value.zero_()
+                    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                        entry[key] = type(value)(0)
         # Drop the samples that are not usable and restart the detector on the pre-spike history.
         self._ring = deque(usable, maxlen=config.num_samples)
         self._streak_start, self._streak = None, 0
