@@ -213,3 +213,13 @@ def test_cuda_matches_cpu(dtype):
     for g_cpu, g_gpu in zip(torch.autograd.grad(loss_cpu, reg_cpu.params), torch.autograd.grad(loss_gpu, reg_gpu.params)):
         assert g_gpu.dtype == dtype and g_gpu.is_cuda
         torch.testing.assert_close(g_gpu.cpu().float(), g_cpu.float(), rtol=tol, atol=tol * float(g_cpu.abs().max()))
+
+
+def test_command_line_parsing(tmp_path):
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(PmaArguments).parse_args_into_dataclasses([
+        "--output_dir", str(tmp_path), "--use_cpu", "--pma_wsa_weight", "0.25", "--pma_wsa_target", "fused",
+        "--pma_wsa_reference", "stage1/a", "stage1/b", "--pma_wsa_reference_weights", "1", "3",
+    ])
+    assert args.pma_wsa_config == WsaConfig(0.25, "fused", ["stage1/a", "stage1/b"], [1.0, 3.0], None)

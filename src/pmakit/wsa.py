@@ -358,7 +358,8 @@ class WsaCallback(TrainerCallback):
             raise RuntimeError("WsaCallback adds a loss term, so it needs the trainer: use `add_wsa(trainer, config)`.")
         from .callback import _unwrap_model
 
-        model = _unwrap_model(kwargs.get("model") or self.trainer.model)
+        model = kwargs.get("model")
+        model = _unwrap_model(model if model is not None else self.trainer.model)
         optimizer = kwargs.get("optimizer")
         group = _inner_optimizer(optimizer).param_groups[0] if optimizer is not None else {}
         saved = group.get(STATE_KEY)
