@@ -1,4 +1,4 @@
-"""Run a worker script under `torch.distributed.run` (2 CPU processes, gloo) from a test, with a timeout."""
+"""Run a worker script under `torch.distributed.run` (2 CPU processes, gloo, by default) from a test, with a timeout."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ HERE = Path(__file__).resolve().parent
 TESTS = HERE.parent
 
 
-def torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Launch ``script`` on ``nproc`` local CPU processes and wait; fail the test on a hang or non-zero exit."""
+def torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 240, cpu: bool = True) -> subprocess.CompletedProcess:
+    """Launch ``script`` on ``nproc`` local processes (CPU unless ``cpu=False``) and wait; fail on a hang or error."""
     env = dict(os.environ)
+    if cpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     env.update(
-        CUDA_VISIBLE_DEVICES="",
         OMP_NUM_THREADS="1",
         HF_HUB_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",

@@ -1,0 +1,70 @@
+"""`PmaTrainer` on Accelerate's sharding backends: DeepSpeed ZeRO (CPU, 2 processes, when
+deepspeed is installed) and FSDP2 / ZeRO on CUDA (run on a GPU machine)."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+from launch import torchrun
+from trainer_utils import load_folder
+
+
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="needs deepspeed (pip install -e '.[deepspeed]')")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def run_worker(tmp_path, mode, nproc, cpu):
+    args = [str(tmp_path), mode] + (["cpu"] if cpu else [])
+    torchrun("trainer_worker.py", *args, nproc=nproc, timeout=400, cpu=cpu)
+    facts = [json.loads((tmp_path / f"facts_rank{r}.json").read_text()) for r in range(nproc)]
+    for f in facts:
+        assert f["world_size"] == nproc
+        assert f["counters"] == {"step": 6, "count": 0, "sample_steps": [], "cycles": 1, "merged_steps": [2, 4, 6]}
+        assert f["average_dtypes"] == ["torch.float32"]
+        assert f["folders"] == ["checkpoint-3", "checkpoint-6", "pma", "pma-6"]
+        assert f["resume_counters_ok"] and f["resume_exact"], "resume from checkpoint-3 restores the average exactly"
+    return facts
+
+
+def check_zero(facts, folder, nproc):
+    for f in facts:
+        assert f["deepspeed"] and f["average_types"] == ["Tensor"]
+        assert f["average_numel"] <= f["model_numel"] // nproc + 64, "each rank averages its own partition"
+    saved = load_folder(folder)  # gathered: full shapes, no empty ZeRO-3 placeholders
+    assert saved and all(t.numel() > 1 and t.abs().sum() > 0 for t in saved.values())
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [2, 3])
+def test_trainer_deepspeed_cpu(tmp_path, stage):
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    facts = run_worker(tmp_path, f"zero{stage}", nproc=2, cpu=True)
+    check_zero(facts, tmp_path / "run" / "pma-6", 2)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_trainer_fsdp2_cuda(tmp_path):
+    """One process per GPU (NCCL refuses two ranks on one device): world size = min(2, GPUs)."""
+    nproc = min(2, torch.cuda.device_count())
+    facts = run_worker(tmp_path, "fsdp2", nproc=nproc, cpu=False)
+    for f in facts:
+        assert f["average_types"] == ["DTensor"] and f["average_numel"] <= f["model_numel"] // nproc + 64
+    averages = torch.load(tmp_path / "averages.pt")
+    saved = load_folder(tmp_path / "run" / "pma-6")
+    for name, tensor in saved.items():
+        assert tensor.dtype == torch.bfloat16
+        assert torch.equal(tensor, averages[name].to(torch.bfloat16)), name
+
+
+@pytest.mark.cuda
+@needs_cuda
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_trainer_deepspeed_cuda(tmp_path, stage):
+    nproc = min(2, torch.cuda.device_count())
+    facts = run_worker(tmp_path, f"zero{stage}", nproc=nproc, cpu=False)
+    check_zero(facts, tmp_path / "run" / "pma-6", nproc)
