@@ -103,8 +103,14 @@ class _Fold:
         np.copyto(out, x, casting="unsafe")
         return out
 
+    def _finite(self, values: np.ndarray) -> bool:
+        """All finite? One summing pass (NaN and Inf propagate into the sum); the exact check only if it is not."""
+        if np.isfinite(np.add.reduce(values, dtype=self.acc_dtype)):
+            return True
+        return bool(np.isfinite(self._as_acc(values, "probe_acc")).all())
+
     def _check_finite(self, t: PlannedTensor, values: np.ndarray, e0: int, e1: int) -> None:
-        if self.allow_nonfinite or np.isfinite(values).all():
+        if self.allow_nonfinite or self._finite(values):
             return
         for info in t.inputs:
             x = self._as_acc(self._read(info, e0, e1, "probe"), "probe_acc")
@@ -118,12 +124,18 @@ class _Fold:
             "try accumulate_dtype='float64' or check the weights."
         )
 
-    def _write(self, t: PlannedTensor, e0: int, values: np.ndarray) -> None:
+    def _write(self, t: PlannedTensor, e0: int, values: np.ndarray, scale=None) -> None:
+        """Write ``values`` (times ``scale``, computed in the accumulator dtype) in the output dtype."""
         out_dtype = DTYPES[t.out.dtype]
         if values.dtype != out_dtype:
             out = self.buffers.get("out", values.size * out_dtype.itemsize).view(out_dtype)
-            np.copyto(out, values, casting="unsafe")
+            if scale is None:
+                np.copyto(out, values, casting="unsafe")
+            else:  # one pass: multiply in the accumulator dtype, round once into the output dtype
+                np.multiply(values, scale, out=out, dtype=values.dtype, casting="unsafe")
             values = out
+        elif scale is not None:
+            np.multiply(values, scale, out=values)
         self.writer.write(t.out, e0, values)
 
     def __call__(self, t: PlannedTensor, e0: int, e1: int) -> None:
@@ -136,11 +148,19 @@ class _Fold:
         if t.action == "merge":
             acc = self.buffers.get("acc", (e1 - e0) * self.acc_dtype.itemsize).view(self.acc_dtype)
             dt = self.acc_dtype
+            pending = None
             for k, (info, w) in enumerate(zip(t.inputs, self.weights)):
                 x = self._read(info, e0, e1)
-                if self.equal:
+                if self.equal:  # sum first, scale once when writing
+                    if k == 0 and len(t.inputs) > 1:
+                        pending = x  # added together with the second input: one pass for both
+                        continue
                     if k == 0:
                         np.copyto(acc, x, casting="unsafe")
+                    elif k == 1:
+                        np.add(pending, x, out=acc, dtype=dt, casting="unsafe")
+                        pending = None
+                        self._release_one(t.inputs[0], e0, e1)
                     else:
                         np.add(acc, x, out=acc, dtype=dt, casting="unsafe")
                 elif k == 0:
@@ -151,14 +171,12 @@ class _Fold:
                     np.add(acc, tmp, out=acc)
                 del x
                 self._release_one(info, e0, e1)  # one input's block mapped at a time
-            if self.equal:
-                np.multiply(acc, self.weights[0], out=acc)
             self._check_finite(t, acc, e0, e1)
-            self._write(t, e0, acc)
+            self._write(t, e0, acc, self.weights[0] if self.equal else None)
         elif t.action == "base":
             info = t.inputs[0]
             x = self._read(info, e0, e1)
-            if info.is_float and not self.allow_nonfinite and not np.isfinite(self._as_acc(x, "probe_acc")).all():
+            if info.is_float and not self.allow_nonfinite and not self._finite(x):
                 raise MergeError(
                     f"Tensor {t.out.name!r} holds NaN or Inf in {info.file}; "
                     "fix the input or pass allow_nonfinite=True (`--allow-nonfinite`)."
