@@ -37,8 +37,9 @@ import resource, subprocess, sys, time, json
 start = time.perf_counter()
 proc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-print(json.dumps({"rc": proc.returncode, "seconds": seconds, "peak": peak, "err": proc.stderr[-2000:]}))
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"rc": proc.returncode, "seconds": seconds, "peak": usage.ru_maxrss * 1024,
+                  "cpu": usage.ru_utime + usage.ru_stime, "err": proc.stderr[-2000:]}))
 """
 
 READ_ONCE = r"""
@@ -210,12 +211,14 @@ def render(rows: list[dict], params: int | None, have_mergekit: bool, cold: bool
         f"`python benchmarks/merge.py` on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
         f"Python {platform.python_version()}; {params / 1e6:.0f}M-parameter Llama checkpoints in bf16, "
         "100 MB shards; SMA of the N newest; fp32 accumulation, bf16 output. Times are wall seconds of a child "
-        "process (interpreter start and imports included), peak RSS is the child's `ru_maxrss`. "
+        "process (interpreter start and imports included); CPU is the child's user + system time (all threads), "
+        "which other jobs on the machine do not inflate; peak RSS is the child's `ru_maxrss`. "
         "Warm: inputs in the page cache.",
         "",
     ]
-    head = "| N | input size | read once (s) | pmakit (s) | pmakit / read | pmakit peak RSS (MiB) |"
-    sep = "|---|---|---|---|---|---|"
+    head = ("| N | input size | read once (s) | pmakit (s) | pmakit / read | read once CPU (s) | pmakit CPU (s) "
+            "| pmakit peak RSS (MiB) |")
+    sep = "|---|---|---|---|---|---|---|---|"
     if have_mergekit:
         head += " mergekit linear (s) | mergekit peak RSS (MiB) | speed-up | RSS ratio |"
         sep += "---|---|---|---|"
@@ -223,10 +226,10 @@ def render(rows: list[dict], params: int | None, have_mergekit: bool, cold: bool
     for r in rows:
         read, ours = r["read_warm"], r["pmakit_warm"]
         line = (f"| {r['n']} | {r['bytes'] / 1e9:.2f} GB | {read['seconds']:.2f} | {ours['seconds']:.2f} | "
-                f"{ours['seconds'] / read['seconds']:.2f}x | {mb(ours)} |")
+                f"{ours['seconds'] / read['seconds']:.2f}x | {read['cpu']:.2f} | {ours['cpu']:.2f} | {mb(ours)} |")
         if have_mergekit:
             mk = r["mergekit_warm"]
-            line += (f" {mk['seconds']:.2f} | {mb(mk)} | {mk['seconds'] / ours['seconds']:.2f}x | "
+            line += (f" {mk['seconds']:.2f} ({mk['cpu']:.1f} CPU) | {mb(mk)} | {mk['seconds'] / ours['seconds']:.2f}x | "
                      f"{ours['peak'] / mk['peak']:.2f} |")
         lines.append(line)
     if cold:
@@ -235,7 +238,7 @@ def render(rows: list[dict], params: int | None, have_mergekit: bool, cold: bool
         for r in rows:
             read, ours = r["read_cold"], r["pmakit_cold"]
             lines.append(f"| {r['n']} | {read['seconds']:.2f} | {ours['seconds']:.2f} | "
-                         f"{ours['seconds'] / read['seconds']:.2f}x | {mb(ours)} |")
+                         f"{ours['seconds'] / read['seconds']:.2f}x | {read['cpu']:.2f} | {ours['cpu']:.2f} | {mb(ours)} |")
     return "\n".join(lines) + "\n"
 
 
