@@ -150,6 +150,12 @@ class ByteBlocks(torch.utils.data.Dataset):
             raise ValueError(f"The text ({len(self.ids)} bytes) is shorter than one block of {block_size}.")
         self.count = (len(self.ids) - block_size) // self.stride + 1
 
+    def truncate(self, multiple: int) -> "ByteBlocks":
+        """Drop trailing blocks so that the count is a multiple of ``multiple`` (when there are that many)."""
+        if self.count >= multiple:
+            self.count -= self.count % multiple
+        return self
+
     def __len__(self) -> int:
         return self.count
 

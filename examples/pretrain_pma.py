@@ -91,7 +91,7 @@ class ExampleArguments:
     )
     decay_steps: int = field(default=100, metadata={"help": "Length of the linear LR decay of the annealed fork."})
     long_decay_steps: int = field(
-        default=0, metadata={"help": "If > 0, a second annealed fork with this many decay steps (0: skip it)."}
+        default=200, metadata={"help": "If > 0, a second, longer annealed fork with this many decay steps (0: skip it)."}
     )
     report_md: str | None = field(default=None, metadata={"help": "Markdown report path (default: output_dir/results.md)."})
     plot: str | None = field(default=None, metadata={"help": "PNG plot path (default: output_dir/pretrain_pma.png)."})
@@ -147,8 +147,6 @@ def annealed_fork(config, args: PmaArguments, checkpoint: Path, decay_steps: int
         lr_scheduler_type="warmup_stable_decay",
         lr_scheduler_kwargs={"num_stable_steps": steps - warmup, "num_decay_steps": decay_steps, "decay_type": "linear"},
         save_strategy="no",
-        eval_strategy="steps",
-        eval_steps=max(1, decay_steps // 4),
     )
     model = LlamaForCausalLM(config)
     trainer = Trainer(model=model, args=fork_args, train_dataset=train_ds, eval_dataset=val_ds)
@@ -172,7 +170,9 @@ def write_plot(path: Path, live, pma, forks, cycle_steps: int, title: str) -> No
         ax.plot(*zip(*part), "x", color="tab:red", alpha=0.6, label="PMA running average (mid-cycle)")
     for (label, points), color in zip(forks, ("tab:green", "tab:olive")):
         ax.plot(*zip(*points), "^-", color=color, label=label, markersize=4)
-    values = [v for _, v in live[len(live) // 3 :]] + [v for _, v in pma] + [v for _, pts in forks for _, v in pts]
+    # Zoom on the stable phase: the first third (fast early descent) would flatten the interesting part.
+    zoom = live[-1][0] / 3 if live else 0
+    values = [v for s, v in [*live, *pma, *(p for _, pts in forks for p in pts)] if s >= zoom]
     if values:
         lo, hi = min(values), max(values)
         ax.set_ylim(lo - 0.05 * (hi - lo + 1e-6), hi + 0.6 * (hi - lo + 1e-6))
@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
     data = load_corpus(ex.corpus, ex.max_corpus_bytes)
     train_bytes, val_bytes = split_corpus(data, ex.val_fraction)
     train_ds = ByteBlocks(train_bytes, ex.block_size, ex.train_stride)
-    val_ds = ByteBlocks(val_bytes, ex.block_size)
+    # Whole evaluation batches only, so that the Trainer's mean of batch means equals the per-byte mean.
+    val_ds = ByteBlocks(val_bytes, ex.block_size).truncate(args.per_device_eval_batch_size)
     tokenizer = byte_tokenizer()
 
     set_seed(args.seed)
@@ -265,7 +266,9 @@ def main(argv: list[str] | None = None) -> dict:
         fork_s += time.perf_counter() - t0
         loss = validation_loss(fork_model, val_ds)
         forks.append((f"annealed: +{decay} steps, LR linear to 0", f"steps {steps + 1}-{steps + decay}", loss))
-        points = [(steps, rows[0][2])] + log_points(fork_history, "eval_loss")
+        # The resumed state carries the whole run's log: keep the fork's own evaluations, end on its final score.
+        middle = [(s, v) for s, v in log_points(fork_history, "eval_loss") if steps < s < steps + decay]
+        points = [(steps, rows[0][2]), *middle, (steps + decay, loss)]
         fork_points.append((f"annealed fork (+{decay} steps, linear decay)", points))
     total_s = time.perf_counter() - started
 
@@ -347,6 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
         "share_of_decay_gain": {n: (live_loss - v) / gain for n, _, v in rows[1:]} if gain and gain > 0 else {},
         "live_curve": live_curve,
         "pma_curve": pma_curve,
+        "fork_curves": dict(fork_points),
         "settings": settings,
         "timing": timing,
         "pma_check_max_abs_diff": check,

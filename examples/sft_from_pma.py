@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
     train_bytes, val_bytes = split_corpus(load_corpus(ia.corpus, ia.max_corpus_bytes), ia.val_fraction)
     _, old_val_bytes = split_corpus(load_corpus(ia.pretrain_corpus, ia.pretrain_max_corpus_bytes), ia.val_fraction)
     train_ds = ByteBlocks(train_bytes, block_size, ia.train_stride)
-    val_ds = ByteBlocks(val_bytes, block_size)
+    # Whole evaluation batches only, so that the Trainer's eval_loss is the same per-byte mean as step 0's score.
+    val_ds = ByteBlocks(val_bytes, block_size).truncate(args.per_device_eval_batch_size)
     old_val_ds = ByteBlocks(old_val_bytes, block_size)
     print(
         f"continued training on {ia.corpus!r}: {len(train_bytes):,} train / {len(val_bytes):,} validation bytes; "

@@ -48,7 +48,8 @@ def pretrain_run(tmp_path_factory, one_thread):
         "--output_dir", str(out), "--max_steps", "16", "--warmup_steps", "2", "--learning_rate", "3e-3",
         "--per_device_train_batch_size", "4", "--block_size", "32", "--train_stride", "32",
         "--max_corpus_bytes", "24000", "--eval_steps", "4", "--logging_steps", "4",
-        "--pma_interleave_step", "2", "--pma_fused_num", "4", "--decay_steps", "4", "--use_cpu", "True",
+        "--pma_interleave_step", "2", "--pma_fused_num", "4", "--decay_steps", "4", "--long_decay_steps", "8",
+        "--use_cpu", "True",
         *TINY_MODEL,
     ]  # fmt: skip
     summary = _load("pretrain_pma").main(argv)
@@ -87,9 +88,9 @@ def test_pretrain_example_writes_table_plot_and_loadable_pma(pretrain_run):
     names = [row["model"] for row in summary["rows"]]
     assert names[0] == "live weights" and names[1].startswith("PMA SMA")
     assert any(n.startswith("PMA EMA") for n in names) and any(n.startswith("PMA WMA") for n in names)
-    assert names[-1].startswith("annealed: +4 steps")
+    assert names[-2].startswith("annealed: +4 steps") and names[-1].startswith("annealed: +8 steps")
     losses = {row["model"]: row["val_loss"] for row in summary["rows"]}
-    live, annealed = losses["live weights"], losses[names[-1]]
+    live, annealed = losses["live weights"], losses[names[-2]]
     if live > annealed:
         for name, share in summary["share_of_decay_gain"].items():
             assert share == pytest.approx((live - losses[name]) / (live - annealed))
@@ -101,17 +102,24 @@ def test_pretrain_example_writes_table_plot_and_loadable_pma(pretrain_run):
     assert len(tokenizer) == bytelm.VOCAB_SIZE
     card = (out / "pma" / "README.md").read_text()
     assert "10, 12, 14, 16" in card
-    val = bytelm.ByteBlocks(bytelm.split_corpus(bytelm.load_corpus("topics", 24_000), 0.1)[1], 32)
+    val = bytelm.ByteBlocks(bytelm.split_corpus(bytelm.load_corpus("topics", 24_000), 0.1)[1], 32).truncate(32)
     assert bytelm.validation_loss(pma, val) == pytest.approx(losses[names[1]], abs=1e-9)
 
     # The annealed fork resumed the step-16 checkpoint (weights, optimizer state, data position) for 4 more steps.
     assert (out / "checkpoint-16" / "optimizer.pt").is_file()
-    assert summary["rows"][-1]["weights"] == "steps 17-20"
+    assert summary["rows"][-2]["weights"] == "steps 17-20" and summary["rows"][-1]["weights"] == "steps 17-24"
+    for decay, curve in zip((4, 8), summary["fork_curves"].values()):
+        assert curve[0] == [16, live] or curve[0] == (16, live)
+        assert [s for s, _ in curve[1:-1]] == list(range(20, 16 + decay, 4))  # the run's eval_steps
+        assert tuple(curve[-1]) == (16 + decay, losses[names[-2] if decay == 4 else names[-1]])
 
     report = Path(summary["report"]).read_text()
     assert "| live weights | step 16 |" in report and "share of decay gain" in report
     plot = Path(summary["plot"])
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+    # The Trainer's evaluation (the curves) and the table's fp64 per-byte mean score the same bytes.
+    assert summary["live_curve"][-1][1] == pytest.approx(live, abs=1e-4)
+    assert summary["pma_curve"][-1][1] == pytest.approx(losses[names[1]], abs=1e-4)
     steps = [s for s, _ in summary["live_curve"]]
     assert steps == [4, 8, 12, 16] and [s for s, _ in summary["pma_curve"]] == steps
 
@@ -135,7 +143,7 @@ def test_pma_init_continues_from_both_folders(pretrain_run, tmp_path):
 
     # Step 0 is the starting folder itself, scored on the new data's validation split.
     train, val = bytelm.split_corpus(bytelm.load_corpus("docstrings", 16_000), 0.1)
-    val_ds = bytelm.ByteBlocks(val, 32)
+    val_ds = bytelm.ByteBlocks(val, 32).truncate(32)
     start = bytelm.validation_loss(AutoModelForCausalLM.from_pretrained(run / "pma"), val_ds)
     assert pma["curve"][0][1] == pytest.approx(start, abs=1e-9)
     assert live["curve"][0][1] != pytest.approx(start, abs=1e-6)
