@@ -170,7 +170,7 @@ class SpikeRecoveryCallback(TrainerCallback):
     the model's outputs (fine for any model that returns ``loss``).
 
     ``events`` lists the recoveries (step, when the spike began, reason, the steps merged) and
-    ``losses`` the per-step training loss it observed, ``(step, loss)``.
+    ``losses`` the per-step training loss it observed, ``(step, loss)`` (the last 100,000 steps).
     """
 
     def __init__(self, config: SpikeConfig | None = None, trainer=None, **settings) -> None:
@@ -179,7 +179,7 @@ class SpikeRecoveryCallback(TrainerCallback):
         self.config = config if config is not None else SpikeConfig(**settings)
         self.trainer = trainer
         self.events: list[dict] = []
-        self.losses: list[tuple[int, float]] = []
+        self.losses: deque[tuple[int, float]] = deque(maxlen=100_000)
         self._ring: deque[_Sample] = deque(maxlen=self.config.num_samples)
         self._history: deque[float] = deque(maxlen=self.config.window)
         self._streak_start: int | None = None
