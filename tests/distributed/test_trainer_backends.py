@@ -55,9 +55,9 @@ def test_trainer_fsdp2_cuda(tmp_path):
         assert f["average_types"] == ["DTensor"] and f["average_numel"] <= f["model_numel"] // nproc + 64
     averages = torch.load(tmp_path / "averages.pt")
     saved = load_folder(tmp_path / "run" / "pma-6")
-    for name, tensor in saved.items():
-        assert tensor.dtype == torch.bfloat16
-        assert torch.equal(tensor, averages[name].to(torch.bfloat16)), name
+    assert saved.keys() <= averages.keys()
+    for name, tensor in saved.items():  # fp32 weights (bf16 is the compute dtype of FSDP2's mixed precision)
+        assert torch.equal(tensor, averages[name].to(tensor.dtype)), name
 
 
 @pytest.mark.cuda
