@@ -234,7 +234,8 @@ def render(rows: list[dict], params: int | None, have_mergekit: bool, cold: bool
         lines.append(line)
     if cold:
         lines += ["", "Cold (inputs dropped from the page cache with `posix_fadvise(DONTNEED)` before each run):", "",
-                  "| N | read once (s) | pmakit (s) | pmakit / read | pmakit peak RSS (MiB) |", "|---|---|---|---|---|"]
+                  "| N | read once (s) | pmakit (s) | pmakit / read | read once CPU (s) | pmakit CPU (s) "
+                  "| pmakit peak RSS (MiB) |", "|---|---|---|---|---|---|---|"]
         for r in rows:
             read, ours = r["read_cold"], r["pmakit_cold"]
             lines.append(f"| {r['n']} | {read['seconds']:.2f} | {ours['seconds']:.2f} | "
