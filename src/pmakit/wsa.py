@@ -12,8 +12,8 @@ target is the run's initial weights by default, or a reference model folder, or 
 (`pmakit.scope.fuse_scopes`) of several folders. These are our defaults, not the paper's.
 
 Cost: the per-layer moments are computed by one custom autograd function. Its forward stacks
-the layers of each shape (a bounded number of elements at a time) and reduces them with one
-``var_mean`` per stack, in fp32 (fp64 for fp64 weights); its backward is the closed-form
+the layers of each shape (a bounded number of elements at a time) and reduces each stack with a
+mean and a norm of the centred rows, in fp32 (fp64 for fp64 weights); its backward is the closed-form
 gradient ``dL/dW = a_l + b_l W`` applied to all layers at once with two ``torch._foreach_*``
 kernels. Nothing of the size of the model is kept between forward and backward.
 """
@@ -175,7 +175,10 @@ class _LayerMoments(torch.autograd.Function):
         variances = torch.empty(n, dtype=dtype, device=out_device)
         for idx in plan:
             stack = torch.stack([params[i].reshape(-1) for i in idx]).to(_compute_dtype(params[idx[0]].dtype))
-            var, mean = torch.var_mean(stack, dim=1, correction=0)
+            # two passes on our own copy (mean, then the norm of the centred rows): exact like var_mean, and
+            # several times faster than its Welford loop on CPU
+            mean = stack.mean(dim=1)
+            var = torch.linalg.vector_norm(stack.sub_(mean[:, None]), dim=1).square_().div_(stack.shape[1])
             index = torch.tensor(idx, device=out_device)
             means.index_copy_(0, index, mean.to(device=out_device, dtype=dtype))
             variances.index_copy_(0, index, var.to(device=out_device, dtype=dtype))
