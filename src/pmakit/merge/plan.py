@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..averaging import AveragingRule
 from .errors import MergeError
-from .safetensors_io import DTYPES, OutputTensor, TensorInfo, canonical_dtype, parse_size, plan_shards
+from .safetensors_io import OutputTensor, TensorInfo, canonical_dtype, parse_size, plan_shards
 from .sources import ModelSource
 
 
@@ -63,7 +63,6 @@ class MergePlan:
     backbone_only: bool = False
     backbone_patterns: tuple[str, ...] = ()
     out_dtype: str | None = None
-    warnings: list[str] = field(default_factory=list)
 
     @property
     def bytes_to_read(self) -> int:
@@ -199,7 +198,6 @@ def build_plan(
                 odd = next(i for i in infos if i.dtype != ref.dtype)
                 raise MergeError(f"Tensor {name!r} is {odd.dtype} in {odd.file} but {ref.dtype} in {ref.file}.")
             planned.append(PlannedTensor(OutputTensor(name, ref.dtype, ref.shape), "equal", infos))
-    notes = []
     if backbone_only and kept_from_base == 0:
         raise MergeError(
             f"backbone_only: no tensor matches the backbone patterns {list(patterns)}; "
@@ -220,7 +218,6 @@ def build_plan(
         backbone_only=backbone_only,
         backbone_patterns=patterns,
         out_dtype=out_code,
-        warnings=notes,
     )
 
 
@@ -232,6 +229,3 @@ def input_files(plan: MergePlan) -> list[Path]:
             seen.setdefault(i.file, None)
     return list(seen)
 
-
-def itemsize(code: str) -> int:
-    return DTYPES[code].itemsize
