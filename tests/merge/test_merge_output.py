@@ -164,3 +164,33 @@ def test_weighted_average_for_llama_class(tmp_path):
     in_memory = WeightedAverageForLLama(backbone_only=False).run(models)  # no save path: a model, nothing kept
     expected = (read_folder(models[0])["model.norm.weight"] + read_folder(models[1])["model.norm.weight"]) / 2
     assert torch.allclose(in_memory.model.norm.weight, expected)
+
+
+def test_interrupt_mid_write_leaves_nothing(tmp_path, monkeypatch):
+    folders = save_models(tmp_path, 2)
+    real_write, calls = ShardWriter.write, []
+
+    def interrupted(self, tensor, offset, data):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_write(self, tensor, offset, data)
+
+    monkeypatch.setattr(ShardWriter, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        merge(folders, tmp_path / "out", threads=2, block_elements=300)
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+def test_full_disk_is_refused_before_the_merge(tmp_path, monkeypatch):
+    import os
+
+    folders = save_models(tmp_path, 2)
+
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    with pytest.raises(MergeError, match=r"Not enough disk space for .*model\.safetensors"):
+        merge(folders, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
