@@ -409,6 +409,13 @@ class PmaEngine:
         state = self.optimizer.state[p]
         avg = state.get(AVG_KEY)
         pinned = offload and _local(p).device.type == "cuda"
+        if pinned and _is_dtensor(p):
+            raise ValueError(
+                "PMA `offload='cpu'` is not supported for FSDP2 (DTensor) parameters on GPU: the average is already "
+                "sharded (1/world per rank). To keep it in CPU memory, offload the shards with FSDP2 itself "
+                "(`fully_shard(..., offload_policy=CPUOffloadPolicy())`, Accelerate `fsdp_offload_params: true`): "
+                "the average then follows the parameters to the CPU."
+            )
         device = torch.device("cpu") if offload else _local(p).device
         if avg is None:
             avg = _new_average(p, device, pinned)
@@ -450,10 +457,7 @@ def _new_average(p: torch.Tensor, device: torch.device, pinned: bool) -> torch.T
         if pinned:
             return torch.zeros(p.shape, dtype=torch.float32, pin_memory=True)
         return torch.zeros_like(p, dtype=torch.float32, device=device)
-    local = _local(p)
-    if not pinned:
-        return torch.zeros_like(p, dtype=torch.float32)  # same mesh and placements, local shard only
-    return _like_dtensor(p, torch.zeros(local.shape, dtype=torch.float32, pin_memory=True))
+    return torch.zeros_like(p, dtype=torch.float32)  # same mesh and placements, local shard only
 
 
 def _moved_average(avg: torch.Tensor, p: torch.Tensor, device: torch.device, pinned: bool, copy: bool = False) -> torch.Tensor:

@@ -117,6 +117,12 @@ def _is_dtensor(t) -> bool:
 def _full(t, is_main_process: bool):
     """``t`` whole on the CPU of the main process (None elsewhere); a DTensor is all-gathered (collective)."""
     if _is_dtensor(t):
+        local = t.to_local()
+        if local.device.type != t.device_mesh.device_type:  # an offloaded (pinned CPU) shard of a GPU mesh
+            from torch.distributed.tensor import DTensor
+
+            local = local.to(t.device_mesh.device_type)
+            t = DTensor.from_local(local, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
         t = t.full_tensor()
     return t.detach().cpu() if is_main_process else None
 

@@ -21,10 +21,14 @@ from torch.distributed.tensor import DTensor
 
 from pmakit.callback import PmaExporter
 from pmakit.engine import AVG_KEY, attach_engine
+from pmakit.export import _full
+
+
+DEVICE = "cpu"
 
 
 def sharded_model(dtype):
-    model = tiny_llama(dtype=dtype)
+    model = tiny_llama(dtype=dtype).to(DEVICE)
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)
@@ -33,15 +37,20 @@ def sharded_model(dtype):
 
 def train(model, optimizer, steps, rank):
     for step in range(1, steps + 1):
-        ids = batch(step)[4 * rank : 4 * rank + 4]
+        ids = batch(step)[4 * rank : 4 * rank + 4].to(DEVICE)
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
 
 
 def main() -> None:
+    global DEVICE
     out = Path(sys.argv[1])
-    dist.init_process_group("gloo")
+    mode = sys.argv[3] if len(sys.argv) > 3 else "cpu"
+    if mode.startswith("cuda"):
+        DEVICE = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(DEVICE)
+    dist.init_process_group("nccl" if mode.startswith("cuda") else "gloo")
     for dtype_name in sys.argv[2].split(","):
         check(out / dtype_name, getattr(torch, dtype_name), dist.get_rank())
     dist.barrier()
@@ -58,6 +67,8 @@ def check(out: Path, dtype: torch.dtype, rank: int) -> None:
 
     averages = engine.averages()
     facts = {"rank": rank, "local_avg_numel": 0, "local_param_numel": 0, "full_numel": 0, "all_dtensor": True}
+    facts["avg_devices"] = sorted({str(a.to_local().device.type) + (":pinned" if a.to_local().is_pinned() else "")
+                                   for a in averages.values()})
     for p, avg in averages.items():
         facts["all_dtensor"] &= isinstance(avg, DTensor) and avg.placements == p.placements and avg.shape == p.shape
         facts["all_dtensor"] &= avg.dtype == torch.float32 and avg.to_local().shape == p.to_local().shape
@@ -65,12 +76,12 @@ def check(out: Path, dtype: torch.dtype, rank: int) -> None:
         facts["local_param_numel"] += p.to_local().numel()
         facts["full_numel"] += p.numel()
     names = {p: n for n, p in model.named_parameters()}
-    torch.save({names[p]: a.full_tensor() for p, a in averages.items()}, out / f"averages_rank{rank}.pt")
+    torch.save({names[p]: _full(a, True) for p, a in averages.items()}, out / f"averages_rank{rank}.pt")
 
     # Swap: the live shards take the average and get their own bits back afterwards.
     before = {p: p.to_local().clone() for p in averages}
     with engine.swapped():
-        facts["swap_ok"] = all(torch.equal(p.to_local(), a.to_local().to(p.dtype)) for p, a in averages.items())
+        facts["swap_ok"] = all(torch.equal(p.to_local(), a.to_local().to(p.device, p.dtype)) for p, a in averages.items())
     facts["restore_ok"] = all(torch.equal(p.to_local(), before[p]) for p in averages)
 
     # Resume: the sharded optimizer state (DTensor averages included) through DCP into a fresh model.

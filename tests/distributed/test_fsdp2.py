@@ -46,3 +46,20 @@ def test_fsdp2_average_matches_unsharded_run(fsdp2_run):
     print(f"FSDP2 vs unsharded: max |difference| of the averages = {worst:.3g}")
     for name, ref in reference.items():
         torch.testing.assert_close(gathered[name], ref, rtol=1e-4, atol=2e-5, msg=name)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["cuda"])
+def test_fsdp2_engine_on_cuda(tmp_path, mode):
+    """NCCL, one process per GPU (world size min(2, GPUs))."""
+    nproc = min(2, torch.cuda.device_count())
+    torchrun("fsdp2_worker.py", str(tmp_path), "bfloat16", mode, nproc=nproc, cpu=False, timeout=300)
+    out = tmp_path / "bfloat16"
+    for r in range(nproc):
+        f = json.loads((out / f"facts_rank{r}.json").read_text())
+        assert f["all_dtensor"] and f["swap_ok"] and f["restore_ok"] and f["resume_ok"], f
+        assert f["avg_devices"] == ["cuda"]
+    gathered = torch.load(out / "averages_rank0.pt")
+    saved = load_folder(out / "run" / "pma-6")
+    assert saved and all(torch.equal(t, gathered[n].to(t.dtype)) for n, t in saved.items())
