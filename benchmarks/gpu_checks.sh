@@ -26,5 +26,5 @@ fi
 "$PY" -c "import deepspeed; print('deepspeed', deepspeed.__version__)" > "$OUT/deepspeed_version.txt" 2>&1
 timeout 420 "$PY" -m pytest -q -p no:cacheprovider -m cuda -rs -s tests/test_offload_cuda.py tests/test_engine.py \
   tests/distributed/test_fsdp2.py tests/distributed/test_trainer_backends.py > "$OUT/scale_cuda_tests.log" 2>&1
-timeout 300 "$PY" benchmarks/overhead.py --device cuda --size 100m --steps 300 --rounds 3 \
+timeout 300 "$PY" benchmarks/overhead.py --device cuda --size 100m --steps 200 --rounds 3 \
   --out "$OUT/overhead_gpu.md" --json "$OUT/overhead_gpu.json" > "$OUT/overhead_gpu.log" 2>&1
