@@ -187,13 +187,15 @@ def bench_dtype(model, dtype_name: str, device, timer: Timer, args) -> dict:
             )
             if dtype_name == "fp32":
                 variants["_foreach_lerp_"] = lambda: _fold_into(scratch_avgs, params, alpha)
-            else:
-                for log2 in (16, 18, 20, 22, 24):
+            else:  # the engine's kernel at several scratch sizes, each with its cached plan as in the engine
+                for log2 in (16, 18, 20, 22, 23, 24):
                     if (1 << log2) < n:
-                        variants[f"upcast 2^{log2} + lerp"] = lambda c=1 << log2: _fold_into(
-                            scratch_avgs, params, alpha, chunk=c
+                        variants[f"upcast 2^{log2} + lerp"] = lambda c=1 << log2, cache={}: _fold_into(
+                            scratch_avgs, params, alpha, chunk=c, cache=cache
                         )
-                variants["upcast all + lerp"] = lambda: _fold_into(scratch_avgs, params, alpha, chunk=n)
+                variants["upcast all + lerp"] = lambda cache={}: _fold_into(
+                    scratch_avgs, params, alpha, chunk=n, cache=cache
+                )
         if device.type == "cuda":
             torch.cuda.synchronize()
         times = run_rounds({**methods, **variants}, timer, args.warmup, args.reps)

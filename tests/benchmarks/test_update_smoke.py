@@ -107,6 +107,27 @@ def test_upcast_fold_equals_lerp_on_upcast_samples_bitwise(device):
                     assert torch.equal(o, r), (dtype, c, chunk, o.shape)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_cached_fold_plan_is_reused_and_follows_moved_data(device):
+    """The engine keeps the plan per group; it must follow parameters whose ``.data`` was replaced."""
+    from pmakit.engine import _fold_into
+
+    generator = torch.Generator().manual_seed(4)
+    samples = [torch.randn(s, generator=generator).to(device=device, dtype=torch.bfloat16) for s in [(300,), (20, 9)]]
+    avgs = [torch.randn(x.shape, generator=generator).to(device) for x in samples]
+    ref = [a.clone() for a in avgs]
+    cache: dict = {}
+    for step in range(3):
+        if step == 2:  # e.g. `module.to()` swaps `.data`: the old slices would read stale memory
+            samples[0].data = torch.randn(300, generator=generator).to(device=device, dtype=torch.bfloat16)
+        plan_before = cache.get("upcast")
+        _fold_into(avgs, samples, 0.25, chunk=128, cache=cache)
+        for a, x in zip(ref, samples):
+            a.lerp_(x.float(), 0.25)
+        assert all(torch.equal(a, r) for a, r in zip(avgs, ref)), step
+        assert (cache["upcast"] is plan_before) == (step == 1)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_tiny_run_on_cuda(bench, capsys):
