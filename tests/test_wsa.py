@@ -47,12 +47,14 @@ def test_loss_and_gradient_match_direct_fp64(monkeypatch):
 
 def test_gradcheck_layer_moments():
     g = torch.Generator().manual_seed(0)
-    shapes = [(3, 4), (3, 4), (5, 2), (2, 2, 3)]
+    shapes = [(3, 4), (5, 2), (3, 4), (2, 2, 3)]
     params = [torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True) for s in shapes]
     plan = wsa_mod._plan(params)
+    assert [i for idx in plan for i in idx] != list(range(4))  # results must be put back in order
+    numel = torch.tensor([p.numel() for p in params], dtype=torch.float64)
 
     def f(*ps):
-        return wsa_mod._LayerMoments.apply(plan, torch.device("cpu"), *ps)
+        return wsa_mod._LayerMoments.apply(plan, torch.device("cpu"), numel, *ps)
 
     assert torch.autograd.gradcheck(f, params)
 

@@ -165,30 +165,37 @@ def _plan(params: Sequence[torch.Tensor]) -> list[list[int]]:
 
 
 class _LayerMoments(torch.autograd.Function):
-    """Per-layer (mean, population variance) of a list of tensors, with the closed-form gradient."""
+    """Per-layer (mean, population variance) of a list of tensors, with the closed-form gradient.
+
+    ``plan`` lists the indices reduced together (`_plan`); when it visits the layers in order (as
+    `WsaRegularizer` arranges) the results are simply concatenated. ``numel`` holds each layer's size.
+    """
 
     @staticmethod
-    def forward(ctx, plan, out_device, *params):
-        n = len(params)
-        dtype = _compute_dtype(params[0].dtype) if params else torch.float32
-        means = torch.empty(n, dtype=dtype, device=out_device)
-        variances = torch.empty(n, dtype=dtype, device=out_device)
+    def forward(ctx, plan, out_device, numel, *params):
+        dtype = _compute_dtype(params[0].dtype)
+        means, variances = [], []
         for idx in plan:
             stack = torch.stack([params[i].reshape(-1) for i in idx]).to(_compute_dtype(params[idx[0]].dtype))
             # two passes on our own copy (mean, then the norm of the centred rows): exact like var_mean, and
             # several times faster than its Welford loop on CPU
             mean = stack.mean(dim=1)
             var = torch.linalg.vector_norm(stack.sub_(mean[:, None]), dim=1).square_().div_(stack.shape[1])
-            index = torch.tensor(idx, device=out_device)
-            means.index_copy_(0, index, mean.to(device=out_device, dtype=dtype))
-            variances.index_copy_(0, index, var.to(device=out_device, dtype=dtype))
-        ctx.save_for_backward(means, *params)  # references, not copies
+            means.append(mean.to(device=out_device, dtype=dtype))
+            variances.append(var.to(device=out_device, dtype=dtype))
+        means, variances = torch.cat(means), torch.cat(variances)
+        order = [i for idx in plan for i in idx]
+        if order != list(range(len(params))):  # put the layers back in the caller's order
+            inverse = torch.empty(len(order), dtype=torch.long)
+            inverse[torch.tensor(order)] = torch.arange(len(order))
+            inverse = inverse.to(out_device)
+            means, variances = means[inverse], variances[inverse]
+        ctx.save_for_backward(means, numel, *params)  # references, not copies
         return means, variances
 
     @staticmethod
     def backward(ctx, grad_mean, grad_var):
-        means, *params = ctx.saved_tensors
-        numel = torch.tensor([p.numel() for p in params], dtype=means.dtype, device=means.device)
+        means, numel, *params = ctx.saved_tensors
         # d mean/dW = 1/n, d var/dW = 2 (W - mean)/n  =>  dL/dW = a + b W with
         b = 2.0 * grad_var / numel
         a = grad_mean / numel - b * means
@@ -197,17 +204,21 @@ class _LayerMoments(torch.autograd.Function):
         for i, p in enumerate(params):
             by_device.setdefault((p.device, p.dtype), []).append(i)
         for (device, dtype), idx in by_device.items():
-            index = torch.tensor(idx, device=means.device)
-            b_d = b.index_select(0, index).to(device=device, dtype=_compute_dtype(dtype)).unbind()
-            a_d = a.index_select(0, index).to(device=device, dtype=_compute_dtype(dtype)).unbind()
+            if len(by_device) > 1:
+                index = torch.tensor(idx, device=means.device)
+                a_d, b_d = a.index_select(0, index), b.index_select(0, index)
+            else:
+                a_d, b_d = a, b
+            a_d = a_d.to(device=device, dtype=_compute_dtype(dtype)).unbind()
+            b_d = b_d.to(device=device, dtype=_compute_dtype(dtype)).unbind()
             group = [params[i] for i in idx]
             if dtype not in (torch.float32, torch.float64):
                 group = [p.float() for p in group]
             out = torch._foreach_mul(group, list(b_d))
             torch._foreach_add_(out, list(a_d))
             for i, g in zip(idx, out):
-                grads[i] = g.to(dtype)
-        return (None, None, *grads)
+                grads[i] = g if g.dtype == dtype else g.to(dtype)
+        return (None, None, None, *grads)
 
 
 class WsaRegularizer:
@@ -241,6 +252,7 @@ class WsaRegularizer:
         named = [(n, p) for n, p in named if target[n].std > 0]
         if not named:
             raise ValueError("WSA found no layer to align (no trainable parameter with 2+ dims and a positive std).")
+        named = [named[i] for idx in _plan([p for _, p in named]) for i in idx]  # layers reduced together adjacent
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.weight = float(weight)
@@ -250,6 +262,7 @@ class WsaRegularizer:
         self.target_mean = torch.tensor([target[n].mean for n in self.names], dtype=dtype, device=self.device)
         self.target_std = torch.tensor([target[n].std for n in self.names], dtype=dtype, device=self.device)
         self._plan = _plan(self.params)
+        self._numel = torch.tensor([p.numel() for p in self.params], dtype=dtype, device=self.device)
 
     @property
     def target(self) -> dict[str, Scope]:
@@ -260,12 +273,12 @@ class WsaRegularizer:
 
     def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-layer (mean, std) of the aligned layers now, differentiable."""
-        means, variances = _LayerMoments.apply(self._plan, self.device, *self.params)
+        means, variances = _LayerMoments.apply(self._plan, self.device, self._numel, *self.params)
         return means, variances.clamp_min(self.eps).sqrt()
 
     def kl(self) -> torch.Tensor:
         """Per-layer KL(N(mu_l, sigma_l^2) || N(mu*_l, sigma*_l^2)), differentiable."""
-        means, variances = _LayerMoments.apply(self._plan, self.device, *self.params)
+        means, variances = _LayerMoments.apply(self._plan, self.device, self._numel, *self.params)
         variances = variances.clamp_min(self.eps)  # a collapsed layer (std 0) gives a finite loss
         t_var = self.target_std.square()
         return 0.5 * (t_var.log() - variances.log()) + (variances + (means - self.target_mean).square()) / (
