@@ -96,12 +96,17 @@ def _relink_zero_fragments(engine: PmaEngine, zero_optimizer) -> None:
         zero_optimizer._pma_linked = key
 
 
+# The fp32 master partitions of each DeepSpeed wrapper: ZeRO-3, ZeRO-1/2, and BF16_Optimizer (ZeRO-1 with
+# bf16 weights and fp32 gradient accumulation).
+_ZERO_PARTITIONS = ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition")
+
+
 def _find_zero_optimizer(optimizer):
     """The DeepSpeed ZeRO optimizer in a wrapper chain (Accelerate -> ZeRO -> torch), if any."""
     seen = set()
     while optimizer is not None and id(optimizer) not in seen:
         seen.add(id(optimizer))
-        if hasattr(optimizer, "single_partition_of_fp32_groups") or hasattr(optimizer, "fp32_partitioned_groups_flat"):
+        if any(hasattr(optimizer, name) for name in _ZERO_PARTITIONS):
             return optimizer
         optimizer = getattr(optimizer, "optimizer", None)
     return None
@@ -123,15 +128,10 @@ def attach_deepspeed(engine: PmaEngine, zero_optimizer) -> None:
             "PMA under DeepSpeed ZeRO keeps the average beside the fp32 master partitions; `write_back` and "
             "`eval` (which put the average into the live weights) are not supported there yet."
         )
-    if hasattr(zero_optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3
+    name = next(name for name in _ZERO_PARTITIONS if hasattr(zero_optimizer, name))
 
-        def source() -> list[list[torch.Tensor]]:
-            return [[t] for t in zero_optimizer.fp32_partitioned_groups_flat]
-
-    else:  # ZeRO-1/2
-
-        def source() -> list[list[torch.Tensor]]:
-            return [[t] for t in zero_optimizer.single_partition_of_fp32_groups]
+    def source() -> list[list[torch.Tensor]]:
+        return [[t] for t in getattr(zero_optimizer, name)]
 
     engine.drive_externally(source)
     engine.deepspeed = True
