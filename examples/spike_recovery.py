@@ -228,7 +228,7 @@ def parse(argv=None):
     p.add_argument("--tail", type=int, default=20, help="final loss = mean training loss of the last TAIL steps")
     p.add_argument("--bytes", type=int, default=400_000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for a model this small)")
     p.add_argument("--plot", default=None, help="write the PNG here (e.g. docs/spike_recovery.png)")
     p.add_argument("--json", default=None, help="write the numbers here")
     return p.parse_args(argv)
