@@ -85,6 +85,15 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skip
     not torch.cuda.is_available(), reason="needs a CUDA device")])]
 
 
+def assert_same(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """Bitwise on CPU (same kernels); on CUDA within one fp32 rounding, since the reference's per-tensor
+    lerp kernel is compiled apart from the foreach one and may contract its multiply-add differently."""
+    if out.device.type == "cpu":
+        assert torch.equal(out, ref)
+    else:
+        torch.testing.assert_close(out, ref, rtol=2.5e-7, atol=1e-7)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_upcast_fold_equals_lerp_on_upcast_samples_bitwise(device):
     """The chunked fold the benchmark measures is exactly ``lerp_(x.float())``, whatever the slicing."""
@@ -104,7 +113,7 @@ def test_upcast_fold_equals_lerp_on_upcast_samples_bitwise(device):
                 out = [a.clone() for a in start]
                 _fold_into(out, samples, c, chunk=chunk)
                 for o, r in zip(out, ref):
-                    assert torch.equal(o, r), (dtype, c, chunk, o.shape)
+                    assert_same(o, r)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -124,7 +133,8 @@ def test_cached_fold_plan_is_reused_and_follows_moved_data(device):
         _fold_into(avgs, samples, 0.25, chunk=128, cache=cache)
         for a, x in zip(ref, samples):
             a.lerp_(x.float(), 0.25)
-        assert all(torch.equal(a, r) for a, r in zip(avgs, ref)), step
+        for a, r in zip(avgs, ref):
+            assert_same(a, r)
         assert (cache["upcast"] is plan_before) == (step == 1)
 
 
