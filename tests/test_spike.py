@@ -147,3 +147,24 @@ def test_settings_are_validated_and_parsed(tmp_path):
     )
     assert args.pma_spike_recovery and args.pma_spike_config == SpikeConfig(num_samples=5, reset_optimizer=False)
     assert SpikeConfig().rule.weights_for(3) == pytest.approx([1 / 3] * 3)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.filterwarnings("ignore:PMA")
+@pytest.mark.parametrize("offload", ["cpu", "none"])
+def test_cuda_bf16_recovery_restores_the_pre_spike_merge(tmp_path, offload):
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", learning_rate=1e-4, bf16=True,
+                             lr_scheduler_type="constant", per_device_train_batch_size=4, max_steps=12,
+                             save_strategy="no", disable_tqdm=True, seed=0, logging_steps=1000)
+    snap = SnapshotCallback()
+    spike = SpikeRecoveryCallback(interval=2, num_samples=2, offload=offload)
+    trainer = Trainer(model=tiny_llama(dtype=torch.bfloat16), args=args, train_dataset=TokenDataset(),
+                      callbacks=[Corrupt([9], "nan"), snap, spike])
+    trainer.train()
+    assert next(trainer.model.parameters()).is_cuda
+    assert spike._ring[0].tensors[0].device.type == ("cpu" if offload == "cpu" else "cuda")
+    (event,) = spike.events
+    assert event["merged_steps"] == [4, 6]
+    for name, ref in _mean_of(snap.snapshots, [4, 6]).items():  # fp32 merge of bf16 samples, cast once to bf16
+        assert torch.equal(snap.snapshots[9][name], ref.to(torch.float32).to(torch.bfloat16).double()), name
