@@ -189,3 +189,36 @@ def test_bad_inputs_are_refused_with_names(adapters, tmp_path):
     with pytest.raises(ValueError, match="DoRA"):
         average_lora_adapters([bad, mixed[0]], tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_concat_with_different_target_modules_uses_a_rank_pattern(adapters, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    folders = []
+    for i, targets in enumerate([["q_proj"], ["q_proj", "v_proj"]]):
+        torch.manual_seed(50 + i)
+        model = get_peft_model(tiny_llama(0), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                         init_lora_weights=False))
+        model.save_pretrained(tmp_path / f"t{i}")
+        folders.append(tmp_path / f"t{i}")
+    with pytest.raises(ValueError, match="adapt different modules"):
+        average_lora_adapters(folders, tmp_path / "f", method="factor")
+    concat = average_lora_adapters(folders, tmp_path / "c", method="concat")
+    merged = average_lora_adapters(folders, tmp_path / "m", method="merge", base_model=adapters["base"])
+    config = json.loads((concat / "adapter_config.json").read_text())
+    assert config["r"] == 8 and set(config["rank_pattern"].values()) == {4}  # v_proj: only the second adapter
+    got = _dense_from_folder_with_patterns(concat)
+    ref = _reference(folders, [0.5, 0.5])
+    assert set(got) == set(ref) and all(torch.allclose(got[m], ref[m], atol=1e-6) for m in ref)
+    peft_model = PeftModel.from_pretrained(tiny_llama(0), concat)
+    assert torch.allclose(_logits(peft_model), _logits(AutoModelForCausalLM.from_pretrained(merged)), atol=1e-4)
+
+
+def _dense_from_folder_with_patterns(folder):
+    """Scaling is 1 for every module of a concat adapter (lora_alpha == r, also in the patterns)."""
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert cfg["rank_pattern"] == cfg["alpha_pattern"] and cfg["lora_alpha"] == cfg["r"]
+    t = load_file(folder / "adapter_model.safetensors")
+    return {k[: -len(".lora_A.weight")]: t[k[: -len("A.weight")] + "B.weight"].double() @ t[k].double()
+            for k in t if k.endswith("lora_A.weight")}
