@@ -6,6 +6,7 @@ its fp32 master partition; a cycle is exported through `PmaExporter` (all ranks 
 writes); a DeepSpeed checkpoint is saved and loaded into a fresh engine.
 """
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from conftest import tiny_llama
 from reference import CONFIG, STEPS, batch
 
 from pmakit.callback import PmaExporter
-from pmakit.engine import AVG_KEY, attach_engine
+from pmakit.engine import AVG_KEY, PmaEngine, attach_deepspeed, attach_engine
 
 
 def build(stage: int):
@@ -59,6 +60,13 @@ def check(out: Path, stage: int, rank: int) -> None:
     facts["model_numel"] = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
     facts["flat_fp32"] = all(a.dtype == torch.float32 and a.dim() == 1 for a in averages.values())
     engine.save_checkpoint(str(out / "ds"), tag="step6")
+    # write-back and PMA evaluation need the live weights, which ZeRO rebuilds from its partitions: refused.
+    other = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    try:
+        attach_deepspeed(PmaEngine(other, dataclasses.replace(CONFIG, write_back=True)), zero_optimizer)
+        facts["refuses_write_back"] = False
+    except ValueError as err:
+        facts["refuses_write_back"] = "write_back" in str(err)
 
     engine2, _, pma2 = build(stage)
     engine2.load_checkpoint(str(out / "ds"), tag="step6")

@@ -37,6 +37,7 @@ def test_zero_average_follows_fp32_partitions(zero_run, stage):
         assert f["counters"] == {"step": 6, "count": 0, "sample_steps": [], "cycles": 1, "merged_steps": [2, 4, 6]}
         assert f["flat_fp32"] and f["partition_numel"] < 0.6 * f["model_numel"], "a partition, not a full copy"
         assert f["resume_ok"] and f["state_ok"], "the average is restored from the DeepSpeed checkpoint"
+        assert f["refuses_write_back"]
     # The export equals the fp64 weighted sum of the fp32 master weights gathered at the sample steps.
     saved = load_folder(zero_run / f"zero{stage}" / "run" / "pma-6")
     reference = torch.load(zero_run / f"zero{stage}" / "reference.pt")
