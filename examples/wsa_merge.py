@@ -192,6 +192,8 @@ def plot(results: dict, path: str) -> None:
     for label, r in results["pairs"].items():
         name = "without WSA" if label == "plain" else f"with WSA (weight {r['wsa_weight']:g})"
         ax.plot(results["alphas"], r["curve"], marker="o", label=name)
+    if "val_loss_fork_point" in results:
+        ax.axhline(results["val_loss_fork_point"], color="gray", linestyle="--", label="shared initialisation")
     s = results["settings"]
     ax.set_xlabel(f"alpha: (1 - alpha) run A (half 1, lr {s['lr_a']:g}) + alpha run B (half 2, lr {s['lr_b']:g})")
     ax.set_ylabel("validation loss (nats/byte)")
