@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pmakit.scope import Scope
 from pmakit.wsa import WsaRegularizer
 
 

@@ -74,7 +74,8 @@ def train(init_state, config, data, lr, steps, wsa_weight, args, out) -> dict:
         add_wsa(trainer, WsaConfig(weight=wsa_weight, target="init"))
     trainer.train()
     wsa = [h["wsa_loss"] for h in trainer.state.log_history if "wsa_loss" in h]
-    return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()}, "wsa_loss_last": wsa[-1] if wsa else None}
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {"state": state, "wsa_loss_last": wsa[-1] if wsa else None}
 
 
 def interpolate(a: dict, b: dict, alpha: float) -> dict:
@@ -170,12 +171,14 @@ def report(results: dict) -> None:
     print(f"\nWSA merge experiment ({results['seconds']} s); validation loss in nats/byte, lower is better")
     if "val_loss_fork_point" in results:
         print(f"shared initialisation (after the warm-up): {results['val_loss_fork_point']:.4f}")
-    print(f"{'pair':6} {'run A':>8} {'run B':>8} {'average':>8} {'avg-best':>9} {'barrier':>8} {'std ratio max/mean':>19}")
+    columns = ("run A", "run B", "average", "avg-best", "barrier", "std ratio max/mean")
+    print(f"{'pair':6} " + " ".join(f"{c:>{w}}" for c, w in zip(columns, (8, 8, 8, 9, 8, 19))))
     for label, r in results["pairs"].items():
         s = r["scope_spread"]
         print(
             f"{label:6} {r['val_loss_a']:8.4f} {r['val_loss_b']:8.4f} {r['val_loss_merged']:8.4f} "
-            f"{r['merged_minus_best_end']:+9.4f} {r['barrier']:8.4f} {s['max_std_ratio']:9.3f}/{s['mean_std_ratio']:.3f}"
+            f"{r['merged_minus_best_end']:+9.4f} {r['barrier']:8.4f} "
+            f"{s['max_std_ratio']:9.3f}/{s['mean_std_ratio']:.3f}"
         )
     plain, wsa = results["pairs"]["plain"]["val_loss_merged"], results["pairs"]["wsa"]["val_loss_merged"]
     verdict = "lower" if wsa < plain else "higher"

@@ -42,7 +42,8 @@ def test_integer_buffers_copied_float_buffers_by_policy():
     models = [_trained(0, 3), _trained(1, 5), _trained(2, 9)]
     weights = [1.0, 2.0, 5.0]
     merged = merge_buffers(models, weights)
-    assert set(merged) == {f"bn{i}.{b}" for i in (1, 2) for b in ("running_mean", "running_var", "num_batches_tracked")}
+    kinds = ("running_mean", "running_var", "num_batches_tracked")
+    assert set(merged) == {f"bn{i}.{b}" for i in (1, 2) for b in kinds}
     for i in (1, 2):
         nbt = merged[f"bn{i}.num_batches_tracked"]
         assert nbt.dtype == torch.int64 and int(nbt) == 9  # the newest count, not 17/8 averaged

@@ -68,7 +68,9 @@ def test_fuse_weighted_is_weighted_pooled_moments():
     fused = fuse_scopes([compute_scopes({"w": t}) for t in tensors], weights)
     # direct: every element of model k carries probability w_k / (sum w * n_k)
     x = torch.cat([t.reshape(-1) for t in tensors])
-    p = torch.cat([torch.full((t.numel(),), w / sum(weights) / t.numel(), dtype=torch.float64) for w, t in zip(weights, tensors)])
+    p = torch.cat(
+        [torch.full((t.numel(),), w / sum(weights) / t.numel(), dtype=torch.float64) for w, t in zip(weights, tensors)]
+    )
     mean = float((p * x).sum())
     std = math.sqrt(float((p * (x - mean) ** 2).sum()))
     assert fused["w"].mean == pytest.approx(mean, rel=1e-12)

@@ -64,7 +64,8 @@ def test_fp32_and_bf16_close_to_fp64_reference():
     target = {n: Scope(s.mean, s.std * 0.8, s.numel) for n, s in compute_scopes(tiny_llama(seed=3)).items()}
     ref_model = tiny_llama(seed=2).double()
     ref = _direct_loss(ref_model, target, 1.0)
-    ref_grads = dict(zip([n for n, p in ref_model.named_parameters() if p.dim() >= 2], torch.autograd.grad(ref, [p for p in ref_model.parameters() if p.dim() >= 2])))
+    matrices = [(n, p) for n, p in ref_model.named_parameters() if p.dim() >= 2]
+    ref_grads = dict(zip([n for n, _ in matrices], torch.autograd.grad(ref, [p for _, p in matrices])))
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         model = tiny_llama(seed=2).to(dtype)
         reg = WsaRegularizer(model, target, weight=1.0)
@@ -75,7 +76,8 @@ def test_fp32_and_bf16_close_to_fp64_reference():
         assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=tol * 10, abs=tol)
         for name, grad in zip(reg.names, grads):
             assert grad.dtype == dtype
-            torch.testing.assert_close(grad.double(), ref_grads[name], rtol=tol * 5, atol=tol * float(ref_grads[name].abs().max()))
+            scale = float(ref_grads[name].abs().max())
+            torch.testing.assert_close(grad.double(), ref_grads[name], rtol=tol * 5, atol=tol * scale)
 
 
 def test_init_target_is_zero_loss_and_zero_gradient():
@@ -97,7 +99,8 @@ def test_targets_from_folders(tmp_path):
     ref = wsa_target_scopes(WsaConfig(target="reference", reference=[str(tmp_path / "a")]), model)
     assert ref == compute_scopes(tmp_path / "a")
     fused = wsa_target_scopes(
-        WsaConfig(target="fused", reference=[str(tmp_path / "a"), str(tmp_path / "b")], reference_weights=[1, 3]), model
+        WsaConfig(target="fused", reference=[str(tmp_path / "a"), str(tmp_path / "b")], reference_weights=[1, 3]),
+        model,
     )
     assert fused == fuse_scopes([compute_scopes(tmp_path / "a"), compute_scopes(tmp_path / "b")], [1, 3])
     reg = WsaRegularizer(model, fused, weight=0.5)
@@ -112,7 +115,10 @@ def test_targets_from_folders(tmp_path):
         (dict(pma_wsa_weight=-1.0), "pma_wsa_weight"),
         (dict(pma_wsa_target="best"), "pma_wsa_target"),
         (dict(pma_wsa_target="reference"), "exactly one"),
-        (dict(pma_wsa_target="fused", pma_wsa_reference=["a", "b"], pma_wsa_reference_weights=[1.0]), "2 `pma_wsa_reference`"),
+        (
+            dict(pma_wsa_target="fused", pma_wsa_reference=["a", "b"], pma_wsa_reference_weights=[1.0]),
+            "2 `pma_wsa_reference`",
+        ),
         (dict(pma_wsa_reference=["a"]), "only used with"),
         (dict(pma_wsa_layers="("), "regular expression"),
     ],
@@ -197,7 +203,8 @@ def test_pma_trainer_wsa_logged_and_target_survives_resume(tmp_path):
     for name in init:  # the original run's initial scopes, not the checkpoint's or the new model's
         assert target[name].mean == pytest.approx(init[name].mean, rel=1e-6, abs=1e-9)
         assert target[name].std == pytest.approx(init[name].std, rel=1e-6)
-    assert PmaTrainer(model=tiny_llama(), args=_args(PmaArguments, tmp_path / "off", **{**kw, "pma_wsa_weight": 0.0})).wsa_callback is None
+    off = _args(PmaArguments, tmp_path / "off", **{**kw, "pma_wsa_weight": 0.0})
+    assert PmaTrainer(model=tiny_llama(), args=off).wsa_callback is None
 
 
 @pytest.mark.cuda
@@ -212,7 +219,8 @@ def test_cuda_matches_cpu(dtype):
     assert loss_gpu.device.type == "cuda"
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert float(loss_gpu.detach()) == pytest.approx(float(loss_cpu.detach()), rel=tol)
-    for g_cpu, g_gpu in zip(torch.autograd.grad(loss_cpu, reg_cpu.params), torch.autograd.grad(loss_gpu, reg_gpu.params)):
+    grads_cpu = torch.autograd.grad(loss_cpu, reg_cpu.params)
+    for g_cpu, g_gpu in zip(grads_cpu, torch.autograd.grad(loss_gpu, reg_gpu.params)):
         assert g_gpu.dtype == dtype and g_gpu.is_cuda
         torch.testing.assert_close(g_gpu.cpu().float(), g_cpu.float(), rtol=tol, atol=tol * float(g_cpu.abs().max()))
 

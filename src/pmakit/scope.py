@@ -81,7 +81,9 @@ def tensor_scope(tensor: torch.Tensor) -> Scope:
     return Scope(mean, math.sqrt(m2 / n) if n else 0.0, n)
 
 
-def _selected(name: str, shape: Sequence[int], dtype_is_float: bool, min_ndim: int, pattern: re.Pattern | None) -> bool:
+def _selected(
+    name: str, shape: Sequence[int], dtype_is_float: bool, min_ndim: int, pattern: re.Pattern | None
+) -> bool:
     if not dtype_is_float or len(shape) < min_ndim or math.prod(shape) == 0:
         return False
     return pattern is None or pattern.search(name) is not None
@@ -281,7 +283,9 @@ def warn_if_scopes_differ(
     scopes = [compute_scopes(s, **kwargs) for s in sources]
     flagged = compare_scopes(scopes, threshold)
     if flagged:
-        worst = ", ".join(f"{d.name} (std ratio {d.std_ratio:.3f}, mean shift {d.mean_shift:.3f})" for d in flagged[:5])
+        worst = ", ".join(
+            f"{d.name} (std ratio {d.std_ratio:.3f}, mean shift {d.mean_shift:.3f})" for d in flagged[:5]
+        )
         warnings.warn(
             f"Weight scopes of the merge inputs differ beyond {threshold:g} in {len(flagged)} layer(s), e.g. {worst}. "
             "Averaging models of different scales can raise the loss; compare them with `pmakit inspect --scopes`.",

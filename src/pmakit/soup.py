@@ -87,7 +87,7 @@ def _forward(model, params, batch, device):
 
 @dataclass
 class LearnedSoup:
-    """A fitted learned soup: the coefficients (sum to 1), the temperature, the merged weights and the fit's history."""
+    """A fitted learned soup: coefficients (summing to 1), temperature, merged weights and the fit's history."""
 
     coefficients: list[float]
     temperature: float

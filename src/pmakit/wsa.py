@@ -77,7 +77,9 @@ def validate_wsa_settings(values: Mapping, prefix: str = "") -> None:
     if target == "init" and reference:
         raise ValueError(f"{name('reference')} is only used with {name('target')}='reference' or 'fused'.")
     if target == "reference" and len(reference) != 1:
-        raise ValueError(f"{name('target')}='reference' needs exactly one folder in {name('reference')}; got {reference}.")
+        raise ValueError(
+            f"{name('target')}='reference' needs exactly one folder in {name('reference')}; got {reference}."
+        )
     if target == "fused" and not reference:
         raise ValueError(f"{name('target')}='fused' needs one or more folders in {name('reference')}.")
     weights = values.get("reference_weights")
@@ -86,7 +88,8 @@ def validate_wsa_settings(values: Mapping, prefix: str = "") -> None:
             raise ValueError(f"{name('reference_weights')} is only used with {name('target')}='fused'.")
         if len(weights) != len(reference):
             raise ValueError(
-                f"{name('reference_weights')} has {len(weights)} entries for {len(reference)} {name('reference')} folders."
+                f"{name('reference_weights')} has {len(weights)} entries for {len(reference)} "
+                f"{name('reference')} folders."
             )
         if any(not math.isfinite(float(w)) or float(w) < 0 for w in weights) or sum(map(float, weights)) <= 0:
             raise ValueError(f"{name('reference_weights')} must be finite, non-negative, not all zero; got {weights}.")
@@ -296,7 +299,8 @@ def _target_to_state(reg: WsaRegularizer) -> dict:
 
 def _target_from_state(state: Mapping, model: torch.nn.Module) -> dict[str, Scope]:
     sizes = dict((n, p.numel()) for n, p in model.named_parameters())
-    return {n: Scope(float(m), float(s), sizes.get(n, 0)) for n, m, s in zip(state["names"], state["mean"], state["std"])}
+    rows = zip(state["names"], state["mean"], state["std"])
+    return {n: Scope(float(m), float(s), sizes.get(n, 0)) for n, m, s in rows}
 
 
 def _inner_optimizer(optimizer):
@@ -335,7 +339,9 @@ class WsaCallback(TrainerCallback):
         compute_loss, log = trainer.compute_loss, trainer.log
 
         def compute_loss_with_wsa(model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
-            out = compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch, **kwargs)
+            out = compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch, **kwargs
+            )
             if self.regularizer is None or self.config.weight == 0 or not model.training:
                 return out
             loss, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, None)
@@ -371,7 +377,9 @@ class WsaCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self.trainer is None:
-            raise RuntimeError("WsaCallback adds a loss term, so it needs the trainer: use `add_wsa(trainer, config)`.")
+            raise RuntimeError(
+                "WsaCallback adds a loss term, so it needs the trainer: use `add_wsa(trainer, config)`."
+            )
         from .callback import _unwrap_model
 
         model = kwargs.get("model")
@@ -389,7 +397,9 @@ class WsaCallback(TrainerCallback):
         self.regularizer = reg
         if optimizer is not None:
             group[STATE_KEY] = _target_to_state(reg)
-        logger.info("WSA: aligning %d layer(s) to the '%s' target, weight %g", len(reg.names), self.config.target, reg.weight)
+        logger.info(
+            "WSA: aligning %d layer(s) to the '%s' target, weight %g", len(reg.names), self.config.target, reg.weight
+        )
 
 
 def add_wsa(trainer, config: WsaConfig | None = None, **settings) -> WsaCallback:
