@@ -6,9 +6,11 @@ initialisation. The logits ``a`` (started equal: a uniform soup) and a temperatu
 souped model over held-out batches; the model is evaluated at the mixed weights with
 ``torch.func.functional_call``, so gradients flow to the k + 1 scalars only.
 
-Memory: every candidate is held at once, as one fp32 stack of k copies per parameter, plus the
-template model and the activations of one batch: about ``(4k + model bytes)`` per parameter,
-against a few tensors for the streaming offline merger. The authors themselves recommend the
+Memory: every candidate is held at once, as one fp32 stack of k copies per parameter on the
+fitting device, plus the candidates themselves (modules as given; folders loaded into CPU memory),
+the template model and the activations of one batch: about ``4k`` bytes per parameter on the device
+and ``k`` times the checkpoint size in CPU memory for folders, against a few tensors for the
+streaming offline merger. The authors themselves recommend the
 greedy soup over the learned one; use this when the candidates are few and a held-out set exists.
 
 The temperature only rescales the output logits; it does not change the merged weights and is
