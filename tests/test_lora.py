@@ -57,7 +57,7 @@ def adapters(tmp_path_factory):
 
 
 def _reference(paths, weights):
-    """Dense fp64 reference, computed here independently of pmakit.lora: sum_i w_i (alpha_i/r_i or /sqrt r_i) B_i A_i."""
+    """Dense fp64 reference, independent of pmakit.lora: sum_i w_i (alpha_i/r_i or alpha_i/sqrt r_i) B_i A_i."""
     out = {}
     for path, w in zip(paths, weights):
         cfg = json.loads((path / "adapter_config.json").read_text())

@@ -44,7 +44,9 @@ LORA_METHODS = ("factor", "concat", "merge")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 _PREFIX = "base_model.model."
-_LORA_RE = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?P<suffix>\.weight)?$")
+_LORA_RE = re.compile(
+    r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?P<suffix>\.weight)?$"
+)
 
 
 @dataclass
@@ -96,7 +98,9 @@ def load_lora_adapter(path: str | os.PathLike) -> LoraAdapter:
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder} is not a PEFT adapter folder: {ADAPTER_CONFIG} is missing.")
     if not weights_file.is_file():
-        extra = " (pickled adapter_model.bin is not read; re-save it with safetensors)" if (folder / "adapter_model.bin").exists() else ""
+        extra = ""
+        if (folder / "adapter_model.bin").exists():
+            extra = " (pickled adapter_model.bin is not read; re-save it with safetensors)"
         raise FileNotFoundError(f"{folder}: {ADAPTER_WEIGHTS} is missing{extra}.")
     config = json.loads(config_file.read_text(encoding="utf-8"))
     peft_type = str(config.get("peft_type", "LORA")).upper()
@@ -127,7 +131,9 @@ def _delta(adapter: LoraAdapter, module: str, dtype=torch.float64) -> torch.Tens
     return adapter.scaling(module) * delta
 
 
-def lora_deltas(adapters: Sequence[LoraAdapter], weights: Sequence[float], dtype=torch.float64) -> dict[str, torch.Tensor]:
+def lora_deltas(
+    adapters: Sequence[LoraAdapter], weights: Sequence[float], dtype=torch.float64
+) -> dict[str, torch.Tensor]:
     """The exact weighted average of the updates, ``{module: sum_i w_i s_i B_i A_i}`` (dense; for checks)."""
     out: dict[str, torch.Tensor] = {}
     for adapter, w in zip(adapters, weights):
@@ -176,8 +182,8 @@ def _check_same_modules(adapters: Sequence[LoraAdapter]) -> list[str]:
         if set(modules) != set(reference):
             diff = sorted(set(modules) ^ set(reference))[:3]
             raise ValueError(
-                f"{adapter.path} and {adapters[-1].path} adapt different modules (e.g. {diff}); factor averaging needs "
-                "the same modules in every adapter (exact averaging does not)."
+                f"{adapter.path} and {adapters[-1].path} adapt different modules (e.g. {diff}); factor averaging "
+                "needs the same modules in every adapter (exact averaging does not)."
             )
     return list(reference)
 
@@ -193,13 +199,14 @@ def _factor_average(adapters, weights, acc) -> tuple[dict, dict]:
             if adapter.tensors[keys["A"]].shape != newest.tensors[newest.modules()[module]["A"]].shape or \
                     adapter.tensors[keys["B"]].shape != newest.tensors[newest.modules()[module]["B"]].shape:
                 raise ValueError(
-                    f"Module {module!r}: rank or shape differs between {adapter.path} and {newest.path}; factor averaging "
-                    "needs adapters of the same rank (use method='concat' or 'merge')."
+                    f"Module {module!r}: rank or shape differs between {adapter.path} and {newest.path}; factor "
+                    "averaging needs adapters of the same rank (use method='concat' or 'merge')."
                 )
             if not math.isclose(adapter.scaling(module), s_ref, rel_tol=1e-12):
                 raise ValueError(
-                    f"Module {module!r}: LoRA scaling (lora_alpha / r) is {adapter.scaling(module):g} in {adapter.path} but "
-                    f"{s_ref:g} in {newest.path}; factor averaging needs equal scalings (use method='concat' or 'merge')."
+                    f"Module {module!r}: LoRA scaling (lora_alpha / r) is {adapter.scaling(module):g} in "
+                    f"{adapter.path} but {s_ref:g} in {newest.path}; factor averaging needs equal scalings "
+                    "(use method='concat' or 'merge')."
                 )
         for kind in ("A", "B"):
             key = newest.modules()[module][kind]
@@ -275,7 +282,8 @@ def _merge_into_base(adapters, weights, base: Path, tmp: Path, acc) -> None:
         raise ValueError(f"Base model {base} has no weight {missing[0]!r} that the adapters update "
                          f"({len(missing)} missing): wrong base model?")
     for item in base.iterdir():
-        if item.is_file() and item.suffix != ".safetensors" and item.name != "README.md" and not item.name.startswith("."):
+        side_file = item.suffix != ".safetensors" and item.name != "README.md" and not item.name.startswith(".")
+        if item.is_file() and side_file:
             shutil.copy2(item, tmp / item.name)
 
 
@@ -304,7 +312,9 @@ def average_lora_adapters(
     if not adapters:
         raise ValueError("Give at least one adapter folder to average.")
     if method == "merge" and base_model is None:
-        raise ValueError("method='merge' adds the averaged update to a base model: pass `base_model` (a model folder).")
+        raise ValueError(
+            "method='merge' adds the averaged update to a base model: pass `base_model` (a model folder)."
+        )
     if base_model is not None and method != "merge":
         raise ValueError("`base_model` is only used by method='merge'.")
     loaded = [load_lora_adapter(p) for p in adapters]
@@ -340,8 +350,8 @@ def _card(method, rule, weights, adapters, base_name, library) -> str:
     what = {
         "factor": "LoRA factor averaging: the A and B factors were averaged separately (an adapter of the same rank; "
         "not exactly the average of the updates B·A).",
-        "concat": "exact LoRA averaging: the weighted average of the updates B·A, as one adapter whose rank is the sum "
-        "of the inputs' ranks (factors concatenated, scalings folded into B).",
+        "concat": "exact LoRA averaging: the weighted average of the updates B·A, as one adapter whose rank is the "
+        "sum of the inputs' ranks (factors concatenated, scalings folded into B).",
         "merge": "exact LoRA averaging merged into the base weights: base + weighted average of the updates B·A.",
     }[method]
     recipe = {

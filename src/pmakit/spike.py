@@ -62,7 +62,8 @@ SPIKE_HELP = {
     "num_samples": "Recovery samples kept in a ring: the merge of those taken before a spike replaces the "
     "live weights. Memory: this many copies of the trainable weights.",
     "interval": "Optimizer steps between two recovery samples.",
-    "fused_algo": f"How the pre-spike samples are merged: one of {', '.join(SPIKE_ALGORITHMS)} (ema uses `ema_alpha`).",
+    "fused_algo": f"How the pre-spike samples are merged: one of {', '.join(SPIKE_ALGORITHMS)} "
+    "(ema uses `ema_alpha`).",
     "ema_alpha": "EMA weight of the newest sample, in (0, 1), when `fused_algo` is 'ema'.",
     "reset_optimizer": "After a recovery reset the optimizer moments (they saw the spike's gradients); "
     "off: keep them.",
@@ -107,7 +108,9 @@ def validate_spike_settings(values: dict, prefix: str = "") -> None:
             f"{name('min_history')} ({values['min_history']}) cannot exceed {name('window')} ({values['window']})."
         )
     if values["fused_algo"] not in SPIKE_ALGORITHMS:
-        raise ValueError(f"{name('fused_algo')} must be one of {', '.join(SPIKE_ALGORITHMS)}; got {values['fused_algo']!r}.")
+        raise ValueError(
+            f"{name('fused_algo')} must be one of {', '.join(SPIKE_ALGORITHMS)}; got {values['fused_algo']!r}."
+        )
     if values["fused_algo"] == "ema" and not (0.0 < float(values["ema_alpha"]) < 1.0):
         raise ValueError(f"{name('ema_alpha')} must lie in the open interval (0, 1); got {values['ema_alpha']!r}.")
     scale = values["lr_scale"]
@@ -197,7 +200,10 @@ class SpikeRecoveryCallback(TrainerCallback):
     def _record(self, loss) -> None:
         if loss is None:
             return
-        value = loss.detach().float().reshape(-1).sum() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        if isinstance(loss, torch.Tensor):
+            value = loss.detach().float().reshape(-1).sum()
+        else:
+            value = torch.tensor(float(loss))
         self._step_loss = value if self._step_loss is None else self._step_loss + value.to(self._step_loss.device)
         self._micro += 1
 
@@ -351,8 +357,8 @@ class SpikeRecoveryCallback(TrainerCallback):
         usable = [s for s in self._ring if s.step < began - 1]
         if not usable:
             raise SpikeRecoveryError(
-                f"Loss spike at step {step} ({reason}, began at step {began}), but no recovery sample was taken before "
-                f"it (samples every `interval`={config.interval} steps; taken at steps "
+                f"Loss spike at step {step} ({reason}, began at step {began}), but no recovery sample was taken "
+                f"before it (samples every `interval`={config.interval} steps; taken at steps "
                 f"{[s.step for s in self._ring] or 'none'}). Take samples more often (a smaller `interval`)."
             )
         weights = config.rule.weights_for(len(usable))
@@ -393,7 +399,8 @@ class SpikeRecoveryCallback(TrainerCallback):
             "Loss spike at step %d (%s, began at step %d): restored the %s taken at steps %s; optimizer moments %s; "
             "learning rate re-warmed over %d steps. Recovery %d of at most %d.",
             step, reason, began, event["merge"], event["merged_steps"],
-            "reset" if config.reset_optimizer else "kept", config.rewarm_steps, len(self.events), config.max_recoveries,
+            "reset" if config.reset_optimizer else "kept", config.rewarm_steps, len(self.events),
+            config.max_recoveries,
         )
 
     def lr_factor(self) -> float:
