@@ -127,3 +127,19 @@ def test_errors_are_clear(setup, tmp_path):
     tiny_llama(0, tie=False).save_pretrained(other)
     with pytest.raises(ValueError, match="hold different tensors"):
         greedy_soup([folders[0], other], lambda m: 0.0, model=tiny_llama(0), greater_is_better=True)
+
+
+def test_known_scores_skip_the_individual_evaluations(setup):
+    folders, target = setup["folders"], setup["target"]
+    _, kept, best, _ = _brute_force(folders, target, strict=True)
+    own = [_score({k: v.double() for k, v in load_file(f / "model.safetensors").items()}, target) for f in folders]
+    calls = []
+
+    def evaluate(model):
+        calls.append(1)
+        return _score(_params(model), target)
+
+    result = greedy_soup(folders, evaluate, model=tiny_llama(0), scores=own, greater_is_better=True, strict=True)
+    assert len(calls) == len(folders) - 1  # only the trial soups were evaluated
+    assert result.kept == kept and result.final_score == pytest.approx(best, rel=1e-5)
+    assert result.output_dir is None
