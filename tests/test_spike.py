@@ -168,3 +168,30 @@ def test_cuda_bf16_recovery_restores_the_pre_spike_merge(tmp_path, offload):
     assert event["merged_steps"] == [4, 6]
     for name, ref in _mean_of(snap.snapshots, [4, 6]).items():  # fp32 merge of bf16 samples, cast once to bf16
         assert torch.equal(snap.snapshots[9][name], ref.to(torch.float32).to(torch.bfloat16).double()), name
+
+
+class _LogitsLossTrainer(Trainer):
+    """Computes the loss itself: the model's output carries no `loss` for a forward hook to read."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        logits = model(**inputs).logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+
+
+@pytest.mark.filterwarnings("ignore:PMA")
+def test_without_a_loss_non_finite_gradients_still_trigger_recovery(tmp_path, caplog):
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", learning_rate=1e-4,
+                             lr_scheduler_type="constant", per_device_train_batch_size=4, max_steps=10,
+                             save_strategy="no", disable_tqdm=True, seed=0, logging_steps=1000)
+    snap = SnapshotCallback()
+    spike = SpikeRecoveryCallback(interval=2, num_samples=2)
+    trainer = _LogitsLossTrainer(model=tiny_llama(), args=args, train_dataset=TokenDataset(),
+                                 callbacks=[Corrupt([7], "nan"), snap, spike])
+    trainer.train()
+    (event,) = spike.events
+    # Weights of step 6 were corrupted before step 7's forward, so they were never verified: samples 2 and 4.
+    assert event["reason"] == "non-finite gradient norm" and event["merged_steps"] == [2, 4]
+    assert spike.losses == type(spike.losses)() and "sees no training loss" in caplog.text
+    for name, ref in _mean_of(snap.snapshots, [2, 4]).items():
+        torch.testing.assert_close(snap.snapshots[7][name], ref, rtol=1e-6, atol=1e-7)

@@ -195,6 +195,7 @@ class SpikeRecoveryCallback(TrainerCallback):
         self._wrapped = None
         self._since_recovery: int | None = None
         self._saved_lrs: list[float] | None = None
+        self._warned_no_loss = False
 
     # ------------------------------------------------------------------ seeing every step's loss
     def _record(self, loss) -> None:
@@ -258,7 +259,12 @@ class SpikeRecoveryCallback(TrainerCallback):
         step = state.global_step + 1  # the optimizer step about to happen
         loss, grad_ok = self._observe()
         self._scale_lr()
-        if loss is None and grad_ok:
+        if loss is None and grad_ok:  # no loss seen (the model returns none): only gradients can be checked
+            if not self._warned_no_loss:
+                logger.warning("Spike recovery sees no training loss (the model output has no `loss`; pass "
+                               "`trainer=` to the callback): only non-finite gradients are detected.")
+                self._warned_no_loss = True
+            self._maybe_sample(state.global_step)
             return
         reason = None
         if not grad_ok or (loss is not None and not math.isfinite(loss)):
@@ -284,10 +290,14 @@ class SpikeRecoveryCallback(TrainerCallback):
                 self._history.append(loss)
         if reason is not None:
             self._recover(args, state, step, reason)
-        elif self._streak_start is None and state.global_step > 0 and state.global_step % self.config.interval == 0:
-            # The live weights are still those of step global_step, and the loss just seen on them was normal:
-            # only weights whose own loss was checked enter the ring.
-            self._take_sample(state.global_step)
+        elif self._streak_start is None:
+            self._maybe_sample(state.global_step)
+
+    def _maybe_sample(self, step: int) -> None:
+        # The live weights are still those of optimizer step `step`, and the loss just seen on them was normal:
+        # only weights whose own loss was checked enter the ring.
+        if step > 0 and step % self.config.interval == 0:
+            self._take_sample(step)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self._saved_lrs is not None:  # give the scheduler back the learning rate it set
