@@ -222,3 +222,27 @@ def _dense_from_folder_with_patterns(folder):
     t = load_file(folder / "adapter_model.safetensors")
     return {k[: -len(".lora_A.weight")]: t[k[: -len("A.weight")] + "B.weight"].double() @ t[k].double()
             for k in t if k.endswith("lora_A.weight")}
+
+
+@pytest.mark.filterwarnings("ignore:PMA")
+def test_pma_folders_of_a_peft_run(tmp_path):
+    """The pma-N adapter folders of a PEFT run: close to each other, so factor averaging is nearly exact there."""
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import TokenDataset
+    from pmakit import PmaTrainer
+    from pmakit.merge.sources import select_checkpoints
+    from trainer_utils import pma_args
+
+    model = get_peft_model(tiny_llama(0), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    args = pma_args(tmp_path / "run", max_steps=6, pma_interleave_step=2, pma_fused_num=1)
+    PmaTrainer(model=model, args=args, train_dataset=TokenDataset()).train()
+    folders = [c.path for c in select_checkpoints(tmp_path / "run", kind="pma")]
+    assert [f.name for f in folders] == ["pma-2", "pma-4", "pma-6"]
+    ref = _reference(folders, merge_weights(3, "wma"))
+    concat = _dense_from_folder(average_lora_adapters(folders, tmp_path / "c", method="concat", algo="wma"))
+    factor = _dense_from_folder(average_lora_adapters(folders, tmp_path / "f", method="factor", algo="wma"))
+    for module in ref:
+        assert torch.allclose(concat[module], ref[module], rtol=1e-5, atol=1e-7)
+        rel = float((factor[module] - ref[module]).norm() / ref[module].norm())
+        assert 0 < rel < 0.05, (module, rel)
