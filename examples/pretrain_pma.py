@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # The trainer's own merge, loaded back from disk the way a user would (PMA-init uses the same folder).
     pma_dir = out / "pma"
-    pma_model = AutoModelForCausalLM.from_pretrained(pma_dir)
+    pma_model = AutoModelForCausalLM.from_pretrained(pma_dir).to(live.device)
     samples = [recorder.samples[s] for s in merged_steps]
 
     # Cross-check the exported folder against an fp64 SMA of the recorded samples: they must agree.
@@ -243,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
     reference = averaged_model(live, samples, trainer_rule.weights_for(len(samples)))
     exported = dict(pma_model.named_parameters())
     check = max((p.detach() - exported[n].detach()).abs().max().item() for n, p in reference.named_parameters())
+    del reference
     if check > 1e-5:
         raise AssertionError(f"pma/ differs from the recorded samples' {trainer_rule.describe()} by {check:.3g}.")
 
@@ -299,8 +300,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"vocab {config.vocab_size}, tied embeddings",
         "tokens_per_step": args.per_device_train_batch_size * args.gradient_accumulation_steps * ex.block_size,
         "max_steps": steps,
-        "schedule": f"{args.lr_scheduler_type}, peak LR {args.learning_rate:g}, warm-up {args.warmup_steps}",
-        "optimizer": f"{args.optim}, betas ({args.adam_beta1}, {args.adam_beta2}), weight decay {args.weight_decay}, "
+        "schedule": f"{getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)}, peak LR {args.learning_rate:g}, warm-up {args.warmup_steps}",
+        "optimizer": f"{getattr(args.optim, 'value', args.optim)}, betas ({args.adam_beta1}, {args.adam_beta2}), weight decay {args.weight_decay}, "
         f"clip {args.max_grad_norm}",
         "pma": f"{cfg.fused_algo}, fused_num {cfg.fused_num}, interleave_step {cfg.interleave_step}, "
         f"ema_alpha {cfg.ema_alpha}, write_back {cfg.write_back}",
@@ -315,6 +316,8 @@ def main(argv: list[str] | None = None) -> dict:
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, " + (
         "CUDA" if torch.cuda.is_available() and not args.use_cpu else f"{torch.get_num_threads()} torch threads"
     )
+    if hasattr(os, "getloadavg"):  # other processes slow a CPU run down: say how busy the machine was
+        machine += f", load average {os.getloadavg()[2]:.1f} over the last 15 min at the end"
     command = "python examples/pretrain_pma.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report = [
         "# PMA pre-training example: results",
