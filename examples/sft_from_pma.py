@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     command = "python examples/sft_from_pma.py " + " ".join(argv if argv is not None else sys.argv[1:])
     settings = (
         f"{args.max_steps} steps, batch {args.per_device_train_batch_size} x {block_size} bytes, "
-        f"{args.lr_scheduler_type} LR {args.learning_rate:g} with {args.warmup_steps} warm-up steps, seed {args.seed}; "
+        f"{getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)} LR {args.learning_rate:g} with {args.warmup_steps} warm-up steps, seed {args.seed}; "
         f"corpus {ia.corpus!r} ({len(train_bytes):,} train bytes)"
     )
     report = ["# PMA-init example: results", "", f"Command: `{command.strip()}`", "", f"Settings: {settings}.", "", table, ""]
