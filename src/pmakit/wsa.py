@@ -6,10 +6,11 @@ std) and pulled towards a target ``N(mu*_l, sigma*_l^2)`` by the regulariser
     L_wsa = weight * mean_l KL(N(mu_l, sigma_l^2) || N(mu*_l, sigma*_l^2))
           = weight * mean_l [ log(sigma*_l / sigma_l) + (sigma_l^2 + (mu_l - mu*_l)^2) / (2 sigma*_l^2) - 1/2 ].
 
-The paper gives the KL form; it does not fix (in our notes) the loss weight, the target, or the
-reduction over layers. Ours: the mean over layers (so ``weight`` does not grow with depth), the
-target is the run's initial weights by default, or a reference model folder, or the fused scope
-(`pmakit.scope.fuse_scopes`) of several folders. These are our defaults, not the paper's.
+Secondary sources report the KL form for the paper; our notes (its first page only) do not fix the
+loss weight, the target, or the reduction over layers. Ours: the mean over layers (so ``weight`` does
+not grow with depth); the target is the run's initial weights by default, or a reference model
+folder, or the fused scope (`pmakit.scope.fuse_scopes`) of several folders. These are our defaults,
+not the paper's.
 
 Cost: the per-layer moments are computed by one custom autograd function. Its forward stacks
 the layers of each shape (a bounded number of elements at a time) and reduces each stack with a
