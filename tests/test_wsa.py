@@ -233,3 +233,16 @@ def test_command_line_parsing(tmp_path):
         "--pma_wsa_reference", "stage1/a", "stage1/b", "--pma_wsa_reference_weights", "1", "3",
     ])
     assert args.pma_wsa_config == WsaConfig(0.25, "fused", ["stage1/a", "stage1/b"], [1.0, 3.0], None)
+
+
+def test_lora_adapters_align_only_their_gaussian_factors(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(seed=0), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    args = _args(TrainingArguments, tmp_path, optim="adamw_torch", learning_rate=1e-2, max_steps=3)
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=12, seed=2))
+    callback = add_wsa(trainer, WsaConfig(weight=1.0))
+    trainer.train()
+    names = callback.regularizer.names
+    assert len(names) == 4 and all("lora_A" in n for n in names)  # lora_B starts at zero: no scope to keep
+    assert len([h for h in trainer.state.log_history if "wsa_loss" in h]) == 3
