@@ -9,15 +9,20 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
 nvidia-smi > "$OUT/nvidia_smi.txt" 2>&1
 
+# Phases to run (all by default), so that a lease can be split into short calls:
+#   bash benchmarks/gpu_checks.sh update tests     then     bash benchmarks/gpu_checks.sh overhead
+PHASES=" ${*:-update tests overhead} "
+phase() { [[ "$PHASES" == *" $1 "* ]]; }
+
 # Per-sample update time vs AveragedModel and the HBM bound (issue 2 item 13; < 1 min on an H100/H200)
-timeout 240 "$PY" benchmarks/update.py --device cuda --out "$OUT/update_gpu.md" --json "$OUT/update_gpu.json" > "$OUT/update_gpu.log" 2>&1
-timeout 120 "$PY" -m pytest -q -p no:cacheprovider -m cuda -rs tests/benchmarks/test_update_smoke.py > "$OUT/update_cuda_tests.log" 2>&1
+phase update && timeout 240 "$PY" benchmarks/update.py --device cuda --out "$OUT/update_gpu.md" --json "$OUT/update_gpu.json" > "$OUT/update_gpu.log" 2>&1
+phase update && timeout 120 "$PY" -m pytest -q -p no:cacheprovider -m cuda -rs tests/benchmarks/test_update_smoke.py > "$OUT/update_cuda_tests.log" 2>&1
 
 # Scale (issue 4; about 5 min on an H200): CUDA offload tests (pinned-CPU average, side stream, GPU memory
 # added by PMA), PmaTrainer on FSDP2 and DeepSpeed ZeRO-1/2/3 (one process per GPU), step overhead on GPU.
 # DeepSpeed is not preinstalled there: its pure-python wheel (built here with DS_BUILD_OPS=0) and its
 # dependencies travel in .whl/ (carry it) and go into a private folder, never into the machine's python.
-if ! "$PY" -c "import deepspeed" 2>/dev/null && ls .whl/deepspeed-*.whl > /dev/null 2>&1; then
+if phase tests && ! "$PY" -c "import deepspeed" 2>/dev/null && ls .whl/deepspeed-*.whl > /dev/null 2>&1; then
   PYV=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
   DSENV="${TMPDIR:-/tmp}/pmakit_dsenv"
   "$PY" -m pip install -q --no-deps --no-index --target "$DSENV" .whl/deepspeed-*.whl .whl/einops-*.whl \
@@ -25,7 +30,9 @@ if ! "$PY" -c "import deepspeed" 2>/dev/null && ls .whl/deepspeed-*.whl > /dev/n
     && export PYTHONPATH="$PYTHONPATH:$DSENV"
 fi
 "$PY" -c "import deepspeed; print('deepspeed', deepspeed.__version__)" > "$OUT/deepspeed_version.txt" 2>&1
-timeout 420 "$PY" -m pytest -q -p no:cacheprovider -m cuda -rs -s tests/test_offload_cuda.py tests/test_engine.py \
-  tests/distributed/test_fsdp2.py tests/distributed/test_trainer_backends.py > "$OUT/scale_cuda_tests.log" 2>&1
-timeout 300 "$PY" benchmarks/overhead.py --device cuda --size 100m --steps 200 --rounds 3 \
+phase tests && timeout 420 "$PY" -m pytest -q -p no:cacheprovider -m cuda -rs -s tests/test_offload_cuda.py tests/test_engine.py \
+  tests/distributed/test_fsdp2.py tests/distributed/test_trainer_backends.py tests/test_spike.py tests/test_wsa.py > "$OUT/scale_cuda_tests.log" 2>&1
+phase overhead && timeout 300 "$PY" benchmarks/overhead.py --device cuda --size 100m --steps 200 --rounds 3 \
   --out "$OUT/overhead_gpu.md" --json "$OUT/overhead_gpu.json" > "$OUT/overhead_gpu.log" 2>&1
+phase overhead && timeout 120 "$PY" benchmarks/wsa_overhead.py --device cuda --dtype bfloat16 --hidden_size 1024 --num_layers 8 \
+  --vocab_size 32000 --batch_size 8 --seq 512 --steps 40 --json "$OUT/wsa_overhead_cuda.json" > "$OUT/wsa_overhead_cuda.log" 2>&1
