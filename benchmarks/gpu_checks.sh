@@ -26,7 +26,8 @@ if phase tests && ! "$PY" -c "import deepspeed" 2>/dev/null && ls .whl/deepspeed
   PYV=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
   DSENV="${TMPDIR:-/tmp}/pmakit_dsenv"
   "$PY" -m pip install -q --no-deps --no-index --target "$DSENV" .whl/deepspeed-*.whl .whl/einops-*.whl \
-    .whl/hjson-*.whl .whl/ninja-*.whl .whl/py_cpuinfo-*.whl .whl/msgpack-*-"$PYV"-*.whl > "$OUT/deepspeed_install.log" 2>&1 \
+    .whl/hjson-*.whl .whl/ninja-*.whl .whl/py_cpuinfo-*.whl .whl/msgpack-*-"$PYV"-*.whl \
+    .whl/pydantic-*.whl .whl/pydantic_core-*-"$PYV"-*.whl .whl/annotated_types-*.whl .whl/typing_inspection-*.whl .whl/typing_extensions-*.whl > "$OUT/deepspeed_install.log" 2>&1 \
     && export PYTHONPATH="$PYTHONPATH:$DSENV"
 fi
 "$PY" -c "import deepspeed; print('deepspeed', deepspeed.__version__)" > "$OUT/deepspeed_version.txt" 2>&1
