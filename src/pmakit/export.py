@@ -13,9 +13,13 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 import yaml
+
+
+if TYPE_CHECKING:
+    import torch
 
 
 __all__ = [
@@ -183,6 +187,8 @@ def gather_averaged_state_dict(
 
 def _full_shape(param) -> torch.Size:
     shape = getattr(param, "ds_shape", None)  # a ZeRO-3 parameter is empty outside a gather
+    import torch  # not at the top: the offline merger imports this module without paying for torch
+
     return torch.Size(shape) if shape is not None else param.shape
 
 

@@ -13,14 +13,14 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from ..averaging import AveragingRule
+from ..export import atomic_directory, build_model_card
 from .errors import MergeError
 from .fold import DEFAULT_BLOCK_ELEMENTS, run_fold
 from .plan import MergePlan, build_plan
@@ -137,47 +137,6 @@ def _check_output(output: Path, plan: MergePlan, overwrite: bool) -> None:
 # and 250 MB here), which the torch-free merge path must not pay; these follow the same contract.
 
 
-@contextmanager
-def _atomic_output(path: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path``; on success it replaces ``path``, on any error it is removed."""
-    target = Path(path).absolute()
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"Output path {target} exists and is not a folder.")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise FileExistsError(f"Output folder {target} already exists and is not empty; pass overwrite=True to replace it.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        yield tmp
-        if target.exists():  # move the old folder aside first, so that a failure here loses nothing
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _model_card(*, title: str, summary: str, base_models: Sequence[str], library_name: str, tags: Sequence[str],
-                recipe: dict, details: Sequence[tuple[str, str]]) -> str:
-    """README.md with Hub metadata (``base_model`` Hub ids, ``base_model_relation: merge``, ``library_name``, ``tags``)."""
-    meta: dict = {}
-    if base_models:
-        meta["base_model"] = list(base_models)
-        meta["base_model_relation"] = "merge"
-    meta["library_name"] = library_name
-    meta["tags"] = list(dict.fromkeys(tags))
-    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {title}", "", summary.strip(), ""]
-    for heading, body in details:
-        lines += [f"## {heading}", "", body.strip(), ""]
-    lines += ["## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).rstrip(), "```", ""]
-    lines += ["Made with [pmakit](https://github.com/pmakit/pmakit).", ""]
-    return "\n".join(lines)
-
-
 def _recipe(plan: MergePlan, options: dict) -> dict:
     """The exact, re-runnable recipe: the resolved inputs in order and every setting that shaped the result."""
     rule = plan.rule
@@ -220,7 +179,7 @@ def _card(plan: MergePlan, recipe: dict, title: str) -> str:
     )
     hub_ids = [s.hub_id for s in [*plan.sources, *([plan.base] if plan.base else [])] if s.hub_id]
     library = "peft" if plan.sources[0].is_adapter else "transformers"
-    return _model_card(
+    return build_model_card(
         title=title, summary=summary, base_models=list(dict.fromkeys(hub_ids)), library_name=library,
         tags=("merge", "pma"), recipe=recipe, details=details,
     )
@@ -322,7 +281,7 @@ def merge(
             return MergeResult(plan=plan, recipe=recipe, seconds=time.perf_counter() - started)
         output = Path(output)
         _check_output(output, plan, overwrite)
-        with _atomic_output(output, overwrite=overwrite) as tmp:
+        with atomic_directory(output, overwrite=overwrite) as tmp:
             recipe_out = {**recipe, "output": str(output)}
             (tmp / "README.md").write_text(_card(plan, recipe_out, output.name), encoding="utf-8")
             (tmp / RECIPE_FILE).write_text(yaml.safe_dump(recipe_out, sort_keys=False), encoding="utf-8")
