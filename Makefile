@@ -34,7 +34,8 @@ $(VENV)/.bench: $(STAMP)
 
 bench: $(VENV)/.bench
 	$(PY) benchmarks/update.py
-	$(PY) benchmarks/merge.py
+	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/merge.py --mergekit $(VENV)/bin/mergekit-yaml
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
