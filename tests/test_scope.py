@@ -119,3 +119,22 @@ def test_cli_inspect_scopes_and_merge_warning(tmp_path, capsys):
     assert "weight scopes of the 2 inputs differ beyond 0.1 in 1 layer(s)" in err and "v_proj" in err
     assert main(argv + ["--check-scopes", "--scope-threshold", "0.5", "--overwrite"]) == 0
     assert "weight scopes" not in capsys.readouterr().err
+
+
+def test_python_merge_warns_before_merging_inputs_whose_scopes_differ(tmp_path):
+    import warnings
+
+    import pmakit
+
+    base, other = tiny_llama(seed=7), tiny_llama(seed=7)
+    with torch.no_grad():
+        other.model.layers[1].mlp.down_proj.weight.mul_(1.4)
+    base.save_pretrained(tmp_path / "a")
+    other.save_pretrained(tmp_path / "b")
+    inputs = [tmp_path / "a", tmp_path / "b"]
+    with pytest.warns(UserWarning, match="layers.1.mlp.down_proj.weight"):
+        pmakit.merge(inputs, tmp_path / "m", check_scopes=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        pmakit.merge(inputs, tmp_path / "m2", check_scopes=True, scope_threshold=0.5)
+        pmakit.merge(inputs, tmp_path / "m3")  # off by default: no extra pass over the weights

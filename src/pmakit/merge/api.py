@@ -248,6 +248,8 @@ def merge(
     reader: str = "mmap",
     progress: bool = False,
     dry_run: bool = False,
+    check_scopes: bool = False,
+    scope_threshold: float = 0.1,
 ) -> MergeResult:
     """Merge model folders, a run's checkpoints or Hub models into one model folder (and push it).
 
@@ -257,7 +259,9 @@ def merge(
     ``weights`` with ``normalize``) is :class:`pmakit.averaging.AveragingRule`, the same law as
     online PMA. ``backbone_only`` keeps embeddings, LM head and final norm of ``base_model``.
     Floats are accumulated in ``accumulate_dtype`` (float32, or float64) and written in the inputs'
-    dtype unless ``out_dtype``. ``push_to_hub`` is a repo id; the token comes from ``token``, the
+    dtype unless ``out_dtype``. ``check_scopes`` first warns (``UserWarning``) about layers whose weight
+    mean/std differ across the inputs beyond ``scope_threshold`` (reads every weight once more; see
+    `pmakit.scope`). ``push_to_hub`` is a repo id; the token comes from ``token``, the
     environment or the saved login, and is never printed. Raises :class:`MergeError` on bad input.
     """
     started = time.perf_counter()
@@ -277,6 +281,10 @@ def merge(
             "allow_pickle": allow_pickle or None,
         }
         recipe = _recipe(plan, options)
+        if check_scopes:
+            from ..scope import warn_if_scopes_differ
+
+            warn_if_scopes_differ([s.path for s in plan.sources], scope_threshold, labels=[s.name for s in plan.sources])
         if dry_run:
             return MergeResult(plan=plan, recipe=recipe, seconds=time.perf_counter() - started)
         output = Path(output)
