@@ -49,7 +49,9 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     if _is_nonempty_dir(target) and not overwrite:
         raise FileExistsError(f"Output folder {target} already exists and is not empty; pass overwrite=True to replace it.")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    # "_" first: the Trainer's Hub pushes skip `_*`, so a push that runs while a folder is being
+    # built never uploads it half-written.
+    tmp = Path(tempfile.mkdtemp(prefix=f"_{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
         publish_directory(tmp, target)
@@ -61,7 +63,7 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
 def publish_directory(tmp: Path, target: Path) -> None:
     """Move the finished folder ``tmp`` to ``target``, replacing an old ``target`` only after the move."""
     if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+        old = Path(tempfile.mkdtemp(prefix=f"_{target.name}.", suffix=".old", dir=target.parent))
         os.replace(target, old / target.name)
         os.replace(tmp, target)
         shutil.rmtree(old, ignore_errors=True)

@@ -15,7 +15,7 @@ from pmakit.merge.safetensors_io import ShardWriter
 
 
 def _leftovers(parent):
-    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith((".", "_")))
 
 
 def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch):
