@@ -161,7 +161,8 @@ def check_correctness(model, engine, averaged, params, alpha: float) -> dict[str
 def bench_dtype(model, dtype_name: str, device, timer: Timer, args) -> dict:
     """Correctness check, then interleaved timing of PMA, AveragedModel, the copy bound and fold variants."""
     from pmakit import PmaConfig
-    from pmakit.engine import AVG_KEY, _fold_into, attach_engine
+    from pmakit.engine import AVG_KEY, attach_engine
+    from pmakit.fused_fold import fold_into
 
     params = [p for p in model.parameters() if p.requires_grad]
     n = sum(p.numel() for p in params)
@@ -186,14 +187,14 @@ def bench_dtype(model, dtype_name: str, device, timer: Timer, args) -> dict:
                 torch._foreach_add_(scratch_avgs, params, alpha=alpha),
             )
             if dtype_name == "fp32":
-                variants["_foreach_lerp_"] = lambda: _fold_into(scratch_avgs, params, alpha)
+                variants["_foreach_lerp_"] = lambda: fold_into(scratch_avgs, params, alpha)
             else:  # the engine's kernel at several scratch sizes, each with its cached plan as in the engine
                 for log2 in (16, 18, 20, 22, 23, 24):
                     if (1 << log2) < n:
-                        variants[f"upcast 2^{log2} + lerp"] = lambda c=1 << log2, cache={}: _fold_into(
+                        variants[f"upcast 2^{log2} + lerp"] = lambda c=1 << log2, cache={}: fold_into(
                             scratch_avgs, params, alpha, chunk=c, cache=cache
                         )
-                variants["upcast all + lerp"] = lambda cache={}: _fold_into(
+                variants["upcast all + lerp"] = lambda cache={}: fold_into(
                     scratch_avgs, params, alpha, chunk=n, cache=cache
                 )
         if device.type == "cuda":

@@ -97,7 +97,7 @@ def assert_same(out: torch.Tensor, ref: torch.Tensor) -> None:
 @pytest.mark.parametrize("device", DEVICES)
 def test_upcast_fold_equals_lerp_on_upcast_samples_bitwise(device):
     """The chunked fold the benchmark measures is exactly ``lerp_(x.float())``, whatever the slicing."""
-    from pmakit.engine import _fold_into
+    from pmakit.fused_fold import fold_into
 
     generator = torch.Generator().manual_seed(3)
     shapes = [(513, 7), (1,), (64, 64), (3, 5, 11), (1000,)]
@@ -111,7 +111,7 @@ def test_upcast_fold_equals_lerp_on_upcast_samples_bitwise(device):
                 a.lerp_(x.float(), c)
             for chunk in (1, 97, 4096, None):
                 out = [a.clone() for a in start]
-                _fold_into(out, samples, c, chunk=chunk)
+                fold_into(out, samples, c, chunk=chunk)
                 for o, r in zip(out, ref):
                     assert_same(o, r)
 
@@ -119,7 +119,7 @@ def test_upcast_fold_equals_lerp_on_upcast_samples_bitwise(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_cached_fold_plan_is_reused_and_follows_moved_data(device):
     """The engine keeps the plan per group; it must follow parameters whose ``.data`` was replaced."""
-    from pmakit.engine import _fold_into
+    from pmakit.fused_fold import fold_into
 
     generator = torch.Generator().manual_seed(4)
     samples = [torch.randn(s, generator=generator).to(device=device, dtype=torch.bfloat16) for s in [(300,), (20, 9)]]
@@ -130,7 +130,7 @@ def test_cached_fold_plan_is_reused_and_follows_moved_data(device):
         if step == 2:  # e.g. `module.to()` swaps `.data`: the old slices would read stale memory
             samples[0].data = torch.randn(300, generator=generator).to(device=device, dtype=torch.bfloat16)
         plan_before = cache.get("upcast")
-        _fold_into(avgs, samples, 0.25, chunk=128, cache=cache)
+        fold_into(avgs, samples, 0.25, chunk=128, cache=cache)
         for a, x in zip(ref, samples):
             a.lerp_(x.float(), 0.25)
         for a, r in zip(avgs, ref):
