@@ -16,7 +16,7 @@ phase() { [[ "$PHASES" == *" $1 "* ]]; }
 
 # Per-sample update time vs AveragedModel and the HBM bound (issue 2 item 13; < 1 min on an H100/H200)
 phase update && timeout 240 "$PY" benchmarks/update.py --device cuda --out "$OUT/update_gpu.md" --json "$OUT/update_gpu.json" > "$OUT/update_gpu.log" 2>&1
-phase update && timeout 120 "$PY" -m pytest -q -p no:cacheprovider -m cuda -rs tests/benchmarks/test_update_smoke.py > "$OUT/update_cuda_tests.log" 2>&1
+phase update && timeout 120 "$PY" -m pytest -q -p no:cacheprovider -m cuda -rs tests/benchmarks/test_update_smoke.py tests/test_fused_fold.py > "$OUT/update_cuda_tests.log" 2>&1
 
 # Scale (issue 4; about 5 min on an H200): CUDA offload tests (pinned-CPU average, side stream, GPU memory
 # added by PMA), PmaTrainer on FSDP2 and DeepSpeed ZeRO-1/2/3 (one process per GPU), step overhead on GPU.
