@@ -97,7 +97,18 @@ def test_write_back_continues_from_the_merge(tmp_path):
 
 
 def test_eval_on_pma_weights(tmp_path):
-    trainer = train(tmp_path, pma_eval=True, eval_strategy="steps", eval_steps=6, per_device_eval_batch_size=8)
+    class SeenMetrics(TrainerCallback):  # a user callback (EarlyStoppingCallback reads metrics the same way)
+        def __init__(self):
+            self.keys = []
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            self.keys.append(sorted(metrics))
+
+    seen = SeenMetrics()
+    trainer = train(tmp_path, callbacks=[seen], pma_eval=True, eval_strategy="steps", eval_steps=6,
+                    per_device_eval_batch_size=8)
+    main_evals = [keys for keys in seen.keys if "eval_loss" in keys]
+    assert len(main_evals) == 2 and all("eval_pma_loss" in keys for keys in main_evals)
     history = [h for h in trainer.state.log_history if "eval_pma_loss" in h]
     assert [h["step"] for h in history] == [6, 12]
     assert all("eval_loss" in h for h in trainer.state.log_history if h.get("step") == 6 and "eval_runtime" in h)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from transformers import Trainer, TrainingArguments
+from transformers import DefaultFlowCallback, Trainer, TrainingArguments
 
 from .callback import PmaCallback
 from .config import PmaArguments, PmaConfig
@@ -30,7 +30,10 @@ class PmaTrainer(Trainer):
             pma_config = args.pma_config if isinstance(args, PmaArguments) else PmaConfig()
         super().__init__(model, args, *pargs, **kwargs)
         self.pma_callback = PmaCallback(pma_config, trainer=self)
-        self.add_callback(self.pma_callback)
+        # Right after the Trainer's own flow callback, before the user's: callbacks that read the
+        # metrics in `on_evaluate` (EarlyStoppingCallback, a user's) then see the `eval_pma_*` ones too.
+        handler = self.callback_handler.callbacks
+        handler.insert(1 if handler and isinstance(handler[0], DefaultFlowCallback) else 0, self.pma_callback)
         self.wsa_callback = None
         wsa_config = args.pma_wsa_config if isinstance(args, PmaArguments) else None
         if wsa_config is not None:  # WSA loss term (pmakit.wsa), logged as `wsa_loss`
