@@ -11,11 +11,12 @@ SWA's ``update_bn``), which is what vision users should run after any weight mer
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
+
+from .averaging import merge_weights
 
 
 __all__ = ["FLOAT_BUFFER_POLICIES", "average_models", "merge_buffers", "update_bn"]
@@ -24,17 +25,16 @@ FLOAT_BUFFER_POLICIES = ("average", "newest")
 
 
 def _weights(weights: Sequence[float] | None, count: int) -> list[float]:
-    if count == 0:
-        raise ValueError("Nothing to merge: no models given.")
-    if weights is None:
-        return [1.0 / count] * count
-    weights = [float(w) for w in weights]
-    if len(weights) != count:
-        raise ValueError(f"`weights` has {len(weights)} entries for {count} models.")
-    total = sum(weights)
-    if any(not math.isfinite(w) for w in weights) or total == 0:
-        raise ValueError(f"`weights` must be finite with a non-zero sum; got {weights}.")
-    return [w / total for w in weights]
+    """Normalised weights by the one averaging law (equal weights when none are given)."""
+    return merge_weights(count, "weights" if weights is not None else "sma", weights=weights)
+
+
+def _weighted_sum(tensors: Sequence[torch.Tensor], probs: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """``sum_i p_i t_i`` accumulated in fp64 on ``like``'s device, cast to ``like``'s dtype."""
+    acc = torch.zeros(like.shape, dtype=torch.float64, device=like.device)
+    for p, t in zip(probs, tensors):
+        acc.add_(t.detach().to(device=like.device, dtype=torch.float64), alpha=p)
+    return acc.to(like.dtype)
 
 
 def _buffer_names(model: nn.Module) -> list[str]:
@@ -67,10 +67,7 @@ def merge_buffers(
         shapes = {tuple(s[name].shape) for s in states}
         if len(shapes) != 1:
             raise ValueError(f"Buffer {name!r} has different shapes across models: {sorted(shapes)}.")
-        acc = torch.zeros(newest.shape, dtype=torch.float64, device=newest.device)
-        for p, s in zip(probs, states):
-            acc.add_(s[name].detach().to(device=newest.device, dtype=torch.float64), alpha=p)
-        merged[name] = acc.to(newest.dtype)
+        merged[name] = _weighted_sum([state[name] for state in states], probs, newest)
     return merged
 
 
@@ -82,12 +79,9 @@ def average_models(
     merged = merge_buffers(models, probs, float_buffers=float_buffers)
     params = [dict(m.named_parameters()) for m in models]
     for name, ref in params[-1].items():
-        acc = torch.zeros(ref.shape, dtype=torch.float64, device=ref.device)
-        for p, ps in zip(probs, params):
-            if name not in ps:
-                raise ValueError(f"Parameter {name!r} is missing from one of the models.")
-            acc.add_(ps[name].detach().to(device=ref.device, dtype=torch.float64), alpha=p)
-        merged[name] = acc.to(ref.dtype)
+        if any(name not in ps for ps in params):
+            raise ValueError(f"Parameter {name!r} is missing from one of the models.")
+        merged[name] = _weighted_sum([ps[name] for ps in params], probs, ref)
     return {k: merged[k] for k in models[-1].state_dict() if k in merged}
 
 
