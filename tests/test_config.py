@@ -17,6 +17,23 @@ def test_defaults():
     assert config.save is True and config.save_total_limit is None
 
 
+def test_arguments_mirror_the_config_dataclasses():
+    """`PmaArguments` repeats each settings dataclass as prefixed fields: their defaults must not drift apart."""
+    import dataclasses
+
+    from pmakit.spike import SpikeConfig
+    from pmakit.wsa import WsaConfig
+
+    args = {f.name: f for f in dataclasses.fields(PmaArguments)}
+    for config, prefix, own_default in ((PmaConfig, "pma_", ()), (SpikeConfig, "pma_spike_", ()),
+                                        (WsaConfig, "pma_wsa_", ("weight",))):  # WSA is off (0) in PmaArguments
+        for field in dataclasses.fields(config):
+            mirror = args[prefix + field.name]
+            if field.name not in own_default:
+                assert mirror.default == field.default, f"{prefix}{field.name}: {mirror.default!r} != {field.default!r}"
+            assert mirror.metadata.get("help"), f"{prefix}{field.name} has no help"
+
+
 def test_sample_steps():
     config = PmaConfig(interleave_step=3, start_step=6)
     assert [t for t in range(1, 20) if config.is_sample_step(t)] == [9, 12, 15, 18]
