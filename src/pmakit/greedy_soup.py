@@ -31,17 +31,10 @@ from pathlib import Path
 import torch
 
 from .averaging import AveragingRule
-from .export import atomic_directory, build_model_card
+from .export import CONFIG_FILES, TOKENIZER_FILES, atomic_directory, build_model_card
 
 
 __all__ = ["GreedySoupResult", "SoupStep", "greedy_soup"]
-
-# Files taken from the best ingredient besides the weights: config, generation config, tokenizer, processor.
-_SIDE_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
-    "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json",
-)
 
 
 @dataclass
@@ -270,7 +263,7 @@ def _write(model, output: Path, best: Path, result: GreedySoupResult, overwrite:
             raise ValueError(f"The output folder {output} lies inside the candidate {source}.")
     with atomic_directory(output, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
-        for name in _SIDE_FILES:
+        for name in (*CONFIG_FILES, *TOKENIZER_FILES):  # from the best ingredient
             if (best / name).is_file():
                 shutil.copy2(best / name, tmp / name)
         (tmp / "README.md").write_text(_card(result, best), encoding="utf-8")

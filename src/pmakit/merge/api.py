@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from ..averaging import AveragingRule
-from ..export import atomic_directory, build_model_card
+from ..export import CONFIG_FILES, TOKENIZER_FILES, atomic_directory, build_model_card
 from .errors import MergeError
 from .fold import DEFAULT_BLOCK_ELEMENTS, run_fold
 from .plan import MergePlan, build_plan
@@ -31,23 +31,6 @@ from .sources import resolve_inputs, resolve_source
 __all__ = ["RECIPE_FILE", "MergeResult", "merge", "plan_merge"]
 
 RECIPE_FILE = "pmakit_recipe.yaml"
-# Files copied from the donor (base model, else the newest input) next to the weights.
-CONFIG_FILES = ("config.json", "generation_config.json", "adapter_config.json")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-    "preprocessor_config.json",
-    "processor_config.json",
-)
-
 
 @dataclass
 class MergeResult:
