@@ -2,6 +2,7 @@
 #   make test   create .venv, install pmakit with its test extras, run the whole suite
 #   make demo   same set-up, then run the PMA pre-training example (examples/pretrain_pma.py)
 #   make bench  same set-up plus the peers (mergekit), then run the benchmarks
+#   make quality  ruff lint and format check (what CI runs before the tests)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -11,7 +12,7 @@ PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench quality format clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +37,19 @@ bench: $(VENV)/.bench
 	$(PY) benchmarks/update.py
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/merge.py --mergekit $(VENV)/bin/mergekit-yaml
+
+$(VENV)/.quality: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q "ruff>=0.6,<1"
+	touch $(VENV)/.quality
+
+quality: $(VENV)/.quality
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff format --check src tests benchmarks examples
+
+format: $(VENV)/.quality
+	$(VENV)/bin/ruff check --fix src tests benchmarks examples
+	$(VENV)/bin/ruff format src tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -25,7 +25,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 
@@ -82,8 +81,16 @@ def build_checkpoints(root: Path, n: int) -> list[Path]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                         num_key_value_heads=12, vocab_size=32000, tie_word_embeddings=True, dtype="bfloat16")
+    config = LlamaConfig(
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        vocab_size=32000,
+        tie_word_embeddings=True,
+        dtype="bfloat16",
+    )
     folders = []
     model = None
     for i in range(n):
@@ -121,9 +128,15 @@ def mergekit_config(folders: list[Path], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[2, 8, 16])
-    parser.add_argument("--workdir", default=None, help="where checkpoints are built (default: a temp folder, removed)")
-    parser.add_argument("--mergekit", default=shutil.which("mergekit-yaml") or str(ROOT / ".venv-mergekit/bin/mergekit-yaml"))
-    parser.add_argument("--cold", action="store_true", help="also time read-once and pmakit with the inputs dropped from cache")
+    parser.add_argument(
+        "--workdir", default=None, help="where checkpoints are built (default: a temp folder, removed)"
+    )
+    parser.add_argument(
+        "--mergekit", default=shutil.which("mergekit-yaml") or str(ROOT / ".venv-mergekit/bin/mergekit-yaml")
+    )
+    parser.add_argument(
+        "--cold", action="store_true", help="also time read-once and pmakit with the inputs dropped from cache"
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-write", action="store_true", help="do not update benchmarks/results/merge.md")
     args = parser.parse_args()
@@ -153,7 +166,7 @@ def main() -> None:
             row["read_warm"] = measure([sys.executable, "-c", READ_ONCE, *map(str, files)])
             row["pmakit_warm"] = measure(pm)
             if params is None:
-                from pmakit.merge.safetensors_io import SafetensorsFile
+                from pmakit.io.safetensors import SafetensorsFile
 
                 params = sum(t.numel for f in out.glob("*.safetensors") for t in SafetensorsFile(f).tensors.values())
             if have_mergekit:
@@ -162,12 +175,21 @@ def main() -> None:
                 mk_out = work / f"mk-{n}"
                 shutil.rmtree(mk_out, ignore_errors=True)
                 measure([sys.executable, "-c", READ_ONCE, *map(str, files)])
-                row["mergekit_warm"] = measure([args.mergekit, str(cfg), str(mk_out), "--no-copy-tokenizer", "--quiet"])
+                row["mergekit_warm"] = measure(
+                    [args.mergekit, str(cfg), str(mk_out), "--no-copy-tokenizer", "--quiet"]
+                )
                 check_same(out, mk_out)
                 shutil.rmtree(mk_out, ignore_errors=True)
             rows.append(row)
-            print(json.dumps({k: (v if not isinstance(v, dict) else {"s": round(v["seconds"], 2), "rss_mb": v["peak"] >> 20})
-                              for k, v in row.items()}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        k: (v if not isinstance(v, dict) else {"s": round(v["seconds"], 2), "rss_mb": v["peak"] >> 20})
+                        for k, v in row.items()
+                    }
+                ),
+                flush=True,
+            )
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
@@ -183,7 +205,7 @@ def check_same(ours: Path, theirs: Path) -> None:
     import numpy as np
 
     sys.path.insert(0, str(ROOT / "src"))
-    from pmakit.merge.safetensors_io import SafetensorsFile
+    from pmakit.io.safetensors import SafetensorsFile
 
     def tensors(folder):
         found = {}
@@ -216,8 +238,10 @@ def render(rows: list[dict], params: int | None, have_mergekit: bool, cold: bool
         "Warm: inputs in the page cache.",
         "",
     ]
-    head = ("| N | input size | read once (s) | pmakit (s) | pmakit / read | read once CPU (s) | pmakit CPU (s) "
-            "| pmakit peak RSS (MiB) |")
+    head = (
+        "| N | input size | read once (s) | pmakit (s) | pmakit / read | read once CPU (s) | pmakit CPU (s) "
+        "| pmakit peak RSS (MiB) |"
+    )
     sep = "|---|---|---|---|---|---|---|---|"
     if have_mergekit:
         head += " mergekit linear (s) | mergekit peak RSS (MiB) | speed-up | RSS ratio |"
@@ -225,21 +249,32 @@ def render(rows: list[dict], params: int | None, have_mergekit: bool, cold: bool
     lines += [head, sep]
     for r in rows:
         read, ours = r["read_warm"], r["pmakit_warm"]
-        line = (f"| {r['n']} | {r['bytes'] / 1e9:.2f} GB | {read['seconds']:.2f} | {ours['seconds']:.2f} | "
-                f"{ours['seconds'] / read['seconds']:.2f}x | {read['cpu']:.2f} | {ours['cpu']:.2f} | {mb(ours)} |")
+        line = (
+            f"| {r['n']} | {r['bytes'] / 1e9:.2f} GB | {read['seconds']:.2f} | {ours['seconds']:.2f} | "
+            f"{ours['seconds'] / read['seconds']:.2f}x | {read['cpu']:.2f} | {ours['cpu']:.2f} | {mb(ours)} |"
+        )
         if have_mergekit:
             mk = r["mergekit_warm"]
-            line += (f" {mk['seconds']:.2f} ({mk['cpu']:.1f} CPU) | {mb(mk)} | {mk['seconds'] / ours['seconds']:.2f}x | "
-                     f"{ours['peak'] / mk['peak']:.2f} |")
+            line += (
+                f" {mk['seconds']:.2f} ({mk['cpu']:.1f} CPU) | {mb(mk)} | {mk['seconds'] / ours['seconds']:.2f}x | "
+                f"{ours['peak'] / mk['peak']:.2f} |"
+            )
         lines.append(line)
     if cold:
-        lines += ["", "Cold (inputs dropped from the page cache with `posix_fadvise(DONTNEED)` before each run):", "",
-                  "| N | read once (s) | pmakit (s) | pmakit / read | read once CPU (s) | pmakit CPU (s) "
-                  "| pmakit peak RSS (MiB) |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Cold (inputs dropped from the page cache with `posix_fadvise(DONTNEED)` before each run):",
+            "",
+            "| N | read once (s) | pmakit (s) | pmakit / read | read once CPU (s) | pmakit CPU (s) "
+            "| pmakit peak RSS (MiB) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in rows:
             read, ours = r["read_cold"], r["pmakit_cold"]
-            lines.append(f"| {r['n']} | {read['seconds']:.2f} | {ours['seconds']:.2f} | "
-                         f"{ours['seconds'] / read['seconds']:.2f}x | {read['cpu']:.2f} | {ours['cpu']:.2f} | {mb(ours)} |")
+            lines.append(
+                f"| {r['n']} | {read['seconds']:.2f} | {ours['seconds']:.2f} | "
+                f"{ours['seconds'] / read['seconds']:.2f}x | {read['cpu']:.2f} | {ours['cpu']:.2f} | {mb(ours)} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -6,10 +6,12 @@ every step (``interleave_step=1``, the worst case); and ``PmaTrainer`` at ``inte
 
 The machine may be shared and noisy, so each round runs every variant once in a fresh random order
 (interleaved repetitions), each run's step time is the mean of its per-step times after a warm-up
-(a mean, not a median: at interleave 100 only one step in a hundred carries a sample), and the overhead of a variant is the median over rounds of its paired ratio to the plain run of the
+(a mean, not a median: at interleave 100 only one step in a hundred carries a sample), and the overhead of a
+variant is the median over rounds of its paired ratio to the plain run of the
 same round. Because that ratio cannot resolve effects smaller than the machine's noise, PMA's own
 time is also measured in situ: the time spent inside its optimizer-step hook (every step, sampling
-or not) as a fraction of the step time. The per-sample cost is measured two ways: from the interleave-1 runs (extra time per
+or not) as a fraction of the step time. The per-sample cost is measured two ways: from the interleave-1 runs
+(extra time per
 step, every step samples) and directly, by timing ``engine.sample()`` on the trained engine. The
 expected overhead at interleave N is that cost / (N x plain step time), which the noisy direct ratio
 at N=100 can only confirm within its noise.
@@ -34,13 +36,14 @@ import sys
 import tempfile
 import time
 import warnings
+from itertools import pairwise
 from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from pmakit import PmaArguments, PmaTrainer
-from pmakit.engine import PmaEngine
+from pmakit.online.engine import PmaEngine
 
 
 SIZES = {
@@ -82,8 +85,14 @@ def build_model(size: str, dtype: torch.dtype) -> LlamaForCausalLM:
     hidden, inter, layers, heads, vocab, _, _ = SIZES[size]
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=heads, vocab_size=vocab, max_position_embeddings=1024, tie_word_embeddings=True,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        vocab_size=vocab,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
     )
     return LlamaForCausalLM(config).to(dtype)
 
@@ -92,9 +101,21 @@ def run_variant(variant: str, opts, dataset, out: Path) -> tuple[list[float], li
     _, _, _, _, _, _, batch = SIZES[opts.size]
     cuda = opts.device == "cuda"
     common = dict(
-        output_dir=str(out), use_cpu=not cuda, bf16=cuda, report_to="none", per_device_train_batch_size=batch,
-        learning_rate=1e-4, lr_scheduler_type="constant", save_strategy="no", logging_strategy="no",
-        disable_tqdm=True, seed=0, data_seed=0, dataloader_num_workers=0, max_steps=opts.steps, optim="adamw_torch",
+        output_dir=str(out),
+        use_cpu=not cuda,
+        bf16=cuda,
+        report_to="none",
+        per_device_train_batch_size=batch,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
+        max_steps=opts.steps,
+        optim="adamw_torch",
     )
     model = build_model(opts.size, torch.float32)
     clock = StepClock(cuda)
@@ -122,7 +143,7 @@ def run_variant(variant: str, opts, dataset, out: Path) -> tuple[list[float], li
             trainer.train()
         finally:
             PmaEngine._after_step = original
-    steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])][opts.warmup :]
+    steps = [b - a for a, b in pairwise(clock.stamps)][opts.warmup :]
     return steps, hook_times[opts.warmup + 1 :], trainer
 
 
@@ -233,7 +254,10 @@ def main() -> None:
         result[f"{variant}_in_situ"] = statistics.median(in_situ[variant]) if variant in in_situ else None
     result["sample_from_interleave1_s"] = result["pma@1_step_s"] - plain
     result["expected_overhead_at_100"] = sample_direct / (100 * plain)
-    result["plain_noise_range"] = [min(m["plain"] for m in per_round) / plain - 1, max(m["plain"] for m in per_round) / plain - 1]
+    result["plain_noise_range"] = [
+        min(m["plain"] for m in per_round) / plain - 1,
+        max(m["plain"] for m in per_round) / plain - 1,
+    ]
     if cuda:
         bound, bandwidth = bandwidth_bound(engine, 21)
         result["fold_bound_s"] = bound
@@ -241,7 +265,8 @@ def main() -> None:
         result["fraction_of_bound"] = bound / sample_direct
 
     lines = [
-        f"### Step overhead of PMA ({result['device']}, {opts.size} Llama, {n_params / 1e6:.1f}M params, {result['dtype']})",
+        f"### Step overhead of PMA ({result['device']}, {opts.size} Llama, "
+        f"{n_params / 1e6:.1f}M params, {result['dtype']})",
         "",
         f"{opts.rounds} interleaved rounds x {opts.steps} steps per run; each run's step time is the mean after "
         f"{opts.warmup} warm-up steps; overhead = median over rounds of the paired ratio to the plain run "
@@ -257,7 +282,8 @@ def main() -> None:
         lo, hi = result[f"{variant}_overhead_range"]
         lines.append(
             f"| PmaTrainer, interleave_step={variant.split('@')[1]} | {result[f'{variant}_step_s'] * 1e3:.2f} ms | "
-            f"{result[f'{variant}_overhead']:+.2%} [{lo:+.2%} .. {hi:+.2%}] | {_percent(result[f'{variant}_in_situ'])} |"
+            f"{result[f'{variant}_overhead']:+.2%} [{lo:+.2%} .. {hi:+.2%}] | "
+            f"{_percent(result[f'{variant}_in_situ'])} |"
         )
     lines += [
         "",
@@ -268,8 +294,9 @@ def main() -> None:
     ]
     if cuda:
         lines.append(
-            f"\nOne fold vs the HBM bandwidth bound: {sample_direct * 1e6:.0f} us vs {result['fold_bound_s'] * 1e6:.0f} us "
-            f"({result['fraction_of_bound']:.0%} of the bound; `_foreach_copy_` reaches {result['copy_bandwidth_GBps']:.0f} GB/s)."
+            f"\nOne fold vs the HBM bandwidth bound: {sample_direct * 1e6:.0f} us vs "
+            f"{result['fold_bound_s'] * 1e6:.0f} us ({result['fraction_of_bound']:.0%} of the bound; "
+            f"`_foreach_copy_` reaches {result['copy_bandwidth_GBps']:.0f} GB/s)."
         )
     text = "\n".join(lines) + "\n"
     print("\n" + text)

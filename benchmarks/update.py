@@ -102,7 +102,9 @@ class Timer:
         return self.clock() - begin
 
 
-def run_rounds(methods: dict[str, Callable[[], object]], timer: Timer, warmup: int, reps: int) -> dict[str, list[float]]:
+def run_rounds(
+    methods: dict[str, Callable[[], object]], timer: Timer, warmup: int, reps: int
+) -> dict[str, list[float]]:
     """Every method once per round in a fresh random order; the first ``warmup`` rounds are dropped."""
     times: dict[str, list[float]] = {name: [] for name in methods}
     order = list(methods)
@@ -132,7 +134,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 @torch.no_grad()
 def check_correctness(model, engine, averaged, params, alpha: float) -> dict[str, float]:
     """Fold three perturbed samples into both averages; compare with the fp64 closed-form EMA."""
-    from pmakit.engine import AVG_KEY
+    from pmakit.online.engine import AVG_KEY
 
     watched = sorted(range(len(params)), key=lambda i: params[i].numel())[-2:]  # the two largest tensors
     snapshots = []
@@ -149,7 +151,7 @@ def check_correctness(model, engine, averaged, params, alpha: float) -> dict[str
     averaged_params = list(averaged.module.parameters())
     pma, am = [], []
     for j, i in enumerate(watched):
-        ref = sum(w * s[j] for w, s in zip(weights, snapshots))
+        ref = sum(w * s[j] for w, s in zip(weights, snapshots, strict=True))
         pma.append(rel_err(state[params[i]][AVG_KEY], ref))
         am.append(rel_err(averaged_params[i], ref))
     finite = all(bool(torch.isfinite(state[p][AVG_KEY]).all()) for p in params)
@@ -161,8 +163,8 @@ def check_correctness(model, engine, averaged, params, alpha: float) -> dict[str
 def bench_dtype(model, dtype_name: str, device, timer: Timer, args) -> dict:
     """Correctness check, then interleaved timing of PMA, AveragedModel, the copy bound and fold variants."""
     from pmakit import PmaConfig
-    from pmakit.engine import AVG_KEY, attach_engine
-    from pmakit.fused_fold import fold_into
+    from pmakit.online.engine import AVG_KEY, attach_engine
+    from pmakit.online.kernels import fold_into
 
     params = [p for p in model.parameters() if p.requires_grad]
     n = sum(p.numel() for p in params)
@@ -200,12 +202,12 @@ def bench_dtype(model, dtype_name: str, device, timer: Timer, args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times = run_rounds({**methods, **variants}, timer, args.warmup, args.reps)
-    del copies
+    copies.clear()
     stats = {name: summary(v) for name, v in times.items()}
     t_pma, t_am, t_copy = (stats[k]["median"] for k in ("pma", "averaged_model", "copy"))
     copy_gbps = COPY_BYTES[dtype_name] * n / t_copy / 1e9
     bound = t_copy * PMA_BYTES[dtype_name] / COPY_BYTES[dtype_name]
-    paired = [p / a for p, a in zip(times["pma"], times["averaged_model"])]
+    paired = [p / a for p, a in zip(times["pma"], times["averaged_model"], strict=True)]
     return {
         "dtype": dtype_name,
         "params": n,
@@ -223,8 +225,11 @@ def bench_dtype(model, dtype_name: str, device, timer: Timer, args) -> dict:
         "averaged_model_gbps": AM_BYTES[dtype_name] * n / t_am / 1e9,
         "copy_gbps": copy_gbps,
         "variants": {
-            name: {"ms": stats[name]["median"] * 1e3, "iqr_ms": stats[name]["iqr"] * 1e3,
-                   "pct_of_bound": 100.0 * bound / stats[name]["median"]}
+            name: {
+                "ms": stats[name]["median"] * 1e3,
+                "iqr_ms": stats[name]["iqr"] * 1e3,
+                "pct_of_bound": 100.0 * bound / stats[name]["median"],
+            }
             for name in variants
         },
     }
@@ -242,31 +247,45 @@ def markdown(results: list[dict], env: dict) -> str:
     for r in results:
         s, d = r["stats"], r["dtype"]
 
-        def row(label, key, nbytes, ratio, pct):
+        def row(label, key, nbytes, ratio, pct, s=s, r=r, d=d):
             st = s[key]
             gbps = nbytes * r["params"] / st["median"] / 1e9
             lines.append(
-                f"| {d} | {label} | {nbytes} | {st['median'] * 1e3:.2f} | {st['iqr'] * 1e3:.2f} | {gbps:.1f} | {ratio} | {pct} |"
+                f"| {d} | {label} | {nbytes} | {st['median'] * 1e3:.2f} | {st['iqr'] * 1e3:.2f} | "
+                f"{gbps:.1f} | {ratio} | {pct} |"
             )
 
-        row("pmakit `PmaEngine.sample()`", "pma", PMA_BYTES[d],
-            f"{r['pma_over_averaged_model']:.2f}x", f"{r['pct_of_bound']:.0f}%")
+        row(
+            "pmakit `PmaEngine.sample()`",
+            "pma",
+            PMA_BYTES[d],
+            f"{r['pma_over_averaged_model']:.2f}x",
+            f"{r['pct_of_bound']:.0f}%",
+        )
         row(f"torch `AveragedModel` EMA ({d} average)", "averaged_model", AM_BYTES[d], "1.00x", "")
         row("`_foreach_copy_` (bandwidth probe)", "copy", COPY_BYTES[d], "", "")
         lines.append(
             f"| {d} | bound: {PMA_BYTES[d]} B/param at the copy's bandwidth | {PMA_BYTES[d]} | {r['bound_ms']:.2f} | "
             f" | {r['copy_gbps']:.1f} |  | 100% |"
         )
-    lines += ["", "Correctness (3 folds vs closed-form EMA in fp64, relative L2 error over the two largest tensors):", ""]
+    lines += [
+        "",
+        "Correctness (3 folds vs closed-form EMA in fp64, relative L2 error over the two largest tensors):",
+        "",
+    ]
     lines += ["| params | pmakit (fp32 average) | AveragedModel (average in model dtype) |", "|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['dtype']} | {r['check']['pma_rel_err']:.1e} | {r['check']['averaged_model_rel_err']:.1e} |")
+        lines.append(
+            f"| {r['dtype']} | {r['check']['pma_rel_err']:.1e} | {r['check']['averaged_model_rel_err']:.1e} |"
+        )
     if any(r["variants"] for r in results):
         lines += ["", "Fold kernels over the same tensors (same rounds):", ""]
         lines += ["| params | kernel | median ms | IQR ms | % of bound |", "|---|---|---|---|---|"]
         for r in results:
             for name, v in r["variants"].items():
-                lines.append(f"| {r['dtype']} | {name} | {v['ms']:.2f} | {v['iqr_ms']:.2f} | {v['pct_of_bound']:.0f}% |")
+                lines.append(
+                    f"| {r['dtype']} | {name} | {v['ms']:.2f} | {v['iqr_ms']:.2f} | {v['pct_of_bound']:.0f}% |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -278,11 +297,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=None, help="Timed rounds (default: 15 on CPU, 50 on CUDA).")
     parser.add_argument("--warmup", type=int, default=3, help="Untimed rounds first.")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads).")
-    parser.add_argument("--clock", default="auto", choices=["auto", "cpu", "wall"],
-                        help="CPU timing: the thread's CPU time (needs --threads 1) or wall time; auto picks cpu "
-                        "for one thread. CUDA always uses events.")
-    parser.add_argument("--no-variants", dest="variants", action="store_false",
-                        help="Skip the table of alternative fold kernels.")
+    parser.add_argument(
+        "--clock",
+        default="auto",
+        choices=["auto", "cpu", "wall"],
+        help="CPU timing: the thread's CPU time (needs --threads 1) or wall time; auto picks cpu "
+        "for one thread. CUDA always uses events.",
+    )
+    parser.add_argument(
+        "--no-variants", dest="variants", action="store_false", help="Skip the table of alternative fold kernels."
+    )
     parser.add_argument("--out", type=Path, default=None, help="Write the markdown tables to this file.")
     parser.add_argument("--json", type=Path, default=None, help="Write all numbers as JSON to this file.")
     args = parser.parse_args(argv)
@@ -316,8 +340,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         else:
             timing = f"{args.threads} CPU thread(s), {'thread CPU time' if args.clock == 'cpu' else 'wall clock'}"
             name = f"CPU ({platform.processor() or platform.machine()})"
-        env = {"device": name, "torch": torch.__version__, "timing": timing, "reps": args.reps, "warmup": args.warmup,
-               "python": sys.version.split()[0]}
+        env = {
+            "device": name,
+            "torch": torch.__version__,
+            "timing": timing,
+            "reps": args.reps,
+            "warmup": args.warmup,
+            "python": sys.version.split()[0],
+        }
         timer = Timer(device, args.clock)
         results = []
         model = build_model(args.size, device, torch.float32)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pmakit.wsa import WsaRegularizer
+from pmakit.tools.wsa import WsaRegularizer
 
 
 def parse_args(argv=None):
@@ -51,9 +51,13 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     config = LlamaConfig(
-        vocab_size=args.vocab_size, hidden_size=args.hidden_size, intermediate_size=4 * args.hidden_size,
-        num_hidden_layers=args.num_layers, num_attention_heads=max(1, args.hidden_size // 32),
-        max_position_embeddings=args.seq, tie_word_embeddings=False,
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=4 * args.hidden_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=max(1, args.hidden_size // 32),
+        max_position_embeddings=args.seq,
+        tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)

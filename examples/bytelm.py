@@ -41,7 +41,17 @@ VOCAB_SIZE = 256 + BYTE_OFFSET
 PAD_ID, EOS_ID = 0, 1
 
 # Parts of the standard library left out of the docstring corpus: tests, GUI toolkits, bundled third-party code.
-_SKIPPED = ("site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "tkinter", "turtledemo", "ensurepip")
+_SKIPPED = (
+    "site-packages",
+    "dist-packages",
+    "test",
+    "tests",
+    "idlelib",
+    "lib2to3",
+    "tkinter",
+    "turtledemo",
+    "ensurepip",
+)
 
 
 def _topics_text() -> str:
@@ -150,7 +160,7 @@ class ByteBlocks(torch.utils.data.Dataset):
             raise ValueError(f"The text ({len(self.ids)} bytes) is shorter than one block of {block_size}.")
         self.count = (len(self.ids) - block_size) // self.stride + 1
 
-    def truncate(self, multiple: int) -> "ByteBlocks":
+    def truncate(self, multiple: int) -> ByteBlocks:
         """Drop trailing blocks so that the count is a multiple of ``multiple`` (when there are that many)."""
         if self.count >= multiple:
             self.count -= self.count % multiple
@@ -206,7 +216,9 @@ def validation_loss(model, dataset: ByteBlocks, batch_size: int = 32) -> float:
         ids = ids.to(device)
         logits = model(input_ids=ids).logits[:, :-1].double()
         targets = ids[:, 1:]
-        total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum").item()
+        total += torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum"
+        ).item()
         count += targets.numel()
     model.train(was_training)
     if not math.isfinite(total):

@@ -76,7 +76,9 @@ TRAINING_DEFAULTS = dict(
 class ExampleArguments:
     """Data, model and comparison settings of the example."""
 
-    corpus: str = field(default="topics", metadata={"help": "'topics', 'docstrings', or a text file/folder (bytelm.py)."})
+    corpus: str = field(
+        default="topics", metadata={"help": "'topics', 'docstrings', or a text file/folder (bytelm.py)."}
+    )
     max_corpus_bytes: int | None = field(default=None, metadata={"help": "Use at most this many bytes of the corpus."})
     val_fraction: float = field(default=0.1, metadata={"help": "Share of the corpus held out for validation."})
     block_size: int = field(default=128, metadata={"help": "Training sequence length in bytes."})
@@ -87,13 +89,19 @@ class ExampleArguments:
     intermediate_size: int = field(default=512, metadata={"help": "SwiGLU width."})
     compare_algos: str = field(
         default="ema,wma",
-        metadata={"help": "Other rules scored over the same samples as the trainer's merge: comma-separated of sma, ema, wma."},
+        metadata={
+            "help": "Other rules scored over the same samples as the trainer's merge: "
+            "comma-separated of sma, ema, wma."
+        },
     )
     decay_steps: int = field(default=100, metadata={"help": "Length of the linear LR decay of the annealed fork."})
     long_decay_steps: int = field(
-        default=200, metadata={"help": "If > 0, a second, longer annealed fork with this many decay steps (0: skip it)."}
+        default=200,
+        metadata={"help": "If > 0, a second, longer annealed fork with this many decay steps (0: skip it)."},
     )
-    report_md: str | None = field(default=None, metadata={"help": "Markdown report path (default: output_dir/results.md)."})
+    report_md: str | None = field(
+        default=None, metadata={"help": "Markdown report path (default: output_dir/results.md)."}
+    )
     plot: str | None = field(default=None, metadata={"help": "PNG plot path (default: output_dir/pretrain_pma.png)."})
 
 
@@ -108,7 +116,9 @@ class SampleRecorder(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step
         if self.config.is_sample_step(step):
-            self.samples[step] = {n: p.detach().to("cpu", torch.float32, copy=True) for n, p in model.named_parameters()}
+            self.samples[step] = {
+                n: p.detach().to("cpu", torch.float32, copy=True) for n, p in model.named_parameters()
+            }
             for old in sorted(self.samples)[: max(0, len(self.samples) - self.keep)]:
                 del self.samples[old]
 
@@ -118,7 +128,7 @@ def averaged_model(template, samples: list[dict[str, torch.Tensor]], weights: li
     model = copy.deepcopy(template)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            total = sum(w * s[name].double() for w, s in zip(weights, samples))
+            total = sum(w * s[name].double() for w, s in zip(weights, samples, strict=True))
             param.copy_(total.to(param.dtype))
     return model
 
@@ -145,7 +155,11 @@ def annealed_fork(config, args: PmaArguments, checkpoint: Path, decay_steps: int
         output_dir=str(Path(args.output_dir) / tag),
         max_steps=steps + decay_steps,
         lr_scheduler_type="warmup_stable_decay",
-        lr_scheduler_kwargs={"num_stable_steps": steps - warmup, "num_decay_steps": decay_steps, "decay_type": "linear"},
+        lr_scheduler_kwargs={
+            "num_stable_steps": steps - warmup,
+            "num_decay_steps": decay_steps,
+            "decay_type": "linear",
+        },
         save_strategy="no",
     )
     model = LlamaForCausalLM(config)
@@ -161,15 +175,15 @@ def write_plot(path: Path, live, pma, forks, cycle_steps: int, title: str) -> No
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    ax.plot(*zip(*live), "o-", color="tab:blue", label="live weights (constant LR)", markersize=3)
+    ax.plot(*zip(*live, strict=True), "o-", color="tab:blue", label="live weights (constant LR)", markersize=3)
     full = [(s, v) for s, v in pma if s % cycle_steps == 0]
     part = [(s, v) for s, v in pma if s % cycle_steps != 0]
     if full:
-        ax.plot(*zip(*full), "s-", color="tab:red", label="PMA merge (cycle end)", markersize=5)
+        ax.plot(*zip(*full, strict=True), "s-", color="tab:red", label="PMA merge (cycle end)", markersize=5)
     if part:
-        ax.plot(*zip(*part), "x", color="tab:red", alpha=0.6, label="PMA running average (mid-cycle)")
-    for (label, points), color in zip(forks, ("tab:green", "tab:olive")):
-        ax.plot(*zip(*points), "^-", color=color, label=label, markersize=4)
+        ax.plot(*zip(*part, strict=True), "x", color="tab:red", alpha=0.6, label="PMA running average (mid-cycle)")
+    for (label, points), color in zip(forks, ("tab:green", "tab:olive"), strict=True):
+        ax.plot(*zip(*points, strict=True), "^-", color=color, label=label, markersize=4)
     # Zoom on the stable phase: the first third (fast early descent) would flatten the interesting part.
     zoom = live[-1][0] / 3 if live else 0
     values = [v for s, v in [*live, *pma, *(p for _, pts in forks for p in pts)] if s >= zoom]
@@ -230,7 +244,9 @@ def main(argv: list[str] | None = None) -> dict:
     train_s = time.perf_counter() - t0
     steps = trainer.state.global_step
     history = list(trainer.state.log_history)
-    merged_steps = list(trainer.pma_engine.counters["merged_steps"]) or list(trainer.pma_engine.counters["sample_steps"])
+    merged_steps = list(trainer.pma_engine.counters["merged_steps"]) or list(
+        trainer.pma_engine.counters["sample_steps"]
+    )
     live = trainer.model
 
     # The trainer's own merge, loaded back from disk the way a user would (PMA-init uses the same folder).
@@ -263,7 +279,9 @@ def main(argv: list[str] | None = None) -> dict:
     forks, fork_points, fork_s = [], [], 0.0
     for decay in [d for d in (ex.decay_steps, ex.long_decay_steps) if d > 0]:
         t0 = time.perf_counter()
-        fork_model, fork_history = annealed_fork(config, args, checkpoint, decay, train_ds, val_ds, f"annealed-{decay}")
+        fork_model, fork_history = annealed_fork(
+            config, args, checkpoint, decay, train_ds, val_ds, f"annealed-{decay}"
+        )
         fork_s += time.perf_counter() - t0
         loss = validation_loss(fork_model, val_ds)
         forks.append((f"annealed: +{decay} steps, LR linear to 0", f"steps {steps + 1}-{steps + decay}", loss))
@@ -296,12 +314,15 @@ def main(argv: list[str] | None = None) -> dict:
         "train_bytes": len(train_bytes),
         "val_bytes": len(val_bytes),
         "parameters": n_params,
-        "model": f"Llama d={ex.hidden_size}, {ex.num_layers} layers, {ex.num_heads} heads, ffn {ex.intermediate_size}, "
+        "model": f"Llama d={ex.hidden_size}, {ex.num_layers} layers, {ex.num_heads} heads, "
+        f"ffn {ex.intermediate_size}, "
         f"vocab {config.vocab_size}, tied embeddings",
         "tokens_per_step": args.per_device_train_batch_size * args.gradient_accumulation_steps * ex.block_size,
         "max_steps": steps,
-        "schedule": f"{getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)}, peak LR {args.learning_rate:g}, warm-up {args.warmup_steps}",
-        "optimizer": f"{getattr(args.optim, 'value', args.optim)}, betas ({args.adam_beta1}, {args.adam_beta2}), weight decay {args.weight_decay}, "
+        "schedule": f"{getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)}, "
+        f"peak LR {args.learning_rate:g}, warm-up {args.warmup_steps}",
+        "optimizer": f"{getattr(args.optim, 'value', args.optim)}, betas ({args.adam_beta1}, {args.adam_beta2}), "
+        f"weight decay {args.weight_decay}, "
         f"clip {args.max_grad_norm}",
         "pma": f"{cfg.fused_algo}, fused_num {cfg.fused_num}, interleave_step {cfg.interleave_step}, "
         f"ema_alpha {cfg.ema_alpha}, write_back {cfg.write_back}",

@@ -27,7 +27,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 
@@ -77,7 +76,9 @@ class InitArguments:
     val_fraction: float = field(default=0.1, metadata={"help": "Share of each corpus held out for validation."})
     block_size: int | None = field(default=None, metadata={"help": "Sequence length (default: the model's maximum)."})
     train_stride: int = field(default=64, metadata={"help": "Bytes between the starts of training windows."})
-    report_md: str | None = field(default=None, metadata={"help": "Markdown report path (default: output_dir/results.md)."})
+    report_md: str | None = field(
+        default=None, metadata={"help": "Markdown report path (default: output_dir/results.md)."}
+    )
 
 
 def newest_checkpoint(run_dir: Path) -> Path:
@@ -109,7 +110,9 @@ def continue_training(init_dir: Path, args: TrainingArguments, tag: str, train_d
     tokenizer = AutoTokenizer.from_pretrained(init_dir)
     start = validation_loss(model, val_ds)
     run_args = dataclasses.replace(args, output_dir=str(Path(args.output_dir) / tag))
-    trainer = Trainer(model=model, args=run_args, train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer)
+    trainer = Trainer(
+        model=model, args=run_args, train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer
+    )
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
@@ -134,7 +137,9 @@ def main(argv: list[str] | None = None) -> dict:
     live_dir = Path(ia.live_dir) if ia.live_dir else newest_checkpoint(run_dir)
     for name, folder in (("--pma_dir", pma_dir), ("--live_dir", live_dir)):
         if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{name} {folder} is not a model folder (no config.json); run pretrain_pma.py first.")
+            raise FileNotFoundError(
+                f"{name} {folder} is not a model folder (no config.json); run pretrain_pma.py first."
+            )
 
     from transformers import AutoConfig
 
@@ -158,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     live, pma = results["live-init"], results["pma-init"]
     pma_curve = dict(pma["curve"])
     lines = [
-        f"| step | from live checkpoint | from PMA (`pma/`) | PMA - live |",
+        "| step | from live checkpoint | from PMA (`pma/`) | PMA - live |",
         "|---|---|---|---|",
     ]
     for step, value in live["curve"]:
@@ -186,10 +191,20 @@ def main(argv: list[str] | None = None) -> dict:
     command = "python examples/sft_from_pma.py " + " ".join(argv if argv is not None else sys.argv[1:])
     settings = (
         f"{args.max_steps} steps, batch {args.per_device_train_batch_size} x {block_size} bytes, "
-        f"{getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)} LR {args.learning_rate:g} with {args.warmup_steps} warm-up steps, seed {args.seed}; "
+        f"{getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)} LR {args.learning_rate:g} "
+        f"with {args.warmup_steps} warm-up steps, seed {args.seed}; "
         f"corpus {ia.corpus!r} ({len(train_bytes):,} train bytes)"
     )
-    report = ["# PMA-init example: results", "", f"Command: `{command.strip()}`", "", f"Settings: {settings}.", "", table, ""]
+    report = [
+        "# PMA-init example: results",
+        "",
+        f"Command: `{command.strip()}`",
+        "",
+        f"Settings: {settings}.",
+        "",
+        table,
+        "",
+    ]
     report_path = Path(ia.report_md) if ia.report_md else out / "results.md"
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text("\n".join(report), encoding="utf-8")

@@ -192,11 +192,16 @@ def plot(results: dict, path: str, opts) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=120)
     for name, color in (("unguarded", "tab:red"), ("guarded", "tab:blue")):
-        steps, losses = zip(*results[name]["losses"])
+        steps, losses = zip(*results[name]["losses"], strict=True)
         shown = [min(x, 12.0) if math.isfinite(x) else 12.0 for x in losses]
         ax.plot(steps, shown, color=color, lw=1.0, label=f"{name} (final {results[name]['final_train_loss']:.3f})")
-    ax.axvspan(opts.burst_at - 0.5, opts.burst_at + opts.burst_steps - 0.5, color="0.6", alpha=0.3,
-               label=f"LR x{opts.burst_factor:g} burst (both runs)")
+    ax.axvspan(
+        opts.burst_at - 0.5,
+        opts.burst_at + opts.burst_steps - 0.5,
+        color="0.6",
+        alpha=0.3,
+        label=f"LR x{opts.burst_factor:g} burst (both runs)",
+    )
     for i, event in enumerate(results["guarded"]["events"]):
         ax.axvline(event["step"], color="tab:green", ls="--", lw=1.0, label="recovery" if i == 0 else None)
     ax.set_xlabel("optimizer step")

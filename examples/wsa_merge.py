@@ -5,7 +5,7 @@ whole training split, ``--shared_steps``; 0 forks from the random initialisation
 of a real corpus (the Python language reference that ships with CPython, ``pydoc_data.topics``,
 split by topic: non-IID) with different learning rates. They are merged by plain averaging
 (0.5 / 0.5), once for a pair trained without WSA and once for a pair trained with the WSA loss
-(`pmakit.wsa.add_wsa` on a stock `transformers.Trainer`, target = the scopes at the fork).
+(`pmakit.tools.wsa.add_wsa` on a stock `transformers.Trainer`, target = the scopes at the fork).
 For both pairs the script prints the validation loss of each run and of the average, the scope
 spread between the two runs, and the loss along the line ``(1 - alpha) A + alpha B`` for alpha in
 [0, 1], saved as a PNG. Every model is scored on the same held-out blocks (paired).
@@ -33,16 +33,21 @@ from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bytelm import ByteBlocks, llama_config, load_corpus, split_corpus, validation_loss  # noqa: E402
 
-from pmakit.scope import compare_scopes, compute_scopes  # noqa: E402
-from pmakit.wsa import WsaConfig, add_wsa  # noqa: E402
+from pmakit.tools.scope import compare_scopes, compute_scopes  # noqa: E402
+from pmakit.tools.wsa import WsaConfig, add_wsa  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--corpus", default="topics", help="'topics', 'docstrings' or a text file/folder (see bytelm.py)")
     p.add_argument("--max_bytes", type=int, default=None, help="use at most this many bytes of the corpus")
-    p.add_argument("--shared_steps", type=int, default=200, help="steps of a shared warm-up on the whole train split "
-                   "before the fork (0: fork from the random initialisation)")
+    p.add_argument(
+        "--shared_steps",
+        type=int,
+        default=200,
+        help="steps of a shared warm-up on the whole train split "
+        "before the fork (0: fork from the random initialisation)",
+    )
     p.add_argument("--lr_shared", type=float, default=3e-3, help="learning rate of the shared warm-up")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps per run after the fork")
     p.add_argument("--batch_size", type=int, default=16)
@@ -64,10 +69,21 @@ def train(init_state, config, data, lr, steps, wsa_weight, args, out) -> dict:
     model = LlamaForCausalLM(config)
     model.load_state_dict(init_state)
     targs = TrainingArguments(
-        output_dir=str(out), use_cpu=True, report_to="none", per_device_train_batch_size=args.batch_size,
-        learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_steps=steps,
-        save_strategy="no", logging_steps=max(1, steps // 5), disable_tqdm=True, seed=args.seed,
-        data_seed=args.seed, dataloader_num_workers=0,
+        output_dir=str(out),
+        use_cpu=True,
+        report_to="none",
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_steps=steps,
+        save_strategy="no",
+        logging_steps=max(1, steps // 5),
+        disable_tqdm=True,
+        seed=args.seed,
+        data_seed=args.seed,
+        dataloader_num_workers=0,
     )
     trainer = Trainer(model=model, args=targs, train_dataset=data)
     if wsa_weight > 0:
@@ -112,8 +128,11 @@ def main(argv=None) -> dict:
     val_all = ByteBlocks(val_bytes, args.block_size)
     val = _Blocks(val_all, list(range(0, len(val_all), max(1, len(val_all) // args.val_blocks)))[: args.val_blocks])
     config = llama_config(
-        hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=4,
-        intermediate_size=2 * args.hidden_size, block_size=args.block_size,
+        hidden_size=args.hidden_size,
+        num_layers=args.num_layers,
+        num_heads=4,
+        intermediate_size=2 * args.hidden_size,
+        block_size=args.block_size,
     )
     torch.manual_seed(args.seed)
     init = LlamaForCausalLM(config)
@@ -121,8 +140,16 @@ def main(argv=None) -> dict:
     results = {"settings": vars(args).copy(), "pairs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         if args.shared_steps > 0:  # one initialisation for both runs: a briefly pre-trained model
-            shared = train(init_state, config, ByteBlocks(train_bytes, args.block_size), args.lr_shared,
-                           args.shared_steps, 0.0, args, Path(tmp) / "shared")
+            shared = train(
+                init_state,
+                config,
+                ByteBlocks(train_bytes, args.block_size),
+                args.lr_shared,
+                args.shared_steps,
+                0.0,
+                args,
+                Path(tmp) / "shared",
+            )
             init_state = shared["state"]
             init.load_state_dict(init_state)
             results["val_loss_fork_point"] = validation_loss(init, val)
@@ -172,7 +199,7 @@ def report(results: dict) -> None:
     if "val_loss_fork_point" in results:
         print(f"shared initialisation (after the warm-up): {results['val_loss_fork_point']:.4f}")
     columns = ("run A", "run B", "average", "avg-best", "barrier", "std ratio max/mean")
-    print(f"{'pair':6} " + " ".join(f"{c:>{w}}" for c, w in zip(columns, (8, 8, 8, 9, 8, 19))))
+    print(f"{'pair':6} " + " ".join(f"{c:>{w}}" for c, w in zip(columns, (8, 8, 8, 9, 8, 19), strict=True)))
     for label, r in results["pairs"].items():
         s = r["scope_spread"]
         print(

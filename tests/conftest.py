@@ -5,48 +5,13 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
+
+from tests.helpers.models import TokenDataset, tiny_llama
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
-
-VOCAB = 64
-SEQ = 16
-
-
-def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, tie: bool = True):
-    """A 2-layer Llama of ~40k parameters, built locally."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(config).to(dtype)
-
-
-class TokenDataset(torch.utils.data.Dataset):
-    """Fixed random token sequences (a deterministic stand-in for text in unit tests)."""
-
-    def __init__(self, n: int = 64, seed: int = 1, seq: int = SEQ) -> None:
-        generator = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(1, VOCAB, (n, seq), generator=generator)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 @pytest.fixture
@@ -60,7 +25,7 @@ def dataset_factory():
 
 
 # ------------------------------------------------------------------------------------------------
-# A local Hub-compatible server (tests/hub_server.py) for Hub push/download tests: the real
+# A local Hub-compatible server (tests/helpers/hub_server.py) for Hub push/download tests: the real
 # `huggingface_hub` client talks HTTP to it on 127.0.0.1; nothing else is reachable.
 
 
@@ -69,10 +34,10 @@ def hub_server():
     """A started `LocalHub` with users `alice` (write and read tokens) and `bob` (write token)."""
     import secrets
 
-    from hub_server import LocalHub
+    from tests.helpers.hub_server import LocalHub
 
-    tokens = {f"hf_{secrets.token_hex(16)}": ("alice", "write"), f"hf_{secrets.token_hex(16)}": ("alice", "read"),
-              f"hf_{secrets.token_hex(16)}": ("bob", "write")}
+    users = [("alice", "write"), ("alice", "read"), ("bob", "write")]
+    tokens = {f"hf_{secrets.token_hex(16)}": user for user in users}
     hub = LocalHub(tokens, orgs={"pma-org": {"alice"}}).start()
     (hub.write_token, _), (hub.read_token, _), (hub.other_token, _) = tokens.items()
     hub.user = "alice"
@@ -82,7 +47,7 @@ def hub_server():
 
 @pytest.fixture
 def fast_retries(monkeypatch):
-    """Record, instead of sleeping, the back-off waits of the Hub client and of `pmakit.hub`."""
+    """Record, instead of sleeping, the back-off waits of the Hub client and of `pmakit.io.hub`."""
     import time
     import types
 
@@ -94,9 +59,9 @@ def fast_retries(monkeypatch):
     clock.sleep = sleeps.append
     monkeypatch.setattr(hub_http, "time", clock)
     monkeypatch.setattr(file_download, "time", clock)
-    import pmakit.hub
+    import pmakit.io.hub
 
-    monkeypatch.setattr(pmakit.hub, "_sleep", sleeps.append)
+    monkeypatch.setattr(pmakit.io.hub, "_sleep", sleeps.append)
     return sleeps
 
 
@@ -114,11 +79,23 @@ def local_hub(hub_server, fast_retries, monkeypatch, tmp_path):
     from huggingface_hub import constants
 
     home = tmp_path / "hf_home"
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN_PATH",
-                 "TRANSFORMERS_OFFLINE", "HF_XET_CACHE"):
+    for name in (
+        "HF_TOKEN",
+        "HUGGING_FACE_HUB_TOKEN",
+        "HF_HUB_CACHE",
+        "HUGGINGFACE_HUB_CACHE",
+        "HF_TOKEN_PATH",
+        "TRANSFORMERS_OFFLINE",
+        "HF_XET_CACHE",
+    ):
         monkeypatch.delenv(name, raising=False)
-    env = {"HF_ENDPOINT": hub_server.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(home),
-           "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env = {
+        "HF_ENDPOINT": hub_server.endpoint,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HOME": str(home),
+        "HF_HUB_OFFLINE": "0",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     values = {

@@ -28,7 +28,7 @@ def closed_form(rule: AveragingRule, n: int) -> list[float]:
 
 def fold(coefficients: list[float], samples: list[float]) -> float:
     avg = 0.0
-    for c, x in zip(coefficients, samples):
+    for c, x in zip(coefficients, samples, strict=True):
         avg = avg + c * (x - avg)
     return avg
 
@@ -52,7 +52,7 @@ def test_weights_match_closed_form(rule, n):
 def test_running_form_equals_closed_form(rule, n):
     rng = random.Random(n)
     samples = [rng.uniform(-3, 3) for _ in range(n)]
-    expected = math.fsum(w * x for w, x in zip(closed_form(rule, n), samples))
+    expected = math.fsum(w * x for w, x in zip(closed_form(rule, n), samples, strict=True))
     assert fold(fold_coefficients(rule, n), samples) == pytest.approx(expected, rel=1e-10, abs=1e-12)
 
 
@@ -62,7 +62,7 @@ def test_explicit_weights_running_and_closed_form():
         weights = tuple(rng.uniform(0.1, 2.0) for _ in range(n))
         rule = AveragingRule("weights", weights=weights)
         samples = [rng.uniform(-1, 1) for _ in range(n)]
-        expected = math.fsum(w * x for w, x in zip(weights, samples)) / math.fsum(weights)
+        expected = math.fsum(w * x for w, x in zip(weights, samples, strict=True)) / math.fsum(weights)
         assert fold(fold_coefficients(rule, n), samples) == pytest.approx(expected, rel=1e-12)
         assert rule.weights_for(n) == pytest.approx([w / sum(weights) for w in weights])
 

@@ -15,46 +15,48 @@ _EXPORTS = {
     "AveragingRule": "averaging",
     "fold_coefficients": "averaging",
     "merge_weights": "averaging",
-    "PmaConfig": "config",
-    "PmaArguments": "config",
-    "PmaEngine": "engine",
-    "attach_engine": "engine",
-    "PmaCallback": "callback",
-    "PmaTrainer": "trainer",
-    "PmaAdamW": "optim",
-    "create_pma_optimizer": "optim",
-    "gather_averaged_state_dict": "export",
-    "merge": "merge",
-    "plan_merge": "merge",
-    "load_recipe": "merge",
-    "MergeError": "merge",
-    "MergeResult": "merge",
-    "WeightedAverageForLLama": "merge",
-    "push_folder_to_hub": "hub",
-    "download_model": "hub",
-    "HubPushError": "hub",
-    "HubDownloadError": "hub",
-    "SpikeConfig": "spike",
-    "SpikeRecoveryCallback": "spike",
-    "SpikeRecoveryError": "spike",
-    "average_lora_adapters": "lora",
-    "greedy_soup": "greedy_soup",
-    "GreedySoupResult": "greedy_soup",
-    "LearnedSoup": "soup",
-    "fit_learned_soup": "soup",
-    "Scope": "scope",
-    "compute_scopes": "scope",
-    "compare_scopes": "scope",
-    "fuse_scopes": "scope",
-    "format_scope_report": "scope",
-    "warn_if_scopes_differ": "scope",
-    "WsaConfig": "wsa",
-    "WsaRegularizer": "wsa",
-    "WsaCallback": "wsa",
-    "add_wsa": "wsa",
-    "merge_buffers": "buffers",
-    "average_models": "buffers",
-    "update_bn": "buffers",
+    "PmaConfig": "online.config",
+    "PmaArguments": "training.arguments",
+    "PmaEngine": "online.engine",
+    "attach_engine": "online.engine",
+    "PmaCallback": "training.callback",
+    "PmaTrainer": "training.trainer",
+    "PmaAdamW": "training.optim",
+    "create_pma_optimizer": "training.optim",
+    "gather_averaged_state_dict": "online.gather",
+    "merge": "merging",
+    "plan_merge": "merging",
+    "load_recipe": "merging",
+    "MergeError": "errors",
+    "InputError": "errors",
+    "MergeResult": "merging",
+    "WeightedAverageForLLama": "tools.fusionbench",
+    "push_folder_to_hub": "io.hub",
+    "download_model": "io.hub",
+    "HubPushError": "io.hub",
+    "HubDownloadError": "io.hub",
+    "HubTarget": "io.hub_target",
+    "SpikeConfig": "tools.spike",
+    "SpikeRecoveryCallback": "tools.spike",
+    "SpikeRecoveryError": "tools.spike",
+    "average_lora_adapters": "tools.lora",
+    "greedy_soup": "tools.greedy_soup",
+    "GreedySoupResult": "tools.greedy_soup",
+    "LearnedSoup": "tools.learned_soup",
+    "fit_learned_soup": "tools.learned_soup",
+    "Scope": "tools.scope",
+    "compute_scopes": "tools.scope",
+    "compare_scopes": "tools.scope",
+    "fuse_scopes": "tools.scope",
+    "format_scope_report": "tools.scope",
+    "warn_if_scopes_differ": "tools.scope",
+    "WsaConfig": "tools.wsa",
+    "WsaRegularizer": "tools.wsa",
+    "WsaCallback": "tools.wsa",
+    "add_wsa": "tools.wsa",
+    "merge_buffers": "tools.buffers",
+    "average_models": "tools.buffers",
+    "update_bn": "tools.buffers",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -74,18 +76,28 @@ def __dir__():
 
 if TYPE_CHECKING:
     from .averaging import ALGORITHMS, AveragingRule, fold_coefficients, merge_weights
-    from .buffers import average_models, merge_buffers, update_bn
-    from .callback import PmaCallback
-    from .config import PmaArguments, PmaConfig
-    from .engine import PmaEngine, attach_engine
-    from .export import gather_averaged_state_dict
-    from .greedy_soup import GreedySoupResult, greedy_soup
-    from .hub import HubDownloadError, HubPushError, download_model, push_folder_to_hub
-    from .lora import average_lora_adapters
-    from .merge import MergeError, MergeResult, WeightedAverageForLLama, load_recipe, merge, plan_merge
-    from .optim import PmaAdamW, create_pma_optimizer
-    from .scope import Scope, compare_scopes, compute_scopes, format_scope_report, fuse_scopes, warn_if_scopes_differ
-    from .soup import LearnedSoup, fit_learned_soup
-    from .spike import SpikeConfig, SpikeRecoveryCallback, SpikeRecoveryError
-    from .trainer import PmaTrainer
-    from .wsa import WsaCallback, WsaConfig, WsaRegularizer, add_wsa
+    from .errors import InputError, MergeError
+    from .io.hub import HubDownloadError, HubPushError, HubTarget, download_model, push_folder_to_hub
+    from .merging import MergeResult, load_recipe, merge, plan_merge
+    from .online.config import PmaConfig
+    from .online.engine import PmaEngine, attach_engine
+    from .online.gather import gather_averaged_state_dict
+    from .tools.buffers import average_models, merge_buffers, update_bn
+    from .tools.fusionbench import WeightedAverageForLLama
+    from .tools.greedy_soup import GreedySoupResult, greedy_soup
+    from .tools.learned_soup import LearnedSoup, fit_learned_soup
+    from .tools.lora import average_lora_adapters
+    from .tools.scope import (
+        Scope,
+        compare_scopes,
+        compute_scopes,
+        format_scope_report,
+        fuse_scopes,
+        warn_if_scopes_differ,
+    )
+    from .tools.spike import SpikeConfig, SpikeRecoveryCallback, SpikeRecoveryError
+    from .tools.wsa import WsaCallback, WsaConfig, WsaRegularizer, add_wsa
+    from .training.arguments import PmaArguments
+    from .training.callback import PmaCallback
+    from .training.optim import PmaAdamW, create_pma_optimizer
+    from .training.trainer import PmaTrainer

@@ -45,8 +45,15 @@ def test_tiny_run_prints_tables_and_consistent_numbers(bench, tmp_path, capsys):
     text = out.read_text()
     assert text in printed
     assert "| params | method | B/param moved | median ms |" in text
-    for label in ("pmakit `PmaEngine.sample()`", "torch `AveragedModel` EMA", "`_foreach_copy_`", "bound: 12 B/param",
-                  "bound: 10 B/param", "upcast 2^16 + lerp", "mul_+add_"):
+    for label in (
+        "pmakit `PmaEngine.sample()`",
+        "torch `AveragedModel` EMA",
+        "`_foreach_copy_`",
+        "bound: 12 B/param",
+        "bound: 10 B/param",
+        "upcast 2^16 + lerp",
+        "mul_+add_",
+    ):
         assert label in text
     assert json.loads(js.read_text())["results"][1]["dtype"] == "bf16"
 

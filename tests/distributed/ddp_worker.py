@@ -11,22 +11,24 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from conftest import TokenDataset, tiny_llama
-from trainer_utils import pma_args
 
-import pmakit.export
+import pmakit.io.folders
+import pmakit.training.export
 from pmakit import PmaTrainer
+from tests.helpers.models import TokenDataset, tiny_llama
+from tests.helpers.training import pma_args
 
 
 def log_writes(out: Path, rank: int) -> None:
-    original = pmakit.export.atomic_directory
+    original = pmakit.io.folders.atomic_directory
 
     def logged(path, *args, **kwargs):
         with open(out / f"writes_rank{rank}.txt", "a") as fh:
             fh.write(f"{Path(path).name}\n")
         return original(path, *args, **kwargs)
 
-    pmakit.export.atomic_directory = logged
+    pmakit.training.export.atomic_directory = logged  # pma-<step> folders
+    pmakit.io.folders.atomic_directory = logged  # the copy into `pma`
 
 
 def run(output_dir: Path, resume: str | None = None) -> PmaTrainer:

@@ -15,11 +15,12 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param
-from conftest import tiny_llama
-from reference import CONFIG, STEPS, batch
 
-from pmakit.callback import PmaExporter
-from pmakit.engine import AVG_KEY, PmaEngine, attach_deepspeed, attach_engine
+from pmakit.online.deepspeed import attach_deepspeed
+from pmakit.online.engine import AVG_KEY, PmaEngine, attach_engine
+from pmakit.training.export import PmaExporter
+from tests.distributed.reference import CONFIG, STEPS, batch
+from tests.helpers.models import tiny_llama
 
 
 def build(stage: int):
@@ -52,7 +53,7 @@ def check(out: Path, stage: int, rank: int) -> None:
             samples.append({n: safe_get_full_fp32_param(p).double() for n, p in engine.module.named_parameters()})
     if rank == 0:
         weights = CONFIG.rule.weights_for(len(samples))
-        reference = {n: sum(w * s[n] for w, s in zip(weights, samples)) for n in samples[0]}
+        reference = {n: sum(w * s[n] for w, s in zip(weights, samples, strict=True)) for n in samples[0]}
         torch.save(reference, out / "reference.pt")
     facts = {"stage": stage, "counters": pma.counters, "type": type(zero_optimizer).__name__}
     averages = pma.averages()
@@ -72,7 +73,7 @@ def check(out: Path, stage: int, rank: int) -> None:
     engine2.load_checkpoint(str(out / "ds"), tag="step6")
     loaded = pma2.averages()
     facts["resume_ok"] = pma2.counters == pma.counters and len(loaded) == len(averages)
-    for a1, a2 in zip(averages.values(), loaded.values()):
+    for a1, a2 in zip(averages.values(), loaded.values(), strict=True):
         n = min(a1.numel(), a2.numel())  # DeepSpeed saves partitions without their alignment padding
         facts["resume_ok"] &= torch.equal(a1[:n], a2[:n]) and a2.dtype == torch.float32
     facts["state_ok"] = all(pma2.optimizer.state[flat][AVG_KEY] is a for flat, a in loaded.items())

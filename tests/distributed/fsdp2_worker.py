@@ -13,15 +13,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from conftest import tiny_llama
-from reference import CONFIG, STEPS, batch
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from pmakit.callback import PmaExporter
-from pmakit.engine import AVG_KEY, attach_engine
-from pmakit.export import _full
+from pmakit.online.engine import AVG_KEY, attach_engine
+from pmakit.online.gather import _full
+from pmakit.training.export import PmaExporter
+from tests.distributed.reference import CONFIG, STEPS, batch
+from tests.helpers.models import tiny_llama
 
 
 DEVICE = "cpu"
@@ -67,8 +67,9 @@ def check(out: Path, dtype: torch.dtype, rank: int) -> None:
 
     averages = engine.averages()
     facts = {"rank": rank, "local_avg_numel": 0, "local_param_numel": 0, "full_numel": 0, "all_dtensor": True}
-    facts["avg_devices"] = sorted({str(a.to_local().device.type) + (":pinned" if a.to_local().is_pinned() else "")
-                                   for a in averages.values()})
+    facts["avg_devices"] = sorted(
+        {str(a.to_local().device.type) + (":pinned" if a.to_local().is_pinned() else "") for a in averages.values()}
+    )
     for p, avg in averages.items():
         facts["all_dtensor"] &= isinstance(avg, DTensor) and avg.placements == p.placements and avg.shape == p.shape
         facts["all_dtensor"] &= avg.dtype == torch.float32 and avg.to_local().shape == p.to_local().shape
@@ -81,7 +82,9 @@ def check(out: Path, dtype: torch.dtype, rank: int) -> None:
     # Swap: the live shards take the average and get their own bits back afterwards.
     before = {p: p.to_local().clone() for p in averages}
     with engine.swapped():
-        facts["swap_ok"] = all(torch.equal(p.to_local(), a.to_local().to(p.device, p.dtype)) for p, a in averages.items())
+        facts["swap_ok"] = all(
+            torch.equal(p.to_local(), a.to_local().to(p.device, p.dtype)) for p, a in averages.items()
+        )
     facts["restore_ok"] = all(torch.equal(p.to_local(), before[p]) for p in averages)
 
     # Resume: the sharded optimizer state (DTensor averages included) through DCP into a fresh model.
@@ -94,13 +97,11 @@ def check(out: Path, dtype: torch.dtype, rank: int) -> None:
     set_optimizer_state_dict(model2, optimizer2, state["optim"])
     loaded = engine2.averages()
     facts["resume_ok"] = engine2.counters == engine.counters
-    for (p1, a1), (p2, a2) in zip(averages.items(), loaded.items()):
+    for (_, a1), (p2, a2) in zip(averages.items(), loaded.items(), strict=True):
         facts["resume_ok"] &= isinstance(a2, DTensor) and a2.dtype == torch.float32
         facts["resume_ok"] &= torch.equal(a1.to_local(), a2.to_local())
         facts["resume_ok"] &= optimizer2.state[p2][AVG_KEY] is a2
     (out / f"facts_rank{rank}.json").write_text(json.dumps(facts))
-
-
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Run a worker script under `torch.distributed.run` (2 CPU processes, gloo, by default) from a test, with a timeout."""
+"""Run a worker script under `torch.distributed.run` (2 CPU processes, gloo, by default), with a timeout."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+
 HERE = Path(__file__).resolve().parent
-TESTS = HERE.parent
+ROOT = HERE.parent.parent
 
 
-def torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 240, cpu: bool = True) -> subprocess.CompletedProcess:
+def torchrun(
+    script: str, *args: str, nproc: int = 2, timeout: float = 240, cpu: bool = True
+) -> subprocess.CompletedProcess:
     """Launch ``script`` on ``nproc`` local processes (CPU unless ``cpu=False``) and wait; fail on a hang or error."""
     env = dict(os.environ)
     if cpu:
@@ -20,12 +23,19 @@ def torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 240, cpu:
         OMP_NUM_THREADS="1",
         HF_HUB_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
-        PYTHONPATH=os.pathsep.join([str(TESTS), str(HERE), env.get("PYTHONPATH", "")]),
+        PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
         TORCH_CPP_LOG_LEVEL="ERROR",
         PYTHONWARNINGS="ignore",
     )
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(HERE / script), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(HERE / script),
+        *args,
+    ]
     try:
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as err:  # a hang at a collective or at shutdown

@@ -1,10 +1,11 @@
 """Settings and data shared by the sharded workers (FSDP2, DeepSpeed) and their unsharded reference."""
 
 import torch
-from conftest import SEQ, VOCAB
 
 from pmakit import PmaConfig
-from pmakit.engine import attach_engine
+from pmakit.online.engine import attach_engine
+from tests.helpers.models import SEQ, VOCAB
+
 
 CONFIG = PmaConfig(fused_algo="wma", fused_num=3, interleave_step=2)
 STEPS = 6  # samples after steps 2, 4, 6: one full cycle, exported as pma-6
@@ -18,7 +19,7 @@ def batch(step: int) -> torch.Tensor:
 
 def unsharded_reference(dtype=torch.float32) -> dict[str, torch.Tensor]:
     """The same training on one process over the full batches: ``{name: fp32 average}``."""
-    from conftest import tiny_llama
+    from tests.helpers.models import tiny_llama
 
     model = tiny_llama(dtype=dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)

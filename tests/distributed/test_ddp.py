@@ -1,11 +1,11 @@
 """DDP: `PmaTrainer` under torchrun on 2 CPU processes (gloo), against a single-process run."""
 
 import torch
-from conftest import TokenDataset, tiny_llama
-from launch import torchrun
-from trainer_utils import load_folder, pma_args
 
 from pmakit import PmaTrainer
+from tests.distributed.launch import torchrun
+from tests.helpers.models import TokenDataset, tiny_llama
+from tests.helpers.training import load_folder, pma_args
 
 
 def test_ddp_two_processes_match_single_process_and_resume(tmp_path):

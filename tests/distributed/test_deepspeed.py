@@ -12,9 +12,10 @@ import os
 
 import pytest
 import torch
-from launch import torchrun
-from reference import unsharded_reference
-from trainer_utils import load_folder
+
+from tests.distributed.launch import torchrun
+from tests.distributed.reference import unsharded_reference
+from tests.helpers.training import load_folder
 
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")

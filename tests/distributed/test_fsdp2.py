@@ -5,10 +5,10 @@ import json
 
 import pytest
 import torch
-from reference import unsharded_reference
-from launch import torchrun
-from trainer_utils import load_folder
 
+from tests.distributed.launch import torchrun
+from tests.distributed.reference import unsharded_reference
+from tests.helpers.training import load_folder
 
 
 @pytest.fixture(scope="module")

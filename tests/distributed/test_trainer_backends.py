@@ -7,8 +7,9 @@ import os
 
 import pytest
 import torch
-from launch import torchrun
-from trainer_utils import load_folder
+
+from tests.distributed.launch import torchrun
+from tests.helpers.training import load_folder
 
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None

@@ -13,17 +13,20 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from conftest import TokenDataset, tiny_llama
-from trainer_utils import pma_args
 
 from pmakit import PmaTrainer
+from tests.helpers.models import TokenDataset, tiny_llama
+from tests.helpers.training import pma_args
 
 
 def backend_args(mode: str, on_cpu: bool) -> dict:
     common = dict(use_cpu=on_cpu, bf16=not on_cpu, max_steps=6, save_strategy="steps", save_steps=3)
     if mode == "fsdp2":
-        return dict(common, fsdp="full_shard auto_wrap",
-                    fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
+        return dict(
+            common,
+            fsdp="full_shard auto_wrap",
+            fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
+        )
     stage = int(mode[-1])
     config = {
         "zero_optimization": {"stage": stage},
@@ -64,7 +67,7 @@ def main() -> None:
     resumed = second.pma_engine.averages()
     facts["resume_counters_ok"] = second.pma_engine.counters == engine.counters
     facts["resume_exact"] = len(resumed) == len(averages) and all(
-        torch.equal(local(a), local(b)) for a, b in zip(averages.values(), resumed.values())
+        torch.equal(local(a), local(b)) for a, b in zip(averages.values(), resumed.values(), strict=True)
     )
     if not engine.deepspeed:
         names = {p: n for n, p in first.model.named_parameters()}

@@ -7,7 +7,6 @@ runs, real files); the checks read what they wrote back from disk.
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 from pathlib import Path
 
@@ -108,7 +107,7 @@ def test_pretrain_example_writes_table_plot_and_loadable_pma(pretrain_run):
     # The annealed fork resumed the step-16 checkpoint (weights, optimizer state, data position) for 4 more steps.
     assert (out / "checkpoint-16" / "optimizer.pt").is_file()
     assert summary["rows"][-2]["weights"] == "steps 17-20" and summary["rows"][-1]["weights"] == "steps 17-24"
-    for decay, curve in zip((4, 8), summary["fork_curves"].values()):
+    for decay, curve in zip((4, 8), summary["fork_curves"].values(), strict=True):
         assert curve[0] == [16, live] or curve[0] == (16, live)
         assert [s for s, _ in curve[1:-1]] == list(range(20, 16 + decay, 4))  # the run's eval_steps
         assert tuple(curve[-1]) == (16 + decay, losses[names[-2] if decay == 4 else names[-1]])

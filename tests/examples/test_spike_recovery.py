@@ -28,8 +28,28 @@ def test_guarded_run_recovers_and_ends_far_below_the_unguarded_one(tmp_path, cap
     pytest.importorskip("matplotlib")
     example = _load()
     plot, numbers = tmp_path / "curves.png", tmp_path / "numbers.json"
-    tiny = ["--steps", "80", "--burst_at", "40", "--warmup", "15", "--interval", "5", "--rewarm", "15", "--tail", "10",
-            "--batch", "8", "--seq", "32", "--bytes", "100000", "--threads", "1"]
+    tiny = [
+        "--steps",
+        "80",
+        "--burst_at",
+        "40",
+        "--warmup",
+        "15",
+        "--interval",
+        "5",
+        "--rewarm",
+        "15",
+        "--tail",
+        "10",
+        "--batch",
+        "8",
+        "--seq",
+        "32",
+        "--bytes",
+        "100000",
+        "--threads",
+        "1",
+    ]
     results = example.main([*tiny, "--plot", str(plot), "--json", str(numbers)])
     unguarded, guarded = results["unguarded"], results["guarded"]
     assert unguarded["events"] == [] and len(guarded["events"]) >= 1
@@ -38,7 +58,7 @@ def test_guarded_run_recovers_and_ends_far_below_the_unguarded_one(tmp_path, cap
         assert event["merged_steps"] and max(event["merged_steps"]) < event["spike_began"] - 1
     # Identical until the first spike (same seed, same data order) ...
     first = guarded["events"][0]["spike_began"]
-    same = [a == b for (sa, a), (sb, b) in zip(unguarded["losses"], guarded["losses"]) if sa < first]
+    same = [a == b for (sa, a), (sb, b) in zip(unguarded["losses"], guarded["losses"], strict=True) if sa < first]
     assert same and all(same)
     # ... then the guarded run ends much lower, in training and on held-out text.
     assert guarded["final_train_loss"] < unguarded["final_train_loss"] - 0.3

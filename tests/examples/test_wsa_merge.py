@@ -26,11 +26,32 @@ def _load():
 def test_wsa_merge_tiny(tmp_path):
     threads = torch.get_num_threads()
     try:
-        results = _load().main([
-            "--max_bytes", "120000", "--shared_steps", "6", "--steps", "8", "--batch_size", "4", "--block_size", "32",
-            "--hidden_size", "32", "--alphas", "3", "--val_blocks", "16", "--wsa_weight", "5.0",
-            "--plot", str(tmp_path / "curve.png"), "--json", str(tmp_path / "r.json"),
-        ])
+        results = _load().main(
+            [
+                "--max_bytes",
+                "120000",
+                "--shared_steps",
+                "6",
+                "--steps",
+                "8",
+                "--batch_size",
+                "4",
+                "--block_size",
+                "32",
+                "--hidden_size",
+                "32",
+                "--alphas",
+                "3",
+                "--val_blocks",
+                "16",
+                "--wsa_weight",
+                "5.0",
+                "--plot",
+                str(tmp_path / "curve.png"),
+                "--json",
+                str(tmp_path / "r.json"),
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,338 @@
+"""Reading and writing safetensors files block by block, with numpy only (no torch import).
+
+The merger needs one element range of one tensor at a time, from many files. It parses the
+(small, JSON) header itself, validating every offset against the file size so that a corrupt or
+truncated file is refused before anything is read, and then reads ranges directly (see ``fold``).
+The writer knows the whole layout up front, so it writes each shard's header first and then each
+block at its final offset (``os.pwrite``): no shard is ever buffered in memory.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from ..errors import InputError
+
+
+__all__ = [
+    "DTYPES",
+    "FLOAT_DTYPES",
+    "SafetensorsFile",
+    "ShardWriter",
+    "TensorInfo",
+    "parse_size",
+    "plan_shards",
+    "read_into",
+]
+
+# safetensors dtype name -> numpy dtype (bf16 and fp8 come from ml_dtypes)
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U64": np.dtype(np.uint64),
+    "U32": np.dtype(np.uint32),
+    "U16": np.dtype(np.uint16),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+
+# names users write (torch style) -> safetensors names
+DTYPE_ALIASES = {
+    "float64": "F64",
+    "float32": "F32",
+    "float": "F32",
+    "float16": "F16",
+    "half": "F16",
+    "bfloat16": "BF16",
+    "bf16": "BF16",
+    "fp16": "F16",
+    "fp32": "F32",
+    "fp64": "F64",
+}
+# safetensors name -> name in config.json
+CONFIG_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def canonical_dtype(name: str, field: str = "out_dtype") -> str:
+    """``"bfloat16"`` / ``"BF16"`` / ``"torch.bfloat16"`` -> ``"BF16"``; a floating dtype only."""
+    key = str(name).removeprefix("torch.")
+    code = DTYPE_ALIASES.get(key.lower(), key.upper())
+    if code not in FLOAT_DTYPES:
+        valid = ", ".join(sorted(k for k in DTYPE_ALIASES if DTYPE_ALIASES[k] in CONFIG_DTYPE_NAMES))
+        raise InputError(f"`{field}` must be a floating dtype ({valid}), got {name!r}.")
+    return code
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes live: ``file`` from byte ``start`` (absolute) for ``nbytes``."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    start: int
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype].itemsize
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_DTYPES
+
+
+class SafetensorsFile:
+    """The validated header of one ``.safetensors`` file (the data is read later, in blocks)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.tensors: dict[str, TensorInfo] = {}
+        self.metadata: dict[str, str] = {}
+        self._parse()
+
+    def _bad(self, why: str) -> InputError:
+        return InputError(f"Corrupt or truncated safetensors file {self.path}: {why}.")
+
+    def _parse(self) -> None:
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise self._bad(f"it has {size} bytes, fewer than the 8-byte header length")
+                (header_len,) = struct.unpack("<Q", head)
+                if header_len > min(_MAX_HEADER, size - 8):
+                    raise self._bad(f"header length {header_len} does not fit in a file of {size} bytes")
+                raw = f.read(header_len)
+        except OSError as e:
+            raise InputError(f"Cannot read {self.path}: {e.strerror or e}.") from e
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise self._bad(f"its header is not valid JSON ({e})") from e
+        if not isinstance(header, dict):
+            raise self._bad("its header is not a JSON object")
+        base = 8 + header_len
+        data_len = size - base
+        spans = []
+        for name, entry in header.items():
+            if name == "__metadata__":
+                self.metadata = dict(entry or {})
+                continue
+            try:
+                dtype, shape, (begin, end) = (
+                    entry["dtype"],
+                    tuple(int(d) for d in entry["shape"]),
+                    entry["data_offsets"],
+                )
+            except (KeyError, TypeError, ValueError) as e:
+                raise self._bad(f"tensor {name!r} has a malformed entry {entry!r}") from e
+            if dtype not in DTYPES:
+                raise self._bad(f"tensor {name!r} has an unsupported dtype {dtype!r}")
+            info = TensorInfo(name, dtype, shape, self.path, base + int(begin), int(end) - int(begin))
+            if info.nbytes != info.numel * info.itemsize or begin < 0:
+                raise self._bad(
+                    f"tensor {name!r} spans {end - begin} bytes, "
+                    f"but {dtype}{list(shape)} needs {info.numel * info.itemsize}"
+                )
+            if end > data_len:
+                raise self._bad(f"tensor {name!r} ends at byte {end} of a data section of only {data_len} bytes")
+            spans.append((int(begin), int(end)))
+            self.tensors[name] = info
+        spans.sort()
+        position = 0
+        for begin, end in spans:
+            if begin != position:
+                raise self._bad(f"tensor data has a hole or overlap at byte {position}")
+            position = end
+        if position != data_len:
+            raise self._bad(f"the data section has {data_len} bytes but its tensors cover {position}")
+
+
+def read_into(fd: int, buffer: memoryview, offset: int, path: Path) -> None:
+    """Fill ``buffer`` from ``fd`` at ``offset`` (loops over short reads; errors name the file)."""
+    done, want = 0, len(buffer)
+    while done < want:
+        got = os.preadv(fd, [buffer[done:]], offset + done)
+        if got == 0:
+            raise InputError(
+                f"Corrupt or truncated safetensors file {path}: unexpected end of file at byte {offset + done}."
+            )
+        done += got
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+def parse_size(size: int | str) -> int:
+    """HF size notation in bytes: ``"5GB"`` = 5e9, ``"500MiB"`` = 500 * 2**20, or an int."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        text = str(size).strip().upper().replace(" ", "")
+        number = text.rstrip("KMGTIB")
+        unit = text[len(number) :]
+        if unit not in _SIZE_UNITS or not number:
+            raise InputError(f"`max_shard_size` must be bytes or a size such as '5GB' or '500MiB', got {size!r}.")
+        try:
+            value = int(float(number) * _SIZE_UNITS[unit])
+        except ValueError as e:
+            raise InputError(f"`max_shard_size` must be bytes or a size such as '5GB', got {size!r}.") from e
+    if value <= 0:
+        raise InputError(f"`max_shard_size` must be positive, got {size!r}.")
+    return value
+
+
+@dataclass
+class OutputTensor:
+    """One tensor of the output: its final dtype/shape and where it goes."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    shard: int = 0
+    offset: int = 0  # absolute byte offset in the shard file
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPES[self.dtype].itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def plan_shards(tensors: list[OutputTensor], max_shard_size: int, stem: str = "model") -> list[str]:
+    """Assign tensors to shards of at most ``max_shard_size`` bytes (a bigger tensor gets its own).
+
+    Fills ``shard`` on every tensor and returns the shard file names, HF style
+    (``model.safetensors`` or ``model-00001-of-00003.safetensors``).
+    """
+    shard, used = 0, 0
+    for t in tensors:
+        if used and used + t.nbytes > max_shard_size:
+            shard, used = shard + 1, 0
+        t.shard = shard
+        used += t.nbytes
+    count = shard + 1 if tensors else 1
+    if count == 1:
+        return [f"{stem}.safetensors"]
+    return [f"{stem}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+class ShardWriter:
+    """Writes planned shards: headers and file sizes first, then blocks at their offsets from any thread."""
+
+    def __init__(
+        self, folder: Path, tensors: list[OutputTensor], names: list[str], metadata: dict | None = None
+    ) -> None:
+        self.folder = Path(folder)
+        self.tensors = tensors
+        self.names = names
+        self.fds: list[int] = []
+        meta = {"format": "pt", **(metadata or {})}
+        for index, name in enumerate(names):
+            members = [t for t in tensors if t.shard == index]
+            header: dict = {"__metadata__": meta}
+            position = 0
+            for t in members:
+                header[t.name] = {
+                    "dtype": t.dtype,
+                    "shape": list(t.shape),
+                    "data_offsets": [position, position + t.nbytes],
+                }
+                position += t.nbytes
+            raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+            raw += b" " * (-len(raw) % 8)
+            base = 8 + len(raw)
+            for t in members:
+                t.offset = base + header[t.name]["data_offsets"][0]
+            fd = os.open(self.folder / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self.fds.append(fd)
+            os.pwrite(fd, struct.pack("<Q", len(raw)) + raw, 0)
+            self._reserve(fd, base + position, self.folder / name)
+
+    @staticmethod
+    def _reserve(fd: int, size: int, path: Path) -> None:
+        """Claim the disk space now, so a full disk fails before the merge rather than at its end."""
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise InputError(f"Not enough disk space for {path} ({size} bytes).") from e
+            os.ftruncate(fd, size)
+
+    def write(self, tensor: OutputTensor, element_offset: int, data: np.ndarray) -> None:
+        """Write ``data`` (already in the output dtype) as elements from ``element_offset`` of ``tensor``."""
+        view = memoryview(np.ascontiguousarray(data).view(np.uint8))
+        position = tensor.offset + element_offset * DTYPES[tensor.dtype].itemsize
+        fd = self.fds[tensor.shard]
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], position + done)
+
+    def index(self) -> dict:
+        """The ``model.safetensors.index.json`` content (HF layout: metadata + weight_map)."""
+        total_size = sum(t.nbytes for t in self.tensors)
+        total_parameters = 0
+        for t in self.tensors:
+            n = 1
+            for d in t.shape:
+                n *= d
+            total_parameters += n
+        return {
+            "metadata": {"total_parameters": total_parameters, "total_size": total_size},
+            "weight_map": {t.name: self.names[t.shard] for t in self.tensors},
+        }
+
+    def close(self) -> None:
+        """Close every shard (like ``save_pretrained``, no fsync: the folder is published by rename)."""
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+    def abort(self) -> None:
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds = []

@@ -1,0 +1,200 @@
+"""Weight scopes of merge inputs: per-layer mean and std, compared across checkpoints before a merge.
+
+Averaging models whose layers have different scales (a "scope", after Weight Scope Alignment,
+arXiv 2408.12237) is a warning sign. This module measures the scopes of saved model folders
+without torch, streaming each tensor from its memory-mapped safetensors file in chunks with
+fp64 sums, and flags the layers whose scopes differ. `pmakit.tools.scope` adds live models,
+state dicts and scope fusion on top.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from ..io.safetensors import DTYPES, FLOAT_DTYPES, SafetensorsFile, TensorInfo
+from ..io.weight_files import find_weight_files
+
+
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "Scope",
+    "ScopeDifference",
+    "compare_scopes",
+    "folder_scopes",
+    "format_scope_report",
+    "is_selected",
+    "warn_on_scope_differences",
+    "welford_merge",
+]
+
+DEFAULT_THRESHOLD = 0.1
+CHUNK_ELEMENTS = 1 << 24  # a large tensor is reduced this many elements at a time
+
+
+class Scope(NamedTuple):
+    """One layer's scope: the mean and (population) standard deviation of its ``numel`` weights."""
+
+    mean: float
+    std: float
+    numel: int
+
+
+ScopeMap = dict[str, Scope]
+
+
+def welford_merge(a: tuple[int, float, float], b: tuple[int, float, float]) -> tuple[int, float, float]:
+    """Combine (count, mean, sum of squared deviations) of two chunks (Chan et al.): exact, no cancellation."""
+    n_a, mean_a, m2_a = a
+    n_b, mean_b, m2_b = b
+    n = n_a + n_b
+    if n == 0:
+        return a
+    delta = mean_b - mean_a
+    return n, mean_a + delta * n_b / n, m2_a + m2_b + delta * delta * n_a * n_b / n
+
+
+def is_selected(
+    name: str, shape: Sequence[int], dtype_is_float: bool, min_ndim: int, pattern: re.Pattern | None
+) -> bool:
+    if not dtype_is_float or len(shape) < min_ndim or math.prod(shape) == 0:
+        return False
+    return pattern is None or pattern.search(name) is not None
+
+
+def chunk_stats(values: np.ndarray) -> tuple[int, float, float]:
+    """(count, mean, sum of squared deviations) of ``values``, in fp64."""
+    flat = np.asarray(values, dtype=np.float64).reshape(-1)
+    if flat.size == 0:
+        return 0, 0.0, 0.0
+    mean = float(flat.mean())
+    return flat.size, mean, float(np.square(flat - mean).sum())
+
+
+def _stored_scope(data: mmap.mmap, info: TensorInfo) -> Scope:
+    dtype = DTYPES[info.dtype]
+    stats = (0, 0.0, 0.0)
+    for start in range(0, info.numel, CHUNK_ELEMENTS):
+        count = min(CHUNK_ELEMENTS, info.numel - start)
+        chunk = np.frombuffer(data, dtype, count, info.start + start * dtype.itemsize)
+        stats = welford_merge(stats, chunk_stats(chunk))
+        del chunk
+    n, mean, m2 = stats
+    return Scope(mean, math.sqrt(m2 / n), n)
+
+
+def folder_scopes(
+    folder: str | os.PathLike, *, min_ndim: int = 2, pattern: str | re.Pattern | None = None
+) -> ScopeMap:
+    """Per-layer scopes of a saved model folder, streamed from its safetensors files (no torch).
+
+    Only floating tensors with at least ``min_ndim`` dimensions are measured, optionally only
+    those whose name matches the regex ``pattern``.
+    """
+    regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+    scopes: ScopeMap = {}
+    for file in find_weight_files(Path(folder)):
+        header = SafetensorsFile(file)
+        with open(file, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            for name, info in header.tensors.items():
+                if is_selected(name, info.shape, info.dtype in FLOAT_DTYPES, min_ndim, regex):
+                    scopes[name] = _stored_scope(data, info)
+    return scopes
+
+
+@dataclass(frozen=True)
+class ScopeDifference:
+    """How far the scopes of one layer lie apart across several models.
+
+    ``std_ratio`` is the largest std over the smallest; ``mean_shift`` is the spread of the means
+    in units of the average std. ``score = max(std_ratio - 1, mean_shift)`` is compared with the
+    threshold.
+    """
+
+    name: str
+    means: tuple[float, ...]
+    stds: tuple[float, ...]
+    std_ratio: float
+    mean_shift: float
+
+    @property
+    def score(self) -> float:
+        return max(self.std_ratio - 1.0, self.mean_shift)
+
+
+def compare_scopes(
+    scopes: Sequence[Mapping[str, Scope]], threshold: float | None = DEFAULT_THRESHOLD
+) -> list[ScopeDifference]:
+    """Compare the layers the models share; return those scoring above ``threshold`` (all if None), worst first."""
+    if len(scopes) < 2:
+        return []
+    names = [n for n in scopes[0] if all(n in s for s in scopes[1:])]
+    out = []
+    for name in names:
+        means = tuple(s[name].mean for s in scopes)
+        stds = tuple(s[name].std for s in scopes)
+        low = min(stds)
+        ratio = max(stds) / low if low > 0 else (1.0 if max(stds) == 0 else math.inf)
+        avg_std = sum(stds) / len(stds)
+        spread = max(means) - min(means)
+        shift = spread / avg_std if avg_std > 0 else (0.0 if spread == 0 else math.inf)
+        diff = ScopeDifference(name, means, stds, ratio, shift)
+        if threshold is None or diff.score > threshold:
+            out.append(diff)
+    out.sort(key=lambda d: d.score, reverse=True)
+    return out
+
+
+def format_scope_report(
+    scopes: Sequence[Mapping[str, Scope]],
+    labels: Sequence[str],
+    threshold: float = DEFAULT_THRESHOLD,
+) -> str:
+    """A plain-text table: per layer the mean/std of every input, flagged (``!``) beyond ``threshold``."""
+    flagged = {d.name: d for d in compare_scopes(scopes, threshold)}
+    every = {d.name: d for d in compare_scopes(scopes, None)}
+    lines = [f"Weight scopes (mean / std per layer) of {len(scopes)} model(s); flag threshold {threshold:g}"]
+    for k, label in enumerate(labels):
+        lines.append(f"  [{k}] {label}")
+    header = "  layer" + "".join(f" | [{k}] mean / std" for k in range(len(scopes)))
+    if len(scopes) > 1:
+        header += " | std ratio | mean shift"
+    lines.append(header)
+    for name in scopes[0]:
+        cells = []
+        for s in scopes:
+            cells.append(f"{s[name].mean:+.3e} / {s[name].std:.3e}" if name in s else "missing")
+        row = f"{'!' if name in flagged else ' '} {name} | " + " | ".join(cells)
+        if name in every:
+            row += f" | {every[name].std_ratio:.3f} | {every[name].mean_shift:.3f}"
+        lines.append(row)
+    if len(scopes) > 1:
+        lines.append(f"{len(flagged)} of {len(every)} shared layer(s) differ beyond the threshold.")
+    return "\n".join(lines)
+
+
+def warn_on_scope_differences(
+    scopes: Sequence[Mapping[str, Scope]], threshold: float = DEFAULT_THRESHOLD, *, stacklevel: int = 2
+) -> list[ScopeDifference]:
+    """Warn (``UserWarning``) naming the layers whose scopes differ beyond ``threshold``; return them."""
+    flagged = compare_scopes(scopes, threshold)
+    if flagged:
+        worst = ", ".join(
+            f"{d.name} (std ratio {d.std_ratio:.3f}, mean shift {d.mean_shift:.3f})" for d in flagged[:5]
+        )
+        warnings.warn(
+            f"Weight scopes of the merge inputs differ beyond {threshold:g} in {len(flagged)} layer(s), e.g. {worst}. "
+            "Averaging models of different scales can raise the loss; compare them with `pmakit inspect --scopes`.",
+            UserWarning,
+            stacklevel=stacklevel + 1,
+        )
+    return flagged

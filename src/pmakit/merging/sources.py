@@ -1,0 +1,271 @@
+"""Where merge inputs come from: model folders, run folders (``checkpoint-N`` / ``pma-N``), Hub ids.
+
+Everything that turns what a user wrote into a list of local weight files goes through
+:func:`resolve_inputs`, so tools that read the same inputs (``pmakit inspect``, diagnostics)
+see exactly what a merge would read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import MergeError
+from ..io.safetensors import SafetensorsFile, TensorInfo
+from ..io.weight_files import find_pickle_files, find_weight_files
+
+
+__all__ = [
+    "CheckpointInfo",
+    "ModelSource",
+    "is_run_dir",
+    "list_checkpoints",
+    "parse_hub_reference",
+    "resolve_inputs",
+    "resolve_source",
+    "select_checkpoints",
+]
+
+_STEP_DIR = re.compile(r"^(checkpoint|pma)-(\d+)$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+@dataclass
+class CheckpointInfo:
+    """A ``checkpoint-N`` or ``pma-N`` folder of a run."""
+
+    path: Path
+    kind: str  # "checkpoint" or "pma"
+    step: int
+
+    @property
+    def size(self) -> int:
+        """Bytes of weight files in the folder (what a merge reads)."""
+        return sum(f.stat().st_size for f in self.path.glob("*.safetensors"))
+
+
+@dataclass
+class ModelSource:
+    """One merge input, resolved to a local folder and its weight files."""
+
+    name: str  # as the user gave it (path or Hub id[@revision])
+    path: Path
+    step: int | None = None
+    hub_id: str | None = None
+    revision: str | None = None
+    files: list[Path] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+    is_adapter: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.hub_id + (f"@{self.revision}" if self.revision else "") if self.hub_id else str(self.path)
+
+    def load(self, allow_pickle: bool = False, scratch: Path | None = None) -> ModelSource:
+        """Find the weight files, validate their headers and read ``config.json``."""
+        self.files = _weight_files(self.path, allow_pickle, scratch)
+        self.is_adapter = any(f.name.startswith("adapter_model") for f in self.files)
+        for file in self.files:
+            for name, info in SafetensorsFile(file).tensors.items():
+                if name in self.tensors:
+                    raise MergeError(
+                        f"Tensor {name!r} appears in two files of {self.path}: "
+                        f"{self.tensors[name].file.name} and {file.name}."
+                    )
+                self.tensors[name] = info
+        config = self.path / ("adapter_config.json" if self.is_adapter else "config.json")
+        if config.is_file():
+            try:
+                self.config = json.loads(config.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise MergeError(f"{config} is not valid JSON: {e}.") from e
+        return self
+
+
+def _weight_files(folder: Path, allow_pickle: bool, scratch: Path | None) -> list[Path]:
+    """The safetensors files of a model folder, or its pickled ``.bin`` files converted when allowed."""
+    pickles = find_pickle_files(folder)
+    if folder.is_dir() and pickles and not any(folder.glob("*.safetensors")):
+        if not allow_pickle:
+            raise MergeError(
+                f"{folder} holds only pickled checkpoints ({', '.join(p.name for p in pickles)}); unpickling can run "
+                "arbitrary code, so they are refused. Convert them to safetensors, or pass allow_pickle=True "
+                "(`--allow-pickle`) to load them with torch.load(weights_only=True)."
+            )
+        return [_convert_pickle(p, scratch) for p in pickles]
+    if not folder.exists():
+        raise MergeError(f"Input {folder} does not exist.")
+    return find_weight_files(folder)
+
+
+def _convert_pickle(path: Path, scratch: Path | None) -> Path:
+    """Load a ``.bin`` with ``weights_only=True`` and store it as safetensors in ``scratch`` (one input at a time)."""
+    import torch
+    from safetensors.torch import save_file
+
+    if scratch is None:
+        raise MergeError("Pickled checkpoints need a scratch folder to be converted.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for bad pickles
+        raise MergeError(f"Cannot load {path} with torch.load(weights_only=True): {e}".splitlines()[0]) from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MergeError(f"{path} does not hold a flat state dict of tensors.")
+    seen: dict[int, str] = {}
+    tensors = {}
+    for name, tensor in state.items():  # tied tensors share storage: keep the first name only
+        key = tensor.untyped_storage().data_ptr()
+        if key in seen and tensor.data_ptr() == state[seen[key]].data_ptr():
+            continue
+        seen[key] = name
+        tensors[name] = tensor.contiguous()
+    out = scratch / f"{abs(hash(str(path.resolve())))}-{path.stem}.safetensors"
+    save_file(tensors, out, metadata={"format": "pt"})
+    del state, tensors
+    return out
+
+
+def parse_hub_reference(text: str) -> tuple[str, str | None] | None:
+    """``"owner/name@rev"`` -> ``("owner/name", "rev")``; ``None`` when it is a local path or not an id."""
+    if os.path.exists(text) or not _HUB_ID.match(text):
+        return None
+    repo, _, revision = text.partition("@")
+    return repo, revision or None
+
+
+def is_run_dir(folder: str | os.PathLike) -> bool:
+    """A training run folder: no weights of its own, but ``checkpoint-N`` or ``pma-N`` subfolders."""
+    folder = Path(folder)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")) or (folder / "config.json").is_file():
+        return False
+    return any(_STEP_DIR.match(p.name) and p.is_dir() for p in folder.iterdir())
+
+
+def list_checkpoints(run_dir: str | os.PathLike, kind: str = "checkpoint") -> list[CheckpointInfo]:
+    """``checkpoint-N`` (``kind="checkpoint"``) or ``pma-N`` (``kind="pma"``) folders, oldest first."""
+    if kind not in ("checkpoint", "pma"):
+        raise MergeError(f"`kind` must be 'checkpoint' or 'pma', got {kind!r}.")
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise MergeError(f"Run folder {run_dir} does not exist.")
+    found = []
+    for p in run_dir.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and m.group(1) == kind and p.is_dir():
+            found.append(CheckpointInfo(p, kind, int(m.group(2))))
+    return sorted(found, key=lambda c: c.step)
+
+
+def select_checkpoints(
+    run_dir: str | os.PathLike,
+    *,
+    last: int | None = None,
+    every: int | None = None,
+    start: int | None = None,
+    end: int | None = None,
+    kind: str = "checkpoint",
+) -> list[CheckpointInfo]:
+    """Pick the paper's window from a run: steps in ``[start, end]``, then ``every`` V steps counted
+    back from the newest of those, then the ``last`` N; oldest first (the averaging rules' order).
+    """
+    for name, value in (("last", last), ("every", every)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise MergeError(f"`{name}` must be a positive integer, got {value!r}.")
+    if start is not None and end is not None and start > end:
+        raise MergeError(f"The step range is empty: start={start} > end={end}.")
+    found = list_checkpoints(run_dir, kind)
+    if not found:
+        raise MergeError(f"No {kind}-N folders in {run_dir}.")
+    chosen = [c for c in found if (start is None or c.step >= start) and (end is None or c.step <= end)]
+    if chosen and every is not None:
+        newest = chosen[-1].step
+        chosen = [c for c in chosen if (newest - c.step) % every == 0]
+    if last is not None:
+        chosen = chosen[-last:]
+    if not chosen:
+        steps = ", ".join(str(c.step) for c in found)
+        raise MergeError(f"No {kind} of {run_dir} matches the selection (steps present: {steps}).")
+    if last is not None and len(chosen) < last:
+        warnings.warn(f"Asked for the last {last} {kind}s of {run_dir} but only {len(chosen)} match.", stacklevel=2)
+    return chosen
+
+
+def resolve_source(
+    item: str | os.PathLike,
+    *,
+    token: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    step: int | None = None,
+) -> ModelSource:
+    """A model folder or Hub id (``owner/name[@revision]``, fetched through :mod:`pmakit.hub`)."""
+    text = os.fspath(item)
+    hub = parse_hub_reference(text)
+    if hub is None:
+        path = Path(text).expanduser()
+        if not path.exists():
+            raise MergeError(f"Input {text} is neither a local folder nor a Hub id of the form owner/name[@revision].")
+        if not path.is_dir():
+            raise MergeError(f"Input {text} is a file; give the model folder that holds it.")
+        return ModelSource(text, path.resolve(), step=step if step is not None else _step_of(path))
+    from ..io import hub as hub_api  # imported lazily: plain local merges need no network code
+
+    repo, revision = hub
+    try:
+        path = Path(hub_api.download_model(repo, revision=revision, token=token, cache_dir=cache_dir))
+    except hub_api.HubDownloadError as e:  # bad input: the CLI reports it in one line, exit code 2
+        raise MergeError(str(e)) from e
+    return ModelSource(text, path, step=step, hub_id=repo, revision=revision)
+
+
+def _step_of(path: Path) -> int | None:
+    m = _STEP_DIR.match(path.name)
+    return int(m.group(2)) if m else None
+
+
+def resolve_inputs(
+    models: Sequence[str | os.PathLike] | None = None,
+    *,
+    run_dir: str | os.PathLike | None = None,
+    last: int | None = None,
+    every: int | None = None,
+    start: int | None = None,
+    end: int | None = None,
+    kind: str = "checkpoint",
+    token: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> list[ModelSource]:
+    """Inputs in merge order (oldest first): a run's selected checkpoints, or ``models`` as given.
+
+    A single entry in ``models`` that is a run folder is treated like ``run_dir``. Weight files
+    are not opened here (see :meth:`ModelSource.load`).
+    """
+    if run_dir is None and models and len(models) == 1 and is_run_dir(models[0]):
+        run_dir, models = models[0], None
+    if run_dir is not None:
+        if models:
+            raise MergeError("Give either `models` or `run_dir`, not both.")
+        chosen = select_checkpoints(run_dir, last=last, every=every, start=start, end=end, kind=kind)
+        return [ModelSource(str(c.path), c.path.resolve(), step=c.step) for c in chosen]
+    if any(v is not None for v in (last, every, start, end)):
+        raise MergeError("`last`, `every`, `start` and `end` select checkpoints of a run folder; give `run_dir`.")
+    if not models:
+        raise MergeError("Nothing to merge: give `models` (folders or Hub ids) or a `run_dir`.")
+    if isinstance(models, (str, os.PathLike)):
+        models = [models]
+    sources = [resolve_source(m, token=token, cache_dir=cache_dir) for m in models]
+    seen: dict[Path, str] = {}
+    for s in sources:
+        key = s.path.resolve()
+        if key in seen:
+            warnings.warn(
+                f"Input {s.name} is given twice (also as {seen[key]}); it counts twice, with both weights.",
+                stacklevel=2,
+            )
+        seen[key] = s.name
+    return sources

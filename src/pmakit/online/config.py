@@ -1,0 +1,139 @@
+"""PMA settings: `PmaConfig`, shared by the engine, `PmaCallback` and (prefixed `pma_`) `PmaArguments`.
+
+The names follow MindSpore's PmaAdamW (`fused_algo`, `fused_num`, `interleave_step`,
+`ema_alpha`) so migrating users recognise them. Settings are validated when built, with
+messages that name the field and the allowed values.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+
+from ..averaging import ALGORITHMS, AveragingRule
+
+
+__all__ = ["OFFLOAD_CHOICES", "PMA_FIELDS", "PMA_HELP", "PmaConfig", "validate_pma_settings"]
+
+OFFLOAD_CHOICES = ("none", "cpu")
+
+PMA_HELP = {
+    "fused_algo": f"Averaging rule: one of {', '.join(ALGORITHMS)} ('weights' uses `fused_weights`).",
+    "fused_num": "Samples per cycle: after this many samples the merged model is written and the average restarts.",
+    "interleave_step": "Optimizer steps between samples: a sample is taken after every `interleave_step`-th step.",
+    "ema_alpha": "EMA weight of the newest sample, in (0, 1). The EMA starts at the first sample of a cycle.",
+    "fused_weights": "Explicit per-sample weights, oldest first, one per sample of a cycle (rule 'weights').",
+    "start_step": "No sample is taken at or before this optimizer step (skip the early, fast-moving phase).",
+    "write_back": "At each cycle end copy the merged weights into the live model and train on from them "
+    "(MindSpore PmaAdamW semantics; optimizer moments are kept). Off: training is untouched.",
+    "eval": "Also evaluate on the PMA weights at each evaluation and log `eval_pma_*` metrics.",
+    "offload": f"Where the fp32 average lives: one of {', '.join(OFFLOAD_CHOICES)}. 'cpu' keeps it in "
+    "(pinned) CPU memory and, on CUDA, updates it off the training stream.",
+    "save": "Write a complete model folder `pma-<step>` at each cycle end (and `pma` at the end of training).",
+    "save_total_limit": "Keep at most this many `pma-<step>` folders, deleting the oldest (None keeps all).",
+    "hub_model_id": "Hub repo for the merged model when the run pushes to the Hub; default: the `pma` "
+    "subfolder of the run's own repo.",
+}
+
+
+def _meta(name: str) -> dict:
+    return {"help": PMA_HELP[name]}
+
+
+def validate_pma_settings(values: dict, prefix: str = "") -> None:
+    """Check PMA settings; `prefix` is how the fields are named to the user (`pma_` in `PmaArguments`)."""
+
+    def name(key: str) -> str:
+        return f"`{prefix}{key}`"
+
+    algo = values["fused_algo"]
+    if algo not in ALGORITHMS:
+        raise ValueError(f"{name('fused_algo')} must be one of {', '.join(ALGORITHMS)}; got {algo!r}.")
+    for key in ("fused_num", "interleave_step"):
+        if isinstance(values[key], bool) or not isinstance(values[key], int) or values[key] < 1:
+            raise ValueError(f"{name(key)} must be a positive integer; got {values[key]!r}.")
+    if isinstance(values["start_step"], bool) or not isinstance(values["start_step"], int) or values["start_step"] < 0:
+        raise ValueError(f"{name('start_step')} must be a non-negative integer; got {values['start_step']!r}.")
+    if algo == "ema" and not (0.0 < float(values["ema_alpha"]) < 1.0):
+        raise ValueError(f"{name('ema_alpha')} must lie in the open interval (0, 1); got {values['ema_alpha']!r}.")
+    weights = values.get("fused_weights")
+    if algo == "weights":
+        if not weights or len(weights) != values["fused_num"]:
+            raise ValueError(
+                f"{name('fused_algo')}='weights' needs {name('fused_weights')} with one weight per sample "
+                f"({name('fused_num')}={values['fused_num']}); got {weights!r}."
+            )
+        try:
+            for k in range(1, len(weights) + 1):
+                AveragingRule("weights", weights=tuple(weights)).coefficient(k)
+        except ValueError as err:
+            raise ValueError(f"{name('fused_weights')}: {err}") from None
+    elif weights is not None:
+        raise ValueError(f"{name('fused_weights')} is only used with {name('fused_algo')}='weights'; got {algo!r}.")
+    if values["offload"] not in OFFLOAD_CHOICES:
+        raise ValueError(f"{name('offload')} must be one of {', '.join(OFFLOAD_CHOICES)}; got {values['offload']!r}.")
+    limit = values["save_total_limit"]
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"{name('save_total_limit')} must be a positive integer or None; got {limit!r}.")
+
+
+@dataclass
+class PmaConfig:
+    """PMA settings for the engine, `PmaCallback` and `create_pma_optimizer`.
+
+    A sample is taken after optimizer step ``t`` when ``t > start_step`` and
+    ``t % interleave_step == 0``; after ``fused_num`` samples a cycle ends.
+    """
+
+    fused_algo: str = field(default="sma", metadata=_meta("fused_algo"))
+    fused_num: int = field(default=10, metadata=_meta("fused_num"))
+    interleave_step: int = field(default=1000, metadata=_meta("interleave_step"))
+    ema_alpha: float = field(default=0.2, metadata=_meta("ema_alpha"))
+    fused_weights: list[float] | None = field(default=None, metadata=_meta("fused_weights"))
+    start_step: int = field(default=0, metadata=_meta("start_step"))
+    write_back: bool = field(default=False, metadata=_meta("write_back"))
+    eval: bool = field(default=False, metadata=_meta("eval"))
+    offload: str = field(default="none", metadata=_meta("offload"))
+    save: bool = field(default=True, metadata=_meta("save"))
+    save_total_limit: int | None = field(default=None, metadata=_meta("save_total_limit"))
+    hub_model_id: str | None = field(default=None, metadata=_meta("hub_model_id"))
+
+    def __post_init__(self) -> None:
+        if self.fused_weights is not None:
+            self.fused_weights = [float(w) for w in self.fused_weights]
+        validate_pma_settings(asdict(self))
+
+    @property
+    def rule(self) -> AveragingRule:
+        """The averaging rule these settings describe."""
+        weights = tuple(self.fused_weights) if self.fused_weights is not None else None
+        return AveragingRule(self.fused_algo, float(self.ema_alpha), weights)
+
+    @property
+    def cycle_steps(self) -> int:
+        """Optimizer steps spanned by one full cycle."""
+        return self.fused_num * self.interleave_step
+
+    def is_sample_step(self, step: int) -> bool:
+        """Whether a sample is taken after optimizer step ``step`` (counted from 1)."""
+        return step > self.start_step and step % self.interleave_step == 0
+
+    def check_horizon(self, max_steps: int) -> None:
+        """Warn when no cycle can complete within ``max_steps`` optimizer steps."""
+        if max_steps <= 0:
+            return
+        samples = sum(1 for t in range(1, max_steps + 1) if self.is_sample_step(t)) if max_steps < 10**7 else None
+        if samples is not None and samples < self.fused_num:
+            warnings.warn(
+                f"PMA: only {samples} sample(s) fit in {max_steps} optimizer steps (interleave_step="
+                f"{self.interleave_step}, start_step={self.start_step}), fewer than fused_num={self.fused_num}: "
+                "no cycle will complete and the final `pma` folder will hold the average of the samples so far.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PMA_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(PmaConfig))

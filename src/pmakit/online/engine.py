@@ -1,0 +1,408 @@
+"""The online PMA engine: an fp32 running average kept in the optimizer's own state.
+
+Why the optimizer? Every backend the Trainer supports (single process, DDP, FSDP, DeepSpeed)
+already saves and restores optimizer state, and shards it like the parameters, so the
+average survives checkpoint/resume for free. The engine hooks the optimizer's ``step``, so
+it only sees real updates: gradient-accumulation micro-steps never reach ``step``, and a
+step that fp16 overflow skipped never calls it.
+
+Per parameter ``p`` the average is ``optimizer.state[p]["pma_avg"]`` (fp32, allocated at the
+first optimizer step, like the optimizer's own state). The counters (optimizer steps seen, samples
+in the current cycle, the steps they were taken at) sit in ``optimizer.param_groups[0]["pma"]``,
+which ``load_state_dict`` restores verbatim. ``Optimizer.load_state_dict`` casts floating state to the parameter dtype;
+the engine's load hooks keep the average in fp32 (bf16/fp16 models).
+
+A sample folds the parameters into the average with the running form of the averaging law,
+``avg <- avg + c_k (x_k - avg)``, as a handful of ``torch._foreach_*`` kernels per
+(device, dtype) group: no Python loop over tensors, and nothing at all on steps that take no
+sample.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import PmaConfig
+from .deepspeed import attach_deepspeed, find_zero_optimizer
+from .distributed import is_dtensor, like_dtensor, local_shard, unwrap_optimizer
+from .kernels import fold_into
+
+
+__all__ = ["AVG_KEY", "COUNTERS_KEY", "PmaEngine", "attach_engine"]
+
+logger = logging.getLogger(__name__)
+
+AVG_KEY = "pma_avg"
+COUNTERS_KEY = "pma"
+
+CycleHandler = Callable[["PmaEngine", int], None]
+
+
+def attach_engine(optimizer: torch.optim.Optimizer, config: PmaConfig) -> PmaEngine:
+    """The engine on ``optimizer``, attaching a new one if it has none (idempotent).
+
+    When a DeepSpeed ZeRO optimizer sits in the wrapper chain, the engine follows its fp32 master
+    partitions (`attach_deepspeed`).
+    """
+    inner = unwrap_optimizer(optimizer)
+    engine = getattr(inner, "_pma_engine", None)
+    if engine is None:
+        engine = PmaEngine(inner, config)
+    elif engine.config != config:
+        raise ValueError("This optimizer already carries a PMA engine with different settings.")
+    zero = find_zero_optimizer(optimizer)
+    if zero is not None:
+        attach_deepspeed(engine, zero)
+    return engine
+
+
+@dataclass
+class _Group:
+    """Parameters of one (device, dtype) with their averages: the unit a foreach kernel works on.
+
+    ``params``/``avgs`` are what the optimizer holds (DTensors under FSDP2); ``lparams``/``lavgs``
+    are their rank-local shards, the plain tensors the kernels run on, so a sharded average is
+    never materialised in full.
+    """
+
+    params: list[torch.Tensor]
+    avgs: list[torch.Tensor]
+    lparams: list[torch.Tensor] = field(default_factory=list)
+    lavgs: list[torch.Tensor] = field(default_factory=list)
+    staging: list[torch.Tensor] | None = None  # pinned CPU copies of CUDA params (offload="cpu")
+    fold_cache: dict = field(default_factory=dict)  # `fold_into`'s plan and scratch for this group
+
+
+class PmaEngine:
+    """Online PMA on ``optimizer``. Use `attach_engine`, `PmaCallback`, `PmaTrainer` or `create_pma_optimizer`.
+
+    Cycle-end handlers (``add_cycle_handler``) run on every process after the ``fused_num``-th
+    sample of a cycle, before the optional write-back; exporters use them to write ``pma-<step>``
+    (under FSDP2 or ZeRO-3 every process must take part in the export's gather collectives).
+
+    At scale the average has exactly the layout of what the optimizer steps: under DDP a full
+    fp32 copy per rank (like the optimizer moments), under FSDP2 one fp32 shard per rank (a DTensor
+    whose local shard is folded), under DeepSpeed ZeRO the rank's fp32 master partition
+    (see `attach_deepspeed`).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, config: PmaConfig) -> None:
+        self.optimizer = optimizer
+        self.config = config
+        self.rule = config.rule
+        self._handlers: list[CycleHandler] = []
+        self._groups: list[_Group] | None = None
+        self._signature: tuple | None = None
+        self._pending: list[threading.Thread] = []
+        self._pending_error: BaseException | None = None
+        self._stream = None
+        self._copied = None  # CUDA event: the offload copy of the parameters has finished
+        self._stashed: dict = {}
+        self._param_source: Callable[[], list[list[torch.Tensor]]] | None = None
+        self.deepspeed = False  # set by `attach_deepspeed`: the average shadows ZeRO's fp32 partitions
+        optimizer._pma_engine = self
+        self._step_hook = optimizer.register_step_post_hook(self._after_step)
+        optimizer.register_step_pre_hook(self._before_step)
+        optimizer.register_load_state_dict_pre_hook(self._before_load)
+        optimizer.register_load_state_dict_post_hook(self._after_load)
+        optimizer.register_state_dict_pre_hook(lambda _opt: self.join())
+
+    # ------------------------------------------------------------------ counters
+    def _raw_counters(self) -> dict:
+        """The counters as stored: scalars only (step lists as "2,4,6"), because sharded loaders
+        (DCP under FSDP2) flatten param_groups against the live optimizer's and cannot grow a list."""
+        group = self.optimizer.param_groups[0]
+        raw = group.get(COUNTERS_KEY)
+        if raw is None:
+            raw = group[COUNTERS_KEY] = {"step": 0, "count": 0, "sample_steps": "", "cycles": 0, "merged_steps": ""}
+        return raw
+
+    @property
+    def counters(self) -> dict:
+        """Step, sample and cycle counters (a decoded copy); stored in the optimizer so that they resume with it."""
+        raw = self._raw_counters()
+        return {
+            **raw,
+            "sample_steps": _split_steps(raw["sample_steps"]),
+            "merged_steps": _split_steps(raw["merged_steps"]),
+        }
+
+    @property
+    def step(self) -> int:
+        """Real optimizer steps seen so far."""
+        return self._raw_counters()["step"]
+
+    @property
+    def num_samples(self) -> int:
+        """Samples folded into the current cycle."""
+        return self._raw_counters()["count"]
+
+    @property
+    def num_cycles(self) -> int:
+        return self._raw_counters()["cycles"]
+
+    @property
+    def has_average(self) -> bool:
+        """Whether the average holds anything (a sample this cycle, or the merge of the last cycle)."""
+        return self._raw_counters()["count"] > 0 or self._raw_counters()["cycles"] > 0
+
+    def add_cycle_handler(self, handler: CycleHandler) -> None:
+        if handler not in self._handlers:
+            self._handlers.append(handler)
+
+    def drive_externally(self, param_source: Callable[[], list[list[torch.Tensor]]]) -> None:
+        """Stop counting the optimizer's own ``step`` calls: the owner calls `on_step` once per real step.
+
+        Needed where a wrapper steps the optimizer several times per training step (DeepSpeed ZeRO
+        steps its base optimizer once per parameter group or sub-group). ``param_source`` returns
+        the lists of tensors to average (the fp32 master partitions).
+        """
+        self._step_hook.remove()
+        self._param_source = param_source
+        self._groups = None
+
+    def on_step(self) -> None:
+        """Count one real optimizer step and sample when due (what the step hook does)."""
+        self._after_step(self.optimizer, (), {})
+
+    # ------------------------------------------------------------------ the hot path
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        # The parameters may still be copied to pinned memory on the side stream: the update must not
+        # overwrite them before that. A device-side wait, so the host never blocks here.
+        if self._copied is not None:
+            torch.cuda.current_stream(self._copied_device).wait_event(self._copied)
+            self._copied = None
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        if self._groups is None:
+            # Allocate at the first step, beside the optimizer's own state: a sharded checkpoint loader
+            # (DCP under FSDP2) only restores state keys that already exist in the live optimizer.
+            self._param_groups()
+        counters = self._raw_counters()
+        counters["step"] += 1
+        step = counters["step"]
+        if not self.config.is_sample_step(step):
+            return
+        self.sample(step)
+
+    @torch.no_grad()
+    def sample(self, step: int | None = None) -> None:
+        """Fold the current parameters into the average (called by the step hook)."""
+        counters = self._raw_counters()
+        step = counters["step"] if step is None else step
+        k = counters["count"] + 1
+        coefficient = self.rule.coefficient(k)
+        self._fold(coefficient)
+        counters["count"] = k
+        counters["sample_steps"] = _join_steps([*_split_steps(counters["sample_steps"]), step])
+        if k == self.config.fused_num:
+            self._end_cycle(step)
+
+    def _fold(self, c: float) -> None:
+        self.join()
+        for group in self._param_groups():
+            if group.staging is not None:
+                self._fold_offloaded(group, c)
+            else:
+                fold_into(group.lavgs, group.lparams, c, cache=group.fold_cache)
+
+    def _fold_offloaded(self, group: _Group, c: float) -> None:
+        """CUDA params, pinned-CPU average: copy on a side stream, fold on a CPU thread.
+
+        The training stream goes on at once; only the next optimizer update waits (on the GPU) for
+        the copy, and anything that reads the average calls `join` first.
+        """
+        device = group.lparams[0].device
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=device)
+        self._stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(self._stream):
+            torch._foreach_copy_(group.staging, group.lparams, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        self._copied, self._copied_device = event, device
+
+        def work() -> None:
+            try:
+                event.synchronize()
+                fold_into(group.lavgs, group.staging, c, cache=group.fold_cache)
+            except BaseException as err:  # surfaced by join()
+                self._pending_error = err
+
+        thread = threading.Thread(target=work, name="pma-fold", daemon=True)
+        thread.start()
+        self._pending.append(thread)
+
+    def join(self) -> None:
+        """Wait for an asynchronous fold; called before anything reads or writes the average."""
+        while self._pending:
+            self._pending.pop().join()
+        if self._pending_error is not None:
+            err, self._pending_error = self._pending_error, None
+            raise RuntimeError("PMA: the asynchronous update of the average failed.") from err
+
+    def _end_cycle(self, step: int) -> None:
+        self.join()
+        counters = self._raw_counters()
+        counters["merged_steps"] = _join_steps(_split_steps(counters["sample_steps"]))
+        for handler in list(self._handlers):
+            handler(self, step)
+        if self.config.write_back:
+            self.write_back()
+        counters["cycles"] += 1
+        counters["count"] = 0
+        counters["sample_steps"] = ""
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        """Copy the average into the live parameters (optimizer moments are left as they are)."""
+        self.join()
+        for group in self._param_groups():
+            torch._foreach_copy_(group.lparams, group.lavgs)
+
+    # ------------------------------------------------------------------ reading the average
+    def averages(self) -> dict[torch.Tensor, torch.Tensor]:
+        """``{param: fp32 average}`` for every averaged parameter (joins a pending update first).
+
+        Under FSDP2 both are DTensors (the average sharded like the parameter); `pmakit.online.gather`
+        gathers them for writing.
+        """
+        self.join()
+        if not self.has_average:
+            raise RuntimeError("PMA has taken no sample yet, so there is no average to read.")
+        return {p: a for group in self._param_groups() for p, a in zip(group.params, group.avgs, strict=True)}
+
+    @contextmanager
+    def swapped(self) -> Iterator[None]:
+        """Put the PMA weights into the live parameters, then restore them bit for bit."""
+        self.join()
+        if not self.has_average:
+            raise RuntimeError("PMA has taken no sample yet, so there are no PMA weights to swap in.")
+        groups = self._param_groups()
+        backups = [[torch.empty_like(p) for p in g.lparams] for g in groups]
+        with torch.no_grad():
+            for g, backup in zip(groups, backups, strict=True):
+                torch._foreach_copy_(backup, g.lparams)
+                torch._foreach_copy_(g.lparams, g.lavgs)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for g, backup in zip(groups, backups, strict=True):
+                    torch._foreach_copy_(g.lparams, backup)
+
+    # ------------------------------------------------------------------ state layout
+    def _param_lists(self) -> list[list[torch.Tensor]]:
+        if self._param_source is not None:
+            return self._param_source()
+        return [group["params"] for group in self.optimizer.param_groups]
+
+    def _param_groups(self) -> list[_Group]:
+        """Averaged parameters grouped by (device, dtype), allocating averages on first use."""
+        lists = self._param_lists()
+        signature = (len(lists), tuple(len(g) for g in lists), tuple(id(g[0]) if g else 0 for g in lists))
+        if self._groups is not None and signature == self._signature:
+            return self._groups
+        by_key: dict[tuple, _Group] = {}
+        offload = self.config.offload == "cpu"
+        for params in lists:
+            for p in params:
+                if not p.requires_grad:
+                    continue
+                avg = self._average_for(p, offload)
+                local = local_shard(p)
+                key = (local.device, local.dtype)
+                entry = by_key.setdefault(key, _Group([], []))
+                entry.params.append(p)
+                entry.avgs.append(avg)
+                entry.lparams.append(local)
+                entry.lavgs.append(local_shard(avg))
+        for (device, _dtype), entry in by_key.items():
+            if offload and device.type == "cuda":
+                entry.staging = [torch.empty(p.shape, dtype=p.dtype, pin_memory=True) for p in entry.lparams]
+        self._groups, self._signature = list(by_key.values()), signature
+        return self._groups
+
+    def _average_for(self, p: torch.Tensor, offload: bool) -> torch.Tensor:
+        state = self.optimizer.state[p]
+        avg = state.get(AVG_KEY)
+        pinned = offload and local_shard(p).device.type == "cuda"
+        if pinned and is_dtensor(p):
+            raise ValueError(
+                "PMA `offload='cpu'` is not supported for FSDP2 (DTensor) parameters on GPU: the average is already "
+                "sharded (1/world per rank). To keep it in CPU memory, offload the shards with FSDP2 itself "
+                "(`fully_shard(..., offload_policy=CPUOffloadPolicy())`, Accelerate `fsdp_offload_params: true`): "
+                "the average then follows the parameters to the CPU."
+            )
+        device = torch.device("cpu") if offload else local_shard(p).device
+        if avg is None:
+            avg = _new_average(p, device, pinned)
+            state[AVG_KEY] = avg
+        elif avg.dtype != torch.float32 or local_shard(avg).device != device:
+            avg = _moved_average(avg, p, device, pinned)
+            state[AVG_KEY] = avg
+        return avg
+
+    # ------------------------------------------------------------------ load guard
+    def _before_load(self, optimizer, state_dict: dict) -> dict:
+        """Set the fp32 averages aside before `load_state_dict` casts them to the parameter dtype."""
+        self.join()
+        self._stashed = {}
+        # Map saved ids to live parameters the way `load_state_dict` does: in group order (the ids of a
+        # state dict rebuilt by torch.distributed.checkpoint need not be 0..n-1 in that order).
+        saved_ids = [i for group in state_dict.get("param_groups", []) for i in group.get("params", [])]
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        id_map = dict(zip(saved_ids, params, strict=True))
+        for index, entry in state_dict.get("state", {}).items():
+            if isinstance(entry, dict) and AVG_KEY in entry and index in id_map:
+                self._stashed[index] = (id_map[index], entry[AVG_KEY])
+        return state_dict
+
+    def _after_load(self, optimizer) -> None:
+        """Put the stashed fp32 averages back in place of the cast copies."""
+        offload = self.config.offload == "cpu"
+        for p, avg in self._stashed.values():
+            pinned = offload and local_shard(p).device.type == "cuda"
+            device = torch.device("cpu") if offload else local_shard(p).device
+            optimizer.state[p][AVG_KEY] = _moved_average(avg, p, device, pinned, copy=True)
+        self._stashed = {}
+        self._groups = None
+
+
+def _new_average(p: torch.Tensor, device: torch.device, pinned: bool) -> torch.Tensor:
+    """A zero fp32 average shaped (and, for a DTensor, sharded) like ``p``."""
+    if not is_dtensor(p):
+        if pinned:
+            return torch.zeros(p.shape, dtype=torch.float32, pin_memory=True)
+        return torch.zeros_like(p, dtype=torch.float32, device=device)
+    return torch.zeros_like(p, dtype=torch.float32)  # same mesh and placements, local shard only
+
+
+def _moved_average(
+    avg: torch.Tensor, p: torch.Tensor, device: torch.device, pinned: bool, copy: bool = False
+) -> torch.Tensor:
+    """``avg`` as fp32 on ``device`` (pinned when asked), keeping a DTensor's sharding."""
+    local = local_shard(avg).to(device=device, dtype=torch.float32, copy=copy)
+    if pinned and not local.is_pinned():
+        local = local.pin_memory()
+    if is_dtensor(p):
+        if is_dtensor(avg) and not pinned and local.device == local_shard(p).device:
+            return like_dtensor(avg, local)
+        return like_dtensor(p, local)
+    return local
+
+
+def _join_steps(steps: list[int]) -> str:
+    return ",".join(str(int(t)) for t in steps)
+
+
+def _split_steps(stored: str | list) -> list[int]:
+    if isinstance(stored, (list, tuple)):  # a checkpoint written before steps were stored as text
+        return [int(t) for t in stored]
+    return [int(t) for t in stored.split(",") if t]

@@ -1,0 +1,1 @@
+"""PMA-init tools beside the core: spike recovery, LoRA averaging, soups, weight scopes, WSA and buffers."""

@@ -1,0 +1,294 @@
+"""Greedy soup (Wortsman et al. 2022, "Model soups", recipe 1), streamed from safetensors.
+
+Candidates (model folders fine-tuned from one initialisation, or checkpoints of one run) are
+scored on a held-out set and sorted best first. The soup starts as the best candidate; each
+next candidate is tried in the soup (the uniform average of the kept ones plus it) and kept only
+if the held-out metric does not get worse (``strict=True``: only if it gets better, as the
+authors' code does; ties matter when the metric is discrete, e.g. accuracy). On the held-out set
+the soup is never worse than the best single candidate.
+
+Memory: one fp32 running average of the kept ingredients plus the evaluation model; a candidate
+is read tensor by tensor from memory-mapped safetensors, so memory does not grow with the
+number of candidates. The running average follows `pmakit.averaging` (SMA: ``c_k = 1/k``).
+
+The evaluation is a function ``evaluate(model) -> float`` or a `transformers.Trainer` with an
+eval set (``trainer.evaluate()[metric_key]``, e.g. ``eval_loss``; lower is better for losses).
+The result is written like any merge: an atomic folder with the config and tokenizer of the best
+ingredient and a model card listing each candidate with its score and whether it was kept; it
+can be pushed to the Hub (`pmakit.hub.push_folder_to_hub`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..averaging import AveragingRule
+from ..io.cards import build_model_card
+from ..io.folders import atomic_directory, check_output_outside_inputs
+from ..io.side_files import copy_side_files
+from ..io.weight_files import find_weight_files
+
+
+__all__ = ["GreedySoupResult", "SoupStep", "greedy_soup"]
+
+
+@dataclass
+class SoupStep:
+    """One candidate: its own score, the soup's score with it added (None for the first), whether it was kept."""
+
+    path: str
+    score: float
+    soup_score: float | None
+    kept: bool
+
+
+@dataclass
+class GreedySoupResult:
+    """What the greedy procedure did; ``steps`` in the order tried (best single candidate first)."""
+
+    steps: list[SoupStep]
+    final_score: float
+    greater_is_better: bool
+    strict: bool
+    output_dir: Path | None = None
+    hub_url: str | None = None
+    metric: str = "score"
+    kept: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.kept = [s.path for s in self.steps if s.kept]
+
+
+class _Candidate:
+    """A candidate's tensors, memory-mapped: ``get(name)`` reads one tensor."""
+
+    def __init__(self, folder: Path, stack: ExitStack) -> None:
+        from safetensors import safe_open
+
+        self.folder = folder
+        self.where: dict[str, object] = {}
+        for file in find_weight_files(folder):
+            try:
+                handle = stack.enter_context(safe_open(str(file), framework="pt"))
+            except Exception as err:
+                raise ValueError(f"{file} cannot be read as safetensors: {err}") from err
+            for key in handle.keys():
+                self.where[key] = handle
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.where[key].get_tensor(key)
+
+
+def _check_keys(model_state: dict, candidates: Sequence[_Candidate]) -> list[str]:
+    first = candidates[0]
+    keys = sorted(first.where)
+    for cand in candidates[1:]:
+        if set(cand.where) != set(keys):
+            diff = sorted(set(cand.where) ^ set(keys))[:3]
+            raise ValueError(f"{cand.folder} and {first.folder} hold different tensors (e.g. {diff}).")
+    unknown = [k for k in keys if k not in model_state]
+    if unknown:
+        raise ValueError(
+            f"Tensor {unknown[0]!r} of {first.folder} is not in the evaluation model "
+            f"({len(unknown)} such): a different architecture?"
+        )
+    return keys
+
+
+@torch.no_grad()
+def _load(model_state: dict, cand: _Candidate, keys: Sequence[str]) -> None:
+    for key in keys:
+        value = cand.get(key)
+        target = model_state[key]
+        if value.shape != target.shape:
+            raise ValueError(
+                f"Tensor {key!r} has shape {tuple(value.shape)} in {cand.folder} but "
+                f"{tuple(target.shape)} in the evaluation model."
+            )
+        target.copy_(value)
+
+
+def _make_scorer(evaluate, metric_key: str | None, greater_is_better: bool | None):
+    """(score function of the model, metric name, greater_is_better) for a callable or a Trainer."""
+    if hasattr(evaluate, "evaluate") and hasattr(evaluate, "model"):
+        trainer = evaluate
+        args = trainer.args
+        key = metric_key or getattr(args, "metric_for_best_model", None) or "eval_loss"
+        if not key.startswith("eval_"):
+            key = f"eval_{key}"
+        if greater_is_better is None:
+            if getattr(args, "metric_for_best_model", None) and args.greater_is_better is not None:
+                greater_is_better = bool(args.greater_is_better)
+            else:
+                greater_is_better = not key.endswith("loss")
+        if trainer.eval_dataset is None:
+            raise ValueError("The Trainer passed to greedy_soup needs an `eval_dataset` (the held-out set).")
+
+        def score(model) -> float:
+            metrics = trainer.evaluate()
+            if key not in metrics:
+                raise KeyError(f"The Trainer's evaluation has no metric {key!r}; it returned {sorted(metrics)}.")
+            return float(metrics[key])
+
+        return score, key, greater_is_better, trainer.model
+    if not callable(evaluate):
+        raise TypeError("`evaluate` must be a function model -> float or a transformers Trainer with an eval set.")
+    if greater_is_better is None:
+        raise ValueError("With an evaluation function, say whether higher is better: greater_is_better=True or False.")
+    return (lambda model: float(evaluate(model))), metric_key or "score", greater_is_better, None
+
+
+def greedy_soup(
+    candidates: Sequence[str | os.PathLike],
+    evaluate: Callable[[torch.nn.Module], float] | object,
+    *,
+    output_dir: str | os.PathLike | None = None,
+    model: torch.nn.Module | None = None,
+    scores: Sequence[float] | None = None,
+    greater_is_better: bool | None = None,
+    metric_key: str | None = None,
+    strict: bool = False,
+    overwrite: bool = False,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+) -> GreedySoupResult:
+    """Build a greedy soup of ``candidates`` (model folders with safetensors weights).
+
+    ``evaluate`` scores the model it is given (its weights are set to the candidate or trial soup
+    first), or is a `Trainer` whose model is used. ``model`` is the evaluation model for a
+    function (default: ``AutoModelForCausalLM.from_pretrained`` of the first candidate).
+    ``scores`` are the candidates' own held-out scores if already known (skips evaluating them
+    one by one). ``strict``: keep a candidate only if the soup gets strictly better. With
+    ``output_dir`` the soup is written there (and pushed to ``push_to_hub`` if given). On return
+    the evaluation model holds the soup.
+    """
+    if not candidates:
+        raise ValueError("Give at least one candidate model folder.")
+    folders = [Path(c) for c in candidates]
+    for folder in folders:
+        if not folder.is_dir():
+            raise FileNotFoundError(f"Candidate {folder} is not a folder.")
+    if len(set(map(os.path.abspath, folders))) != len(folders):
+        raise ValueError("A candidate is listed twice; each folder may enter the soup once.")
+    if scores is not None and len(scores) != len(folders):
+        raise ValueError(f"Got {len(scores)} scores for {len(folders)} candidates; give one score per candidate.")
+    if push_to_hub and output_dir is None:
+        raise ValueError("`push_to_hub` uploads the written soup: pass `output_dir` too.")
+    score_fn, metric, higher, trainer_model = _make_scorer(evaluate, metric_key, greater_is_better)
+    if trainer_model is not None:
+        model = trainer_model
+    elif model is None:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(folders[0])
+
+    def better(new: float, old: float) -> bool:
+        if strict:
+            return new > old if higher else new < old
+        return new >= old if higher else new <= old
+
+    rule = AveragingRule("sma")
+    state = model.state_dict()
+    with ExitStack() as stack:
+        cands = [_Candidate(f, stack) for f in folders]
+        keys = _check_keys(state, cands)
+        floating = [k for k in keys if state[k].is_floating_point()]
+        if scores is None:
+            own = []
+            for cand in cands:
+                _load(state, cand, keys)
+                own.append(score_fn(model))
+        else:
+            own = [float(s) for s in scores]
+        order = sorted(range(len(cands)), key=lambda i: -own[i] if higher else own[i])  # stable: ties keep input order
+        best = cands[order[0]]
+        average = {k: best.get(k).to(torch.float32) for k in floating}
+        _load(state, best, keys)  # integer tensors (and the start of the soup) come from the best ingredient
+        current = own[order[0]]
+        steps = [SoupStep(str(best.folder), own[order[0]], None, True)]
+        n = 1
+        for i in order[1:]:
+            cand = cands[i]
+            c = rule.coefficient(n + 1)
+            with torch.no_grad():
+                for k in floating:
+                    x = cand.get(k).to(torch.float32)
+                    state[k].copy_(average[k] + c * (x - average[k]))
+            trial = score_fn(model)
+            keep = better(trial, current)
+            steps.append(SoupStep(str(cand.folder), own[i], trial, keep))
+            if keep:
+                with torch.no_grad():
+                    for k in floating:
+                        average[k].lerp_(cand.get(k).to(torch.float32), c)
+                current, n = trial, n + 1
+        with torch.no_grad():
+            for k in floating:
+                state[k].copy_(average[k])
+    result = GreedySoupResult(steps, current, higher, strict, metric=metric)
+    if output_dir is not None:
+        result.output_dir = _write(model, Path(output_dir), best.folder, result, overwrite)
+        if push_to_hub:
+            from ..io.hub import push_folder_to_hub
+
+            result.hub_url = push_folder_to_hub(
+                result.output_dir,
+                push_to_hub,
+                private=private,
+                revision=revision,
+                commit_message=commit_message or f"Greedy soup of {len(result.kept)} of {len(steps)} candidates",
+                token=token,
+            )
+    return result
+
+
+def _write(model, output: Path, best: Path, result: GreedySoupResult, overwrite: bool) -> Path:
+    check_output_outside_inputs(output, [(step.path, step.path) for step in result.steps])
+    with atomic_directory(output, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        copy_side_files(best, tmp)  # config and tokenizer of the best ingredient
+        (tmp / "README.md").write_text(_card(result, best), encoding="utf-8")
+    return output
+
+
+def _card(result: GreedySoupResult, best: Path) -> str:
+    direction = "higher" if result.greater_is_better else "lower"
+    rows = ["| # | candidate | own score | soup score with it | kept |", "|---|---|---|---|---|"]
+    for i, s in enumerate(result.steps, 1):
+        soup = "(first: the best single candidate)" if s.soup_score is None else f"{s.soup_score:.6g}"
+        rows.append(f"| {i} | `{s.path}` | {s.score:.6g} | {soup} | {'yes' if s.kept else 'no'} |")
+    recipe = {
+        "method": "greedy_soup",
+        "metric": result.metric,
+        "greater_is_better": result.greater_is_better,
+        "strict": result.strict,
+        "final_score": result.final_score,
+        "ingredients": [
+            {"path": s.path, "score": s.score, "soup_score": s.soup_score, "kept": s.kept} for s in result.steps
+        ],
+        "weights": {p: 1.0 / len(result.kept) for p in result.kept},
+    }
+    summary = (
+        f"A greedy soup (Wortsman et al., 2022): the uniform average of {len(result.kept)} of {len(result.steps)} "
+        f"candidates. Candidates were sorted by their held-out `{result.metric}` ({direction} is better) and each "
+        f"was kept only if the soup's score {'improved' if result.strict else 'did not get worse'}. Final held-out "
+        f"`{result.metric}`: {result.final_score:.6g} (best single candidate: {result.steps[0].score:.6g}). "
+        f"Config and tokenizer come from the best candidate, `{best}`."
+    )
+    return build_model_card(
+        title="Greedy soup",
+        summary=summary,
+        base_models=[s.path for s in result.steps if s.kept],
+        tags=("merge", "pma", "model-soup", "greedy-soup"),
+        recipe=recipe,
+        details=[("Ingredients", "\n".join(rows))],
+    )

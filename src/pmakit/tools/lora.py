@@ -1,0 +1,382 @@
+"""Averaging LoRA adapters (PEFT folders, including the ``pma/`` and ``pma-N/`` folders of PEFT runs).
+
+A LoRA adapter changes a weight by ``delta = s * B @ A`` (``s = lora_alpha / r``, or
+``lora_alpha / sqrt(r)`` with rsLoRA). Averaging adapters can mean two different things:
+
+* **factor averaging** (``method="factor"``): average the A factors and the B factors
+  separately. Cheap, and the result is an adapter of the same rank, but
+  ``(sum_i w_i B_i)(sum_j w_j A_j)`` is *not* ``sum_i w_i B_i A_i``: the cross terms
+  ``w_i w_j B_i A_j`` remain. It is exact only when all adapters share A (or all share B), and
+  close when the adapters are close to each other (successive samples of one run, the PMA case).
+* **exact averaging**: the weighted average of the updates ``sum_i w_i s_i B_i A_i``, either
+  as a higher-rank adapter by concatenation (``method="concat"``: ``B = [w_1 s_1 B_1 | ... ]``,
+  ``A = [A_1; ...]``, rank ``sum_i r_i`` and scaling 1), or merged into the base model's weights
+  (``method="merge"``: a complete model folder, no adapter left).
+
+The weights follow `pmakit.averaging` (sma, ema, wma or explicit weights; inputs oldest first).
+Non-LoRA tensors of the adapters (``modules_to_save``, trainable tokens) are linear in the
+weights, so they are averaged directly. Accumulation is fp32 (fp64 on request); outputs keep the
+adapters' dtype. Output folders are built aside and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ..averaging import AveragingRule
+from ..io.cards import build_model_card
+from ..io.folders import atomic_directory, check_output_outside_inputs
+from ..io.side_files import copy_side_files
+from ..io.weight_files import WEIGHT_INDEXES, find_weight_files
+
+
+__all__ = ["LORA_METHODS", "LoraAdapter", "average_lora_adapters", "load_lora_adapter", "lora_deltas"]
+
+LORA_METHODS = ("factor", "concat", "merge")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+_PREFIX = "base_model.model."
+_LORA_RE = re.compile(
+    r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?P<suffix>\.weight)?$"
+)
+
+
+@dataclass
+class LoraAdapter:
+    """One adapter folder: its config and tensors (loaded on CPU)."""
+
+    path: Path
+    config: dict
+    tensors: dict[str, torch.Tensor]
+
+    def modules(self) -> dict[str, dict[str, str]]:
+        """``{module key prefix: {"A": key, "B": key}}`` for every LoRA module of the adapter."""
+        found: dict[str, dict[str, str]] = {}
+        for key in self.tensors:
+            m = _LORA_RE.match(key)
+            if m:
+                found.setdefault(m["module"], {})["A" if m["kind"].endswith("A") else "B"] = key
+        for module, pair in found.items():
+            if set(pair) != {"A", "B"}:
+                raise ValueError(f"{self.path}: LoRA module {module!r} has only its {next(iter(pair))} factor.")
+        return found
+
+    def extras(self) -> list[str]:
+        """Tensors that are not LoRA factors (modules_to_save, trainable tokens): averaged linearly."""
+        return [k for k in self.tensors if not _LORA_RE.match(k)]
+
+    def scaling(self, module: str) -> float:
+        """``s`` of ``delta = s * B @ A`` for a module (rank from the tensors, alpha from the config)."""
+        rank = self.tensors[self.modules()[module]["A"]].shape[0]
+        name = module[len(_PREFIX) :] if module.startswith(_PREFIX) else module
+        alpha = _pattern_value(self.config.get("alpha_pattern") or {}, name, self.config.get("lora_alpha", 8))
+        if self.config.get("use_rslora"):
+            return float(alpha) / math.sqrt(rank)
+        return float(alpha) / rank
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank/alpha pattern lookup: a key matches the module's full name or a dotted suffix of it."""
+    for key, value in patterns.items():
+        if module == key or re.fullmatch(rf"(.*\.)?{key}", module):
+            return value
+    return default
+
+
+def load_lora_adapter(path: str | os.PathLike) -> LoraAdapter:
+    """Read a PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+    folder = Path(path)
+    config_file, weights_file = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder} is not a PEFT adapter folder: {ADAPTER_CONFIG} is missing.")
+    if not weights_file.is_file():
+        extra = ""
+        if (folder / "adapter_model.bin").exists():
+            extra = " (pickled adapter_model.bin is not read; re-save it with safetensors)"
+        raise FileNotFoundError(f"{folder}: {ADAPTER_WEIGHTS} is missing{extra}.")
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise ValueError(f"{folder}: only LoRA adapters can be averaged here; this one is {peft_type}.")
+    if config.get("use_dora"):
+        raise ValueError(
+            f"{folder}: DoRA adapters (use_dora=true) have a magnitude vector that does not average "
+            "like B @ A; they are not supported."
+        )
+    if config.get("lora_bias"):
+        raise ValueError(f"{folder}: adapters with lora_bias=true are not supported.")
+    try:
+        tensors = load_file(weights_file)
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise ValueError(f"{weights_file} cannot be read as safetensors: {err}") from err
+    adapter = LoraAdapter(folder, config, tensors)
+    if not adapter.modules():
+        raise ValueError(f"{weights_file} holds no LoRA factors (lora_A / lora_B tensors).")
+    return adapter
+
+
+def _delta(adapter: LoraAdapter, module: str, dtype=torch.float64) -> torch.Tensor:
+    """``s * B @ A`` in the base weight's layout (embeddings and fan_in_fan_out layers transposed)."""
+    keys = adapter.modules()[module]
+    a, b = adapter.tensors[keys["A"]].to(dtype), adapter.tensors[keys["B"]].to(dtype)
+    delta = b.flatten(1) @ a.flatten(1)
+    if "lora_embedding" in keys["A"] or adapter.config.get("fan_in_fan_out"):
+        delta = delta.T
+    return adapter.scaling(module) * delta
+
+
+def lora_deltas(
+    adapters: Sequence[LoraAdapter], weights: Sequence[float], dtype=torch.float64
+) -> dict[str, torch.Tensor]:
+    """The exact weighted average of the updates, ``{module: sum_i w_i s_i B_i A_i}`` (dense; for checks)."""
+    out: dict[str, torch.Tensor] = {}
+    for adapter, w in zip(adapters, weights, strict=True):
+        for module in adapter.modules():
+            d = _delta(adapter, module, dtype) * w
+            out[module] = d if module not in out else out[module] + d
+    return out
+
+
+def _weights(n: int, algo: str, alpha: float, weights, normalize: bool) -> list[float]:
+    return AveragingRule(algo, alpha, tuple(weights) if weights is not None else None, normalize).weights_for(n)
+
+
+def _average_extras(adapters: Sequence[LoraAdapter], weights: Sequence[float], acc) -> dict[str, torch.Tensor]:
+    keys = adapters[-1].extras()
+    out = {}
+    for key in keys:
+        tensors = []
+        for adapter in adapters:
+            if key not in adapter.tensors:
+                raise ValueError(f"Tensor {key!r} is in {adapters[-1].path} but missing from {adapter.path}.")
+            tensors.append(adapter.tensors[key])
+        out[key] = _weighted(tensors, weights, acc, key, [a.path for a in adapters])
+    return out
+
+
+def _weighted(tensors, weights, acc, key, paths) -> torch.Tensor:
+    shape = tensors[0].shape
+    for t, p in zip(tensors, paths, strict=True):
+        if t.shape != shape:
+            raise ValueError(f"Tensor {key!r} has shape {tuple(t.shape)} in {p} but {tuple(shape)} in {paths[0]}.")
+    if not tensors[0].is_floating_point():
+        if any(not torch.equal(t, tensors[0]) for t in tensors):
+            raise ValueError(f"Integer tensor {key!r} differs between adapters; it cannot be averaged.")
+        return tensors[0].clone()
+    total = torch.zeros(shape, dtype=acc)
+    for t, w in zip(tensors, weights, strict=True):
+        total.add_(t.to(acc), alpha=w)
+    return total.to(tensors[-1].dtype)
+
+
+def _check_same_modules(adapters: Sequence[LoraAdapter]) -> list[str]:
+    reference = adapters[-1].modules()
+    for adapter in adapters:
+        modules = adapter.modules()
+        if set(modules) != set(reference):
+            diff = sorted(set(modules) ^ set(reference))[:3]
+            raise ValueError(
+                f"{adapter.path} and {adapters[-1].path} adapt different modules (e.g. {diff}); factor averaging "
+                "needs the same modules in every adapter (exact averaging does not)."
+            )
+    return list(reference)
+
+
+def _factor_average(adapters, weights, acc) -> tuple[dict, dict]:
+    modules = _check_same_modules(adapters)
+    newest = adapters[-1]
+    out = {}
+    for module in modules:
+        s_ref = newest.scaling(module)
+        for adapter in adapters:
+            keys = adapter.modules()[module]
+            if (
+                adapter.tensors[keys["A"]].shape != newest.tensors[newest.modules()[module]["A"]].shape
+                or adapter.tensors[keys["B"]].shape != newest.tensors[newest.modules()[module]["B"]].shape
+            ):
+                raise ValueError(
+                    f"Module {module!r}: rank or shape differs between {adapter.path} and {newest.path}; factor "
+                    "averaging needs adapters of the same rank (use method='concat' or 'merge')."
+                )
+            if not math.isclose(adapter.scaling(module), s_ref, rel_tol=1e-12):
+                raise ValueError(
+                    f"Module {module!r}: LoRA scaling (lora_alpha / r) is {adapter.scaling(module):g} in "
+                    f"{adapter.path} but {s_ref:g} in {newest.path}; factor averaging needs equal scalings "
+                    "(use method='concat' or 'merge')."
+                )
+        for kind in ("A", "B"):
+            key = newest.modules()[module][kind]
+            out[key] = _weighted(
+                [a.tensors[a.modules()[module][kind]] for a in adapters], weights, acc, key, [a.path for a in adapters]
+            )
+    return out, dict(newest.config)
+
+
+def _concat_average(adapters, weights, acc) -> tuple[dict, dict]:
+    pieces: dict[str, dict] = {}
+    for adapter, w in zip(adapters, weights, strict=True):
+        for module, keys in adapter.modules().items():
+            entry = pieces.setdefault(module, {"A": [], "B": [], "keys": keys})
+            a, b = adapter.tensors[keys["A"]], adapter.tensors[keys["B"]]
+            entry["A"].append(a)
+            entry["B"].append((b.to(acc) * (w * adapter.scaling(module))).to(b.dtype))
+    out, ranks = {}, {}
+    for module, entry in pieces.items():
+        keys = entry["keys"]
+        try:
+            out[keys["A"]] = torch.cat(entry["A"], dim=0)
+            out[keys["B"]] = torch.cat(entry["B"], dim=1)
+        except RuntimeError as err:
+            raise ValueError(f"Module {module!r}: the adapters' factors have incompatible shapes ({err}).") from None
+        ranks[module[len(_PREFIX) :] if module.startswith(_PREFIX) else module] = out[keys["A"]].shape[0]
+    config = dict(adapters[-1].config)
+    rank = max(ranks.values())
+    # Scaling 1 everywhere: lora_alpha == r per module, without rsLoRA; the s_i are folded into B.
+    config.update(r=rank, lora_alpha=rank, use_rslora=False)
+    odd = {m: r for m, r in ranks.items() if r != rank}
+    config["rank_pattern"] = {rf"{re.escape(m)}": r for m, r in odd.items()}
+    config["alpha_pattern"] = {rf"{re.escape(m)}": r for m, r in odd.items()}
+    targets = sorted({m.rsplit(".", 1)[-1] for m in ranks})
+    if isinstance(config.get("target_modules"), list) or config.get("target_modules") is None:
+        config["target_modules"] = sorted(set(config.get("target_modules") or []) | set(targets))
+    return out, config
+
+
+def _merge_into_base(adapters, weights, base: Path, tmp: Path, acc) -> None:
+    deltas = lora_deltas(adapters, weights, dtype=acc)
+    extras = _average_extras(adapters, weights, acc)
+    targets: dict[str, torch.Tensor] = {}
+    for module, delta in deltas.items():
+        name = module[len(_PREFIX) :] if module.startswith(_PREFIX) else module
+        targets[f"{name}.weight"] = delta
+    for key, value in extras.items():
+        name = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
+        name = name.replace(".modules_to_save.", ".").replace(".original_module.", ".")
+        targets[name] = ("replace", value)
+    shards = find_weight_files(base)
+    seen = set()
+    for shard in shards:
+        with safe_open(shard, framework="pt") as f:
+            metadata = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        for key, tensor in tensors.items():
+            if key not in targets:
+                continue
+            seen.add(key)
+            change = targets[key]
+            if isinstance(change, tuple):
+                tensors[key] = change[1].to(tensor.dtype)
+                continue
+            if change.shape != tensor.shape:
+                raise ValueError(
+                    f"LoRA update for {key!r} has shape {tuple(change.shape)}, but the base weight in "
+                    f"{shard} has {tuple(tensor.shape)}: the adapters were not trained on this base."
+                )
+            tensors[key] = (tensor.to(acc) + change).to(tensor.dtype)
+        save_file(tensors, tmp / shard.name, metadata=metadata or {"format": "pt"})
+    missing = sorted(set(targets) - seen)
+    if missing:
+        raise ValueError(
+            f"Base model {base} has no weight {missing[0]!r} that the adapters update "
+            f"({len(missing)} missing): wrong base model?"
+        )
+    copy_side_files(base, tmp)
+    for name in WEIGHT_INDEXES:  # the shards keep their names, so the base's index still maps them
+        if (base / name).is_file():
+            shutil.copy2(base / name, tmp / name)
+
+
+def average_lora_adapters(
+    adapters: Sequence[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    *,
+    method: str = "concat",
+    algo: str = "sma",
+    alpha: float = 0.2,
+    weights: Sequence[float] | None = None,
+    normalize: bool = True,
+    base_model: str | os.PathLike | None = None,
+    accumulate_dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+) -> Path:
+    """Average PEFT LoRA adapter folders (oldest first) into ``output_dir``.
+
+    ``method``: ``"factor"`` (A and B averaged separately; same-rank adapter; not the average of
+    the updates), ``"concat"`` (exact; adapter of rank ``sum r_i``), or ``"merge"`` (exact; the
+    base model folder ``base_model`` with the averaged update added, a complete model). The first
+    two write adapter folders loadable with ``PeftModel.from_pretrained``.
+    """
+    if method not in LORA_METHODS:
+        raise ValueError(f"`method` must be one of {', '.join(LORA_METHODS)}; got {method!r}.")
+    if not adapters:
+        raise ValueError("Give at least one adapter folder to average.")
+    if method == "merge" and base_model is None:
+        raise ValueError(
+            "method='merge' adds the averaged update to a base model: pass `base_model` (a model folder)."
+        )
+    if base_model is not None and method != "merge":
+        raise ValueError("`base_model` is only used by method='merge'.")
+    loaded = [load_lora_adapter(p) for p in adapters]
+    w = _weights(len(loaded), algo, alpha, weights, normalize)
+    rule = AveragingRule(algo, alpha, tuple(weights) if weights is not None else None, normalize)
+    output = Path(output_dir)
+    check_output_outside_inputs(output, [(str(a.path), a.path) for a in loaded])
+    with atomic_directory(output, overwrite=overwrite) as tmp:
+        if method == "merge":
+            _merge_into_base(loaded, w, Path(base_model), tmp, accumulate_dtype)
+            library = "transformers"
+        else:
+            tensors, config = (_factor_average if method == "factor" else _concat_average)(loaded, w, accumulate_dtype)
+            tensors.update(_average_extras(loaded, w, accumulate_dtype))
+            save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            newest = loaded[-1].path
+            for item in newest.iterdir():  # tokenizer files a PEFT run saved beside its adapter
+                if (
+                    item.is_file()
+                    and item.name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md")
+                    and not item.name.startswith(".")
+                    and not item.name.endswith((".bin", ".safetensors"))
+                ):
+                    shutil.copy2(item, tmp / item.name)
+            library = "peft"
+        base_name = loaded[-1].config.get("base_model_name_or_path") or ""
+        (tmp / "README.md").write_text(_card(method, rule, w, loaded, base_name, library), encoding="utf-8")
+    return output
+
+
+def _card(method, rule, weights, adapters, base_name, library) -> str:
+    what = {
+        "factor": "LoRA factor averaging: the A and B factors were averaged separately (an adapter of the same rank; "
+        "not exactly the average of the updates B·A).",
+        "concat": "exact LoRA averaging: the weighted average of the updates B·A, as one adapter whose rank is the "
+        "sum of the inputs' ranks (factors concatenated, scalings folded into B).",
+        "merge": "exact LoRA averaging merged into the base weights: base + weighted average of the updates B·A.",
+    }[method]
+    recipe = {
+        "method": f"lora-{method}",
+        "rule": rule.algo,
+        "adapters": [str(a.path) for a in adapters],
+        "weights": [round(x, 8) for x in weights],
+    }
+    if rule.algo == "ema":
+        recipe["alpha"] = rule.alpha
+    return build_model_card(
+        title=f"Averaged LoRA adapters ({method})",
+        summary=f"The {rule.describe(len(adapters))} of {len(adapters)} LoRA adapters, by {what}",
+        base_models=[base_name] if base_name else [],
+        library_name=library,
+        tags=("merge", "pma", "lora"),
+        recipe=recipe,
+    )

@@ -1,0 +1,1 @@
+"""The transformers glue: `PmaArguments`, `PmaCallback`, `PmaTrainer`, the optimizer route and the exporter."""

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: tiny models, Trainer runs, model folders and a local Hub server."""

@@ -1,0 +1,79 @@
+"""Hub inputs and pushes, end to end with the real `huggingface_hub` client against the local Hub server."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from huggingface_hub import HfApi, snapshot_download
+
+from pmakit.cli import main
+from pmakit.merging import MergeError, merge
+from tests.helpers.folders import read_folder, save_models
+
+
+def _upload_models(hub, tmp_path):
+    """Two tiny models on the local Hub: alice/m0 on main, alice/m1 on branch `dev` (main holds older weights)."""
+    api = HfApi(token=hub.write_token)
+    m0, m1, old = save_models(tmp_path / "src", 3, tokenizer=True)
+    api.create_repo("m0")
+    api.upload_folder(repo_id="alice/m0", folder_path=m0)
+    api.create_repo("m1")
+    api.upload_folder(repo_id="alice/m1", folder_path=old)
+    api.create_branch("alice/m1", branch="dev")
+    api.upload_folder(repo_id="alice/m1", folder_path=m1, revision="dev")
+    return m0, m1
+
+
+def test_merge_hub_models_push_and_download_back(local_hub, tmp_path, monkeypatch):
+    m0, m1 = _upload_models(local_hub, tmp_path)
+    monkeypatch.setenv("HF_TOKEN", local_hub.write_token)  # the token from the environment, never printed
+    result = merge(
+        ["alice/m0", "alice/m1@dev"],
+        tmp_path / "out",
+        algo="wma",
+        max_shard_size="30KB",
+        push_to_hub="alice/merged",
+        private=True,
+        commit_message="PMA merge",
+        cache_dir=tmp_path / "cache",
+    )
+    # the merge read the Hub copies: the same weights as the local folders, m1 from branch `dev`
+    a, b, out = read_folder(m0), read_folder(m1), read_folder(tmp_path / "out")
+    assert all(((out[k].double() - (a[k].double() + 2 * b[k].double()) / 3).abs() <= 1e-6).all() for k in out)
+    assert result.commit_url.startswith(f"{local_hub.endpoint}/alice/merged/commit/")
+    assert local_hub.commits("alice/merged")[0] == "PMA merge" and local_hub.repo("alice/merged").private
+    assert local_hub.calls("lfs_upload") >= 2  # the weight shards went through LFS
+    card = (tmp_path / "out" / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["base_model"] == ["alice/m0", "alice/m1"] and meta["tags"] == ["merge", "pma"]
+    assert "alice/m1@dev" in card
+
+    back = snapshot_download("alice/merged", cache_dir=tmp_path / "back")
+    local = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    remote = {p.name: p.read_bytes() for p in __import__("pathlib").Path(back).iterdir() if p.name != ".gitattributes"}
+    assert remote == local  # model card, recipe, config, tokenizer and every shard, byte for byte
+
+
+def test_failing_hub_keeps_local_output(local_hub, tmp_path, capsys, monkeypatch):
+    folders = save_models(tmp_path, 2)
+    monkeypatch.setenv("HF_TOKEN", local_hub.write_token)
+    local_hub.fail("preupload", status=503, times=1000)
+    code = main(
+        ["average", *map(str, folders), "-o", str(tmp_path / "out"), "--push-to-hub", "alice/x", "--no-progress"]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and "push failed" in err and "HTTP 503" in err and str(tmp_path / "out") in err
+    assert local_hub.write_token not in err
+    assert (tmp_path / "out" / "model.safetensors").is_file() and (tmp_path / "out" / "README.md").is_file()
+
+    local_hub.clear_faults()
+    local_hub.drop("commit", times=1000)  # dropped connections
+    with pytest.raises(Exception, match="local folder is kept") as info:
+        merge(folders, tmp_path / "out2", push_to_hub="alice/y")
+    assert type(info.value).__name__ == "HubPushError" and (tmp_path / "out2" / "model.safetensors").is_file()
+
+
+def test_missing_hub_model_is_a_clear_error(local_hub, tmp_path):
+    with pytest.raises(MergeError, match="alice/nothing.*not found"):
+        merge(["alice/nothing"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,150 @@
+"""The package's layers import one way, with no cycles: read from the source with `ast`, nothing is run.
+
+averaging, errors  the one averaging law and the error types: pure Python
+io                 files and the Hub: no torch
+merging            the offline merger, on io and averaging: no torch
+online             the engine on the optimizer: torch, no transformers
+tools              spike recovery, LoRA, soups, scopes, WSA, buffers
+training           the transformers glue
+cli                the `pmakit` command
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "pmakit"
+
+LAYER_OF_PACKAGE = {"io": "io", "merging": "merging", "online": "online", "tools": "tools", "training": "training"}
+LAYER_OF_MODULE = {"averaging": "core", "errors": "core", "cli": "cli", "__init__": "api"}
+MAY_IMPORT = {
+    "core": {"core"},
+    "io": {"core", "io"},
+    "merging": {"core", "io", "merging"},
+    "online": {"core", "online"},
+    "tools": {"core", "io", "merging", "online", "tools"},
+    "training": {"core", "io", "online", "tools", "training"},
+    "cli": {"core", "io", "merging", "cli"},
+    "api": {"core", "io", "merging", "online", "tools", "training", "cli", "api"},
+}
+HEAVY = {"torch", "transformers", "accelerate", "peft", "trl", "deepspeed"}
+NEVER = {
+    "core": HEAVY,
+    "io": HEAVY,
+    "merging": HEAVY,
+    "online": {"transformers", "peft", "trl"},
+    "cli": HEAVY,
+}
+
+
+# Open work, named so it cannot be forgotten: `.bin` inputs are still converted with torch.load. The torch-free
+# reader of torch's zip format replaces it, and this entry goes.
+KNOWN_GAPS = {"pmakit.merging.sources": {"torch"}}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(SRC.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_package(name: str) -> bool:
+    return (SRC.parent / Path(*name.split("."))).is_dir()
+
+
+MODULES = {_module_name(p): p for p in sorted(SRC.rglob("*.py"))}
+
+
+def layer(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "api"
+    return LAYER_OF_PACKAGE.get(parts[1]) or LAYER_OF_MODULE[parts[1]]
+
+
+def _type_checking_only(tree: ast.Module) -> set[int]:
+    """Line numbers of imports under ``if TYPE_CHECKING:`` (they never run)."""
+    lines = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING":
+            lines |= {n.lineno for body in node.body for n in ast.walk(body) if hasattr(n, "lineno")}
+    return lines
+
+
+def imports_of(module: str) -> tuple[set[str], set[str]]:
+    """(modules of pmakit, top-level third-party packages) that ``module`` imports, lazily or not."""
+    path = MODULES[module]
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skip = _type_checking_only(tree)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    internal, external = set(), set()
+    for node in ast.walk(tree):
+        if getattr(node, "lineno", None) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            targets = [(alias.name, []) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, *([base] if base else [])])
+            targets = [(base, [alias.name for alias in node.names])]
+        else:
+            continue
+        for name, names in targets:
+            if not name.startswith("pmakit"):
+                external.add(name.split(".")[0])
+                continue
+            subs = [f"{name}.{n}" for n in names if f"{name}.{n}" in MODULES] if _is_package(name) else []
+            internal.update(subs or [name])
+    internal.discard(module)
+    return internal, external
+
+
+GRAPH = {m: imports_of(m) for m in MODULES}
+
+
+def test_every_module_sits_in_a_layer():
+    for module in MODULES:
+        assert layer(module) in MAY_IMPORT, module
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_imports_flow_down_the_layers(module):
+    internal, external = GRAPH[module]
+    upward = sorted(m for m in internal if layer(m) not in MAY_IMPORT[layer(module)])
+    assert not upward, f"{module} ({layer(module)}) imports {upward} from a layer it may not use"
+    heavy = sorted(external & NEVER.get(layer(module), set()) - KNOWN_GAPS.get(module, set()))
+    assert not heavy, f"{module} ({layer(module)}) imports {heavy}"
+
+
+def test_no_import_cycles():
+    edges = {m: {t for t in GRAPH[m][0] if t in MODULES and layer(t) != "api"} for m in MODULES if layer(m) != "api"}
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == 1:
+                cycle = path[path.index(nxt) :] + [nxt]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt)
+        path.pop()
+        state[node] = 2
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node)
+
+
+def test_the_checker_sees_lazy_and_relative_imports():
+    internal, external = GRAPH["pmakit.merging.merger"]
+    assert "pmakit.io.hub" in internal  # imported inside a function
+    assert {"pmakit.averaging", "pmakit.merging.plan"} <= internal and "yaml" in external
+    assert "torch" in GRAPH["pmakit.online.engine"][1] and "transformers" in GRAPH["pmakit.training.trainer"][1]
