@@ -122,6 +122,23 @@ class SafetensorsFile:
         return InputError(f"Corrupt or truncated safetensors file {self.path}: {why}.")
 
     def _parse(self) -> None:
+        header, base, size = self._read_header()
+        data_len = size - base
+        metadata = header.pop("__metadata__", {})
+        if metadata is not None and not isinstance(metadata, dict):
+            raise self._bad(f"its `__metadata__` is {type(metadata).__name__}, not an object")
+        if metadata and not all(isinstance(v, str) for v in metadata.values()):
+            raise self._bad("its `__metadata__` values must all be strings")
+        self.metadata = dict(metadata or {})
+        spans = []
+        for name, entry in header.items():
+            info = self._tensor(name, entry, base, data_len)
+            spans.append((info.start - base, info.start - base + info.nbytes))
+            self.tensors[name] = info
+        self._check_contiguous(sorted(spans), data_len)
+
+    def _read_header(self) -> tuple[dict, int, int]:
+        """The JSON header, the absolute offset of the data section and the file size."""
         try:
             size = self.path.stat().st_size
             with open(self.path, "rb") as f:
@@ -140,34 +157,29 @@ class SafetensorsFile:
             raise self._bad(f"its header is not valid JSON ({e})") from e
         if not isinstance(header, dict):
             raise self._bad("its header is not a JSON object")
-        base = 8 + header_len
-        data_len = size - base
-        spans = []
-        for name, entry in header.items():
-            if name == "__metadata__":
-                self.metadata = dict(entry or {})
-                continue
-            try:
-                dtype, shape, (begin, end) = (
-                    entry["dtype"],
-                    tuple(int(d) for d in entry["shape"]),
-                    entry["data_offsets"],
-                )
-            except (KeyError, TypeError, ValueError) as e:
-                raise self._bad(f"tensor {name!r} has a malformed entry {entry!r}") from e
-            if dtype not in DTYPES:
-                raise self._bad(f"tensor {name!r} has an unsupported dtype {dtype!r}")
-            info = TensorInfo(name, dtype, shape, self.path, base + int(begin), int(end) - int(begin))
-            if info.nbytes != info.numel * info.itemsize or begin < 0:
-                raise self._bad(
-                    f"tensor {name!r} spans {end - begin} bytes, "
-                    f"but {dtype}{list(shape)} needs {info.numel * info.itemsize}"
-                )
-            if end > data_len:
-                raise self._bad(f"tensor {name!r} ends at byte {end} of a data section of only {data_len} bytes")
-            spans.append((int(begin), int(end)))
-            self.tensors[name] = info
-        spans.sort()
+        return header, 8 + header_len, size
+
+    def _tensor(self, name: str, entry: object, base: int, data_len: int) -> TensorInfo:
+        """One header entry, checked field by field: dtype, shape (non-negative ints), offsets (two ints)."""
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+            raise self._bad(f"tensor {name!r} has a malformed entry {entry!r}")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in DTYPES:
+            raise self._bad(f"tensor {name!r} has an unsupported dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise self._bad(f"tensor {name!r} has shape {shape!r}; dimensions must be non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) and o >= 0 for o in offsets):
+            raise self._bad(f"tensor {name!r} has data_offsets {offsets!r}; they must be two non-negative integers")
+        begin, end = offsets
+        info = TensorInfo(name, dtype, tuple(shape), self.path, base + begin, end - begin)
+        if info.nbytes != info.numel * info.itemsize:
+            need = info.numel * info.itemsize
+            raise self._bad(f"tensor {name!r} spans {end - begin} bytes, but {dtype}{list(shape)} needs {need}")
+        if end > data_len:
+            raise self._bad(f"tensor {name!r} ends at byte {end} of a data section of only {data_len} bytes")
+        return info
+
+    def _check_contiguous(self, spans: list[tuple[int, int]], data_len: int) -> None:
         position = 0
         for begin, end in spans:
             if begin != position:
@@ -175,6 +187,10 @@ class SafetensorsFile:
             position = end
         if position != data_len:
             raise self._bad(f"the data section has {data_len} bytes but its tensors cover {position}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def read_into(fd: int, buffer: memoryview, offset: int, path: Path) -> None:

@@ -8,7 +8,7 @@ index, when there is one, is the truth: stray ``*.safetensors`` beside it are no
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 from ..errors import InputError
 
@@ -20,12 +20,39 @@ PICKLE_PATTERNS = ("pytorch_model*.bin", "adapter_model.bin")
 
 
 def read_weight_map(index: Path) -> dict[str, str]:
-    """``{tensor name: shard file name}`` of a safetensors index, validated."""
+    """``{tensor name: shard file name}`` of a safetensors index, validated.
+
+    Every shard must be a plain file name in the index's own folder: an entry such as
+    ``../elsewhere.safetensors`` or an absolute path would make a merge read a file outside its
+    input, so it is refused. (Shards that are symlinks, as in the Hub cache's ``snapshots/``, are fine.)
+
+    Raises:
+        InputError: the index is not JSON, has no ``weight_map`` object, or names a shard outside its folder.
+    """
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise InputError(f"{index} is not a valid safetensors index (needs a `weight_map`).") from e
+    if not isinstance(weight_map, dict):
+        raise InputError(
+            f"{index}: `weight_map` must be an object of tensor name -> shard file, not {type(weight_map).__name__}."
+        )
+    for tensor, shard in weight_map.items():
+        if not _is_plain_file_name(shard):
+            raise InputError(
+                f"{index}: tensor {tensor!r} maps to {shard!r}; shards must be plain file names inside {index.parent}."
+            )
     return weight_map
+
+
+def _is_plain_file_name(name: object) -> bool:
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and not PureWindowsPath(name).drive
+    )
 
 
 def _indexed_files(folder: Path, index: Path) -> list[Path]:
