@@ -25,6 +25,7 @@ from ..errors import InputError
 __all__ = [
     "DTYPES",
     "FLOAT_DTYPES",
+    "Piece",
     "SafetensorsFile",
     "ShardWriter",
     "TensorInfo",
@@ -83,8 +84,22 @@ def canonical_dtype(name: str, field: str = "out_dtype") -> str:
 
 
 @dataclass(frozen=True)
+class Piece:
+    """``count`` elements of a tensor, from element ``first``, stored in ``file`` from byte ``start``."""
+
+    first: int
+    count: int
+    file: Path
+    start: int
+
+
+@dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor's bytes live: ``file`` from byte ``start`` (absolute) for ``nbytes``."""
+    """Where one tensor's bytes live: ``file`` from byte ``start`` (absolute) for ``nbytes``.
+
+    A tensor saved in shards (DCP, DeepSpeed ZeRO) lists its ``pieces`` instead, in element order,
+    tiling the tensor; ``file``/``start`` are then those of the first piece.
+    """
 
     name: str
     dtype: str
@@ -92,6 +107,24 @@ class TensorInfo:
     file: Path
     start: int
     nbytes: int
+    pieces: tuple[Piece, ...] = ()
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """Every file holding some of the tensor."""
+        return tuple(dict.fromkeys(p.file for p in self.pieces)) if self.pieces else (self.file,)
+
+    def spans(self, first: int, end: int) -> list[tuple[Path, int, int, int]]:
+        """``(file, absolute byte start, first element, end element)`` of each stored run of ``[first, end)``."""
+        size = self.itemsize
+        if not self.pieces:
+            return [(self.file, self.start + first * size, first, end)]
+        out = []
+        for p in self.pieces:
+            lo, hi = max(first, p.first), min(end, p.first + p.count)
+            if lo < hi:
+                out.append((p.file, p.start + (lo - p.first) * size, lo, hi))
+        return out
 
     @property
     def numel(self) -> int:

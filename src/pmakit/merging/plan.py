@@ -231,5 +231,6 @@ def input_files(plan: MergePlan) -> list[Path]:
     seen: dict[Path, None] = {}
     for t in plan.tensors:
         for i in t.inputs:
-            seen.setdefault(i.file, None)
+            for f in i.files:
+                seen.setdefault(f, None)
     return list(seen)

@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import MergeError
-from ..io.safetensors import SafetensorsFile, TensorInfo
-from ..io.weight_files import find_pickle_files, find_weight_files
+from ..io.safetensors import TensorInfo
+from .checkpoints import read_checkpoint_tensors
 
 
 __all__ = [
+    "KINDS",
+    "PMA_STATE",
     "CheckpointInfo",
     "ModelSource",
     "is_run_dir",
@@ -31,6 +33,8 @@ __all__ = [
     "select_checkpoints",
 ]
 
+PMA_STATE = "pma-state"  # checkpoint-N folders, read for the PMA average in their optimizer state
+KINDS = ("checkpoint", "pma", PMA_STATE)
 _STEP_DIR = re.compile(r"^(checkpoint|pma)-(\d+)$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
@@ -62,23 +66,17 @@ class ModelSource:
     config: dict = field(default_factory=dict)
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
     is_adapter: bool = False
+    state: str = "weights"  # "pma": the PMA average stored in the checkpoint's optimizer state
 
     @property
     def label(self) -> str:
         return self.hub_id + (f"@{self.revision}" if self.revision else "") if self.hub_id else str(self.path)
 
     def load(self, allow_pickle: bool = False, scratch: Path | None = None) -> ModelSource:
-        """Find the weight files, validate their headers and read ``config.json``."""
-        self.files = _weight_files(self.path, allow_pickle, scratch)
+        """Locate every tensor (safetensors, DCP or pickled ``.bin``; ``state="pma"``: the stored PMA
+        average) and read ``config.json``. ``scratch`` is unused: nothing is converted any more."""
+        self.files, self.tensors = read_checkpoint_tensors(self.path, state=self.state, allow_pickle=allow_pickle)
         self.is_adapter = any(f.name.startswith("adapter_model") for f in self.files)
-        for file in self.files:
-            for name, info in SafetensorsFile(file).tensors.items():
-                if name in self.tensors:
-                    raise MergeError(
-                        f"Tensor {name!r} appears in two files of {self.path}: "
-                        f"{self.tensors[name].file.name} and {file.name}."
-                    )
-                self.tensors[name] = info
         config = self.path / ("adapter_config.json" if self.is_adapter else "config.json")
         if config.is_file():
             try:
@@ -86,49 +84,6 @@ class ModelSource:
             except json.JSONDecodeError as e:
                 raise MergeError(f"{config} is not valid JSON: {e}.") from e
         return self
-
-
-def _weight_files(folder: Path, allow_pickle: bool, scratch: Path | None) -> list[Path]:
-    """The safetensors files of a model folder, or its pickled ``.bin`` files converted when allowed."""
-    pickles = find_pickle_files(folder)
-    if folder.is_dir() and pickles and not any(folder.glob("*.safetensors")):
-        if not allow_pickle:
-            raise MergeError(
-                f"{folder} holds only pickled checkpoints ({', '.join(p.name for p in pickles)}); unpickling can run "
-                "arbitrary code, so they are refused. Convert them to safetensors, or pass allow_pickle=True "
-                "(`--allow-pickle`) to load them with torch.load(weights_only=True)."
-            )
-        return [_convert_pickle(p, scratch) for p in pickles]
-    if not folder.exists():
-        raise MergeError(f"Input {folder} does not exist.")
-    return find_weight_files(folder)
-
-
-def _convert_pickle(path: Path, scratch: Path | None) -> Path:
-    """Load a ``.bin`` with ``weights_only=True`` and store it as safetensors in ``scratch`` (one input at a time)."""
-    import torch
-    from safetensors.torch import save_file
-
-    if scratch is None:
-        raise MergeError("Pickled checkpoints need a scratch folder to be converted.")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for bad pickles
-        raise MergeError(f"Cannot load {path} with torch.load(weights_only=True): {e}".splitlines()[0]) from e
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise MergeError(f"{path} does not hold a flat state dict of tensors.")
-    seen: dict[int, str] = {}
-    tensors = {}
-    for name, tensor in state.items():  # tied tensors share storage: keep the first name only
-        key = tensor.untyped_storage().data_ptr()
-        if key in seen and tensor.data_ptr() == state[seen[key]].data_ptr():
-            continue
-        seen[key] = name
-        tensors[name] = tensor.contiguous()
-    out = scratch / f"{abs(hash(str(path.resolve())))}-{path.stem}.safetensors"
-    save_file(tensors, out, metadata={"format": "pt"})
-    del state, tensors
-    return out
 
 
 def parse_hub_reference(text: str) -> tuple[str, str | None] | None:
@@ -223,6 +178,13 @@ def resolve_source(
     return ModelSource(text, path, step=step, hub_id=repo, revision=revision)
 
 
+def _state(kind: str) -> str:
+    """What to read from each input: the weights, or (``kind="pma-state"``) the stored PMA average."""
+    if kind not in KINDS:
+        raise MergeError(f"`kind` must be one of {', '.join(map(repr, KINDS))}, got {kind!r}.")
+    return "pma" if kind == PMA_STATE else "weights"
+
+
 def _step_of(path: Path) -> int | None:
     m = _STEP_DIR.match(path.name)
     return int(m.group(2)) if m else None
@@ -250,8 +212,9 @@ def resolve_inputs(
     if run_dir is not None:
         if models:
             raise MergeError("Give either `models` or `run_dir`, not both.")
-        chosen = select_checkpoints(run_dir, last=last, every=every, start=start, end=end, kind=kind)
-        return [ModelSource(str(c.path), c.path.resolve(), step=c.step) for c in chosen]
+        folders = "checkpoint" if kind == PMA_STATE else kind
+        chosen = select_checkpoints(run_dir, last=last, every=every, start=start, end=end, kind=folders)
+        return [ModelSource(str(c.path), c.path.resolve(), step=c.step, state=_state(kind)) for c in chosen]
     if any(v is not None for v in (last, every, start, end)):
         raise MergeError("`last`, `every`, `start` and `end` select checkpoints of a run folder; give `run_dir`.")
     if not models:
@@ -259,6 +222,8 @@ def resolve_inputs(
     if isinstance(models, (str, os.PathLike)):
         models = [models]
     sources = [resolve_source(m, token=token, cache_dir=cache_dir) for m in models]
+    for s in sources:
+        s.state = _state(kind)
     seen: dict[Path, str] = {}
     for s in sources:
         key = s.path.resolve()

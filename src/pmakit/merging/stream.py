@@ -82,12 +82,24 @@ class _Fold:
         self.buffers = _Buffers()
 
     def _read(self, info, e0: int, e1: int, key: str = "in") -> np.ndarray:
-        size = DTYPES[info.dtype].itemsize
-        if self.maps is not None:  # zero-copy view of the page cache; released by _release
-            return np.frombuffer(self.maps[info.file], DTYPES[info.dtype], e1 - e0, info.start + e0 * size)
-        raw = self.buffers.get(key, (e1 - e0) * size)
-        read_into(self.fds[info.file], memoryview(raw), info.start + e0 * size, info.file)
-        return raw.view(DTYPES[info.dtype])
+        spans = info.spans(e0, e1)
+        dtype = DTYPES[info.dtype]
+        if len(spans) == 1:
+            file, start, _, _ = spans[0]
+            if self.maps is not None:  # zero-copy view of the page cache; released by _release
+                return np.frombuffer(self.maps[file], dtype, e1 - e0, start)
+            raw = self.buffers.get(key, (e1 - e0) * dtype.itemsize)
+            read_into(self.fds[file], memoryview(raw), start, file)
+            return raw.view(dtype)
+        # The block crosses shards (a DCP / ZeRO tensor): join its pieces in a buffer.
+        raw = self.buffers.get(key, (e1 - e0) * dtype.itemsize)
+        for file, start, lo, hi in spans:
+            part = raw[(lo - e0) * dtype.itemsize : (hi - e0) * dtype.itemsize]
+            if self.maps is not None:
+                part[:] = np.frombuffer(self.maps[file], np.uint8, len(part), start)
+            else:
+                read_into(self.fds[file], memoryview(part), start, file)
+        return raw.view(dtype)
 
     def _release(self, t: PlannedTensor, e0: int, e1: int) -> None:
         """Unmap the block's pages from this process (they stay in the page cache), so RSS stays bounded."""
@@ -95,13 +107,15 @@ class _Fold:
             self._release_one(info, e0, e1)
 
     def _release_one(self, info, e0: int, e1: int) -> None:
-        if self.maps is not None:
-            # The kernel maps pages around each fault ("fault-around"), also just before and after the
-            # block; a margin on both sides unmaps those too (a neighbour in use simply faults them back).
-            size = DTYPES[info.dtype].itemsize
-            begin = max(0, info.start + e0 * size - _RELEASE_MARGIN) // mmap.PAGESIZE * mmap.PAGESIZE
-            end = min(len(self.maps[info.file]), info.start + e1 * size + _RELEASE_MARGIN)
-            self.maps[info.file].madvise(mmap.MADV_DONTNEED, begin, end - begin)
+        if self.maps is None:
+            return
+        # The kernel maps pages around each fault ("fault-around"), also just before and after the
+        # block; a margin on both sides unmaps those too (a neighbour in use simply faults them back).
+        size = DTYPES[info.dtype].itemsize
+        for file, start, lo, hi in info.spans(e0, e1):
+            begin = max(0, start - _RELEASE_MARGIN) // mmap.PAGESIZE * mmap.PAGESIZE
+            end = min(len(self.maps[file]), start + (hi - lo) * size + _RELEASE_MARGIN)
+            self.maps[file].madvise(mmap.MADV_DONTNEED, begin, end - begin)
 
     def _as_acc(self, x: np.ndarray, key: str) -> np.ndarray:
         if x.dtype == self.acc_dtype:
@@ -157,7 +171,7 @@ class _Fold:
             dt = self.acc_dtype
             pending = None
             for k, (info, w) in enumerate(zip(t.inputs, self.weights, strict=True)):
-                x = self._read(info, e0, e1)
+                x = self._read(info, e0, e1, f"in{k % 2}")  # two buffers: `pending` stays valid
                 if self.equal:  # sum first, scale once when writing
                     if k == 0 and len(t.inputs) > 1:
                         pending = x  # added together with the second input: one pass for both
@@ -221,7 +235,7 @@ def run_fold(
         raise MergeError(f"`block_elements` must be positive, got {block_elements}.")
     if reader not in ("mmap", "pread"):
         raise MergeError(f"`reader` must be 'mmap' or 'pread', got {reader!r}.")
-    files = {i.file for t in plan.tensors for i in t.inputs}
+    files = {f for t in plan.tensors for i in t.inputs for f in i.files}
     fds: dict[Path, int] = {}
     maps: dict[Path, mmap.mmap] | None = {} if reader == "mmap" else None
     fold = None
