@@ -36,6 +36,14 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
         default="checkpoint",
         help="select pma-N folders instead of checkpoint-N",
     )
+    g.add_argument(
+        "--pma-state",
+        dest="kind",
+        action="store_const",
+        const="pma-state",
+        help="read checkpoint-N folders' PMA average from their optimizer state (FSDP DCP `optimizer_0/`) "
+        "instead of their weights",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     a.add_argument("--allow-nonfinite", action="store_true", help="accept NaN/Inf in inputs")
     a.add_argument(
-        "--allow-pickle", action="store_true", help="accept .bin checkpoints (loaded with weights_only=True)"
+        "--allow-pickle",
+        action="store_true",
+        help="accept pickled checkpoints (.bin, FSDP DCP folders), read by an allow-list unpickler",
     )
     a.add_argument("--push-to-hub", metavar="REPO_ID", help="push the result to this Hub repo")
     a.add_argument("--private", action="store_true", help="create the Hub repo private")

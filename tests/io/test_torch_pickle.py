@@ -78,7 +78,11 @@ class _RunsCode:
 
 @pytest.mark.parametrize(
     ("payload", "named"),
-    [(_RunsCode(), r"(posix|os)\.system"), (_Custom(), r"[\w.]*test_torch_pickle\._Custom"), (print, r"(__builtin__|builtins)\.print")],
+    [
+        (_RunsCode(), r"(posix|os)\.system"),
+        (_Custom(), r"[\w.]*test_torch_pickle\._Custom"),
+        (print, r"(__builtin__|builtins)\.print"),
+    ],
 )
 def test_any_other_class_is_refused_by_name(tmp_path, payload, named):
     torch.save({"w": torch.ones(2), "x": payload}, tmp_path / "evil.bin")

@@ -170,6 +170,11 @@ def _identity(value: Any) -> Any:
     return value
 
 
+def _path_text(*parts: str) -> str:
+    """A pickled ``pathlib`` path (DCP records its ``checkpoint_id``): kept as text, nothing touched."""
+    return os.path.join(*map(str, parts)) if parts else ""
+
+
 def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
     """``_codecs.encode``: how protocol-2 pickles (``torch.save``'s) store ``bytes``."""
     return text.encode(encoding)
@@ -188,6 +193,10 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     ("torch", "Size"): tuple,
+    ("pathlib", "PosixPath"): _path_text,
+    ("pathlib", "PurePosixPath"): _path_text,
+    ("pathlib", "WindowsPath"): _path_text,
+    ("pathlib", "PureWindowsPath"): _path_text,
     ("torch", "device"): str,
     ("torch.serialization", "_get_layout"): str,
     (f"{_DCP}.metadata", "_MEM_FORMAT_ENCODING"): _identity,

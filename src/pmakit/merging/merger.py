@@ -140,6 +140,8 @@ def _recipe(plan: MergePlan, options: dict) -> dict:
     """The exact, re-runnable recipe: the resolved inputs in order and every setting that shaped the result."""
     rule = plan.rule
     recipe: dict = {"models": [s.label for s in plan.sources]}
+    if plan.sources[0].state == "pma":
+        recipe["kind"] = "pma-state"  # the inputs' stored PMA averages, not their weights
     recipe["algo"] = rule.algo
     if rule.algo == "ema":
         recipe["alpha"] = rule.alpha
@@ -248,9 +250,12 @@ def merge(
 
     Inputs are ``models`` (folders or ``owner/name[@revision]`` Hub ids, in the order given, the
     last being the newest) or ``run_dir`` with a selection (``last``, ``every``, ``start``/``end``;
-    ``kind="pma"`` selects ``pma-N`` folders). The rule (``algo`` sma|ema|wma, ``alpha``,
-    ``weights`` with ``normalize``) is :class:`pmakit.averaging.AveragingRule`, the same law as
-    online PMA. ``backbone_only`` keeps embeddings, LM head and final norm of ``base_model``.
+    ``kind="pma"`` selects ``pma-N`` folders; ``kind="pma-state"`` reads the PMA average stored in
+    each ``checkpoint-N``'s sharded optimizer state instead of its weights). Checkpoint folders may
+    hold safetensors, pickled ``.bin`` files or FSDP ``torch.distributed.checkpoint`` folders
+    (pickles need ``allow_pickle``; they are read by an allow-list unpickler, zero-copy). The rule
+    (``algo`` sma|ema|wma, ``alpha``, ``weights`` with ``normalize``) is
+    :class:`pmakit.averaging.AveragingRule`, the same law as online PMA. ``backbone_only`` keeps embeddings, LM head and final norm of ``base_model``.
     Floats are accumulated in ``accumulate_dtype`` (float32, or float64) and written in the inputs'
     dtype unless ``out_dtype``. ``check_scopes`` first warns (``UserWarning``) about layers whose weight
     mean/std differ across the inputs beyond ``scope_threshold`` (reads every weight once more; see

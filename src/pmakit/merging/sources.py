@@ -49,8 +49,9 @@ class CheckpointInfo:
 
     @property
     def size(self) -> int:
-        """Bytes of weight files in the folder (what a merge reads)."""
-        return sum(f.stat().st_size for f in self.path.glob("*.safetensors"))
+        """Bytes of weight files in the folder: safetensors, pickled ``.bin``, FSDP DCP shards."""
+        patterns = ("*.safetensors", "pytorch_model*.bin", "pytorch_model_fsdp*/*.distcp")
+        return sum(f.stat().st_size for pattern in patterns for f in self.path.glob(pattern))
 
 
 @dataclass
