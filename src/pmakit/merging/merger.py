@@ -255,7 +255,8 @@ def merge(
     hold safetensors, pickled ``.bin`` files or FSDP ``torch.distributed.checkpoint`` folders
     (pickles need ``allow_pickle``; they are read by an allow-list unpickler, zero-copy). The rule
     (``algo`` sma|ema|wma, ``alpha``, ``weights`` with ``normalize``) is
-    :class:`pmakit.averaging.AveragingRule`, the same law as online PMA. ``backbone_only`` keeps embeddings, LM head and final norm of ``base_model``.
+    :class:`pmakit.averaging.AveragingRule`, the same law as online PMA. ``backbone_only`` keeps
+    embeddings, LM head and final norm of ``base_model``.
     Floats are accumulated in ``accumulate_dtype`` (float32, or float64) and written in the inputs'
     dtype unless ``out_dtype``. ``check_scopes`` first warns (``UserWarning``) about layers whose weight
     mean/std differ across the inputs beyond ``scope_threshold`` (reads every weight once more; see
