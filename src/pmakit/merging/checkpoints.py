@@ -5,11 +5,16 @@ A ``checkpoint-N`` folder holds its weights as one of:
 - safetensors (``model.safetensors`` or shards with an index): read as they are;
 - a ``torch.distributed.checkpoint`` folder (FSDP ``SHARDED_STATE_DICT``; Accelerate writes
   ``pytorch_model_fsdp_0/`` with the state dict under the key ``model``);
+- a DeepSpeed ZeRO folder (``global_stepN/``): the fp32 master partitions of every rank;
 - pickled ``pytorch_model*.bin`` files.
 
+They are tried in that order, so a ZeRO-1/2 Trainer checkpoint, which also holds
+``model.safetensors`` (the 16-bit weights), is read from its safetensors without any pickle.
+
 With ``state="pma"`` the PMA average kept in the optimizer state (``pma_avg``) is read instead of
-the weights: from Accelerate's ``optimizer_0/`` DCP folder. Pickles are read by the allow-list
-unpickler of :mod:`pmakit.io.torch_pickle`: no torch, no process group, no model, no copy.
+the weights: from Accelerate's ``optimizer_0/`` DCP folder, or from the ZeRO optimizer states.
+Pickles are read by the allow-list unpickler of :mod:`pmakit.io.torch_pickle`: no torch, no
+process group, no model, no copy.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 
 from ..errors import MergeError
 from ..io.dcp import DcpCheckpoint, is_dcp_folder
+from ..io.deepspeed_zero import ZeroCheckpoint, find_zero_folder
 from ..io.safetensors import SafetensorsFile, TensorInfo
 from ..io.torch_pickle import read_state_dict
 from ..io.weight_files import find_pickle_files, find_weight_files
@@ -51,6 +57,11 @@ def read_checkpoint_tensors(
     if dcp is not None:
         _require_pickle(folder, allow_pickle, f"a torch.distributed.checkpoint folder ({dcp.name})")
         return _dcp_tensors(dcp, root="model")
+    zero = find_zero_folder(folder)
+    if zero is not None:
+        _require_pickle(folder, allow_pickle, f"a DeepSpeed ZeRO checkpoint ({zero.name})")
+        tensors = ZeroCheckpoint(zero).tensors()
+        return _files_of(tensors), tensors
     pickles = find_pickle_files(folder)
     if pickles:
         _require_pickle(folder, allow_pickle, f"pickled checkpoints ({', '.join(p.name for p in pickles)})")
@@ -114,10 +125,16 @@ def _dcp_tensors(folder: Path, root: str) -> tuple[list[Path], dict[str, TensorI
 
 def _pma_state(folder: Path, allow_pickle: bool) -> tuple[list[Path], dict[str, TensorInfo]]:
     dcp = _dcp_folder(folder, _FSDP_OPTIMIZER_DIRS)
+    zero = find_zero_folder(folder) if dcp is None else None
+    if zero is not None:
+        _require_pickle(folder, allow_pickle, f"a DeepSpeed ZeRO checkpoint ({zero.name})")
+        tensors = ZeroCheckpoint(zero).tensors(AVG_KEY)
+        return _files_of(tensors), tensors
     if dcp is None:
         raise MergeError(
             f"{folder} holds no sharded optimizer state to read the PMA average from: expected a "
-            "torch.distributed.checkpoint folder (optimizer_0/, FSDP SHARDED_STATE_DICT)."
+            "torch.distributed.checkpoint folder (optimizer_0/, FSDP SHARDED_STATE_DICT) or a DeepSpeed "
+            "ZeRO checkpoint (global_stepN/)."
         )
     _require_pickle(folder, allow_pickle, f"a torch.distributed.checkpoint folder ({dcp.name})")
     checkpoint = DcpCheckpoint(dcp)
