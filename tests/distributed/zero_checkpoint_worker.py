@@ -1,0 +1,74 @@
+"""DeepSpeed worker: writes ZeRO checkpoints the way the Trainer does (2 CPU processes, gloo).
+
+For each stage, trains a tiny Llama with the PMA engine on the ZeRO optimizer and saves
+`zero{stage}/run/checkpoint-N/` at every step: `global_stepN/` (each rank's `*_optim_states.pt`
+and the `*_model_states.pt`), `latest` and `config.json`. Rank 0 saves the references: the fp32
+master weights gathered by DeepSpeed itself (`ref/weights-N.pt`) and the fp64 closed form of
+the PMA average over the samples so far (`ref/pma-N.pt`).
+"""
+
+import sys
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_get_full_fp32_param
+
+from pmakit.online.config import PmaConfig
+from pmakit.online.engine import attach_engine
+from tests.distributed.reference import batch
+from tests.helpers.models import tiny_llama
+
+
+STEPS = 4
+CONFIG = PmaConfig(fused_algo="wma", fused_num=10, interleave_step=1)  # one long cycle: an average at every save
+
+
+def build(stage: int):
+    model = tiny_llama()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    attach_engine(optimizer, CONFIG)
+    config = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+    engine, zero_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    attach_engine(zero_optimizer, CONFIG)
+    return engine
+
+
+def run(out: Path, stage: int, rank: int) -> None:
+    (out / "ref").mkdir(parents=True, exist_ok=True)
+    engine = build(stage)
+    samples = []
+    for step in range(1, STEPS + 1):
+        ids = batch(step)[4 * rank : 4 * rank + 4]
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+        masters = {n: safe_get_full_fp32_param(p).double() for n, p in engine.module.named_parameters()}
+        samples.append(masters)
+        folder = out / "run" / f"checkpoint-{step}"
+        engine.save_checkpoint(str(folder), tag=f"global_step{step}")
+        if rank == 0:
+            engine.module.config.to_json_file(folder / "config.json")
+            torch.save({n: m.float() for n, m in masters.items()}, out / "ref" / f"weights-{step}.pt")
+            weights = CONFIG.rule.weights_for(len(samples))
+            average = {n: sum(w * s[n] for w, s in zip(weights, samples, strict=True)) for n in masters}
+            torch.save(average, out / "ref" / f"pma-{step}.pt")
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    deepspeed.init_distributed(dist_backend="gloo")
+    for stage in map(int, sys.argv[2].split(",")):
+        run(out / f"zero{stage}", stage, dist.get_rank())
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
