@@ -117,7 +117,7 @@ class ZeroCheckpoint:
         if key is None:
             refs = state.get(_FP32_KEYS[self.stage])
         else:
-            base = state.get("optimizer_state_dict", {})
+            base = state.get("base_optimizer_state", state.get("optimizer_state_dict", {}))  # ZeRO-1/2, ZeRO-3
             entries = base.get("state", {}) if isinstance(base, dict) else {}
             refs = [entries[i].get(key) if isinstance(entries.get(i), dict) else None for i in sorted(entries)]
         if not refs or not all(isinstance(r, TensorRef) for r in refs):
@@ -132,7 +132,8 @@ class ZeroCheckpoint:
         out = self._stage3(vectors) if self.stage == 3 else self._stage12(vectors)
         if key is None:
             out.update(self._frozen_and_buffers())
-        for name, source in self.model.obj.get("shared_params") or ():
+        shared = self.model.obj.get("shared_params") or {}
+        for name, source in shared.items() if isinstance(shared, dict) else shared:
             if source in out:
                 out[str(name)] = _renamed(out[source], str(name))
         return out

@@ -166,6 +166,15 @@ def _rebuild_parameter(data, requires_grad=False, hooks=None, state=None):
     return data
 
 
+def _rebuild_from_type(func, new_type, args, state=None):
+    """``torch._tensor._rebuild_from_type_v2``: a tensor (subclass) rebuilt by ``func`` (itself allow-listed)."""
+    return func(*args)
+
+
+class _TensorType:
+    """``torch.Tensor`` / ``torch.nn.Parameter`` as the target type of a rebuilt tensor: a name, never called."""
+
+
 def _identity(value: Any) -> Any:
     return value
 
@@ -192,6 +201,9 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type,
+    ("torch", "Tensor"): _TensorType,
+    ("torch.nn.parameter", "Parameter"): _TensorType,
     ("torch", "Size"): tuple,
     ("pathlib", "PosixPath"): _path_text,
     ("pathlib", "PurePosixPath"): _path_text,
