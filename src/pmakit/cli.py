@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="list a run's checkpoints and what a merge would read")
     i.add_argument("inputs", nargs="+", help="a run folder, or model folders")
+    i.add_argument("--allow-pickle", action="store_true", help="read pickled checkpoints (.bin, DCP, ZeRO)")
     _add_selection(i)
     i.add_argument(
         "--scopes",
@@ -270,9 +271,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             return 0
         if args.kind == "checkpoint" and not list_checkpoints(run, "checkpoint"):
             args.kind = "pma"
-        plan = plan_merge(run_dir=run, kind=args.kind, **selection)
+        plan = plan_merge(run_dir=run, kind=args.kind, allow_pickle=args.allow_pickle, **selection)
     else:
-        plan = plan_merge(args.inputs, **selection)
+        plan = plan_merge(args.inputs, kind=args.kind, allow_pickle=args.allow_pickle, **selection)
     print("a merge would read:")
     print(plan.describe())
     if args.scopes:

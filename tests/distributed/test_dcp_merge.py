@@ -62,7 +62,8 @@ def test_sharded_checkpoints_merge_to_the_fp64_closed_form(fsdp_run, tmp_path):
     assert config == json.loads((run / "checkpoint-5" / "config.json").read_text())
 
 
-def test_sharded_and_consolidated_inputs_give_the_same_bytes(fsdp_run, tmp_path):
+@pytest.mark.parametrize("reader", ["mmap", "pread"])
+def test_sharded_and_consolidated_inputs_give_the_same_bytes(fsdp_run, tmp_path, reader):
     """The same fold over consolidated safetensors twins of the same checkpoints: bitwise equal."""
     twins = []
     for step, state in zip((4, 5), _reference(fsdp_run, "weights", (4, 5)), strict=True):
@@ -73,7 +74,8 @@ def test_sharded_and_consolidated_inputs_give_the_same_bytes(fsdp_run, tmp_path)
         shutil.copy(fsdp_run / "run" / f"checkpoint-{step}" / "config.json", folder)
         twins.append(folder)
     sharded = [fsdp_run / "run" / f"checkpoint-{s}" for s in (4, 5)]
-    merge(sharded, tmp_path / "a", algo="ema", alpha=0.3, allow_pickle=True, block_elements=100)
+    # Blocks of 100 elements: many of them straddle the two ranks' chunks of a tensor.
+    merge(sharded, tmp_path / "a", algo="ema", alpha=0.3, allow_pickle=True, block_elements=100, reader=reader)
     merge(twins, tmp_path / "b", algo="ema", alpha=0.3, block_elements=100)
     a, b = read_folder(tmp_path / "a"), read_folder(tmp_path / "b")
     assert set(a) == set(b)
@@ -164,3 +166,24 @@ def test_peak_rss_is_flat_in_the_number_of_sharded_inputs(tmp_path, capsys):
     assert peaks[8] - peaks[2] < 8 << 20, {n: p / 2**20 for n, p in peaks.items()}
     with capsys.disabled():
         print(f"\n[dcp] peak RSS N=2 {peaks[2] / 2**20:.1f} MiB, N=8 {peaks[8] / 2**20:.1f} MiB")
+
+
+def test_metadata_naming_a_file_outside_its_folder_is_refused(fsdp_run, tmp_path):
+    import pickle
+
+    folder = tmp_path / "evil"
+    shutil.copytree(fsdp_run / "run" / "checkpoint-5", folder)
+    meta_path = folder / "pytorch_model_fsdp_0" / ".metadata"
+    meta = pickle.loads(meta_path.read_bytes())  # torch's own classes: the test process has torch
+    for info in meta.storage_data.values():
+        info.relative_path = "../../elsewhere.distcp"
+    meta_path.write_bytes(pickle.dumps(meta))
+    with pytest.raises(MergeError, match=r"names a data file '\.\./\.\./elsewhere\.distcp' outside its folder"):
+        merge([folder], tmp_path / "out", allow_pickle=True)
+
+
+def test_inspect_and_scopes_read_sharded_inputs(fsdp_run, capsys):
+    run = fsdp_run / "run"
+    assert cli_main(["inspect", str(run), "--last", "2", "--allow-pickle", "--scopes"]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint-5" in out and "a merge would read" in out and "model.layers.0.mlp.up_proj" in out

@@ -15,14 +15,15 @@ import os
 import re
 import warnings
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from ..io.safetensors import DTYPES, FLOAT_DTYPES, SafetensorsFile, TensorInfo
-from ..io.weight_files import find_weight_files
+from ..io.safetensors import DTYPES, FLOAT_DTYPES, TensorInfo
+from .checkpoints import read_checkpoint_tensors
 
 
 __all__ = [
@@ -80,14 +81,16 @@ def chunk_stats(values: np.ndarray) -> tuple[int, float, float]:
     return flat.size, mean, float(np.square(flat - mean).sum())
 
 
-def _stored_scope(data: mmap.mmap, info: TensorInfo) -> Scope:
+def _stored_scope(maps: Mapping[Path, mmap.mmap], info: TensorInfo) -> Scope:
+    """One tensor's scope, chunk by chunk, across the files its pieces lie in (sharded checkpoints)."""
     dtype = DTYPES[info.dtype]
     stats = (0, 0.0, 0.0)
     for start in range(0, info.numel, CHUNK_ELEMENTS):
-        count = min(CHUNK_ELEMENTS, info.numel - start)
-        chunk = np.frombuffer(data, dtype, count, info.start + start * dtype.itemsize)
-        stats = welford_merge(stats, chunk_stats(chunk))
-        del chunk
+        end = min(info.numel, start + CHUNK_ELEMENTS)
+        for file, byte, lo, hi in info.spans(start, end):
+            chunk = np.frombuffer(maps[file], dtype, hi - lo, byte)
+            stats = welford_merge(stats, chunk_stats(chunk))
+            del chunk
     n, mean, m2 = stats
     return Scope(mean, math.sqrt(m2 / n), n)
 
@@ -101,13 +104,19 @@ def folder_scopes(
     those whose name matches the regex ``pattern``.
     """
     regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+    # Any layout a merge reads (safetensors, DCP, ZeRO, .bin); pickles through the allow-list unpickler.
+    _, tensors = read_checkpoint_tensors(Path(folder), allow_pickle=True)
     scopes: ScopeMap = {}
-    for file in find_weight_files(Path(folder)):
-        header = SafetensorsFile(file)
-        with open(file, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            for name, info in header.tensors.items():
-                if is_selected(name, info.shape, info.dtype in FLOAT_DTYPES, min_ndim, regex):
-                    scopes[name] = _stored_scope(data, info)
+    with ExitStack() as stack:
+        maps: dict[Path, mmap.mmap] = {}
+        for name, info in tensors.items():
+            if not is_selected(name, info.shape, info.dtype in FLOAT_DTYPES, min_ndim, regex):
+                continue
+            for file in info.files:
+                if file not in maps:
+                    fh = stack.enter_context(open(file, "rb"))
+                    maps[file] = stack.enter_context(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))
+            scopes[name] = _stored_scope(maps, info)
     return scopes
 
 
