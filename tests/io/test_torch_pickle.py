@@ -148,3 +148,10 @@ def test_bin_reading_copies_nothing(tmp_path):
     assert files == {p.resolve() / "pytorch_model.bin" for p in pickled}
     with pytest.raises(MergeError, match=r"allow_pickle=True"):
         plan_merge(pickled)
+
+
+def test_plain_values_beside_tensors_are_read_as_python_values(tmp_path):
+    state = {"w": torch.ones(2), "meta": {"bytes": b"\x00\xffab", "ints": [1, 2], "size": torch.Size([3, 4])}}
+    torch.save(state, tmp_path / "x.pt")
+    obj = TorchArchive(tmp_path / "x.pt").obj
+    assert obj["meta"] == {"bytes": b"\x00\xffab", "ints": [1, 2], "size": (3, 4)}

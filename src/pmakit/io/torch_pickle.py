@@ -185,8 +185,10 @@ def _path_text(*parts: str) -> str:
 
 
 def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
-    """``_codecs.encode``: how protocol-2 pickles (``torch.save``'s) store ``bytes``."""
-    return text.encode(encoding)
+    """``_codecs.encode``: how protocol-2 pickles (``torch.save``'s) store ``bytes`` (latin-1 only)."""
+    if encoding not in ("latin1", "latin-1"):
+        raise InputError(f"A pickled bytes object uses the encoding {encoding!r}; only latin-1 is read.")
+    return text.encode("latin1")
 
 
 _DCP = "torch.distributed.checkpoint"

@@ -110,13 +110,15 @@ def _dcp_folder(folder: Path, names: tuple[str, ...]) -> Path | None:
 
 
 def _dcp_tensors(folder: Path, root: str) -> tuple[list[Path], dict[str, TensorInfo]]:
-    """Model tensors of a DCP folder: keys under ``root`` (Accelerate's layout) or at the top level."""
+    """Model tensors of a DCP folder: the keys under ``root`` when there are any (Accelerate's
+    ``{"model": ...}``, torchtitan's ``model`` beside ``optimizer``), else every tensor."""
     checkpoint = DcpCheckpoint(folder)
-    entries = checkpoint.tensors.values()
-    nested = bool(entries) and all(len(t.path) >= 2 and t.path[0] == root for t in entries)
+    entries = list(checkpoint.tensors.values())
+    under_root = [t for t in entries if len(t.path) >= 2 and t.path[0] == root]
+    chosen = under_root or entries
     tensors = {}
-    for t in entries:
-        name = ".".join(t.path[1:] if nested else t.path)
+    for t in chosen:
+        name = ".".join(t.path[1:] if under_root else t.path)
         tensors[name] = checkpoint.tensor_info(t.fqn, name)
     if not tensors:
         raise MergeError(f"The torch.distributed.checkpoint folder {folder} holds no tensors.")
