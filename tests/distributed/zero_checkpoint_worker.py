@@ -27,7 +27,12 @@ CONFIG = PmaConfig(fused_algo="wma", fused_num=10, interleave_step=1)  # one lon
 
 def build(stage: int):
     model = tiny_llama()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    # Two parameter groups, as the Trainer makes them (weight decay on matrices only): two flat
+    # partitions per rank under ZeRO-1/2, sub-groups under ZeRO-3.
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    vectors = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": matrices, "weight_decay": 0.1}, {"params": vectors, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=1e-2)
     attach_engine(optimizer, CONFIG)
     config = {
         "train_micro_batch_size_per_gpu": 4,
