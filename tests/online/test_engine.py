@@ -54,10 +54,20 @@ def test_average_matches_fp64_closed_form(algo, dtype):
         snapshots, AveragingRule(algo, 0.3, tuple(weights[:3]) if weights else None).weights_for(3)
     )
     averages = engine.averages()
-    tol = 1e-6 if dtype == torch.float32 else 1e-6  # the average is fp32 in both cases; samples are exact
-    for p, ref in zip(model.parameters(), expected, strict=True):
+    # The tolerance comes from where rounding happens. A bf16 (or fp32) sample is exact in fp32 and in
+    # the fp64 snapshots, so the parameter dtype adds no error; only the fp32 fold rounds. Each of its
+    # n - 1 lerps ``avg + c (x - avg)`` rounds c, the difference, the product and the sum: at most 4
+    # roundings of size u32 * 2M, where M = max_i |x_i| bounds every operand (the weights are convex).
+    u32 = torch.finfo(torch.float32).eps / 2
+    n = len(snapshots)
+    # An average kept in the parameter dtype would be off by up to half a bf16 ulp (2^-9 relative):
+    # far above this bound, so the test fails if the fp32 accumulator is lost.
+    assert 8 * (n - 1) * u32 < torch.finfo(torch.bfloat16).eps / 2 / 100
+    for i, (p, ref) in enumerate(zip(model.parameters(), expected, strict=True)):
         assert averages[p].dtype == torch.float32
-        torch.testing.assert_close(averages[p].double(), ref, rtol=tol, atol=tol)
+        largest = torch.stack([s[i].abs() for s in snapshots]).amax(dim=0)
+        bound = 8 * (n - 1) * u32 * largest
+        assert ((averages[p].double() - ref).abs() <= bound).all()
 
 
 def test_cycle_end_calls_handlers_then_restarts():
@@ -190,11 +200,41 @@ def test_reading_before_any_sample_is_a_clear_error():
 
 
 def test_cpu_offload_keeps_average_on_cpu():
-    model = make_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    engine = attach_engine(optimizer, PmaConfig(interleave_step=1, offload="cpu"))
-    train_step(model, optimizer, 1)
-    assert all(a.device.type == "cpu" for a in engine.averages().values())
+    """offload="cpu" puts the average on the CPU whatever device the parameters are on.
+
+    On a machine without a GPU, parameters on the ``meta`` device stand in for an accelerator: the
+    engine allocates its averages at the first step (no sample yet, interleave_step=2) and restores
+    them on `load_state_dict`; both must land on the CPU in fp32, not on the parameters' device.
+    """
+    model = torch.nn.Linear(8, 4, device="meta")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    engine = attach_engine(optimizer, PmaConfig(interleave_step=2, offload="cpu"))
+    model(torch.randn(2, 8, device="meta")).sum().backward()
+    optimizer.step()
+    assert engine.step == 1 and engine.num_samples == 0
+    for p in model.parameters():
+        assert optimizer.state[p]["exp_avg"].device.type == "meta"  # the optimizer's own state stays put
+        assert optimizer.state[p][AVG_KEY].device.type == "cpu" and optimizer.state[p][AVG_KEY].dtype == torch.float32
+
+    restored_model = torch.nn.Linear(8, 4, device="meta")
+    restored = torch.optim.AdamW(restored_model.parameters(), lr=0.1)
+    attach_engine(restored, PmaConfig(interleave_step=2, offload="cpu"))
+    restored.load_state_dict(optimizer.state_dict())
+    assert all(restored.state[p][AVG_KEY].device.type == "cpu" for p in restored_model.parameters())
+
+
+def test_cpu_offload_of_cpu_params_is_the_same_average():
+    results = []
+    for offload in ("none", "cpu"):
+        model = make_model()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        engine = attach_engine(
+            optimizer, PmaConfig(fused_algo="ema", interleave_step=1, fused_num=100, offload=offload)
+        )
+        for t in range(1, 5):
+            train_step(model, optimizer, t)
+        results.append([engine.averages()[p] for p in model.parameters()])
+    assert all(a.device.type == "cpu" and torch.equal(a, b) for a, b in zip(*results, strict=True))
 
 
 @pytest.mark.cuda
