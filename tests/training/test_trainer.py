@@ -5,13 +5,13 @@ import warnings
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
 
 from pmakit import PmaTrainer
 from pmakit.averaging import AveragingRule
 from pmakit.online.engine import AVG_KEY
 from tests.helpers.models import TokenDataset, tiny_llama
-from tests.helpers.training import SnapshotCallback, load_folder, pma_args, weighted
+from tests.helpers.training import SnapshotCallback, load_folder, plain_args, pma_args, weighted
 
 
 def train(tmp_path, model=None, callbacks=(), train_dataset=None, **overrides):
@@ -88,12 +88,23 @@ def test_untied_embeddings_are_both_averaged(tmp_path):
 
 def test_write_back_continues_from_the_merge(tmp_path):
     snap = SnapshotCallback()
-    train(tmp_path, callbacks=[snap], pma_write_back=True, save_strategy="steps", save_steps=6, max_steps=6)
-    merged = load_folder(tmp_path / "pma-6")
-    live = load_folder(tmp_path / "checkpoint-6")
+    run = tmp_path / "pma_run"
+    train(run, callbacks=[snap], pma_write_back=True, save_strategy="steps", save_steps=6, max_steps=8)
+    merged = load_folder(run / "pma-6")
+    # Right after the cycle ends at step 6 the live weights are the exported merge, bit for bit.
+    assert snap.snapshots[6].keys() == merged.keys()
+    assert all(torch.equal(snap.snapshots[6][k], merged[k].double()) for k in merged)
+    live = load_folder(run / "checkpoint-6")
     assert all(torch.equal(merged[k], live[k]) for k in merged)
-    # and the live weights at step 6 are the merge, which is not the third sample
-    assert not torch.equal(snap.snapshots[6]["model.norm.weight"], snap.snapshots[4]["model.norm.weight"])
+    # The next steps start from them: a plain Trainer (no PMA) resumed from checkpoint-6, whose
+    # weights are the merge and whose optimizer moments are the run's own, takes the same steps 7-8.
+    resumed = SnapshotCallback()
+    args = plain_args(tmp_path / "resumed", max_steps=8, data_seed=0, dataloader_num_workers=0)
+    Trainer(model=tiny_llama(), args=args, train_dataset=TokenDataset(), callbacks=[resumed]).train(
+        resume_from_checkpoint=str(run / "checkpoint-6")
+    )
+    for step in (7, 8):
+        assert all(torch.equal(resumed.snapshots[step][k], snap.snapshots[step][k]) for k in merged), step
 
 
 def test_eval_on_pma_weights(tmp_path):
