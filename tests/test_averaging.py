@@ -3,6 +3,7 @@
 import itertools
 import math
 import random
+from fractions import Fraction as F
 
 import pytest
 
@@ -45,6 +46,27 @@ def test_weights_match_closed_form(rule, n):
     got = rule.weights_for(n)
     assert got == pytest.approx(expected, rel=1e-12, abs=1e-15)
     assert math.fsum(got) == pytest.approx(1.0, abs=1e-12)
+
+
+# Weights worked out by hand from the definitions (fractions), for several (rule, n, alpha).
+HAND_WORKED = [
+    (AveragingRule("sma"), 1, [F(1)]),
+    (AveragingRule("sma"), 4, [F(1, 4)] * 4),
+    (AveragingRule("wma"), 2, [F(1, 3), F(2, 3)]),
+    (AveragingRule("wma"), 4, [F(1, 10), F(2, 10), F(3, 10), F(4, 10)]),
+    (AveragingRule("ema", alpha=0.5), 4, [F(1, 8), F(1, 8), F(1, 4), F(1, 2)]),  # (1-a)^3, a(1-a)^2, a(1-a), a
+    (AveragingRule("ema", alpha=0.2), 3, [F(16, 25), F(4, 25), F(1, 5)]),
+    (AveragingRule("ema", alpha=0.9), 2, [F(1, 10), F(9, 10)]),
+    (AveragingRule("ema", alpha=0.3), 1, [F(1)]),
+    (AveragingRule("weights", weights=(1.0, 3.0)), 2, [F(1, 4), F(3, 4)]),
+    (AveragingRule("weights", weights=(2.0, 1.0, 1.0)), 3, [F(1, 2), F(1, 4), F(1, 4)]),
+    (AveragingRule("weights", weights=(-0.5, 1.5), normalize=False), 2, [F(-1, 2), F(3, 2)]),
+]
+
+
+@pytest.mark.parametrize(("rule", "n", "expected"), HAND_WORKED, ids=lambda x: getattr(x, "algo", None))
+def test_weights_match_hand_worked_fractions(rule, n, expected):
+    assert rule.weights_for(n) == pytest.approx([float(x) for x in expected], rel=1e-15, abs=1e-17)
 
 
 @pytest.mark.parametrize("rule", RULES, ids=lambda r: r.describe())

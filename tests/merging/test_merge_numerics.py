@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tracemalloc
+from fractions import Fraction as F
 
 import numpy as np
 import pytest
@@ -29,21 +30,22 @@ def _fp32_bound(folders, weights, n):
 
 
 @pytest.mark.parametrize(
-    "rule",
+    ("rule", "closed_form"),
     [
-        dict(algo="sma"),
-        dict(algo="ema", alpha=0.3),
-        dict(algo="wma"),
-        dict(weights=[0.5, 2.0, 1.5]),
-        dict(weights=[-0.5, 0.0, 1.5], normalize=False),
-    ],  # extrapolation: x3 + 0.5 (x3 - x1)
+        (dict(algo="sma"), [F(1, 3), F(1, 3), F(1, 3)]),
+        (dict(algo="ema", alpha=0.3), [F(49, 100), F(21, 100), F(3, 10)]),  # (1-a)^2, a(1-a), a
+        (dict(algo="wma"), [F(1, 6), F(2, 6), F(3, 6)]),  # i / (1 + 2 + 3)
+        (dict(weights=[0.5, 2.0, 1.5]), [F(1, 8), F(1, 2), F(3, 8)]),  # w_i / 4
+        (dict(weights=[-0.5, 0.0, 1.5], normalize=False), [F(-1, 2), F(0), F(3, 2)]),  # x3 + 0.5 (x3 - x1)
+    ],
     ids=["sma", "ema", "wma", "weights", "extrapolate"],
 )
-def test_rules_match_fp64_closed_form(tmp_path, rule):
+def test_rules_match_fp64_closed_form(tmp_path, rule, closed_form):
+    """The weights are written by hand from each rule's definition, not taken from the library."""
     folders = save_models(tmp_path, 3)
-    w = merge_weights(3, **({"algo": "weights", **rule} if "weights" in rule else rule))
+    w = [float(x) for x in closed_form]
     result = merge(folders, tmp_path / "out", threads=2, block_elements=777, **rule)
-    assert result.plan.weights == w
+    assert result.plan.weights == pytest.approx(w, rel=1e-15, abs=1e-17)
     out, ref, bound = read_folder(tmp_path / "out"), reference(folders, w), _fp32_bound(folders, w, 3)
     assert out.keys() == ref.keys()
     for name in ref:
