@@ -265,3 +265,43 @@ def test_pma_folders_of_a_peft_run(tmp_path):
         assert torch.allclose(concat[module], ref[module], rtol=1e-5, atol=1e-7)
         rel = float((factor[module] - ref[module]).norm() / ref[module].norm())
         assert 0 < rel < 0.05, (module, rel)
+
+
+def test_merge_into_a_sharded_base_reads_only_the_indexed_shards(adapters, tmp_path):
+    """A base saved in shards with `model.safetensors.index.json`, beside a stray `*.safetensors` it does not name."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "sharded-base"
+    tiny_llama(0).save_pretrained(base, max_shard_size="40KB")
+    index = json.loads((base / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2
+    target = "model.layers.0.self_attn.q_proj.weight"  # an adapted weight: a stray copy of it must not be read
+    save_file({target: torch.full((32, 32), 1000.0)}, base / "model-old-run.safetensors")
+
+    paths = adapters["mixed"]
+    merged = average_lora_adapters(
+        paths, tmp_path / "merged", method="merge", algo="wma", base_model=base, accumulate_dtype=torch.float64
+    )
+    assert sorted(p.name for p in merged.glob("*.safetensors")) == shards
+    assert json.loads((merged / "model.safetensors.index.json").read_text())["weight_map"] == index["weight_map"]
+
+    base_t = {k: v for shard in shards for k, v in load_file(base / shard).items()}
+    merged_t = {k: v for shard in shards for k, v in load_file(merged / shard).items()}
+    assert merged_t.keys() == base_t.keys()
+    ref = _reference(paths, [1 / 6, 2 / 6, 3 / 6])  # WMA of 3: i / (1 + 2 + 3)
+    updated = {module.removeprefix("base_model.model.") + ".weight": delta for module, delta in ref.items()}
+    assert target in updated
+    u32 = torch.finfo(torch.float32).eps / 2
+    for key, tensor in base_t.items():
+        if key in updated:  # base + fp64 weighted delta, rounded once to fp32
+            expected = tensor.double() + updated[key]
+            assert ((merged_t[key].double() - expected).abs() <= u32 * expected.abs() + 1e-12).all(), key
+        else:
+            assert torch.equal(merged_t[key], tensor), key
+
+    loaded = AutoModelForCausalLM.from_pretrained(merged)  # through the copied index
+    for key, tensor in loaded.state_dict().items():
+        if key in merged_t:
+            assert torch.equal(tensor, merged_t[key]), key

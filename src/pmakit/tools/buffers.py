@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..averaging import merge_weights
+from .weighted_sum import weighted_sum
 
 
 __all__ = ["FLOAT_BUFFER_POLICIES", "average_models", "merge_buffers", "update_bn"]
@@ -29,12 +30,9 @@ def _weights(weights: Sequence[float] | None, count: int) -> list[float]:
     return merge_weights(count, "weights" if weights is not None else "sma", weights=weights)
 
 
-def _weighted_sum(tensors: Sequence[torch.Tensor], probs: Sequence[float], like: torch.Tensor) -> torch.Tensor:
-    """``sum_i p_i t_i`` accumulated in fp64 on ``like``'s device, cast to ``like``'s dtype."""
-    acc = torch.zeros(like.shape, dtype=torch.float64, device=like.device)
-    for p, t in zip(probs, tensors, strict=True):
-        acc.add_(t.detach().to(device=like.device, dtype=torch.float64), alpha=p)
-    return acc.to(like.dtype)
+def _model_names(count: int) -> list[str]:
+    """How errors name the models: by position, oldest first."""
+    return [f"model {k}" for k in range(count)]
 
 
 def _buffer_names(model: nn.Module) -> list[str]:
@@ -64,10 +62,13 @@ def merge_buffers(
         if not newest.is_floating_point() or float_buffers == "newest":
             merged[name] = newest.detach().clone()
             continue
-        shapes = {tuple(s[name].shape) for s in states}
-        if len(shapes) != 1:
-            raise ValueError(f"Buffer {name!r} has different shapes across models: {sorted(shapes)}.")
-        merged[name] = _weighted_sum([state[name] for state in states], probs, newest)
+        merged[name] = weighted_sum(
+            [state[name] for state in states],
+            probs,
+            name=name,
+            sources=_model_names(len(states)),
+            device=newest.device,
+        )
     return merged
 
 
@@ -81,7 +82,9 @@ def average_models(
     for name, ref in params[-1].items():
         if any(name not in ps for ps in params):
             raise ValueError(f"Parameter {name!r} is missing from one of the models.")
-        merged[name] = _weighted_sum([ps[name] for ps in params], probs, ref)
+        merged[name] = weighted_sum(
+            [ps[name] for ps in params], probs, name=name, sources=_model_names(len(params)), device=ref.device
+        )
     return {k: merged[k] for k in models[-1].state_dict() if k in merged}
 
 

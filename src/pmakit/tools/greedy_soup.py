@@ -20,6 +20,7 @@ can be pushed to the Hub (`pmakit.hub.push_folder_to_hub`).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -33,6 +34,7 @@ from ..io.cards import build_model_card
 from ..io.folders import atomic_directory, check_output_outside_inputs
 from ..io.side_files import copy_side_files
 from ..io.weight_files import find_weight_files
+from .weighted_sum import weighted_sum
 
 
 __all__ = ["GreedySoupResult", "SoupStep", "greedy_soup"]
@@ -171,6 +173,25 @@ def greedy_soup(
     ``output_dir`` the soup is written there (and pushed to ``push_to_hub`` if given). On return
     the evaluation model holds the soup.
     """
+    folders = _candidate_folders(candidates, scores)
+    if push_to_hub and output_dir is None:
+        raise ValueError("`push_to_hub` uploads the written soup: pass `output_dir` too.")
+    score_fn, metric, higher, trainer_model = _make_scorer(evaluate, metric_key, greater_is_better)
+    model = _evaluation_model(model, trainer_model, folders)
+    with ExitStack() as stack:
+        cands = [_Candidate(f, stack) for f in folders]
+        run = _GreedyRun(model, cands, score_fn, higher, strict)
+        steps, best = run.cook(scores)
+    result = GreedySoupResult(steps, run.current, higher, strict, metric=metric)
+    if output_dir is not None:
+        result.output_dir = _write(model, Path(output_dir), best.folder, result, overwrite)
+        if push_to_hub:
+            result.hub_url = _push(result, push_to_hub, private, revision, commit_message, token)
+    return result
+
+
+def _candidate_folders(candidates: Sequence[str | os.PathLike], scores: Sequence[float] | None) -> list[Path]:
+    """The candidate folders, checked: at least one, each an existing folder, none twice, one score each."""
     if not candidates:
         raise ValueError("Give at least one candidate model folder.")
     folders = [Path(c) for c in candidates]
@@ -181,74 +202,105 @@ def greedy_soup(
         raise ValueError("A candidate is listed twice; each folder may enter the soup once.")
     if scores is not None and len(scores) != len(folders):
         raise ValueError(f"Got {len(scores)} scores for {len(folders)} candidates; give one score per candidate.")
-    if push_to_hub and output_dir is None:
-        raise ValueError("`push_to_hub` uploads the written soup: pass `output_dir` too.")
-    score_fn, metric, higher, trainer_model = _make_scorer(evaluate, metric_key, greater_is_better)
+    return folders
+
+
+def _evaluation_model(model, trainer_model, folders: Sequence[Path]) -> torch.nn.Module:
+    """The Trainer's model, else the given one, else the first candidate loaded with transformers."""
     if trainer_model is not None:
-        model = trainer_model
-    elif model is None:
-        from transformers import AutoModelForCausalLM
+        return trainer_model
+    if model is not None:
+        return model
+    from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(folders[0])
+    return AutoModelForCausalLM.from_pretrained(folders[0])
 
-    def better(new: float, old: float) -> bool:
-        if strict:
-            return new > old if higher else new < old
-        return new >= old if higher else new <= old
 
-    rule = AveragingRule("sma")
-    state = model.state_dict()
-    with ExitStack() as stack:
-        cands = [_Candidate(f, stack) for f in folders]
-        keys = _check_keys(state, cands)
-        floating = [k for k in keys if state[k].is_floating_point()]
-        if scores is None:
-            own = []
-            for cand in cands:
-                _load(state, cand, keys)
-                own.append(score_fn(model))
-        else:
-            own = [float(s) for s in scores]
-        order = sorted(range(len(cands)), key=lambda i: -own[i] if higher else own[i])  # stable: ties keep input order
-        best = cands[order[0]]
-        average = {k: best.get(k).to(torch.float32) for k in floating}
-        _load(state, best, keys)  # integer tensors (and the start of the soup) come from the best ingredient
-        current = own[order[0]]
+class _GreedyRun:
+    """The greedy procedure on one evaluation model: ``cook`` tries the candidates best first.
+
+    Only the fp32 running average of the kept ingredients is held; a trial soup is written straight
+    into the evaluation model's weights, tensor by tensor.
+    """
+
+    def __init__(self, model, cands: Sequence[_Candidate], score_fn, higher: bool, strict: bool) -> None:
+        self.model, self.cands, self.score_fn = model, cands, score_fn
+        self.higher, self.strict = higher, strict
+        self.state = model.state_dict()
+        self.keys = _check_keys(self.state, cands)
+        self.floating = [k for k in self.keys if self.state[k].is_floating_point()]
+        self.rule = AveragingRule("sma")
+        self.current = math.nan
+
+    def better(self, new: float, old: float) -> bool:
+        if self.strict:
+            return new > old if self.higher else new < old
+        return new >= old if self.higher else new <= old
+
+    def own_scores(self, scores: Sequence[float] | None) -> list[float]:
+        """Each candidate's own held-out score (given, or evaluated one by one)."""
+        if scores is not None:
+            return [float(s) for s in scores]
+        own = []
+        for cand in self.cands:
+            _load(self.state, cand, self.keys)
+            own.append(self.score_fn(self.model))
+        return own
+
+    def cook(self, scores: Sequence[float] | None) -> tuple[list[SoupStep], _Candidate]:
+        """Try every candidate, best first; leave the soup in the model. Returns the steps and the best one."""
+        own = self.own_scores(scores)
+        order = sorted(range(len(own)), key=lambda i: -own[i] if self.higher else own[i])  # stable on ties
+        best = self.cands[order[0]]
+        average = {k: best.get(k).to(torch.float32) for k in self.floating}
+        _load(self.state, best, self.keys)  # integer tensors (and the start of the soup) come from the best
+        self.current = own[order[0]]
         steps = [SoupStep(str(best.folder), own[order[0]], None, True)]
-        n = 1
         for i in order[1:]:
-            cand = cands[i]
-            c = rule.coefficient(n + 1)
-            with torch.no_grad():
-                for k in floating:
-                    x = cand.get(k).to(torch.float32)
-                    state[k].copy_(average[k] + c * (x - average[k]))
-            trial = score_fn(model)
-            keep = better(trial, current)
-            steps.append(SoupStep(str(cand.folder), own[i], trial, keep))
+            c = self.rule.coefficient(sum(step.kept for step in steps) + 1)
+            trial = self.try_candidate(average, self.cands[i], c)
+            keep = self.better(trial, self.current)
+            steps.append(SoupStep(str(self.cands[i].folder), own[i], trial, keep))
             if keep:
-                with torch.no_grad():
-                    for k in floating:
-                        average[k].lerp_(cand.get(k).to(torch.float32), c)
-                current, n = trial, n + 1
+                self.add(average, self.cands[i], c)
+                self.current = trial
         with torch.no_grad():
-            for k in floating:
-                state[k].copy_(average[k])
-    result = GreedySoupResult(steps, current, higher, strict, metric=metric)
-    if output_dir is not None:
-        result.output_dir = _write(model, Path(output_dir), best.folder, result, overwrite)
-        if push_to_hub:
-            from ..io.hub import push_folder_to_hub
+            for k in self.floating:
+                self.state[k].copy_(average[k])
+        return steps, best
 
-            result.hub_url = push_folder_to_hub(
-                result.output_dir,
-                push_to_hub,
-                private=private,
-                revision=revision,
-                commit_message=commit_message or f"Greedy soup of {len(result.kept)} of {len(steps)} candidates",
-                token=token,
-            )
-    return result
+    def try_candidate(self, average: dict[str, torch.Tensor], cand: _Candidate, c: float) -> float:
+        """Score the soup with ``cand`` added (``(1 - c) avg + c x``, rounded once into the model)."""
+        with torch.no_grad():
+            for k in self.floating:
+                mixed = _mixed(average[k], cand, k, c, self.state[k].dtype)
+                self.state[k].copy_(mixed)
+        return self.score_fn(self.model)
+
+    def add(self, average: dict[str, torch.Tensor], cand: _Candidate, c: float) -> None:
+        """Fold a kept candidate into the fp32 running average."""
+        for k in self.floating:
+            average[k] = _mixed(average[k], cand, k, c, torch.float32)
+
+
+def _mixed(average: torch.Tensor, cand: _Candidate, key: str, c: float, dtype: torch.dtype) -> torch.Tensor:
+    """One step of the running form, ``avg + c (x - avg) = (1 - c) avg + c x``, via the tools' weighted sum."""
+    return weighted_sum(
+        [average, cand.get(key)], [1.0 - c, c], name=key, sources=["the soup", cand.folder], out_dtype=dtype
+    )
+
+
+def _push(result: GreedySoupResult, repo_id: str, private, revision, commit_message, token) -> str:
+    from ..io.hub import push_folder_to_hub
+
+    return push_folder_to_hub(
+        result.output_dir,
+        repo_id,
+        private=private,
+        revision=revision,
+        commit_message=commit_message or f"Greedy soup of {len(result.kept)} of {len(result.steps)} candidates",
+        token=token,
+    )
 
 
 def _write(model, output: Path, best: Path, result: GreedySoupResult, overwrite: bool) -> Path:

@@ -31,6 +31,7 @@ from torch.func import functional_call
 from ..io.cards import build_model_card
 from ..io.folders import atomic_directory
 from ..io.weight_files import find_weight_files
+from .weighted_sum import weighted_sum
 
 
 __all__ = ["LearnedSoup", "fit_learned_soup", "soup_loss"]
@@ -174,67 +175,110 @@ def fit_learned_soup(
     ``loss_fn(outputs, batch, temperature)`` defaults to `soup_loss`. The defaults (Adam,
     lr 0.05) follow the paper's code. The merged weights are computed in fp64 from the candidates.
     """
-    k = len(candidates)
-    if k < 2:
-        raise ValueError(f"A soup needs at least 2 candidates; got {k}.")
+    if len(candidates) < 2:
+        raise ValueError(f"A soup needs at least 2 candidates; got {len(candidates)}.")
     if epochs < 1 or (max_steps is not None and max_steps < 1):
         raise ValueError("`epochs` and `max_steps` must be positive.")
-    labels = (
-        list(labels)
-        if labels is not None
-        else [
+    labels = _labels(candidates, labels)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    states = [_candidate_state(c) for c in candidates]
+    names = _check_parameters(model, states, labels)
+    fit = _SoupFit(model, states, names, device, fit_temperature, lr)
+    fit.run(data, epochs, max_steps, loss_fn or soup_loss)
+    coefficients = torch.softmax(fit.mix_logits.detach().double(), dim=0).tolist()
+    return LearnedSoup(
+        coefficients=coefficients,
+        temperature=float(fit.log_temperature.detach().exp()),
+        state_dict=_merged_state(model, states, coefficients, labels),
+        labels=labels,
+        losses=fit.losses,
+        settings={
+            "optimizer": "adam",
+            "lr": lr,
+            "epochs": epochs,
+            "steps": fit.steps,
+            "fit_temperature": fit_temperature,
+        },
+    )
+
+
+def _labels(candidates: Sequence, labels: Sequence[str] | None) -> list[str]:
+    """The names the card gives the candidates: as given, else folder paths or ``candidate-i``."""
+    if labels is None:
+        return [
             os.fspath(c) if isinstance(c, (str, os.PathLike)) else f"candidate-{i}" for i, c in enumerate(candidates)
         ]
-    )
-    if len(labels) != k:
-        raise ValueError(f"`labels` has {len(labels)} entries for {k} candidates.")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    loss_fn = loss_fn or soup_loss
-    states = [_candidate_state(c) for c in candidates]
-    names = [n for n, _ in model.named_parameters()]  # tied parameters appear once
-    for i, state in enumerate(states):
+    if len(labels) != len(candidates):
+        raise ValueError(f"`labels` has {len(labels)} entries for {len(candidates)} candidates.")
+    return list(labels)
+
+
+def _check_parameters(model: nn.Module, states: Sequence[dict], labels: Sequence[str]) -> list[str]:
+    """The template's parameter names (tied ones once), after checking that every candidate has them."""
+    names = [n for n, _ in model.named_parameters()]
+    for label, state in zip(labels, states, strict=True):
         missing = [n for n in names if n not in state]
         if missing:
-            raise ValueError(f"Candidate {labels[i]} lacks parameter(s) {missing[:5]} of the template model.")
-    stacks = {n: torch.stack([s[n].to(device=device, dtype=torch.float32) for s in states]) for n in names}
+            raise ValueError(f"Candidate {label} lacks parameter(s) {missing[:5]} of the template model.")
+    return names
 
-    mix_logits = torch.zeros(k, device=device, requires_grad=True)
-    log_temperature = torch.zeros((), device=device, requires_grad=fit_temperature)
-    optimizer = torch.optim.Adam([mix_logits, log_temperature] if fit_temperature else [mix_logits], lr=lr)
-    was_training = model.training
-    model.eval()  # no dropout: the held-out loss is a deterministic function of the coefficients
-    losses: list[float] = []
-    step = 0
-    try:
-        for _ in range(epochs):
-            for batch in data:
-                if max_steps is not None and step >= max_steps:
-                    break
-                weights = torch.softmax(mix_logits, dim=0)
-                params = {n: torch.tensordot(weights, stacks[n], dims=1) for n in names}
-                loss = loss_fn(_forward(model, params, batch, device), batch, log_temperature.exp())
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"The soup's held-out loss is not finite at step {step}.")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
-                step += 1
-    finally:
-        model.train(was_training)
-    if step == 0:
-        raise ValueError("fit_learned_soup got no batch from `data`.")
-    del stacks
-    coefficients = torch.softmax(mix_logits.detach().double(), dim=0)
+
+class _SoupFit:
+    """Adam on the mixing logits (and log-temperature) over held-out batches; the k fp32 stacks live here."""
+
+    def __init__(self, model, states, names, device, fit_temperature: bool, lr: float) -> None:
+        self.model, self.names, self.device = model, names, device
+        self.stacks = {n: torch.stack([s[n].to(device=device, dtype=torch.float32) for s in states]) for n in names}
+        self.mix_logits = torch.zeros(len(states), device=device, requires_grad=True)
+        self.log_temperature = torch.zeros((), device=device, requires_grad=fit_temperature)
+        fitted = [self.mix_logits, self.log_temperature] if fit_temperature else [self.mix_logits]
+        self.optimizer = torch.optim.Adam(fitted, lr=lr)
+        self.losses: list[float] = []
+        self.steps = 0
+
+    def run(self, data: Iterable, epochs: int, max_steps: int | None, loss_fn: Callable) -> None:
+        """Fit in eval mode (no dropout: the loss is a deterministic function of the coefficients)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for _ in range(epochs):
+                for batch in data:
+                    if max_steps is not None and self.steps >= max_steps:
+                        break
+                    self.step(batch, loss_fn)
+        finally:
+            self.model.train(was_training)
+            self.stacks = {}  # k copies of the model: free them as soon as the fit ends
+        if self.steps == 0:
+            raise ValueError("fit_learned_soup got no batch from `data`.")
+
+    def step(self, batch, loss_fn: Callable) -> None:
+        weights = torch.softmax(self.mix_logits, dim=0)
+        # Differentiable in the coefficients, unlike the tools' weighted sum used for the final merge.
+        params = {n: torch.tensordot(weights, self.stacks[n], dims=1) for n in self.names}
+        loss = loss_fn(_forward(self.model, params, batch, self.device), batch, self.log_temperature.exp())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"The soup's held-out loss is not finite at step {self.steps}.")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.losses.append(float(loss.detach()))
+        self.steps += 1
+
+
+def _merged_state(
+    model: nn.Module, states: Sequence[dict], coefficients: Sequence[float], labels: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """The soup's state dict: floating tensors mixed in fp64 on the CPU, the rest from the template."""
     template = model.state_dict()
     merged: dict[str, torch.Tensor] = {}
     for name, ref in template.items():
         if not ref.is_floating_point() or not all(name in state for state in states):
             continue  # buffers the candidates lack, and integer buffers, come from the template
-        acc = torch.zeros(ref.shape, dtype=torch.float64)
-        for c, state in zip(coefficients.tolist(), states, strict=True):
-            acc.add_(state[name].detach().to("cpu", torch.float64), alpha=c)
-        merged[name] = acc.to(ref.dtype)
+        tensors = [state[name] for state in states]
+        merged[name] = weighted_sum(
+            tensors, coefficients, name=name, sources=labels, out_dtype=ref.dtype, device="cpu"
+        )
     canonical: dict[int, str] = {}
     for name, p in model.named_parameters(remove_duplicate=False):  # a tied name gets the same merged tensor
         first = canonical.setdefault(id(p), name)
@@ -242,11 +286,4 @@ def fit_learned_soup(
             merged[name] = merged[first]
     for name, ref in template.items():
         merged.setdefault(name, ref.detach().cpu().clone())
-    return LearnedSoup(
-        coefficients=coefficients.tolist(),
-        temperature=float(log_temperature.detach().exp()),
-        state_dict=merged,
-        labels=labels,
-        losses=losses,
-        settings={"optimizer": "adam", "lr": lr, "epochs": epochs, "steps": step, "fit_temperature": fit_temperature},
-    )
+    return merged

@@ -39,6 +39,7 @@ from ..io.cards import build_model_card
 from ..io.folders import atomic_directory, check_output_outside_inputs
 from ..io.side_files import copy_side_files
 from ..io.weight_files import WEIGHT_INDEXES, find_weight_files
+from .weighted_sum import weighted_sum
 
 
 __all__ = ["LORA_METHODS", "LoraAdapter", "average_lora_adapters", "load_lora_adapter", "lora_deltas"]
@@ -139,13 +140,21 @@ def _delta(adapter: LoraAdapter, module: str, dtype=torch.float64) -> torch.Tens
 def lora_deltas(
     adapters: Sequence[LoraAdapter], weights: Sequence[float], dtype=torch.float64
 ) -> dict[str, torch.Tensor]:
-    """The exact weighted average of the updates, ``{module: sum_i w_i s_i B_i A_i}`` (dense; for checks)."""
-    out: dict[str, torch.Tensor] = {}
+    """The exact weighted average of the updates, ``{module: sum_i w_i s_i B_i A_i}`` (dense; for checks).
+
+    A module that only some adapters adapt gets the terms of those adapters (the others add zero).
+    """
+    terms: dict[str, tuple[list[torch.Tensor], list[float], list[Path]]] = {}
     for adapter, w in zip(adapters, weights, strict=True):
         for module in adapter.modules():
-            d = _delta(adapter, module, dtype) * w
-            out[module] = d if module not in out else out[module] + d
-    return out
+            deltas, ws, paths = terms.setdefault(module, ([], [], []))
+            deltas.append(_delta(adapter, module, dtype))
+            ws.append(w)
+            paths.append(adapter.path)
+    return {
+        module: weighted_sum(deltas, ws, name=module, sources=paths, accumulate_dtype=dtype, out_dtype=dtype)
+        for module, (deltas, ws, paths) in terms.items()
+    }
 
 
 def _weights(n: int, algo: str, alpha: float, weights, normalize: bool) -> list[float]:
@@ -166,18 +175,12 @@ def _average_extras(adapters: Sequence[LoraAdapter], weights: Sequence[float], a
 
 
 def _weighted(tensors, weights, acc, key, paths) -> torch.Tensor:
-    shape = tensors[0].shape
-    for t, p in zip(tensors, paths, strict=True):
-        if t.shape != shape:
-            raise ValueError(f"Tensor {key!r} has shape {tuple(t.shape)} in {p} but {tuple(shape)} in {paths[0]}.")
+    """The weighted average of one tensor across adapters; integer tensors must agree and are copied."""
     if not tensors[0].is_floating_point():
-        if any(not torch.equal(t, tensors[0]) for t in tensors):
+        if any(t.shape != tensors[0].shape or not torch.equal(t, tensors[0]) for t in tensors):
             raise ValueError(f"Integer tensor {key!r} differs between adapters; it cannot be averaged.")
         return tensors[0].clone()
-    total = torch.zeros(shape, dtype=acc)
-    for t, w in zip(tensors, weights, strict=True):
-        total.add_(t.to(acc), alpha=w)
-    return total.to(tensors[-1].dtype)
+    return weighted_sum(tensors, weights, name=key, sources=paths, accumulate_dtype=acc)
 
 
 def _check_same_modules(adapters: Sequence[LoraAdapter]) -> list[str]:
@@ -230,7 +233,7 @@ def _concat_average(adapters, weights, acc) -> tuple[dict, dict]:
             entry = pieces.setdefault(module, {"A": [], "B": [], "keys": keys})
             a, b = adapter.tensors[keys["A"]], adapter.tensors[keys["B"]]
             entry["A"].append(a)
-            entry["B"].append((b.to(acc) * (w * adapter.scaling(module))).to(b.dtype))
+            entry["B"].append(weighted_sum([b], [w * adapter.scaling(module)], name=keys["B"], accumulate_dtype=acc))
     out, ranks = {}, {}
     for module, entry in pieces.items():
         keys = entry["keys"]
@@ -283,7 +286,14 @@ def _merge_into_base(adapters, weights, base: Path, tmp: Path, acc) -> None:
                     f"LoRA update for {key!r} has shape {tuple(change.shape)}, but the base weight in "
                     f"{shard} has {tuple(tensor.shape)}: the adapters were not trained on this base."
                 )
-            tensors[key] = (tensor.to(acc) + change).to(tensor.dtype)
+            tensors[key] = weighted_sum(
+                [tensor, change],
+                [1.0, 1.0],
+                name=key,
+                sources=[shard, "the averaged LoRA update"],
+                accumulate_dtype=acc,
+                out_dtype=tensor.dtype,
+            )
         save_file(tensors, tmp / shard.name, metadata=metadata or {"format": "pt"})
     missing = sorted(set(targets) - seen)
     if missing:
