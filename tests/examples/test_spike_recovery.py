@@ -25,7 +25,6 @@ def _load():
 
 @pytest.mark.filterwarnings("ignore:PMA")
 def test_guarded_run_recovers_and_ends_far_below_the_unguarded_one(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
     example = _load()
     plot, numbers = tmp_path / "curves.png", tmp_path / "numbers.json"
     tiny = [
