@@ -256,45 +256,49 @@ def _concat_average(adapters, weights, acc) -> tuple[dict, dict]:
     return out, config
 
 
-def _merge_into_base(adapters, weights, base: Path, tmp: Path, acc) -> None:
-    deltas = lora_deltas(adapters, weights, dtype=acc)
-    extras = _average_extras(adapters, weights, acc)
-    targets: dict[str, torch.Tensor] = {}
-    for module, delta in deltas.items():
+def _merge_targets(adapters, weights, acc) -> dict[str, torch.Tensor | tuple[str, torch.Tensor]]:
+    """Base weight name -> the averaged update to add, or ``("replace", tensor)`` for modules_to_save."""
+    targets: dict[str, torch.Tensor | tuple[str, torch.Tensor]] = {}
+    for module, delta in lora_deltas(adapters, weights, dtype=acc).items():
         name = module[len(_PREFIX) :] if module.startswith(_PREFIX) else module
         targets[f"{name}.weight"] = delta
-    for key, value in extras.items():
+    for key, value in _average_extras(adapters, weights, acc).items():
         name = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
         name = name.replace(".modules_to_save.", ".").replace(".original_module.", ".")
         targets[name] = ("replace", value)
-    shards = find_weight_files(base)
-    seen = set()
-    for shard in shards:
-        with safe_open(shard, framework="pt") as f:
-            metadata = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        for key, tensor in tensors.items():
-            if key not in targets:
-                continue
-            seen.add(key)
-            change = targets[key]
-            if isinstance(change, tuple):
-                tensors[key] = change[1].to(tensor.dtype)
-                continue
-            if change.shape != tensor.shape:
-                raise ValueError(
-                    f"LoRA update for {key!r} has shape {tuple(change.shape)}, but the base weight in "
-                    f"{shard} has {tuple(tensor.shape)}: the adapters were not trained on this base."
-                )
-            tensors[key] = weighted_sum(
-                [tensor, change],
-                [1.0, 1.0],
-                name=key,
-                sources=[shard, "the averaged LoRA update"],
-                accumulate_dtype=acc,
-                out_dtype=tensor.dtype,
+    return targets
+
+
+def _merge_shard(shard: Path, targets: dict, acc, out: Path) -> set[str]:
+    """Write ``shard`` with the updates applied to ``out``; returns the names it updated."""
+    with safe_open(shard, framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    seen = set(tensors) & set(targets)
+    for key in seen:
+        tensor, change = tensors[key], targets[key]
+        if isinstance(change, tuple):
+            tensors[key] = change[1].to(tensor.dtype)
+            continue
+        if change.shape != tensor.shape:
+            raise ValueError(
+                f"LoRA update for {key!r} has shape {tuple(change.shape)}, but the base weight in "
+                f"{shard} has {tuple(tensor.shape)}: the adapters were not trained on this base."
             )
-        save_file(tensors, tmp / shard.name, metadata=metadata or {"format": "pt"})
+        sources = [shard, "the averaged LoRA update"]
+        tensors[key] = weighted_sum(
+            [tensor, change], [1.0, 1.0], name=key, sources=sources, accumulate_dtype=acc, out_dtype=tensor.dtype
+        )
+    save_file(tensors, out / shard.name, metadata=metadata or {"format": "pt"})
+    return seen
+
+
+def _merge_into_base(adapters, weights, base: Path, tmp: Path, acc) -> None:
+    """Base + averaged update, shard by shard (only the shards the base's index names), into ``tmp``."""
+    targets = _merge_targets(adapters, weights, acc)
+    seen: set[str] = set()
+    for shard in find_weight_files(base):
+        seen |= _merge_shard(shard, targets, acc, tmp)
     missing = sorted(set(targets) - seen)
     if missing:
         raise ValueError(
@@ -305,6 +309,35 @@ def _merge_into_base(adapters, weights, base: Path, tmp: Path, acc) -> None:
     for name in WEIGHT_INDEXES:  # the shards keep their names, so the base's index still maps them
         if (base / name).is_file():
             shutil.copy2(base / name, tmp / name)
+
+
+def _check_method(method: str, adapters: Sequence, base_model) -> None:
+    if method not in LORA_METHODS:
+        raise ValueError(f"`method` must be one of {', '.join(LORA_METHODS)}; got {method!r}.")
+    if not adapters:
+        raise ValueError("Give at least one adapter folder to average.")
+    if method == "merge" and base_model is None:
+        raise ValueError(
+            "method='merge' adds the averaged update to a base model: pass `base_model` (a model folder)."
+        )
+    if base_model is not None and method != "merge":
+        raise ValueError("`base_model` is only used by method='merge'.")
+
+
+def _write_adapter(loaded: Sequence[LoraAdapter], weights, method: str, acc, tmp: Path) -> None:
+    """An adapter folder (factor or concat average) plus the tokenizer files of the newest adapter."""
+    tensors, config = (_factor_average if method == "factor" else _concat_average)(loaded, weights, acc)
+    tensors.update(_average_extras(loaded, weights, acc))
+    save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    for item in loaded[-1].path.iterdir():  # tokenizer files a PEFT run saved beside its adapter
+        if (
+            item.is_file()
+            and item.name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md")
+            and not item.name.startswith(".")
+            and not item.name.endswith((".bin", ".safetensors"))
+        ):
+            shutil.copy2(item, tmp / item.name)
 
 
 def average_lora_adapters(
@@ -327,16 +360,7 @@ def average_lora_adapters(
     base model folder ``base_model`` with the averaged update added, a complete model). The first
     two write adapter folders loadable with ``PeftModel.from_pretrained``.
     """
-    if method not in LORA_METHODS:
-        raise ValueError(f"`method` must be one of {', '.join(LORA_METHODS)}; got {method!r}.")
-    if not adapters:
-        raise ValueError("Give at least one adapter folder to average.")
-    if method == "merge" and base_model is None:
-        raise ValueError(
-            "method='merge' adds the averaged update to a base model: pass `base_model` (a model folder)."
-        )
-    if base_model is not None and method != "merge":
-        raise ValueError("`base_model` is only used by method='merge'.")
+    _check_method(method, adapters, base_model)
     loaded = [load_lora_adapter(p) for p in adapters]
     w = _weights(len(loaded), algo, alpha, weights, normalize)
     rule = AveragingRule(algo, alpha, tuple(weights) if weights is not None else None, normalize)
@@ -345,22 +369,9 @@ def average_lora_adapters(
     with atomic_directory(output, overwrite=overwrite) as tmp:
         if method == "merge":
             _merge_into_base(loaded, w, Path(base_model), tmp, accumulate_dtype)
-            library = "transformers"
         else:
-            tensors, config = (_factor_average if method == "factor" else _concat_average)(loaded, w, accumulate_dtype)
-            tensors.update(_average_extras(loaded, w, accumulate_dtype))
-            save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-            (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            newest = loaded[-1].path
-            for item in newest.iterdir():  # tokenizer files a PEFT run saved beside its adapter
-                if (
-                    item.is_file()
-                    and item.name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md")
-                    and not item.name.startswith(".")
-                    and not item.name.endswith((".bin", ".safetensors"))
-                ):
-                    shutil.copy2(item, tmp / item.name)
-            library = "peft"
+            _write_adapter(loaded, w, method, accumulate_dtype, tmp)
+        library = "transformers" if method == "merge" else "peft"
         base_name = loaded[-1].config.get("base_model_name_or_path") or ""
         (tmp / "README.md").write_text(_card(method, rule, w, loaded, base_name, library), encoding="utf-8")
     return output
