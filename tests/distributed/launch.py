@@ -36,10 +36,20 @@ def torchrun(
         str(HERE / script),
         *args,
     ]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as err:  # a hang at a collective or at shutdown
-        raise AssertionError(f"{script} did not finish within {timeout}s:\n{(err.stderr or '')[-4000:]}") from None
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # a hang at a collective or at shutdown
+        # SIGTERM, not SIGKILL: torchrun then stops its workers (they run in sessions of their own). A
+        # killed launcher would leave them running, and a DeepSpeed worker caught building its CPU op
+        # would keep the build's lock in the torch extensions folder forever.
+        proc.terminate()
+        try:
+            _, stderr = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, stderr = proc.communicate()
+        raise AssertionError(f"{script} did not finish within {timeout}s:\n{(stderr or '')[-4000:]}") from None
     if proc.returncode != 0:
-        raise AssertionError(f"{script} exited with {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")
-    return proc
+        raise AssertionError(f"{script} exited with {proc.returncode}:\n{stdout[-2000:]}\n{stderr[-6000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
