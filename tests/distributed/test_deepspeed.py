@@ -1,9 +1,9 @@
 """DeepSpeed ZeRO stages 1, 2 and 3 on 2 CPU processes (gloo, DeepSpeed's CPU accelerator).
 
 The average follows each rank's fp32 master partition, resumes from DeepSpeed checkpoints,
-and the exported model equals the unsharded run. Skipped where DeepSpeed is not installed
-(`pip install -e ".[deepspeed]"`); on a GPU machine `tests/test_deepspeed_cuda.py` runs the
-`PmaTrainer` path.
+and the exported model equals the unsharded run. Skipped where DeepSpeed is not installed:
+`make test-deepspeed` installs it (`DS_BUILD_OPS=0`, no CUDA ops) and runs these tests and the
+`PmaTrainer` ones in `test_trainer_backends.py` (which also holds the CUDA variants).
 """
 
 import importlib.util
@@ -18,7 +18,9 @@ from tests.distributed.reference import unsharded_reference
 from tests.helpers.training import load_folder
 
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed (make test-deepspeed)"
+)
 
 STAGES = (1, 2, 3)
 
