@@ -95,3 +95,11 @@ def test_update_bn_equals_direct_batch_statistics():
     assert update_bn(batches, model, num_batches=2) == 2
     with pytest.raises(ValueError, match="no batch"):
         update_bn([], model)
+
+
+def test_mismatched_shapes_are_refused_naming_the_tensor_and_model():
+    small, large = nn.BatchNorm1d(4), nn.BatchNorm1d(8)
+    with pytest.raises(ValueError, match=r"'running_mean' has shape \(8,\) in model 1 but \(4,\) in model 0"):
+        merge_buffers([small, large])
+    with pytest.raises(ValueError, match=r"'weight' has shape \(8,\) in model 1 but \(4,\) in model 0"):
+        average_models([small, large], float_buffers="newest")
