@@ -30,6 +30,7 @@ _EXPORTS = {
     "MergeError": "errors",
     "InputError": "errors",
     "MergeResult": "merging",
+    "MergeOptions": "merging",
     "WeightedAverageForLLama": "tools.fusionbench",
     "push_folder_to_hub": "io.hub",
     "download_model": "io.hub",
@@ -78,7 +79,7 @@ if TYPE_CHECKING:
     from .averaging import ALGORITHMS, AveragingRule, fold_coefficients, merge_weights
     from .errors import InputError, MergeError
     from .io.hub import HubDownloadError, HubPushError, HubTarget, download_model, push_folder_to_hub
-    from .merging import MergeResult, load_recipe, merge, plan_merge
+    from .merging import MergeOptions, MergeResult, load_recipe, merge, plan_merge
     from .online.config import PmaConfig
     from .online.engine import PmaEngine, attach_engine
     from .online.gather import gather_averaged_state_dict

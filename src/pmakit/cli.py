@@ -8,100 +8,99 @@ transformers, huggingface_hub) happen only on the paths that need them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import typing
 from collections.abc import Sequence
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "option_settings", "options_from_args"]
 
 BAD_INPUT = 2
 PUSH_FAILED = 1
 
 
-def _add_selection(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("run folder selection (checkpoint-N / pma-N subfolders)")
-    g.add_argument("--last", type=int, help="keep the last N checkpoints")
-    g.add_argument(
-        "--every", type=int, metavar="V", help="keep checkpoints V steps apart, counted back from the newest"
-    )
-    g.add_argument("--start", type=int, help="first step to consider")
-    g.add_argument("--end", type=int, help="last step to consider")
-    g.add_argument(
-        "--pma",
-        dest="kind",
-        action="store_const",
-        const="pma",
-        default="checkpoint",
-        help="select pma-N folders instead of checkpoint-N",
-    )
-    g.add_argument(
-        "--pma-state",
-        dest="kind",
-        action="store_const",
-        const="pma-state",
-        help="read checkpoint-N folders' PMA average from their optimizer state (FSDP DCP `optimizer_0/`) "
-        "instead of their weights",
-    )
+def _flag_kwargs(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
+    """argparse keywords of one `MergeOptions` field: its type, action, choices and help, from the field."""
+    meta = f.metadata
+    kwargs: dict[str, Any] = {
+        "dest": f.name,
+        "default": argparse.SUPPRESS,
+        "help": meta.get("flag_help", meta["help"]),
+    }
+    if "const" in meta:
+        return {**kwargs, "action": "store_const", "const": meta["const"]}
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    base = args[0] if len(args) == 1 else str
+    if base is bool:
+        return {**kwargs, "action": "store_false" if f.default else "store_true"}
+    if typing.get_origin(base) is tuple:
+        item = typing.get_args(base)[0]
+        return {**kwargs, "type": item, **({"action": "append"} if item is str else {"nargs": "+"})}
+    if f.default is not None:
+        kwargs["help"] += f" (default: {f.default})"
+    choices = meta.get("choices")
+    return {**kwargs, "type": base, **({"choices": choices} if choices else {}), "metavar": meta.get("metavar")}
+
+
+def _add_option_flags(parser: argparse.ArgumentParser, group: str | None = None) -> None:
+    """Add a flag for every `MergeOptions` field that has one (only the ``group`` ones when given)."""
+    from .merging.options import MergeOptions, option_fields
+
+    hints = typing.get_type_hints(MergeOptions)
+    titles = {"selection": "run folder selection (checkpoint-N / pma-N subfolders)", None: "merge options"}
+    groups = {key: parser.add_argument_group(title) for key, title in titles.items()}
+    for f in option_fields():
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        if flag is None or (group is not None and f.metadata.get("group") != group):
+            continue
+        kwargs = {k: v for k, v in _flag_kwargs(f, hints[f.name]).items() if v is not None}
+        groups[f.metadata.get("group")].add_argument(flag, **kwargs)
+
+
+def option_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The `MergeOptions` fields given on the command line (flags left out keep the recipe's or the default)."""
+    from .merging.options import option_fields
+
+    return {f.name: getattr(args, f.name) for f in option_fields() if hasattr(args, f.name)}
+
+
+def _version() -> str:
+    """The installed distribution's version (pyproject reads it from ``pmakit.__version__``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pmakit")
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``pmakit`` parser; the ``average`` and ``merge`` flags are generated from `MergeOptions`."""
     parser = argparse.ArgumentParser(
         prog="pmakit", description="Merge checkpoints into one model and push it to the Hub."
     )
+    parser.add_argument("--version", action="version", version=f"pmakit {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    m = sub.add_parser("merge", help="run a YAML recipe (keys: the arguments of pmakit.merge)")
+    m = sub.add_parser("merge", help="run a YAML recipe (pmakit's, or a mergekit linear recipe)")
     m.add_argument("recipe", help="recipe file, e.g. recipe.yaml or a merged folder's pmakit_recipe.yaml")
     m.add_argument("-o", "--output", help="output folder (overrides the recipe's `output`)")
-    m.add_argument(
-        "--overwrite", action="store_true", default=None, help="replace an existing non-empty output folder"
-    )
-    m.add_argument("--push-to-hub", metavar="REPO_ID", help="push the result to this Hub repo")
-    _add_common(m)
+    _add_option_flags(m)
 
     a = sub.add_parser("average", help="average a run's checkpoints, or model folders / Hub ids")
     a.add_argument(
         "inputs", nargs="+", help="a run folder, or model folders / owner/name[@revision] Hub ids (oldest first)"
     )
     a.add_argument("-o", "--output", help="output folder")
-    _add_selection(a)
-    a.add_argument("--algo", default="sma", choices=["sma", "ema", "wma", "weights"], help="averaging rule")
-    a.add_argument("--alpha", type=float, default=0.2, help="EMA weight of the newest sample")
-    a.add_argument("--weights", type=float, nargs="+", help="explicit weights, one per input (oldest first)")
-    a.add_argument(
-        "--no-normalize", dest="normalize", action="store_false", help="use weights as given (may be negative)"
-    )
-    a.add_argument("--base-model", help="base model: config/tokenizer donor and source of backbone-only tensors")
-    a.add_argument("--backbone-only", action="store_true", help="keep embeddings, LM head and final norm of the base")
-    a.add_argument(
-        "--backbone-pattern",
-        dest="backbone_patterns",
-        action="append",
-        help="regex of tensors kept from the base (repeatable; replaces the defaults)",
-    )
-    a.add_argument("--accumulate-dtype", default="float32", choices=["float32", "float64"])
-    a.add_argument("--out-dtype", help="output dtype (default: the inputs')")
-    a.add_argument("--max-shard-size", default="5GB", help="shard size in bytes, HF notation (5GB, 500MB, 2GiB)")
-    a.add_argument("--no-tokenizer", dest="save_tokenizer", action="store_false", help="do not copy tokenizer files")
-    a.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
-    a.add_argument("--allow-nonfinite", action="store_true", help="accept NaN/Inf in inputs")
-    a.add_argument(
-        "--allow-pickle",
-        action="store_true",
-        help="accept pickled checkpoints (.bin, FSDP DCP folders), read by an allow-list unpickler",
-    )
-    a.add_argument("--push-to-hub", metavar="REPO_ID", help="push the result to this Hub repo")
-    a.add_argument("--private", action="store_true", help="create the Hub repo private")
-    a.add_argument("--revision", help="Hub branch to push to")
-    a.add_argument("--commit-message", help="Hub commit message")
-    _add_common(a)
+    _add_option_flags(a)
 
     i = sub.add_parser("inspect", help="list a run's checkpoints and what a merge would read")
     i.add_argument("inputs", nargs="+", help="a run folder, or model folders")
-    i.add_argument("--allow-pickle", action="store_true", help="read pickled checkpoints (.bin, DCP, ZeRO)")
-    _add_selection(i)
+    _add_option_flags(i, group="selection")
     i.add_argument(
         "--scopes",
         action="store_true",
@@ -117,19 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dry-run", action="store_true", help="check the inputs and print the plan; write nothing")
-    p.add_argument("--threads", type=int, help="worker threads (default: up to 4)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.add_argument(
-        "--check-scopes",
-        action="store_true",
-        help="before merging, warn about layers whose weight "
-        "scopes (mean/std) differ across the inputs (reads every weight once more)",
-    )
-    p.add_argument("--scope-threshold", type=float, default=0.1, help="threshold of --check-scopes (default 0.1)")
-
-
 def _size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
@@ -138,20 +124,23 @@ def _size(n: int) -> str:
     return str(n)  # pragma: no cover
 
 
-def _run_merge(kwargs: dict, dry_run: bool) -> int:
+def _run_merge(inputs: dict, options) -> int:
     from .merging import merge
 
+    if options.check_scopes:
+        _warn_scopes(inputs, options)
+        options = dataclasses.replace(options, check_scopes=False)
     try:
-        result = merge(**kwargs, dry_run=dry_run)
+        result = merge(**inputs, options=options)
     except Exception as e:
         if type(e).__name__ != "HubPushError":
             raise
         message = " ".join(str(e).split())
         print(
-            f"pmakit: error: push failed: {message}; the merged model is kept at {kwargs['output']}", file=sys.stderr
+            f"pmakit: error: push failed: {message}; the merged model is kept at {inputs['output']}", file=sys.stderr
         )
         return PUSH_FAILED
-    if dry_run:
+    if options.dry_run:
         print(result.plan.describe())
         return 0
     print(f"merged {len(result.plan.sources)} inputs into {result.output} in {result.seconds:.1f} s")
@@ -166,92 +155,56 @@ def _input_scopes(plan):
     return [folder_scopes(s.path) for s in plan.sources], [s.name for s in plan.sources]
 
 
-def _warn_scopes(kwargs: dict, threshold: float) -> None:
+def _warn_scopes(inputs: dict, options) -> None:
     """Print (stderr) the layers whose weight scopes differ across the merge inputs, before any merge runs."""
-    import inspect
-
     from .merging import plan_merge
     from .merging.scopes import compare_scopes
 
-    accepted = inspect.signature(plan_merge).parameters
-    scopes, names = _input_scopes(plan_merge(**{k: v for k, v in kwargs.items() if k in accepted}))
-    flagged = compare_scopes(scopes, threshold)
+    plan = plan_merge(inputs.get("models"), run_dir=inputs.get("run_dir"), options=options)
+    scopes, names = _input_scopes(plan)
+    flagged = compare_scopes(scopes, options.scope_threshold)
     if flagged:
         worst = ", ".join(
             f"{d.name} (std ratio {d.std_ratio:.3f}, mean shift {d.mean_shift:.3f})" for d in flagged[:5]
         )
         print(
-            f"pmakit: warning: weight scopes of the {len(names)} inputs differ beyond {threshold:g} in "
-            f"{len(flagged)} layer(s): {worst}; see `pmakit inspect --scopes`",
+            f"pmakit: warning: weight scopes of the {len(names)} inputs differ beyond {options.scope_threshold:g} "
+            f"in {len(flagged)} layer(s): {worst}; see `pmakit inspect --scopes`",
             file=sys.stderr,
         )
+
+
+def options_from_args(args: argparse.Namespace, base: dict | None = None):
+    """`MergeOptions` from ``base`` settings (a recipe's) with the flags given on top; a progress bar by default."""
+    from .merging import MergeOptions
+
+    return MergeOptions(**{"progress": True, **(base or {}), **option_settings(args)})
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     from .merging import load_recipe
 
-    kwargs = load_recipe(args.recipe)
+    settings = load_recipe(args.recipe)
+    inputs = {k: settings.pop(k) for k in ("models", "run_dir", "output") if k in settings}
     if args.output:
-        kwargs["output"] = args.output
-    if args.overwrite:
-        kwargs["overwrite"] = True
-    if args.push_to_hub:
-        kwargs["push_to_hub"] = args.push_to_hub
-    if args.threads:
-        kwargs["threads"] = args.threads
-    kwargs["progress"] = args.progress
-    if args.check_scopes:
-        _warn_scopes(kwargs, args.scope_threshold)
-    return _run_merge(kwargs, args.dry_run)
+        inputs["output"] = args.output
+    return _run_merge(inputs, options_from_args(args, settings))
 
 
 def _cmd_average(args: argparse.Namespace) -> int:
     from .merging import MergeError
 
-    if args.algo == "weights" and not args.weights:
-        raise MergeError("--algo weights needs --weights, one per input.")
-    if args.weights and args.algo not in ("sma", "weights"):
-        raise MergeError(f"--weights cannot be combined with --algo {args.algo}.")
-    kwargs = dict(
-        models=args.inputs,
-        output=args.output,
-        last=args.last,
-        every=args.every,
-        start=args.start,
-        end=args.end,
-        kind=args.kind,
-        algo=args.algo,
-        alpha=args.alpha,
-        weights=args.weights,
-        normalize=args.normalize,
-        base_model=args.base_model,
-        backbone_only=args.backbone_only,
-        backbone_patterns=args.backbone_patterns,
-        accumulate_dtype=args.accumulate_dtype,
-        out_dtype=args.out_dtype,
-        max_shard_size=args.max_shard_size,
-        save_tokenizer=args.save_tokenizer,
-        overwrite=args.overwrite,
-        allow_nonfinite=args.allow_nonfinite,
-        allow_pickle=args.allow_pickle,
-        push_to_hub=args.push_to_hub,
-        private=args.private,
-        revision=args.revision,
-        commit_message=args.commit_message,
-        threads=args.threads,
-        progress=args.progress,
-    )
-    if not args.dry_run and not args.output:
+    options = options_from_args(args)
+    if not options.dry_run and not args.output:
         raise MergeError("average needs an output folder: -o OUT (or --dry-run).")
-    if args.check_scopes:
-        _warn_scopes(kwargs, args.scope_threshold)
-    return _run_merge(kwargs, args.dry_run)
+    return _run_merge({"models": args.inputs, "output": args.output}, options)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .merging import is_run_dir, list_checkpoints, plan_merge
 
-    selection = dict(last=args.last, every=args.every, start=args.start, end=args.end)
+    selection = option_settings(args)
+    selected_kind = selection.pop("kind", "checkpoint")
     if len(args.inputs) == 1 and is_run_dir(args.inputs[0]):
         run = Path(args.inputs[0])
         print(f"run folder {run}")
@@ -269,11 +222,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         if not any(list_checkpoints(run, k) for k in ("checkpoint", "pma")):
             print("  no checkpoint-N or pma-N folders")
             return 0
-        if args.kind == "checkpoint" and not list_checkpoints(run, "checkpoint"):
-            args.kind = "pma"
-        plan = plan_merge(run_dir=run, kind=args.kind, allow_pickle=args.allow_pickle, **selection)
+        if selected_kind == "checkpoint" and not list_checkpoints(run, "checkpoint"):
+            selected_kind = "pma"
+        plan = plan_merge(run_dir=run, kind=selected_kind, **selection)
     else:
-        plan = plan_merge(args.inputs, kind=args.kind, allow_pickle=args.allow_pickle, **selection)
+        plan = plan_merge(args.inputs, **selection)
     print("a merge would read:")
     print(plan.describe())
     if args.scopes:

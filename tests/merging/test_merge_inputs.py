@@ -224,7 +224,7 @@ def test_integer_tensors_are_copied_and_must_agree(tmp_path):
 
 def test_bad_settings_name_the_field(tmp_path):
     folders = save_models(tmp_path, 2)
-    with pytest.raises(MergeError, match="Unknown averaging rule 'median'"):
+    with pytest.raises(MergeError, match="`algo` must be one of sma, .*; got 'median'"):
         merge(folders, tmp_path / "o", algo="median")
     with pytest.raises(MergeError, match="`max_shard_size`"):
         merge(folders, tmp_path / "o", max_shard_size="5 parsecs")

@@ -1,12 +1,14 @@
 """The offline merger: streaming, backbone-only, model card, Hub push.
 
-``merge(...)`` is the Python API; ``load_recipe`` reads the YAML recipes that ``pmakit merge`` runs.
+``merge(...)`` is the Python API, its settings one `MergeOptions`; ``load_recipe`` reads the YAML
+recipes that ``pmakit merge`` runs.
 The FusionBench-style class lives in `pmakit.tools.fusionbench`.
 """
 
 from ..errors import MergeError
 from ..io.safetensors import parse_size
 from .merger import RECIPE_FILE, MergeResult, merge, plan_merge
+from .options import MergeOptions
 from .plan import DEFAULT_BACKBONE_PATTERNS, MergePlan
 from .recipe import load_recipe
 from .sources import (
@@ -24,6 +26,7 @@ __all__ = [
     "RECIPE_FILE",
     "CheckpointInfo",
     "MergeError",
+    "MergeOptions",
     "MergePlan",
     "MergeResult",
     "ModelSource",

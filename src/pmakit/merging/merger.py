@@ -8,7 +8,9 @@ temporary sibling and renamed into place, so a failure leaves nothing behind.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import json
 import os
 import shutil
@@ -20,20 +22,20 @@ from pathlib import Path
 
 import yaml
 
-from ..averaging import AveragingRule
 from ..errors import InputError, MergeError
 from ..io.cards import build_model_card
 from ..io.folders import atomic_directory, check_output_outside_inputs
 from ..io.hub_target import HubTarget
 from ..io.safetensors import CONFIG_DTYPE_NAMES, ShardWriter
 from ..io.side_files import copy_side_files
+from .options import MergeOptions, option_fields
 from .plan import MergePlan, build_plan
 from .scopes import folder_scopes, warn_on_scope_differences
-from .sources import resolve_inputs, resolve_source
-from .stream import DEFAULT_BLOCK_ELEMENTS, run_fold
+from .sources import ModelSource, resolve_inputs, resolve_source
+from .stream import run_fold
 
 
-__all__ = ["RECIPE_FILE", "MergeResult", "merge", "plan_merge"]
+__all__ = ["RECIPE_FILE", "MergeResult", "merge", "plan_merge", "resolve_options"]
 
 RECIPE_FILE = "pmakit_recipe.yaml"
 
@@ -64,13 +66,66 @@ def _as_merge_errors(func):
     return wrapper
 
 
-def _rule(algo: str, alpha: float, weights: Sequence[float] | None, normalize: bool) -> AveragingRule:
-    if weights is not None and algo in ("sma", "weights"):
-        algo = "weights"
-    try:
-        return AveragingRule(algo, float(alpha), tuple(weights) if weights is not None else None, normalize)
-    except ValueError as e:
-        raise MergeError(str(e)) from e
+def resolve_options(options: MergeOptions | None, settings: dict) -> MergeOptions:
+    """``options`` with ``settings`` (keyword arguments named like its fields) applied on top.
+
+    Raises:
+        MergeError: a keyword is not a `MergeOptions` field, or a value is invalid.
+    """
+    names = {f.name for f in option_fields()}
+    unknown = sorted(set(settings) - names)
+    if unknown:
+        raise MergeError(
+            f"Unknown merge setting(s) {', '.join(unknown)}; the settings are the fields of MergeOptions: "
+            f"{', '.join(sorted(names))}."
+        )
+    if options is not None and not isinstance(options, MergeOptions):
+        raise MergeError(f"`options` must be a MergeOptions, got {type(options).__name__}.")
+    if options is None:
+        return MergeOptions(**settings)
+    return dataclasses.replace(options, **settings) if settings else options
+
+
+def _as_list(models: Sequence[str | os.PathLike] | str | os.PathLike | None) -> list | None:
+    return [models] if isinstance(models, (str, os.PathLike)) else models
+
+
+def _load_sources(models, run_dir, options: MergeOptions, scratch: Path | None) -> tuple[list[ModelSource], object]:
+    """Resolve the inputs (and the base) and read their headers."""
+    sources = resolve_inputs(
+        _as_list(models),
+        run_dir=run_dir,
+        last=options.last,
+        every=options.every,
+        start=options.start,
+        end=options.end,
+        kind=options.kind,
+        token=options.token,
+        cache_dir=options.cache_dir,
+    )
+    base = None
+    if options.base_model is not None:
+        base = resolve_source(options.base_model, token=options.token, cache_dir=options.cache_dir)
+    for s in [*sources, *([base] if base else [])]:
+        s.load(allow_pickle=options.allow_pickle, scratch=scratch)
+    return sources, base
+
+
+def _build_plan(sources: list[ModelSource], base, options: MergeOptions) -> MergePlan:
+    """`build_plan` with ``config_source`` passed as its ``donor`` (or applied here when it has no such keyword)."""
+    settings = dict(
+        base=base,
+        backbone_only=options.backbone_only,
+        backbone_patterns=options.backbone_patterns,
+        accumulate_dtype=options.accumulate_dtype,
+        out_dtype=options.out_dtype,
+        max_shard_size=options.max_shard_size,
+    )
+    if "donor" in inspect.signature(build_plan).parameters:
+        return build_plan(sources, options.rule(), donor=options.config_source, **settings)
+    plan = build_plan(sources, options.rule(), **settings)
+    donors = {"base": base, "first": sources[0], "newest": sources[-1], None: plan.donor}
+    return dataclasses.replace(plan, donor=donors[options.config_source])
 
 
 @_as_merge_errors
@@ -78,54 +133,27 @@ def plan_merge(
     models: Sequence[str | os.PathLike] | str | os.PathLike | None = None,
     *,
     run_dir: str | os.PathLike | None = None,
-    last: int | None = None,
-    every: int | None = None,
-    start: int | None = None,
-    end: int | None = None,
-    kind: str = "checkpoint",
-    algo: str = "sma",
-    alpha: float = 0.2,
-    weights: Sequence[float] | None = None,
-    normalize: bool = True,
-    base_model: str | os.PathLike | None = None,
-    backbone_only: bool = False,
-    backbone_patterns: Sequence[str] | None = None,
-    accumulate_dtype: str = "float32",
-    out_dtype: str | None = None,
-    max_shard_size: int | str = "5GB",
-    allow_pickle: bool = False,
-    token: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
+    options: MergeOptions | None = None,
     scratch: Path | None = None,
+    **settings,
 ) -> MergePlan:
-    """Resolve and validate the inputs and plan the merge, reading headers only."""
-    rule = _rule(algo, alpha, weights, normalize)
-    if isinstance(models, (str, os.PathLike)):
-        models = [models]
-    sources = resolve_inputs(
-        models,
-        run_dir=run_dir,
-        last=last,
-        every=every,
-        start=start,
-        end=end,
-        kind=kind,
-        token=token,
-        cache_dir=cache_dir,
-    )
-    base = resolve_source(base_model, token=token, cache_dir=cache_dir) if base_model is not None else None
-    for s in [*sources, *([base] if base else [])]:
-        s.load(allow_pickle=allow_pickle, scratch=scratch)
-    return build_plan(
-        sources,
-        rule,
-        base=base,
-        backbone_only=backbone_only,
-        backbone_patterns=backbone_patterns,
-        accumulate_dtype=accumulate_dtype,
-        out_dtype=out_dtype,
-        max_shard_size=max_shard_size,
-    )
+    """Resolve and validate the inputs and plan the merge, reading headers only.
+
+    Args:
+        models: model folders or ``owner/name[@revision]`` Hub ids, oldest first (or one run folder).
+        run_dir: a run folder whose ``checkpoint-N``/``pma-N`` subfolders are selected by the options.
+        options: the merge settings; ``settings`` (keywords named like its fields) override them.
+        scratch: a folder for converted pickle checkpoints (``merge`` passes a temporary one).
+
+    Returns:
+        The plan: inputs with their weights, every output tensor and the shards.
+
+    Raises:
+        MergeError: bad settings or inputs, named.
+    """
+    options = resolve_options(options, settings)
+    sources, base = _load_sources(models, run_dir, options, scratch)
+    return _build_plan(sources, base, options)
 
 
 def _check_output(output: Path, plan: MergePlan, overwrite: bool) -> None:
@@ -136,30 +164,28 @@ def _check_output(output: Path, plan: MergePlan, overwrite: bool) -> None:
         raise MergeError(str(e)) from None
 
 
-def _recipe(plan: MergePlan, options: dict) -> dict:
+_RESOLVED_KEYS = frozenset({"last", "every", "start", "end", "kind", "algo", "alpha", "weights", "normalize"})
+
+
+def _recipe(plan: MergePlan, options: MergeOptions) -> dict:
     """The exact, re-runnable recipe: the resolved inputs in order and every setting that shaped the result."""
     rule = plan.rule
-    recipe: dict = {"models": [s.label for s in plan.sources]}
-    if plan.sources[0].state == "pma":
-        recipe["kind"] = "pma-state"  # the inputs' stored PMA averages, not their weights
-    recipe["algo"] = rule.algo
+    recipe: dict = {"models": [s.label for s in plan.sources], "algo": rule.algo}
     if rule.algo == "ema":
         recipe["alpha"] = rule.alpha
     if rule.algo == "weights":
         recipe["weights"] = list(rule.weights)
         recipe["normalize"] = rule.normalize
+    recipe.update({k: v for k, v in options.recipe_settings().items() if k not in _RESOLVED_KEYS})
     if plan.base is not None:
         recipe["base_model"] = plan.base.label
     if plan.backbone_only:
-        recipe["backbone_only"] = True
         recipe["backbone_patterns"] = list(plan.backbone_patterns)
     recipe["accumulate_dtype"] = plan.accumulate_dtype
     if plan.out_dtype is not None:
         recipe["out_dtype"] = CONFIG_DTYPE_NAMES.get(plan.out_dtype, plan.out_dtype)
     recipe["max_shard_size"] = plan.max_shard_size
-    for key in ("save_tokenizer", "allow_nonfinite", "allow_pickle"):
-        if options.get(key) is not None:
-            recipe[key] = options[key]
+    recipe["save_tokenizer"] = options.save_tokenizer
     return recipe
 
 
@@ -213,136 +239,100 @@ def merge(
     output: str | os.PathLike | None = None,
     *,
     run_dir: str | os.PathLike | None = None,
-    last: int | None = None,
-    every: int | None = None,
-    start: int | None = None,
-    end: int | None = None,
-    kind: str = "checkpoint",
-    algo: str = "sma",
-    alpha: float = 0.2,
-    weights: Sequence[float] | None = None,
-    normalize: bool = True,
-    base_model: str | os.PathLike | None = None,
-    backbone_only: bool = False,
-    backbone_patterns: Sequence[str] | None = None,
-    accumulate_dtype: str = "float32",
-    out_dtype: str | None = None,
-    max_shard_size: int | str = "5GB",
-    save_tokenizer: bool = True,
-    overwrite: bool = False,
-    allow_nonfinite: bool = False,
-    allow_pickle: bool = False,
-    push_to_hub: str | None = None,
-    private: bool = False,
-    revision: str | None = None,
-    commit_message: str | None = None,
-    token: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    threads: int | None = None,
-    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
-    reader: str = "mmap",
-    progress: bool = False,
-    dry_run: bool = False,
-    check_scopes: bool = False,
-    scope_threshold: float = 0.1,
+    options: MergeOptions | None = None,
+    **settings,
 ) -> MergeResult:
     """Merge model folders, a run's checkpoints or Hub models into one model folder (and push it).
 
     Inputs are ``models`` (folders or ``owner/name[@revision]`` Hub ids, in the order given, the
     last being the newest) or ``run_dir`` with a selection (``last``, ``every``, ``start``/``end``;
-    ``kind="pma"`` selects ``pma-N`` folders; ``kind="pma-state"`` reads the PMA average stored in
-    each ``checkpoint-N``'s sharded optimizer state instead of its weights). Checkpoint folders may
-    hold safetensors, pickled ``.bin`` files or FSDP ``torch.distributed.checkpoint`` folders
-    (pickles need ``allow_pickle``; they are read by an allow-list unpickler, zero-copy). The rule
-    (``algo`` sma|ema|wma, ``alpha``, ``weights`` with ``normalize``) is
-    :class:`pmakit.averaging.AveragingRule`, the same law as online PMA. ``backbone_only`` keeps
-    embeddings, LM head and final norm of ``base_model``.
-    Floats are accumulated in ``accumulate_dtype`` (float32, or float64) and written in the inputs'
-    dtype unless ``out_dtype``. ``check_scopes`` first warns (``UserWarning``) about layers whose weight
-    mean/std differ across the inputs beyond ``scope_threshold`` (reads every weight once more; see
-    `pmakit.scope`). ``push_to_hub`` is a repo id; the token comes from ``token``, the
-    environment or the saved login, and is never printed. Raises :class:`MergeError` on bad input.
+    ``kind="pma"`` selects ``pma-N`` folders). The rule (``algo`` sma|ema|wma, ``alpha``,
+    ``weights`` with ``normalize``) is :class:`pmakit.averaging.AveragingRule`, the same law as
+    online PMA. ``backbone_only`` keeps embeddings, LM head and final norm of ``base_model``.
+    Floats are accumulated in ``accumulate_dtype`` and written in the inputs' dtype unless
+    ``out_dtype``. ``push_to_hub`` is a repo id; the token comes from ``token``, the environment or
+    the saved login, and is never printed. Every setting is a field of :class:`MergeOptions`.
+
+    Args:
+        models: model folders or Hub ids, oldest first (or one run folder).
+        output: the folder to create; it appears only when complete. Not needed for a dry run.
+        run_dir: a run folder whose checkpoints the selection settings pick.
+        options: the settings as one object; keyword ``settings`` override its fields.
+        **settings: any `MergeOptions` field by name, e.g. ``algo="ema", alpha=0.1``.
+
+    Returns:
+        What was done: the plan, the output folder, the recipe, the Hub commit URL.
+
+    Raises:
+        MergeError: bad settings, inputs or output path, named, before anything is written.
+        HubPushError: the push failed; the merged folder is kept.
     """
     started = time.perf_counter()
-    if output is None and not dry_run:
+    options = resolve_options(options, settings)
+    target = options.hub_target()  # a bad push target fails here, before any work
+    if output is None and not options.dry_run:
         raise MergeError("Give an `output` folder for the merged model.")
     scratch = Path(tempfile.mkdtemp(prefix="pmakit-merge-"))
     try:
-        plan = plan_merge(
-            models,
-            run_dir=run_dir,
-            last=last,
-            every=every,
-            start=start,
-            end=end,
-            kind=kind,
-            algo=algo,
-            alpha=alpha,
-            weights=weights,
-            normalize=normalize,
-            base_model=base_model,
-            backbone_only=backbone_only,
-            backbone_patterns=backbone_patterns,
-            accumulate_dtype=accumulate_dtype,
-            out_dtype=out_dtype,
-            max_shard_size=max_shard_size,
-            allow_pickle=allow_pickle,
-            token=token,
-            cache_dir=cache_dir,
-            scratch=scratch,
-        )
-        options = {
-            "save_tokenizer": save_tokenizer,
-            "allow_nonfinite": allow_nonfinite or None,
-            "allow_pickle": allow_pickle or None,
-        }
+        plan = plan_merge(models, run_dir=run_dir, options=options, scratch=scratch)
         recipe = _recipe(plan, options)
-        if check_scopes:
-            warn_on_scope_differences([folder_scopes(s.path) for s in plan.sources], scope_threshold)
-        if dry_run:
+        if options.check_scopes:
+            warn_on_scope_differences([folder_scopes(s.path) for s in plan.sources], options.scope_threshold)
+        if options.dry_run:
             return MergeResult(plan=plan, recipe=recipe, seconds=time.perf_counter() - started)
-        output = Path(output)
-        _check_output(output, plan, overwrite)
-        with atomic_directory(output, overwrite=overwrite) as tmp:
-            recipe_out = {**recipe, "output": str(output)}
-            (tmp / "README.md").write_text(_card(plan, recipe_out, output.name), encoding="utf-8")
-            (tmp / RECIPE_FILE).write_text(yaml.safe_dump(recipe_out, sort_keys=False), encoding="utf-8")
-            _copy_side_files(plan, tmp, save_tokenizer)
-            writer = ShardWriter(tmp, [t.out for t in plan.tensors], plan.shard_names)
-            bar = _progress_bar(plan.bytes_to_write, progress)
-            try:
-                run_fold(
-                    plan,
-                    writer,
-                    threads=threads,
-                    allow_nonfinite=allow_nonfinite,
-                    block_elements=block_elements,
-                    reader=reader,
-                    progress=bar.update if bar is not None else None,
-                )
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
-            finally:
-                if bar is not None:
-                    bar.close()
-            if len(plan.shard_names) > 1:
-                index = plan.shard_names[0].split("-")[0] + ".safetensors.index.json"
-                (tmp / index).write_text(json.dumps(writer.index(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        result = MergeResult(plan=plan, output=output, recipe=recipe_out)
+        result = _write_output(plan, Path(output), recipe, options)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    if push_to_hub:
-        target = HubTarget(
-            push_to_hub,
-            private=private,
-            revision=revision,
-            token=token,
-            commit_message=commit_message or f"Upload {plan.rule.describe(len(plan.sources))} merged with pmakit",
-        )
-        from ..io.hub import push_folder_to_hub  # imported here: local merges start without huggingface_hub
-
-        result.commit_url = push_folder_to_hub(output, target)
+    if target is not None:
+        result.commit_url = _push(result.output, target, plan)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _write_output(plan: MergePlan, output: Path, recipe: dict, options: MergeOptions) -> MergeResult:
+    """Build the whole output folder in a temporary sibling and move it into place."""
+    _check_output(output, plan, options.overwrite)
+    recipe = {**recipe, "output": str(output)}
+    with atomic_directory(output, overwrite=options.overwrite) as tmp:
+        (tmp / "README.md").write_text(_card(plan, recipe, output.name), encoding="utf-8")
+        (tmp / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+        _copy_side_files(plan, tmp, options.save_tokenizer)
+        index = _write_tensors(plan, tmp, options)
+        if len(plan.shard_names) > 1:
+            index_name = plan.shard_names[0].split("-")[0] + ".safetensors.index.json"
+            (tmp / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return MergeResult(plan=plan, output=output, recipe=recipe)
+
+
+def _write_tensors(plan: MergePlan, folder: Path, options: MergeOptions) -> dict:
+    """Stream the fold into the shards of ``folder``; return the shard index."""
+    writer = ShardWriter(folder, [t.out for t in plan.tensors], plan.shard_names)
+    bar = _progress_bar(plan.bytes_to_write, options.progress)
+    try:
+        run_fold(
+            plan,
+            writer,
+            threads=options.threads,
+            allow_nonfinite=options.allow_nonfinite,
+            block_elements=options.block_elements,
+            reader=options.reader,
+            progress=bar.update if bar is not None else None,
+        )
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return writer.index()
+
+
+def _push(folder: Path, target: HubTarget, plan: MergePlan) -> str:
+    """Upload the finished folder; the default commit message names the rule."""
+    if target.commit_message is None:
+        message = f"Upload {plan.rule.describe(len(plan.sources))} merged with pmakit"
+        target = dataclasses.replace(target, commit_message=message)
+    from ..io.hub import push_folder_to_hub  # imported here: local merges start without huggingface_hub
+
+    return push_folder_to_hub(folder, target)

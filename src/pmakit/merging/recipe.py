@@ -1,4 +1,4 @@
-"""YAML recipes: the keys are the keyword arguments of :func:`pmakit.merge.merge`.
+"""YAML recipes: the keys are the fields of :class:`MergeOptions`, plus ``models``/``run_dir``/``output``.
 
 Example::
 
@@ -14,35 +14,81 @@ Example::
 
 Every merged folder holds its own ``pmakit_recipe.yaml``, with the inputs resolved, which
 ``pmakit merge`` runs again to reproduce it.
+
+mergekit's linear recipes are read as they are, so a mergekit user points pmakit at the same file::
+
+    merge_method: linear
+    base_model: org/base           # not averaged; gives config and tokenizer
+    models:
+      - model: org/model-a
+        parameters: {weight: 0.3}
+      - model: org/model-b
+        parameters: {weight: 0.7}
+    parameters: {normalize: true}  # a top-level `weight` is the default of every model
+    dtype: bfloat16                # the output dtype (pmakit always accumulates in float32 or float64)
+    tokenizer_source: base         # base, or one of the models (the first or the last)
+
+Other merge methods (slerp, ties, dare...) and per-tensor or per-layer parameters are refused by name.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from ..errors import MergeError
-from .merger import merge
+from .options import MergeOptions, recipe_fields
 
 
-__all__ = ["RECIPE_KEYS", "load_recipe"]
+__all__ = ["INPUT_KEYS", "RECIPE_KEYS", "load_recipe", "options_from_recipe"]
 
-_SKIP = {"progress", "dry_run", "token", "block_elements", "reader"}
-RECIPE_KEYS: tuple[str, ...] = tuple(p for p in inspect.signature(merge).parameters if p not in _SKIP)
+INPUT_KEYS: tuple[str, ...] = ("models", "run_dir", "output")
+RECIPE_KEYS: tuple[str, ...] = (*INPUT_KEYS, *(f.name for f in recipe_fields()))
 _PUSH_KEYS = {
     "repo_id": "push_to_hub",
     "private": "private",
     "revision": "revision",
     "commit_message": "commit_message",
 }
+_MERGEKIT_KEYS = frozenset({"merge_method", "parameters", "dtype", "tokenizer_source", "tokenizer"})
 
 
-def load_recipe(path: str | os.PathLike) -> dict:
-    """Read a recipe file into keyword arguments for :func:`merge`; unknown keys are refused by name."""
+def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a recipe file (pmakit's or a mergekit linear recipe) into keyword arguments for :func:`merge`.
+
+    Args:
+        path: the YAML file.
+
+    Returns:
+        ``models``/``run_dir``/``output`` when given, and the settings, all checked by `MergeOptions`.
+
+    Raises:
+        MergeError: the file is missing or not YAML, a key is unknown, a value has the wrong type
+            (named), or a mergekit recipe uses a method or parameter pmakit does not support.
+    """
     path = Path(path)
+    data = _read_yaml(path)
+    try:
+        if _is_mergekit(data):
+            data = _from_mergekit(data)
+        inputs, settings = _split(data)
+        MergeOptions(**settings)  # validate every value now, with the file's name in the message
+    except MergeError as e:
+        raise MergeError(f"Recipe {path}: {e}") from None
+    return {**inputs, **settings}
+
+
+def options_from_recipe(path: str | os.PathLike) -> tuple[dict[str, Any], MergeOptions]:
+    """The inputs (``models``/``run_dir``/``output``) and the `MergeOptions` of a recipe file."""
+    kwargs = load_recipe(path)
+    inputs = {k: kwargs.pop(k) for k in INPUT_KEYS if k in kwargs}
+    return inputs, MergeOptions(**kwargs)
+
+
+def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
@@ -51,21 +97,139 @@ def load_recipe(path: str | os.PathLike) -> dict:
         raise MergeError(f"Recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from e
     if not isinstance(data, dict):
         raise MergeError(f"Recipe {path} must be a mapping of settings, got {type(data).__name__}.")
-    kwargs = dict(data)
-    push = kwargs.get("push_to_hub")
+    return data
+
+
+def _split(data: dict) -> tuple[dict, dict]:
+    """Separate the inputs from the settings; flatten the ``push_to_hub`` mapping; refuse unknown keys."""
+    data = dict(data)
+    push = data.get("push_to_hub")
     if isinstance(push, dict):
         unknown = sorted(set(push) - set(_PUSH_KEYS))
         if unknown or "repo_id" not in push:
-            raise MergeError(
-                f"Recipe `push_to_hub` takes {', '.join(_PUSH_KEYS)} (repo_id required), got {sorted(push)}."
-            )
-        for key, value in push.items():
-            kwargs[_PUSH_KEYS[key]] = value
-    unknown = sorted(set(kwargs) - set(RECIPE_KEYS))
+            raise MergeError(f"`push_to_hub` takes {', '.join(_PUSH_KEYS)} (repo_id required), got {sorted(push)}.")
+        data.update({_PUSH_KEYS[k]: v for k, v in push.items()})
+    unknown = sorted(set(data) - set(RECIPE_KEYS), key=str)
     if unknown:
         raise MergeError(
-            f"Unknown recipe key(s) {', '.join(unknown)} in {path}; valid keys: {', '.join(RECIPE_KEYS)}."
+            f"Unknown recipe key(s) {', '.join(map(str, unknown))}; valid keys: {', '.join(RECIPE_KEYS)}."
         )
-    if isinstance(kwargs.get("models"), str):
-        kwargs["models"] = [kwargs["models"]]
-    return kwargs
+    inputs = {k: data.pop(k) for k in INPUT_KEYS if k in data}
+    _check_inputs(inputs)
+    return inputs, data
+
+
+def _check_inputs(inputs: dict) -> None:
+    if isinstance(inputs.get("models"), str):
+        inputs["models"] = [inputs["models"]]
+    models = inputs.get("models")
+    if models is not None and not (isinstance(models, list) and all(isinstance(m, str) for m in models)):
+        raise MergeError(f"`models` must be a list of folders or Hub ids, got {models!r}.")
+    for key in ("run_dir", "output"):
+        if key in inputs and inputs[key] is not None and not isinstance(inputs[key], str):
+            raise MergeError(f"`{key}` must be a folder path, got {inputs[key]!r}.")
+
+
+def _is_mergekit(data: dict) -> bool:
+    models = data.get("models")
+    listed = isinstance(models, list) and any(isinstance(m, dict) for m in models)
+    return listed or bool(_MERGEKIT_KEYS & set(data))
+
+
+def _from_mergekit(data: dict) -> dict:
+    """A mergekit linear recipe as pmakit settings: weights, normalize, out_dtype, base, config source."""
+    data = dict(data)
+    method = data.pop("merge_method", "linear")
+    if method != "linear":
+        raise MergeError(
+            f"mergekit merge_method {method!r} is not supported; pmakit reads mergekit recipes with "
+            "`merge_method: linear` (weighted averages) only."
+        )
+    for key in ("slices", "modules"):
+        if key in data:
+            raise MergeError(f"mergekit `{key}` is not supported; pmakit merges whole models (use `models`).")
+    defaults = _mapping(data.pop("parameters", None) or {}, "parameters")
+    normalize = defaults.pop("normalize", True)
+    default_weight = defaults.pop("weight", None)
+    _refuse_parameters(defaults, "parameters")
+    models, weights = _mergekit_models(data.pop("models", None), default_weight)
+    out = {"models": models, "weights": weights, "normalize": normalize}
+    dtype = data.pop("dtype", None)
+    if dtype is not None and "out_dtype" not in data:
+        out["out_dtype"] = dtype
+    source = _tokenizer_source(data)
+    out.update(data)
+    if "config_source" not in out:
+        out["config_source"] = _config_source(source, models, out.get("base_model"))
+    return out
+
+
+def _mapping(value: Any, key: str) -> dict:
+    if not isinstance(value, dict):
+        raise MergeError(f"`{key}` must be a mapping, got {value!r}.")
+    return dict(value)
+
+
+def _refuse_parameters(parameters: dict, where: str) -> None:
+    if parameters:
+        raise MergeError(
+            f"mergekit parameter(s) {', '.join(map(str, parameters))} in `{where}` are not supported by the "
+            "linear merge of pmakit (it takes `weight` and `normalize`)."
+        )
+
+
+def _mergekit_models(entries: Any, default_weight: Any) -> tuple[list[str], list]:
+    """``[{model: ..., parameters: {weight: ...}}, ...]`` as the models and their weights, in order."""
+    if not isinstance(entries, list) or not entries:
+        raise MergeError("`models` must be a non-empty list of `{model: ..., parameters: {weight: ...}}`.")
+    models, weights = [], []
+    for i, entry in enumerate(entries):
+        entry = {"model": entry} if isinstance(entry, str) else _mapping(entry, f"models[{i}]")
+        name = entry.pop("model", None)
+        if not isinstance(name, str):
+            raise MergeError(f"`models[{i}].model` must be a folder or Hub id, got {name!r}.")
+        parameters = _mapping(entry.pop("parameters", None) or {}, f"models[{i}].parameters")
+        weight = parameters.pop("weight", default_weight)
+        _refuse_parameters(parameters, f"models[{i}].parameters")
+        if entry:
+            raise MergeError(f"Unknown key(s) {', '.join(map(str, entry))} in `models[{i}]` ({name}).")
+        if weight is None:
+            raise MergeError(f"`models[{i}]` ({name}) has no `parameters.weight` (and no default weight).")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise MergeError(
+                f"`models[{i}].parameters.weight` ({name}) must be a number; per-tensor or per-layer "
+                f"weights are not supported, got {weight!r}."
+            )
+        models.append(name)
+        weights.append(weight)
+    return models, weights
+
+
+def _tokenizer_source(data: dict) -> Any:
+    """mergekit's ``tokenizer_source``, or ``tokenizer.source`` (its newer form), popped from ``data``."""
+    source = data.pop("tokenizer_source", None)
+    tokenizer = data.pop("tokenizer", None)
+    if tokenizer is not None:
+        tokenizer = _mapping(tokenizer, "tokenizer")
+        source = tokenizer.pop("source", source)
+        if tokenizer:
+            raise MergeError(f"mergekit `tokenizer` key(s) {', '.join(map(str, tokenizer))} are not supported.")
+    return source
+
+
+def _config_source(source: Any, models: list[str], base: Any) -> str:
+    """The input that gives config and tokenizer: mergekit's default is the base, else the first model."""
+    if source is None or source == "base":
+        if source == "base" and base is None:
+            raise MergeError("`tokenizer_source: base` needs a `base_model`.")
+        return "base" if base is not None else "first"
+    if source == base:
+        return "base"
+    if source == models[0]:
+        return "first"
+    if source == models[-1]:
+        return "newest"
+    raise MergeError(
+        f"`tokenizer_source: {source}` is not supported: pmakit copies the config and tokenizer of one input "
+        "(base, the first or the last model); it does not build union vocabularies or take other donors."
+    )

@@ -1,0 +1,334 @@
+"""`MergeOptions`: every setting of a merge other than its inputs and its output, in one place.
+
+The Python API (``merge(..., options=...)`` or keywords), the YAML recipe schema and the flags of
+``pmakit average`` / ``pmakit merge`` are all read off these fields, so a setting is defined once,
+with its type, default, validation and the help text the docs and ``--help`` show.
+
+Field metadata:
+
+- ``help``: one line for ``--help`` and the docs table.
+- ``flag``: the command-line flag when it is not ``--field-name`` (``"--no-normalize"``); ``None``
+  for a setting with no flag (``token``: it comes from the environment or the saved login).
+- ``flag_help``: the flag's own help where the flag turns a default off (``--no-tokenizer``).
+- ``const``: the value a flag without an argument stores (``--pma`` stores ``kind="pma"``).
+- ``metavar``: the placeholder shown in ``--help``.
+- ``choices``: the valid values (the CLI offers them; ``__post_init__`` enforces them).
+- ``recipe``: ``False`` for run-time settings (progress bar, dry run, token, threads...) that are
+  neither read from nor written to recipe files.
+- ``group``: ``"selection"`` for the run-folder selection, shared with ``pmakit inspect``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..averaging import ALGORITHMS, AveragingRule
+from ..errors import InputError, MergeError
+from ..io.hub_target import HubTarget, check_repo_id
+from ..io.safetensors import canonical_dtype, parse_size
+from .stream import DEFAULT_BLOCK_ELEMENTS
+
+
+__all__ = ["CONFIG_SOURCES", "MergeOptions", "option_fields", "recipe_fields"]
+
+CONFIG_SOURCES: tuple[str, ...] = ("base", "first", "newest")
+KINDS: tuple[str, ...] = ("checkpoint", "pma")
+READERS: tuple[str, ...] = ("mmap", "pread")
+ACCUMULATE_DTYPES: tuple[str, ...] = ("float32", "float64")
+
+
+def _opt(default: Any, help: str, **meta: Any) -> Any:
+    """A dataclass field with its help text and CLI/recipe metadata."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """How to merge: selection, averaging rule, base model, dtypes, output format, Hub push, run-time knobs.
+
+    Every field is validated when the object is built, so a bad setting fails before any file is
+    read; messages name the field. Use ``dataclasses.replace(options, field=value)`` to change one.
+
+    Raises:
+        MergeError: a setting has the wrong type or an invalid value, or settings contradict each other.
+    """
+
+    # which checkpoints of a run folder
+    last: int | None = _opt(None, "Keep the newest N checkpoints of the run folder.", group="selection", metavar="N")
+    every: int | None = _opt(
+        None,
+        "Keep checkpoints V steps apart, counted back from the newest.",
+        group="selection",
+        metavar="V",
+    )
+    start: int | None = _opt(None, "First step of the run folder to consider.", group="selection", metavar="STEP")
+    end: int | None = _opt(None, "Last step of the run folder to consider.", group="selection", metavar="STEP")
+    kind: str = _opt(
+        "checkpoint",
+        "Which subfolders of a run folder to select: checkpoint-N (the Trainer's) or pma-N "
+        "(online PMA's merged models); on the command line `--pma` selects pma-N.",
+        group="selection",
+        flag="--pma",
+        flag_help="Select pma-N folders instead of checkpoint-N.",
+        const="pma",
+        choices=KINDS,
+    )
+    # the averaging rule
+    algo: str = _opt(
+        "sma",
+        "Averaging rule: sma (equal weights), wma (weights 1..n), ema (`alpha`), weights (explicit `weights`).",
+        choices=ALGORITHMS,
+    )
+    alpha: float = _opt(0.2, "EMA weight of the newest sample, in (0, 1).")
+    weights: tuple[float, ...] | None = _opt(
+        None, "Explicit weights, one per input, oldest first (implies the `weights` rule)."
+    )
+    normalize: bool = _opt(
+        True,
+        "Divide explicit weights by their sum; off, they are used as given (may be negative).",
+        flag="--no-normalize",
+        flag_help="Use explicit weights as given, not divided by their sum (may be negative).",
+    )
+    decay_shape: str | None = _opt(None, "Shape of the `decay` rule (linear, cosine, 1-sqrt).")
+    # base model and backbone
+    base_model: str | None = _opt(
+        None,
+        "Base model folder or Hub id: not averaged; gives config and tokenizer, and the backbone tensors "
+        "with `backbone_only`.",
+    )
+    backbone_only: bool = _opt(False, "Keep the embeddings, LM head and final norm of `base_model`; average the rest.")
+    backbone_patterns: tuple[str, ...] | None = _opt(
+        None,
+        "Regex of the tensors kept from the base with `backbone_only`; repeat for several. Replaces the "
+        "defaults (embeddings, LM head, final norm: `pmakit.merging.DEFAULT_BACKBONE_PATTERNS`).",
+        metavar="REGEX",
+        flag="--backbone-pattern",
+    )
+    config_source: str | None = _opt(
+        None,
+        "Which input gives config.json, the generation config and the tokenizer: base, first (oldest) "
+        "or newest; default the base when given, else the newest input.",
+        choices=CONFIG_SOURCES,
+    )
+    # numerics and output format
+    accumulate_dtype: str = _opt(
+        "float32",
+        "Dtype of the running sum: float32, or float64 for long or extrapolating merges.",
+        choices=ACCUMULATE_DTYPES,
+    )
+    out_dtype: str | None = _opt(
+        None, "Dtype of the written floats (float32, bfloat16, float16...); default the inputs'."
+    )
+    max_shard_size: int | str = _opt("5GB", "Largest output shard, in bytes or HF notation (5GB, 500MB, 2GiB).")
+    save_tokenizer: bool = _opt(
+        True,
+        "Copy the tokenizer files of the config source.",
+        flag="--no-tokenizer",
+        flag_help="Do not copy the tokenizer files.",
+    )
+    overwrite: bool = _opt(False, "Replace an existing non-empty output folder (atomically, when the merge is done).")
+    allow_nonfinite: bool = _opt(False, "Accept NaN/Inf in the inputs instead of refusing them.")
+    allow_pickle: bool = _opt(False, "Accept pickled .bin checkpoints (loaded with torch, weights_only=True).")
+    # the Hub
+    push_to_hub: str | None = _opt(
+        None, "Push the merged folder to this Hub repo (name or namespace/name).", metavar="REPO_ID"
+    )
+    private: bool = _opt(False, "Create the Hub repo private (only when it does not exist yet).")
+    revision: str | None = _opt(None, "Hub branch to push to (created when missing).")
+    commit_message: str | None = _opt(None, "Hub commit message; default names the rule and the number of inputs.")
+    token: str | None = field(
+        default=None,
+        repr=False,
+        metadata={
+            "help": "Hub token for downloads and the push; default the HF_TOKEN environment or the saved login.",
+            "flag": None,
+            "recipe": False,
+        },
+    )
+    cache_dir: str | None = _opt(None, "Hugging Face cache folder for Hub inputs.")
+    # run time
+    threads: int | None = _opt(None, "Worker threads of the fold (default: up to 4).", recipe=False)
+    block_elements: int = _opt(
+        DEFAULT_BLOCK_ELEMENTS, "Elements folded per block; bounds memory per thread.", recipe=False
+    )
+    reader: str = _opt(
+        "mmap", "How inputs are read: mmap (page-cache views) or pread (plain reads).", choices=READERS, recipe=False
+    )
+    progress: bool = _opt(
+        False,
+        "Show a progress bar (on by default on the command line).",
+        flag="--no-progress",
+        flag_help="No progress bar.",
+        recipe=False,
+    )
+    dry_run: bool = _opt(False, "Check the inputs and report the plan; write nothing.", recipe=False)
+    check_scopes: bool = _opt(
+        False,
+        "Before merging, warn about layers whose weight mean/std differ across the inputs "
+        "(reads every weight once more).",
+        recipe=False,
+    )
+    scope_threshold: float = _opt(
+        0.1, "Flag a layer when max(std ratio - 1, mean spread / std) exceeds this.", recipe=False
+    )
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _checked(f.name, getattr(self, f.name), hints[f.name]))
+        _check_choices(self)
+        _check_ranges(self)
+        _check_formats(self)
+        self.rule()
+
+    def rule(self) -> AveragingRule:
+        """The averaging rule these options describe (``weights`` given with ``sma`` means the weights rule).
+
+        Raises:
+            MergeError: the rule settings are inconsistent (e.g. ``alpha`` outside (0, 1)).
+        """
+        algo = self.algo
+        if self.weights is not None and algo == "sma":
+            algo = "weights"
+        if algo == "weights" and self.weights is None:
+            raise MergeError("`algo='weights'` needs `weights`, one per input.")
+        if self.weights is not None and algo != "weights":
+            raise MergeError(f"`weights` cannot be combined with `algo={self.algo!r}`.")
+        extra = {"decay_shape": self.decay_shape} if self.decay_shape is not None else {}
+        try:
+            return AveragingRule(algo, self.alpha, self.weights, self.normalize, **extra)
+        except TypeError as e:
+            raise MergeError("`decay_shape` needs the `decay` rule, which this pmakit does not have.") from e
+        except ValueError as e:
+            raise MergeError(str(e)) from e
+
+    def hub_target(self, default_message: str | None = None) -> HubTarget | None:
+        """Where the merged folder goes on the Hub, or ``None`` without ``push_to_hub``."""
+        if self.push_to_hub is None:
+            return None
+        return HubTarget(
+            self.push_to_hub,
+            private=self.private,
+            revision=self.revision,
+            token=self.token,
+            commit_message=self.commit_message or default_message,
+        )
+
+    def recipe_settings(self) -> dict[str, Any]:
+        """The recipe fields whose value differs from the default (a minimal, reproducible recipe)."""
+        defaults = MergeOptions()
+        return {
+            f.name: _plain(getattr(self, f.name))
+            for f in recipe_fields()
+            if getattr(self, f.name) != getattr(defaults, f.name)
+        }
+
+
+def option_fields() -> tuple[dataclasses.Field, ...]:
+    """Every field of `MergeOptions`, in declaration order (the order of ``--help`` and the docs)."""
+    return dataclasses.fields(MergeOptions)
+
+
+def recipe_fields() -> tuple[dataclasses.Field, ...]:
+    """The fields a YAML recipe may set (everything but the run-time settings)."""
+    return tuple(f for f in option_fields() if f.metadata.get("recipe", True))
+
+
+def _plain(value: Any) -> Any:
+    """A YAML-friendly value: tuples become lists."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, type(int | None)):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _checked(name: str, value: Any, hint: Any) -> Any:
+    """``value`` converted to the field's type (paths to str, lists to tuples, ints to float), else MergeError."""
+    converted = _convert(value, hint)
+    if converted is _MISMATCH:
+        raise MergeError(f"`{name}` must be {_type_name(hint)}, got {value!r} ({type(value).__name__}).")
+    return converted
+
+
+_MISMATCH = object()
+
+
+def _convert(value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, type(int | None)):
+        for arg in typing.get_args(hint):
+            converted = _convert(value, arg)
+            if converted is not _MISMATCH:
+                return converted
+        return _MISMATCH
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return _MISMATCH
+        items = [_convert(v, typing.get_args(hint)[0]) for v in value]
+        return _MISMATCH if any(i is _MISMATCH for i in items) else tuple(items)
+    return _convert_scalar(value, hint)
+
+
+def _convert_scalar(value: Any, hint: Any) -> Any:
+    if hint is type(None):
+        return None if value is None else _MISMATCH
+    if hint is bool:
+        return value if isinstance(value, bool) else _MISMATCH
+    if isinstance(value, bool):
+        return _MISMATCH
+    if hint is int:
+        return value if isinstance(value, int) else _MISMATCH
+    if hint is float:
+        return float(value) if isinstance(value, (int, float)) else _MISMATCH
+    if hint is str:
+        return os.fspath(value) if isinstance(value, (str, os.PathLike)) else _MISMATCH
+    return _MISMATCH  # pragma: no cover - every field type is handled above
+
+
+def _check_choices(options: MergeOptions) -> None:
+    for f in option_fields():
+        choices = f.metadata.get("choices")
+        value = getattr(options, f.name)
+        if choices is not None and value is not None and value not in choices:
+            raise MergeError(f"`{f.name}` must be one of {', '.join(choices)}; got {value!r}.")
+    if options.config_source == "base" and options.base_model is None:
+        raise MergeError("`config_source='base'` needs a `base_model`.")
+    if options.backbone_only and options.base_model is None:
+        raise MergeError("backbone_only needs a base model: give `base_model`.")
+
+
+def _check_ranges(options: MergeOptions) -> None:
+    for name in ("last", "every", "threads", "block_elements"):
+        value = getattr(options, name)
+        if value is not None and value < 1:
+            raise MergeError(f"`{name}` must be a positive integer, got {value!r}.")
+    for name in ("start", "end"):
+        value = getattr(options, name)
+        if value is not None and value < 0:
+            raise MergeError(f"`{name}` must be a step >= 0, got {value!r}.")
+    if options.start is not None and options.end is not None and options.start > options.end:
+        raise MergeError(f"The step range is empty: start={options.start} > end={options.end}.")
+    if not options.scope_threshold > 0:
+        raise MergeError(f"`scope_threshold` must be positive, got {options.scope_threshold!r}.")
+
+
+def _check_formats(options: MergeOptions) -> None:
+    try:
+        parse_size(options.max_shard_size)
+        if options.out_dtype is not None:
+            canonical_dtype(options.out_dtype, "out_dtype")
+        if options.push_to_hub is not None:
+            check_repo_id(options.push_to_hub)
+    except (InputError, ValueError) as e:
+        message = str(e)
+        raise MergeError(message if "`" in message else f"`push_to_hub`: {message}") from e
