@@ -23,7 +23,7 @@ BAD_INPUT = 2
 PUSH_FAILED = 1
 
 
-def _flag_kwargs(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
+def _flag_kwargs(f: dataclasses.Field, flag: str, hint: Any) -> dict[str, Any]:
     """argparse keywords of one `MergeOptions` field: its type, action, choices and help, from the field."""
     meta = f.metadata
     kwargs: dict[str, Any] = {
@@ -35,8 +35,8 @@ def _flag_kwargs(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
         return {**kwargs, "action": "store_const", "const": meta["const"]}
     args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
     base = args[0] if len(args) == 1 else str
-    if base is bool:
-        return {**kwargs, "action": "store_false" if f.default else "store_true"}
+    if base is bool:  # a --no-... flag turns the setting off (on the command line --no-progress: on by default)
+        return {**kwargs, "action": "store_false" if flag.startswith("--no-") else "store_true"}
     if typing.get_origin(base) is tuple:
         item = typing.get_args(base)[0]
         return {**kwargs, "type": item, **({"action": "append"} if item is str else {"nargs": "+"})}
@@ -57,7 +57,7 @@ def _add_option_flags(parser: argparse.ArgumentParser, group: str | None = None)
         flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
         if flag is None or (group is not None and f.metadata.get("group") != group):
             continue
-        kwargs = {k: v for k, v in _flag_kwargs(f, hints[f.name]).items() if v is not None}
+        kwargs = {k: v for k, v in _flag_kwargs(f, flag, hints[f.name]).items() if v is not None}
         groups[f.metadata.get("group")].add_argument(flag, **kwargs)
 
 
