@@ -222,3 +222,20 @@ def test_unsupported_method_exits_2_naming_it(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("pmakit: error: Recipe ") and "merge_method 'ties' is not supported" in err
     assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_the_written_recipe_holds_what_shaped_the_result_not_where_it_went(tmp_path):
+    folders = save_models(tmp_path, 2)
+    (tmp_path / "out").mkdir()
+    merge(folders, tmp_path / "out", overwrite=True, cache_dir=tmp_path / "cache", config_source="first", threads=1)
+    written = yaml.safe_load((tmp_path / "out" / "pmakit_recipe.yaml").read_text())
+    assert written == {
+        "models": [str(f) for f in folders],
+        "algo": "sma",
+        "config_source": "first",
+        "accumulate_dtype": "float32",
+        "max_shard_size": 5_000_000_000,
+        "save_tokenizer": True,
+        "output": str(tmp_path / "out"),
+    }
+    assert load_recipe(tmp_path / "out" / "pmakit_recipe.yaml") == written

@@ -164,7 +164,10 @@ def _check_output(output: Path, plan: MergePlan, overwrite: bool) -> None:
         raise MergeError(str(e)) from None
 
 
+# Written from the plan (inputs resolved, rule made explicit) rather than copied from the options.
 _RESOLVED_KEYS = frozenset({"last", "every", "start", "end", "kind", "algo", "alpha", "weights", "normalize"})
+# Where this run put the result, not what the result is: a re-run of the recipe must not push or overwrite.
+_PLACEMENT_KEYS = frozenset({"overwrite", "cache_dir", "push_to_hub", "private", "revision", "commit_message"})
 
 
 def _recipe(plan: MergePlan, options: MergeOptions) -> dict:
@@ -176,7 +179,8 @@ def _recipe(plan: MergePlan, options: MergeOptions) -> dict:
     if rule.algo == "weights":
         recipe["weights"] = list(rule.weights)
         recipe["normalize"] = rule.normalize
-    recipe.update({k: v for k, v in options.recipe_settings().items() if k not in _RESOLVED_KEYS})
+    settings = options.recipe_settings()
+    recipe.update({k: v for k, v in settings.items() if k not in _RESOLVED_KEYS | _PLACEMENT_KEYS})
     if plan.base is not None:
         recipe["base_model"] = plan.base.label
     if plan.backbone_only:
