@@ -90,7 +90,12 @@ def _as_list(models: Sequence[str | os.PathLike] | str | os.PathLike | None) -> 
     return [models] if isinstance(models, (str, os.PathLike)) else models
 
 
-def _load_sources(models, run_dir, options: MergeOptions, scratch: Path | None) -> tuple[list[ModelSource], object]:
+def _load_sources(
+    models: Sequence[str | os.PathLike] | str | os.PathLike | None,
+    run_dir: str | os.PathLike | None,
+    options: MergeOptions,
+    scratch: Path | None,
+) -> tuple[list[ModelSource], ModelSource | None]:
     """Resolve the inputs (and the base) and read their headers."""
     sources = resolve_inputs(
         _as_list(models),
@@ -111,7 +116,7 @@ def _load_sources(models, run_dir, options: MergeOptions, scratch: Path | None) 
     return sources, base
 
 
-def _build_plan(sources: list[ModelSource], base, options: MergeOptions) -> MergePlan:
+def _build_plan(sources: list[ModelSource], base: ModelSource | None, options: MergeOptions) -> MergePlan:
     """`build_plan` with ``config_source`` passed as its ``donor`` (or applied here when it has no such keyword)."""
     settings = dict(
         base=base,
