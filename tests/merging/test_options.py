@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
 import yaml
 
 import pmakit
+from pmakit.averaging import ALGORITHMS
 from pmakit.merging import MergeError, MergeOptions, merge, plan_merge
 from pmakit.merging.options import option_fields, recipe_fields
-from tests.helpers.folders import save_models
+from tests.helpers.folders import read_folder, reference, save_models
 
 
 # The defaults of merge()'s keywords before the options object existed: they must not move.
@@ -181,3 +183,22 @@ def test_config_source_picks_the_input_that_gives_config_and_tokenizer(tmp_path,
     tokenizer_marker = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text()).get("marker")
     assert tokenizer_marker == ("m0" if donor == "m0" else None)
     assert f"from `{tmp_path / donor}`" in (tmp_path / "out" / "README.md").read_text()
+
+
+needs_decay = pytest.mark.skipif("decay" not in ALGORITHMS, reason="the decay rule is not in this pmakit yet")
+
+
+@needs_decay
+def test_decay_shape_reaches_the_rule_and_the_merge_matches_the_closed_form(tmp_path):
+    folders = save_models(tmp_path, 4)
+    c = math.cos(math.pi / 4)  # cosine shape d(x) = (1 + cos(pi x)) / 2; w_i = d((i-1)/4) - d(i/4)
+    expected = [(1 - c) / 2, c / 2, c / 2, (1 - c) / 2]
+    result = merge(folders, tmp_path / "out", algo="decay", decay_shape="cosine", threads=1)
+    assert result.plan.weights == pytest.approx(expected, abs=1e-15)
+    assert yaml.safe_load((tmp_path / "out" / "pmakit_recipe.yaml").read_text())["decay_shape"] == "cosine"
+    out, ref, states = read_folder(tmp_path / "out"), reference(folders, expected), [read_folder(f) for f in folders]
+    for name in ref:
+        bound = 5 * 2.0**-24 * sum(w * s[name].double().abs() for w, s in zip(expected, states, strict=True))
+        assert ((out[name].double() - ref[name]).abs() <= bound + 1e-30).all(), name
+    with pytest.raises(MergeError, match="decay_shape"):
+        MergeOptions(algo="decay", decay_shape="cube")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from pmakit.averaging import ALGORITHMS
 from pmakit.cli import build_parser, main, options_from_args
 from pmakit.merging import MergeOptions
 from pmakit.merging.options import option_fields
@@ -136,3 +137,13 @@ def test_merge_flags_override_the_recipe(tmp_path, capsys):
     assert "alpha" not in yaml.safe_load((out / "pmakit_recipe.yaml").read_text())
     args = build_parser().parse_args(["merge", str(recipe), "--push-to-hub", "me/x", "--threads", "2"])
     assert (options_from_args(args).push_to_hub, options_from_args(args).threads) == ("me/x", 2)
+
+
+def test_algo_choices_are_the_averaging_rules(capsys):
+    assert "{" + ",".join(ALGORITHMS) + "}" in _help(capsys, "average")
+
+
+@pytest.mark.skipif("decay" not in ALGORITHMS, reason="the decay rule is not in this pmakit yet")
+def test_decay_shape_flag():
+    args = build_parser().parse_args(["average", "r", "--algo", "decay", "--decay-shape", "1-sqrt"])
+    assert options_from_args(args).rule().decay_shape == "1-sqrt"

@@ -80,7 +80,8 @@ class MergeOptions:
     # the averaging rule
     algo: str = _opt(
         "sma",
-        "Averaging rule: sma (equal weights), wma (weights 1..n), ema (`alpha`), weights (explicit `weights`).",
+        "Averaging rule (`pmakit.AveragingRule`): sma equal weights, wma weights 1..n, ema with `alpha`, "
+        "weights with `weights`; the choices list every rule of this pmakit.",
         choices=ALGORITHMS,
     )
     alpha: float = _opt(0.2, "EMA weight of the newest sample, in (0, 1).")
