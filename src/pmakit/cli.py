@@ -182,10 +182,10 @@ def options_from_args(args: argparse.Namespace, base: dict | None = None):
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from .merging import load_recipe
+    from .merging.recipe import INPUT_KEYS, load_recipe
 
     settings = load_recipe(args.recipe)
-    inputs = {k: settings.pop(k) for k in ("models", "run_dir", "output") if k in settings}
+    inputs = {k: settings.pop(k) for k in INPUT_KEYS if k in settings}
     if args.output:
         inputs["output"] = args.output
     return _run_merge(inputs, options_from_args(args, settings))
