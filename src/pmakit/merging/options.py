@@ -21,6 +21,7 @@ Field metadata:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import typing
 from dataclasses import dataclass, field
@@ -178,7 +179,7 @@ class MergeOptions:
     )
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
+        hints = _field_types()
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _checked(f.name, getattr(self, f.name), hints[f.name]))
         _check_choices(self)
@@ -227,6 +228,12 @@ class MergeOptions:
             for f in recipe_fields()
             if getattr(self, f.name) != getattr(defaults, f.name)
         }
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    """The fields' evaluated type hints (annotations are strings under ``from __future__ import annotations``)."""
+    return typing.get_type_hints(MergeOptions)
 
 
 def option_fields() -> tuple[dataclasses.Field, ...]:
