@@ -86,7 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pmakit {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    m = sub.add_parser("merge", help="run a YAML recipe (pmakit's, or a mergekit linear recipe)")
+    m = sub.add_parser(
+        "merge",
+        help="run a YAML recipe (pmakit's, or a mergekit linear recipe)",
+        description="Run a YAML recipe: pmakit's (keys: models/run_dir/output and the merge options below) "
+        "or a mergekit `merge_method: linear` recipe. Flags given here override the recipe's settings.",
+    )
     m.add_argument("recipe", help="recipe file, e.g. recipe.yaml or a merged folder's pmakit_recipe.yaml")
     m.add_argument("-o", "--output", help="output folder (overrides the recipe's `output`)")
     _add_option_flags(m)
