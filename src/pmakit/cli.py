@@ -39,7 +39,8 @@ def _flag_kwargs(f: dataclasses.Field, flag: str, hint: Any) -> dict[str, Any]:
         return {**kwargs, "action": "store_false" if flag.startswith("--no-") else "store_true"}
     if typing.get_origin(base) is tuple:
         item = typing.get_args(base)[0]
-        return {**kwargs, "type": item, **({"action": "append"} if item is str else {"nargs": "+"})}
+        repeat = {"action": "append"} if item is str else {"nargs": "+"}
+        return {**kwargs, "type": item, **repeat, "metavar": meta.get("metavar")}
     if f.default is not None:
         kwargs["help"] += f" (default: {f.default})"
     choices = meta.get("choices")

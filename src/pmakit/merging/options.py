@@ -87,7 +87,7 @@ class MergeOptions:
     )
     alpha: float = _opt(0.2, "EMA weight of the newest sample, in (0, 1).")
     weights: tuple[float, ...] | None = _opt(
-        None, "Explicit weights, one per input, oldest first (implies the `weights` rule)."
+        None, "Explicit weights, one per input, oldest first (implies the `weights` rule).", metavar="W"
     )
     normalize: bool = _opt(
         True,
@@ -95,12 +95,13 @@ class MergeOptions:
         flag="--no-normalize",
         flag_help="Use explicit weights as given, not divided by their sum (may be negative).",
     )
-    decay_shape: str | None = _opt(None, "Shape of the `decay` rule (linear, cosine, 1-sqrt).")
+    decay_shape: str | None = _opt(None, "Shape of the `decay` rule (linear, cosine, 1-sqrt).", metavar="SHAPE")
     # base model and backbone
     base_model: str | None = _opt(
         None,
         "Base model folder or Hub id: not averaged; gives config and tokenizer, and the backbone tensors "
         "with `backbone_only`.",
+        metavar="MODEL",
     )
     backbone_only: bool = _opt(False, "Keep the embeddings, LM head and final norm of `base_model`; average the rest.")
     backbone_patterns: tuple[str, ...] | None = _opt(
@@ -123,9 +124,11 @@ class MergeOptions:
         choices=ACCUMULATE_DTYPES,
     )
     out_dtype: str | None = _opt(
-        None, "Dtype of the written floats (float32, bfloat16, float16...); default the inputs'."
+        None, "Dtype of the written floats (float32, bfloat16, float16...); default the inputs'.", metavar="DTYPE"
     )
-    max_shard_size: int | str = _opt("5GB", "Largest output shard, in bytes or HF notation (5GB, 500MB, 2GiB).")
+    max_shard_size: int | str = _opt(
+        "5GB", "Largest output shard, in bytes or HF notation (5GB, 500MB, 2GiB).", metavar="SIZE"
+    )
     save_tokenizer: bool = _opt(
         True,
         "Copy the tokenizer files of the config source.",
@@ -140,8 +143,10 @@ class MergeOptions:
         None, "Push the merged folder to this Hub repo (name or namespace/name).", metavar="REPO_ID"
     )
     private: bool = _opt(False, "Create the Hub repo private (only when it does not exist yet).")
-    revision: str | None = _opt(None, "Hub branch to push to (created when missing).")
-    commit_message: str | None = _opt(None, "Hub commit message; default names the rule and the number of inputs.")
+    revision: str | None = _opt(None, "Hub branch to push to (created when missing).", metavar="BRANCH")
+    commit_message: str | None = _opt(
+        None, "Hub commit message; default names the rule and the number of inputs.", metavar="MESSAGE"
+    )
     token: str | None = field(
         default=None,
         repr=False,
@@ -151,11 +156,11 @@ class MergeOptions:
             "recipe": False,
         },
     )
-    cache_dir: str | None = _opt(None, "Hugging Face cache folder for Hub inputs.")
+    cache_dir: str | None = _opt(None, "Hugging Face cache folder for Hub inputs.", metavar="DIR")
     # run time
-    threads: int | None = _opt(None, "Worker threads of the fold (default: up to 4).", recipe=False)
+    threads: int | None = _opt(None, "Worker threads of the fold (default: up to 4).", recipe=False, metavar="N")
     block_elements: int = _opt(
-        DEFAULT_BLOCK_ELEMENTS, "Elements folded per block; bounds memory per thread.", recipe=False
+        DEFAULT_BLOCK_ELEMENTS, "Elements folded per block; bounds memory per thread.", recipe=False, metavar="N"
     )
     reader: str = _opt(
         "mmap", "How inputs are read: mmap (page-cache views) or pread (plain reads).", choices=READERS, recipe=False
