@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 import sys
 import typing
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -31,8 +31,6 @@ def _flag_kwargs(f: dataclasses.Field, flag: str, hint: Any) -> dict[str, Any]:
         "default": argparse.SUPPRESS,
         "help": meta.get("flag_help", meta["help"]),
     }
-    if "const" in meta:
-        return {**kwargs, "action": "store_const", "const": meta["const"]}
     args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
     base = args[0] if len(args) == 1 else str
     if base is bool:  # a --no-... flag turns the setting off (on the command line --no-progress: on by default)
@@ -47,19 +45,32 @@ def _flag_kwargs(f: dataclasses.Field, flag: str, hint: Any) -> dict[str, Any]:
     return {**kwargs, "type": base, **({"choices": choices} if choices else {}), "metavar": meta.get("metavar")}
 
 
-def _add_option_flags(parser: argparse.ArgumentParser, group: str | None = None) -> None:
-    """Add a flag for every `MergeOptions` field that has one (only the ``group`` ones when given)."""
+def _add_option_flags(parser: argparse.ArgumentParser, names: Collection[str] | None = None) -> None:
+    """Add the flags of every `MergeOptions` field that has one (only the fields in ``names`` when given)."""
     from .merging.options import MergeOptions, option_fields
 
     hints = typing.get_type_hints(MergeOptions)
     titles = {"selection": "run folder selection (checkpoint-N / pma-N subfolders)", None: "merge options"}
     groups = {key: parser.add_argument_group(title) for key, title in titles.items()}
     for f in option_fields():
-        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
-        if flag is None or (group is not None and f.metadata.get("group") != group):
+        group = groups[f.metadata.get("group")]
+        if names is not None and f.name not in names:
             continue
-        kwargs = {k: v for k, v in _flag_kwargs(f, flag, hints[f.name]).items() if v is not None}
-        groups[f.metadata.get("group")].add_argument(flag, **kwargs)
+        for flag, value, help_text in f.metadata.get("const_flags", ()):
+            group.add_argument(
+                flag, dest=f.name, action="store_const", const=value, default=argparse.SUPPRESS, help=help_text
+            )
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        if flag is not None and "const_flags" not in f.metadata:
+            kwargs = {k: v for k, v in _flag_kwargs(f, flag, hints[f.name]).items() if v is not None}
+            group.add_argument(flag, **kwargs)
+
+
+def _inspect_fields() -> list[str]:
+    """`pmakit inspect` takes the selection and whether pickled checkpoints may be read."""
+    from .merging.options import option_fields
+
+    return [f.name for f in option_fields() if f.metadata.get("group") == "selection"] + ["allow_pickle"]
 
 
 def option_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -106,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="list a run's checkpoints and what a merge would read")
     i.add_argument("inputs", nargs="+", help="a run folder, or model folders")
-    _add_option_flags(i, group="selection")
+    _add_option_flags(i, _inspect_fields())
     i.add_argument(
         "--scopes",
         action="store_true",
@@ -232,7 +243,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             selected_kind = "pma"
         plan = plan_merge(run_dir=run, kind=selected_kind, **selection)
     else:
-        plan = plan_merge(args.inputs, **selection)
+        plan = plan_merge(args.inputs, kind=selected_kind, **selection)
     print("a merge would read:")
     print(plan.describe())
     if args.scopes:

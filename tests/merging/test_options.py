@@ -88,7 +88,7 @@ def test_defaults_are_the_old_keyword_defaults_and_every_field_has_help():
         (dict(weights=2.0), "`weights` must be a list of a number or null"),
         (dict(backbone_patterns="lm_head"), "`backbone_patterns` must be a list of a string or null"),
         (dict(normalize="yes"), "`normalize` must be true or false"),
-        (dict(kind="ckpt"), "`kind` must be one of checkpoint, pma; got 'ckpt'"),
+        (dict(kind="ckpt"), "`kind` must be one of checkpoint, pma, pma-state; got 'ckpt'"),
         (dict(algo="median"), "`algo` must be one of sma, "),
         (dict(reader="aio"), "`reader` must be one of mmap, pread"),
         (dict(accumulate_dtype="float16"), "`accumulate_dtype` must be one of float32, float64"),

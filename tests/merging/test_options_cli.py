@@ -12,8 +12,13 @@ from pmakit.merging.options import option_fields
 from tests.helpers.folders import read_folder, save_models
 
 
-def _flag(field) -> str | None:
-    return field.metadata.get("flag", "--" + field.name.replace("_", "-"))
+def _flags(field) -> list[tuple[str, str]]:
+    """(flag, help) of every flag of a field."""
+    meta = field.metadata
+    if "const_flags" in meta:
+        return [(flag, help_text) for flag, _, help_text in meta["const_flags"]]
+    flag = meta.get("flag", "--" + field.name.replace("_", "-"))
+    return [] if flag is None else [(flag, meta.get("flag_help", meta["help"]))]
 
 
 def _help(capsys, *argv) -> str:
@@ -26,17 +31,18 @@ def _help(capsys, *argv) -> str:
 @pytest.mark.parametrize("command", ["average", "merge"])
 def test_every_field_with_a_flag_is_in_the_help_with_its_help_text(capsys, command):
     text = _help(capsys, command)
-    flagged = [f for f in option_fields() if _flag(f) is not None]
+    flagged = [f for f in option_fields() if _flags(f)]
     assert len(flagged) == len(option_fields()) - 1  # only the token has no flag
     for f in flagged:
-        assert _flag(f) in text, f.name
-        assert " ".join(f.metadata.get("flag_help", f.metadata["help"]).split()) in text, f.name
+        for flag, help_text in _flags(f):
+            assert flag in text and " ".join(help_text.split()) in text, (f.name, flag)
     assert "--token" not in text
 
 
 def test_inspect_takes_the_selection_flags_only(capsys):
     text = _help(capsys, "inspect")
     assert all(flag in text for flag in ("--last", "--every", "--start", "--end", "--pma", "--scopes"))
+    assert "--pma-state" in text and "--allow-pickle" in text
     assert "--algo" not in text and "--push-to-hub" not in text
 
 
@@ -47,6 +53,7 @@ OLD_FLAGS = [
     (["--start", "10"], "start", 10),
     (["--end", "90"], "end", 90),
     (["--pma"], "kind", "pma"),
+    (["--pma-state"], "kind", "pma-state"),
     (["--algo", "ema"], "algo", "ema"),
     (["--algo", "wma"], "algo", "wma"),
     (["--algo", "ema", "--alpha", "0.35"], "alpha", 0.35),

@@ -178,7 +178,10 @@ _PLACEMENT_KEYS = frozenset({"overwrite", "cache_dir", "push_to_hub", "private",
 def _recipe(plan: MergePlan, options: MergeOptions) -> dict:
     """The exact, re-runnable recipe: the resolved inputs in order and every setting that shaped the result."""
     rule = plan.rule
-    recipe: dict = {"models": [s.label for s in plan.sources], "algo": rule.algo}
+    recipe: dict = {"models": [s.label for s in plan.sources]}
+    if plan.sources[0].state == "pma":
+        recipe["kind"] = "pma-state"  # the inputs' stored PMA averages, not their weights
+    recipe["algo"] = rule.algo
     if rule.algo == "ema":
         recipe["alpha"] = rule.alpha
     if rule.algo == "weights":
@@ -255,9 +258,13 @@ def merge(
 
     Inputs are ``models`` (folders or ``owner/name[@revision]`` Hub ids, in the order given, the
     last being the newest) or ``run_dir`` with a selection (``last``, ``every``, ``start``/``end``;
-    ``kind="pma"`` selects ``pma-N`` folders). The rule (``algo`` sma|ema|wma, ``alpha``,
-    ``weights`` with ``normalize``) is :class:`pmakit.averaging.AveragingRule`, the same law as
-    online PMA. ``backbone_only`` keeps embeddings, LM head and final norm of ``base_model``.
+    ``kind="pma"`` selects ``pma-N`` folders; ``kind="pma-state"`` reads the PMA average stored in
+    each ``checkpoint-N``'s sharded optimizer state instead of its weights). Checkpoint folders may
+    hold safetensors, pickled ``.bin`` files or FSDP ``torch.distributed.checkpoint`` folders
+    (pickles need ``allow_pickle``; they are read by an allow-list unpickler, zero-copy). The rule
+    (``algo`` sma|ema|wma, ``alpha``, ``weights`` with ``normalize``) is
+    :class:`pmakit.averaging.AveragingRule`, the same law as online PMA. ``backbone_only`` keeps
+    embeddings, LM head and final norm of ``base_model``.
     Floats are accumulated in ``accumulate_dtype`` and written in the inputs' dtype unless
     ``out_dtype``. ``push_to_hub`` is a repo id; the token comes from ``token``, the environment or
     the saved login, and is never printed. Every setting is a field of :class:`MergeOptions`.

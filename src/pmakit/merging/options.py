@@ -10,7 +10,8 @@ Field metadata:
 - ``flag``: the command-line flag when it is not ``--field-name`` (``"--no-normalize"``); ``None``
   for a setting with no flag (``token``: it comes from the environment or the saved login).
 - ``flag_help``: the flag's own help where the flag turns a default off (``--no-tokenizer``).
-- ``const``: the value a flag without an argument stores (``--pma`` stores ``kind="pma"``).
+- ``const_flags``: ``(flag, value, help)`` of flags without an argument that store a value
+  (``--pma`` stores ``kind="pma"``).
 - ``metavar``: the placeholder shown in ``--help``.
 - ``choices``: the valid values (the CLI offers them; ``__post_init__`` enforces them).
 - ``recipe``: ``False`` for run-time settings (progress bar, dry run, token, threads...) that are
@@ -31,13 +32,13 @@ from ..averaging import ALGORITHMS, AveragingRule
 from ..errors import InputError, MergeError
 from ..io.hub_target import HubTarget, check_repo_id
 from ..io.safetensors import canonical_dtype, parse_size
+from .sources import KINDS
 from .stream import DEFAULT_BLOCK_ELEMENTS
 
 
 __all__ = ["CONFIG_SOURCES", "MergeOptions", "option_fields", "recipe_fields"]
 
 CONFIG_SOURCES: tuple[str, ...] = ("base", "first", "newest")
-KINDS: tuple[str, ...] = ("checkpoint", "pma")
 READERS: tuple[str, ...] = ("mmap", "pread")
 ACCUMULATE_DTYPES: tuple[str, ...] = ("float32", "float64")
 
@@ -70,12 +71,19 @@ class MergeOptions:
     end: int | None = _opt(None, "Last step of the run folder to consider.", group="selection", metavar="STEP")
     kind: str = _opt(
         "checkpoint",
-        "Which subfolders of a run folder to select: checkpoint-N (the Trainer's) or pma-N "
-        "(online PMA's merged models); on the command line `--pma` selects pma-N.",
+        "What to read from a run folder: checkpoint-N folders' weights (checkpoint), pma-N folders "
+        "(pma: online PMA's merged models) or checkpoint-N folders' PMA average stored in their "
+        "optimizer state (pma-state: FSDP DCP `optimizer_0/`, DeepSpeed ZeRO).",
         group="selection",
-        flag="--pma",
-        flag_help="Select pma-N folders instead of checkpoint-N.",
-        const="pma",
+        const_flags=(
+            ("--pma", "pma", "Select pma-N folders instead of checkpoint-N."),
+            (
+                "--pma-state",
+                "pma-state",
+                "Read checkpoint-N folders' PMA average from their optimizer state (FSDP DCP `optimizer_0/`) "
+                "instead of their weights.",
+            ),
+        ),
         choices=KINDS,
     )
     # the averaging rule
@@ -137,7 +145,9 @@ class MergeOptions:
     )
     overwrite: bool = _opt(False, "Replace an existing non-empty output folder (atomically, when the merge is done).")
     allow_nonfinite: bool = _opt(False, "Accept NaN/Inf in the inputs instead of refusing them.")
-    allow_pickle: bool = _opt(False, "Accept pickled .bin checkpoints (loaded with torch, weights_only=True).")
+    allow_pickle: bool = _opt(
+        False, "Accept pickled checkpoints (.bin, FSDP DCP, DeepSpeed ZeRO), read by an allow-list unpickler."
+    )
     # the Hub
     push_to_hub: str | None = _opt(
         None, "Push the merged folder to this Hub repo (name or namespace/name).", metavar="REPO_ID"
