@@ -32,7 +32,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 
-__all__ = ["ALGORITHMS", "AveragingRule", "fold_coefficients", "merge_weights"]
+__all__ = [
+    "ALGORITHMS",
+    "AVERAGED",
+    "COPIED_FROM_NEWEST",
+    "AveragingRule",
+    "fold_coefficients",
+    "merge_weights",
+    "tensor_merge_action",
+]
 
 ALGORITHMS: tuple[str, ...] = ("sma", "ema", "wma", "weights")
 
@@ -138,3 +146,26 @@ def merge_weights(
 def fold_coefficients(rule: AveragingRule, n: int) -> list[float]:
     """``[c_1, ..., c_n]``: folding samples with these reproduces ``rule.weights_for(n)``."""
     return [rule.coefficient(k) for k in range(1, n + 1)]
+
+
+AVERAGED = "average"
+COPIED_FROM_NEWEST = "newest"
+
+
+def tensor_merge_action(is_floating_point: bool) -> str:
+    """The buffer rule: what a merge does with a tensor of this kind, whatever the rule.
+
+    Floating-point tensors (parameters, and buffers such as BatchNorm's running mean and variance)
+    are averaged like parameters: :data:`AVERAGED`. Integer and bool tensors (BatchNorm's
+    ``num_batches_tracked``, masks, position ids) are copied from the newest sample:
+    :data:`COPIED_FROM_NEWEST`, because averaging a counter turns it into a fraction and the
+    newest model's count is the one that goes with its statistics. The offline merger (from
+    safetensors dtypes) and `pmakit.tools.buffers` (from torch dtypes) both follow it.
+
+    Args:
+        is_floating_point: whether the tensor holds floating-point values.
+
+    Returns:
+        ``"average"`` or ``"newest"``.
+    """
+    return AVERAGED if is_floating_point else COPIED_FROM_NEWEST

@@ -202,7 +202,7 @@ def test_output_inside_an_input_is_refused(tmp_path):
     assert not (b / "merged").exists()
 
 
-def test_integer_tensors_are_copied_and_must_agree(tmp_path):
+def test_integer_tensors_are_copied_from_the_newest_input(tmp_path):
     folders = []
     for i, steps in enumerate(([1, 2, 3], [1, 2, 3], [1, 2, 4])):
         folder = tmp_path / f"i{i}"
@@ -215,11 +215,11 @@ def test_integer_tensors_are_copied_and_must_agree(tmp_path):
         }
         write_raw_safetensors(folder / "model.safetensors", header, ints + floats)
         folders.append(folder)
-    merge(folders[:2], tmp_path / "ok")
-    out = read_folder(tmp_path / "ok")
-    assert out["count"].tolist() == [1, 2, 3] and out["w"].tolist() == [0.5] * 4
-    with pytest.raises(MergeError, match=r"Integer/bool tensor 'count' differs between .*i0.* and .*i2"):
-        merge(folders, tmp_path / "bad")
+    result = merge(folders, tmp_path / "out")
+    out = read_folder(tmp_path / "out")
+    assert out["count"].tolist() == [1, 2, 4] and out["w"].tolist() == [1.0] * 4  # newest's ints, mean of 0, 1, 2
+    assert result.plan.copied_from_newest == ["count"]
+    assert [i.file.parent.name for t in result.plan.tensors if t.action == "newest" for i in t.inputs] == ["i2"]
 
 
 def test_bad_settings_name_the_field(tmp_path):

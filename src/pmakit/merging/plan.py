@@ -12,13 +12,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..averaging import AveragingRule
+from ..averaging import COPIED_FROM_NEWEST, AveragingRule, tensor_merge_action
 from ..errors import MergeError
 from ..io.safetensors import OutputTensor, TensorInfo, canonical_dtype, parse_size, plan_shards
 from .sources import ModelSource
 
 
-__all__ = ["DEFAULT_BACKBONE_PATTERNS", "MergePlan", "PlannedTensor", "build_plan"]
+__all__ = ["DEFAULT_BACKBONE_PATTERNS", "DONORS", "MergePlan", "PlannedTensor", "build_plan", "choose_donor"]
 
 # Tensors kept from the base model when merging the backbone only: token/position embeddings,
 # the LM head and the final norm, as named by common architectures (Llama/Mistral/Qwen/Gemma,
@@ -35,12 +35,16 @@ DEFAULT_BACKBONE_PATTERNS: tuple[str, ...] = (
 
 ACCUMULATE_DTYPES = {"F32": "float32", "F64": "float64"}
 
+# Which input gives config.json, generation config and tokenizer (`build_plan(donor=...)`; None: the base when
+# given, else the newest input).
+DONORS: tuple[str, ...] = ("first", "newest", "base")
+
 
 @dataclass
 class PlannedTensor:
     """One output tensor: ``action`` is ``"merge"`` (weighted fold of every input), ``"base"``
-    (copied from the base model: backbone-only) or ``"equal"`` (integer/bool tensors, copied after
-    checking every input holds the same values)."""
+    (copied from the base model: backbone-only) or ``"newest"`` (integer/bool tensors, copied from
+    the newest input by the buffer rule, `pmakit.averaging.tensor_merge_action`)."""
 
     out: OutputTensor
     action: str
@@ -69,6 +73,11 @@ class MergePlan:
         return sum(i.nbytes for t in self.tensors for i in t.inputs)
 
     @property
+    def copied_from_newest(self) -> list[str]:
+        """Names of the integer/bool tensors taken from the newest input instead of averaged."""
+        return [t.out.name for t in self.tensors if t.action == "newest"]
+
+    @property
     def bytes_to_write(self) -> int:
         return sum(t.out.nbytes for t in self.tensors)
 
@@ -83,9 +92,10 @@ class MergePlan:
             lines.append(f"  {weight:+.6g}  {source.label}{step}")
         if self.base is not None:
             lines.append(f"  base: {self.base.label}")
-        counts = {a: sum(t.action == a for t in self.tensors) for a in ("merge", "base", "equal")}
+        counts = {a: sum(t.action == a for t in self.tensors) for a in ("merge", "base", "newest")}
         lines.append(
-            f"  merged {counts['merge']}, from base {counts['base']}, integer/bool copied {counts['equal']}; "
+            f"  merged {counts['merge']}, from base {counts['base']}, "
+            f"integer/bool copied from the newest input {counts['newest']}; "
             f"config and tokenizer from {self.donor.label}"
         )
         lines.append(f"  reads {_human(self.bytes_to_read)}, writes {_human(self.bytes_to_write)}")
@@ -110,49 +120,66 @@ def _tied(config: dict) -> bool:
     return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
 
 
-def build_plan(
-    sources: Sequence[ModelSource],
-    rule: AveragingRule,
-    *,
-    base: ModelSource | None = None,
-    backbone_only: bool = False,
-    backbone_patterns: Sequence[str] | None = None,
-    accumulate_dtype: str = "float32",
-    out_dtype: str | None = None,
-    max_shard_size: int | str = "5GB",
-) -> MergePlan:
-    """Validate loaded ``sources`` (oldest first) and plan every output tensor."""
-    sources = list(sources)
-    if not sources:
-        raise MergeError("Nothing to merge: no inputs.")
+def _rule_weights(rule: AveragingRule, count: int) -> list[float]:
     try:
-        weights = rule.weights_for(len(sources))
+        return rule.weights_for(count)
     except ValueError as e:
         raise MergeError(str(e)) from e
-    acc = canonical_dtype(accumulate_dtype, "accumulate_dtype")
-    if acc not in ACCUMULATE_DTYPES:
-        raise MergeError(f"`accumulate_dtype` must be float32 or float64, got {accumulate_dtype!r}.")
-    out_code = canonical_dtype(out_dtype) if out_dtype is not None else None
-    shard_bytes = parse_size(max_shard_size)
-    donor = base if base is not None else sources[-1]
 
-    reference_arch = _arch(donor)
+
+def _accumulate_dtype(name: str) -> str:
+    code = canonical_dtype(name, "accumulate_dtype")
+    if code not in ACCUMULATE_DTYPES:
+        raise MergeError(f"`accumulate_dtype` must be float32 or float64, got {name!r}.")
+    return ACCUMULATE_DTYPES[code]
+
+
+def choose_donor(sources: Sequence[ModelSource], base: ModelSource | None, donor: str | None) -> ModelSource:
+    """The input whose config, generation config and tokenizer the output gets.
+
+    Args:
+        sources: the inputs, oldest first.
+        base: the base model, if any.
+        donor: ``None`` (the base when given, else the newest input), ``"first"`` (the oldest
+            input), ``"newest"`` or ``"base"`` (needs a base).
+
+    Returns:
+        The chosen source.
+
+    Raises:
+        MergeError: ``donor`` is not one of :data:`DONORS`, or is ``"base"`` without a base.
+    """
+    if donor is not None and donor not in DONORS:
+        raise MergeError(f"`donor` must be one of {', '.join(DONORS)} (or None), got {donor!r}.")
+    if donor == "base" and base is None:
+        raise MergeError("`donor='base'` needs a base model (`base_model`).")
+    if donor == "first":
+        return sources[0]
+    if donor == "newest" or base is None:
+        return sources[-1]
+    return base
+
+
+def _check_architectures(sources: list[ModelSource], base: ModelSource | None, donor: ModelSource) -> None:
+    reference = _arch(donor)
     for s in [*sources, *([base] if base is not None else [])]:
         arch = _arch(s)
-        if s.config and donor.config and arch != reference_arch:
+        if s.config and donor.config and arch != reference:
             raise MergeError(
                 f"Inputs have different architectures: {s.label} is {arch[0]} {list(arch[1])}, "
-                f"{donor.label} is {reference_arch[0]} {list(reference_arch[1])}."
+                f"{donor.label} is {reference[0]} {list(reference[1])}."
             )
     if len({s.is_adapter for s in sources}) > 1:
         raise MergeError("Cannot merge PEFT adapter folders with full model folders.")
 
-    tied = _tied(donor.config)
-    first = sources[0]
+
+def _common_tensor_names(sources: list[ModelSource], tied: bool) -> list[str]:
+    """The tensor names every input holds, in the first input's order (a tied LM head is stored once)."""
 
     def names_of(s: ModelSource) -> list[str]:
         return [n for n in s.tensors if not (tied and n == "lm_head.weight")]
 
+    first = sources[0]
     order = names_of(first)
     wanted = set(order)
     for s in sources[1:]:
@@ -163,62 +190,135 @@ def build_plan(
         extra = sorted(have - wanted)
         if extra:
             raise MergeError(f"Tensor {extra[0]!r} of input {s.label} is missing from input {first.label}.")
+    return order
 
-    patterns = tuple(backbone_patterns) if backbone_patterns is not None else DEFAULT_BACKBONE_PATTERNS
+
+def _backbone(backbone_only: bool, patterns: tuple[str, ...], base: ModelSource | None) -> list[re.Pattern] | None:
+    """The compiled backbone patterns for a backbone-only merge (checked always), else ``None``."""
     try:
         compiled = [re.compile(p) for p in patterns]
     except re.error as e:
         raise MergeError(f"Bad backbone pattern: {e}.") from e
-    if backbone_only:
-        if base is None:
-            raise MergeError(
-                "backbone_only needs a base model (`base_model`) to take embeddings, LM head and final norm from."
-            )
-    planned: list[PlannedTensor] = []
-    kept_from_base = 0
-    for name in order:
-        infos = [s.tensors[name] for s in sources]
-        ref = infos[-1]
-        if backbone_only and any(p.search(name) for p in compiled):
-            if name not in base.tensors:
-                raise MergeError(f"backbone_only: base model {base.label} has no tensor {name!r}.")
-            info = base.tensors[name]
-            dtype = out_code if (out_code and info.is_float) else info.dtype
-            planned.append(PlannedTensor(OutputTensor(name, dtype, info.shape), "base", [info]))
-            kept_from_base += 1
-            continue
-        for info in infos:
-            if info.shape != ref.shape:
-                raise MergeError(
-                    f"Shape mismatch for tensor {name!r}: {list(info.shape)} in {info.file} "
-                    f"but {list(ref.shape)} in {ref.file}."
-                )
-            if info.is_float != ref.is_float:
-                raise MergeError(f"Tensor {name!r} is {info.dtype} in {info.file} but {ref.dtype} in {ref.file}.")
-        if ref.is_float:
-            dtype = out_code or ref.dtype
-            planned.append(PlannedTensor(OutputTensor(name, dtype, ref.shape), "merge", infos))
-        else:
-            if any(i.dtype != ref.dtype for i in infos):
-                odd = next(i for i in infos if i.dtype != ref.dtype)
-                raise MergeError(f"Tensor {name!r} is {odd.dtype} in {odd.file} but {ref.dtype} in {ref.file}.")
-            planned.append(PlannedTensor(OutputTensor(name, ref.dtype, ref.shape), "equal", infos))
-    if backbone_only and kept_from_base == 0:
+    if not backbone_only:
+        return None
+    if base is None:
+        raise MergeError(
+            "backbone_only needs a base model (`base_model`) to take embeddings, LM head and final norm from."
+        )
+    return compiled
+
+
+def _check_backbone_matched(planned: list[PlannedTensor], backbone_only: bool, patterns: tuple[str, ...]) -> None:
+    if backbone_only and not any(t.action == "base" for t in planned):
         raise MergeError(
             f"backbone_only: no tensor matches the backbone patterns {list(patterns)}; "
             "pass `backbone_patterns` for this architecture."
         )
-    stem = "adapter_model" if first.is_adapter else "model"
-    shard_names = plan_shards([t.out for t in planned], shard_bytes, stem=stem)
+
+
+def _from_base(name: str, base: ModelSource, out_code: str | None) -> PlannedTensor:
+    """Backbone-only: the tensor is copied from the base model (cast when ``out_dtype`` is set)."""
+    if name not in base.tensors:
+        raise MergeError(f"backbone_only: base model {base.label} has no tensor {name!r}.")
+    info = base.tensors[name]
+    dtype = out_code if (out_code and info.is_float) else info.dtype
+    return PlannedTensor(OutputTensor(name, dtype, info.shape), "base", [info])
+
+
+def _check_alike(name: str, infos: list[TensorInfo]) -> None:
+    """Every input holds ``name`` with the same shape and kind (and the same dtype for non-floats)."""
+    ref = infos[-1]
+    for info in infos:
+        if info.shape != ref.shape:
+            raise MergeError(
+                f"Shape mismatch for tensor {name!r}: {list(info.shape)} in {info.file} "
+                f"but {list(ref.shape)} in {ref.file}."
+            )
+        if info.is_float != ref.is_float or (not ref.is_float and info.dtype != ref.dtype):
+            raise MergeError(f"Tensor {name!r} is {info.dtype} in {info.file} but {ref.dtype} in {ref.file}.")
+
+
+def _from_inputs(name: str, sources: list[ModelSource], out_code: str | None) -> PlannedTensor:
+    """Floats are folded from every input; integers and bools are copied from the newest (the buffer rule)."""
+    infos = [s.tensors[name] for s in sources]
+    _check_alike(name, infos)
+    newest = infos[-1]
+    if tensor_merge_action(newest.is_float) == COPIED_FROM_NEWEST:
+        return PlannedTensor(OutputTensor(name, newest.dtype, newest.shape), "newest", [newest])
+    return PlannedTensor(OutputTensor(name, out_code or newest.dtype, newest.shape), "merge", infos)
+
+
+def _plan_tensors(
+    names: list[str],
+    sources: list[ModelSource],
+    base: ModelSource | None,
+    backbone: list[re.Pattern] | None,
+    out_code: str | None,
+) -> list[PlannedTensor]:
+    """One planned tensor per name; ``backbone`` (patterns) is given for backbone-only merges."""
+    planned = []
+    for name in names:
+        if backbone is not None and any(p.search(name) for p in backbone):
+            planned.append(_from_base(name, base, out_code))
+        else:
+            planned.append(_from_inputs(name, sources, out_code))
+    return planned
+
+
+def build_plan(
+    sources: Sequence[ModelSource],
+    rule: AveragingRule,
+    *,
+    base: ModelSource | None = None,
+    backbone_only: bool = False,
+    backbone_patterns: Sequence[str] | None = None,
+    accumulate_dtype: str = "float32",
+    out_dtype: str | None = None,
+    max_shard_size: int | str = "5GB",
+    donor: str | None = None,
+) -> MergePlan:
+    """Validate loaded ``sources`` (oldest first) and plan every output tensor, from headers alone.
+
+    Args:
+        sources: the loaded inputs, oldest first.
+        rule: the averaging rule that gives each input its weight.
+        base: the base model (backbone-only source; default donor of config and tokenizer).
+        backbone_only: keep the tensors matching ``backbone_patterns`` from ``base``.
+        backbone_patterns: regexes searched in tensor names (default :data:`DEFAULT_BACKBONE_PATTERNS`).
+        accumulate_dtype: ``"float32"`` or ``"float64"``.
+        out_dtype: floating dtype of the merged floats (default: the inputs' dtype).
+        max_shard_size: bytes per output shard (int or ``"5GB"``-style text).
+        donor: which input gives config and tokenizer; see :func:`choose_donor`.
+
+    Returns:
+        The plan: per output tensor, merged / from base / copied from the newest input.
+
+    Raises:
+        MergeError: no inputs, a bad setting (naming it), or inputs that do not fit together.
+    """
+    sources = list(sources)
+    if not sources:
+        raise MergeError("Nothing to merge: no inputs.")
+    weights = _rule_weights(rule, len(sources))
+    accumulate = _accumulate_dtype(accumulate_dtype)
+    out_code = canonical_dtype(out_dtype) if out_dtype is not None else None
+    shard_bytes = parse_size(max_shard_size)
+    donor_source = choose_donor(sources, base, donor)
+    _check_architectures(sources, base, donor_source)
+    names = _common_tensor_names(sources, _tied(donor_source.config))
+    patterns = tuple(backbone_patterns) if backbone_patterns is not None else DEFAULT_BACKBONE_PATTERNS
+    planned = _plan_tensors(names, sources, base, _backbone(backbone_only, patterns, base), out_code)
+    _check_backbone_matched(planned, backbone_only, patterns)
+    stem = "adapter_model" if sources[0].is_adapter else "model"
     return MergePlan(
         sources=sources,
         base=base,
-        donor=donor,
+        donor=donor_source,
         rule=rule,
         weights=weights,
         tensors=planned,
-        shard_names=shard_names,
-        accumulate_dtype=ACCUMULATE_DTYPES[acc],
+        shard_names=plan_shards([t.out for t in planned], shard_bytes, stem=stem),
+        accumulate_dtype=accumulate,
         max_shard_size=shard_bytes,
         backbone_only=backbone_only,
         backbone_patterns=patterns,

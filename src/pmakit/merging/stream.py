@@ -51,9 +51,7 @@ class _Buffers(threading.local):
 
 def _blocks(plan: MergePlan, block: int) -> Iterator[tuple[PlannedTensor, int, int]]:
     for t in plan.tensors:
-        numel = 1
-        for d in t.out.shape:
-            numel *= d
+        numel = _numel(t)
         if numel == 0:
             continue
         for e0 in range(0, numel, block):
@@ -161,59 +159,144 @@ class _Fold:
 
     def __call__(self, t: PlannedTensor, e0: int, e1: int) -> None:
         try:
-            self._block(t, e0, e1)
+            if t.action == "merge":
+                self._merge_block(t, e0, e1)
+            else:  # "base" (backbone-only) or "newest" (integer/bool): one input, copied
+                self._copy_block(t, e0, e1)
         finally:
             self._release(t, e0, e1)
 
-    def _block(self, t: PlannedTensor, e0: int, e1: int) -> None:
-        if t.action == "merge":
-            acc = self.buffers.get("acc", (e1 - e0) * self.acc_dtype.itemsize).view(self.acc_dtype)
-            dt = self.acc_dtype
-            pending = None
-            for k, (info, w) in enumerate(zip(t.inputs, self.weights, strict=True)):
-                x = self._read(info, e0, e1, f"in{k % 2}")  # two buffers: `pending` stays valid
-                if self.equal:  # sum first, scale once when writing
-                    if k == 0 and len(t.inputs) > 1:
-                        pending = x  # added together with the second input: one pass for both
-                        continue
-                    if k == 0:
-                        np.copyto(acc, x, casting="unsafe")
-                    elif k == 1:
-                        np.add(pending, x, out=acc, dtype=dt, casting="unsafe")
-                        pending = None
-                        self._release_one(t.inputs[0], e0, e1)
-                    else:
-                        np.add(acc, x, out=acc, dtype=dt, casting="unsafe")
-                elif k == 0:
-                    np.multiply(x, w, out=acc, dtype=dt, casting="unsafe")
-                else:
-                    tmp = self.buffers.get("tmp", acc.nbytes).view(dt)
-                    np.multiply(x, w, out=tmp, dtype=dt, casting="unsafe")
-                    np.add(acc, tmp, out=acc)
-                del x
-                self._release_one(info, e0, e1)  # one input's block mapped at a time
-            self._check_finite(t, acc, e0, e1)
-            self._write(t, e0, acc, self.weights[0] if self.equal else None)
-        elif t.action == "base":
-            info = t.inputs[0]
-            x = self._read(info, e0, e1)
-            if info.is_float and not self.allow_nonfinite and not self._finite(x):
-                raise MergeError(
-                    f"Tensor {t.out.name!r} holds NaN or Inf in {info.file}; "
-                    "fix the input or pass allow_nonfinite=True (`--allow-nonfinite`)."
-                )
-            self._write(t, e0, x)
-        else:  # integer / bool: identical in every input, copied
-            ref = t.inputs[-1]
-            x = self._read(ref, e0, e1)
-            for info in t.inputs[:-1]:
-                y = self._read(info, e0, e1, "other")
-                if not np.array_equal(x.view(np.uint8), y.view(np.uint8)):
-                    raise MergeError(
-                        f"Integer/bool tensor {t.out.name!r} differs between {info.file} and {ref.file}; "
-                        "such tensors are copied, not averaged, so they must be equal."
-                    )
-            self._write(t, e0, x)
+    def _merge_block(self, t: PlannedTensor, e0: int, e1: int) -> None:
+        """Fold every input's block into the accumulator, check it is finite and write it."""
+        acc = self.buffers.get("acc", (e1 - e0) * self.acc_dtype.itemsize).view(self.acc_dtype)
+        if self.equal:
+            self._sum_inputs(t, e0, e1, acc)
+        else:
+            self._weighted_sum_inputs(t, e0, e1, acc)
+        self._check_finite(t, acc, e0, e1)
+        self._write(t, e0, acc, self.weights[0] if self.equal else None)
+
+    def _sum_inputs(self, t: PlannedTensor, e0: int, e1: int, acc: np.ndarray) -> None:
+        """Equal weights: add the inputs (the first two in one pass); the one scale is applied on writing."""
+        dt = self.acc_dtype
+        first = self._read(t.inputs[0], e0, e1)
+        if len(t.inputs) == 1:
+            np.copyto(acc, first, casting="unsafe")
+            return
+        np.add(first, self._read(t.inputs[1], e0, e1), out=acc, dtype=dt, casting="unsafe")
+        del first
+        self._release_one(t.inputs[0], e0, e1)
+        self._release_one(t.inputs[1], e0, e1)
+        for info in t.inputs[2:]:
+            np.add(acc, self._read(info, e0, e1), out=acc, dtype=dt, casting="unsafe")
+            self._release_one(info, e0, e1)  # one input's block mapped at a time
+
+    def _weighted_sum_inputs(self, t: PlannedTensor, e0: int, e1: int, acc: np.ndarray) -> None:
+        """Unequal weights: scale each input's block in the accumulator dtype, then add it."""
+        dt = self.acc_dtype
+        for k, (info, w) in enumerate(zip(t.inputs, self.weights, strict=True)):
+            if k == 0:
+                np.multiply(self._read(info, e0, e1), w, out=acc, dtype=dt, casting="unsafe")
+            else:
+                tmp = self.buffers.get("tmp", acc.nbytes).view(dt)
+                np.multiply(self._read(info, e0, e1), w, out=tmp, dtype=dt, casting="unsafe")
+                np.add(acc, tmp, out=acc)
+            self._release_one(info, e0, e1)  # one input's block mapped at a time
+
+    def _copy_block(self, t: PlannedTensor, e0: int, e1: int) -> None:
+        """Copy the block of the one input (the base, or the newest for integers); floats must be finite."""
+        info = t.inputs[0]
+        x = self._read(info, e0, e1)
+        if info.is_float and not self.allow_nonfinite and not self._finite(x):
+            raise MergeError(
+                f"Tensor {t.out.name!r} holds NaN or Inf in {info.file}; "
+                "fix the input or pass allow_nonfinite=True (`--allow-nonfinite`)."
+            )
+        self._write(t, e0, x)
+
+
+def _check_fold_settings(block_elements: int, reader: str) -> None:
+    if block_elements < 1:
+        raise MergeError(f"`block_elements` must be positive, got {block_elements}.")
+    if reader not in ("mmap", "pread"):
+        raise MergeError(f"`reader` must be 'mmap' or 'pread', got {reader!r}.")
+
+
+def _open_inputs(plan: MergePlan, fds: dict[Path, int], maps: dict[Path, mmap.mmap] | None) -> None:
+    """Open every input file once into ``fds`` (and map it into ``maps`` for the mmap reader)."""
+    for f in {f for t in plan.tensors for i in t.inputs for f in i.files}:
+        try:
+            fds[f] = os.open(f, os.O_RDONLY)
+            if maps is not None:
+                maps[f] = mmap.mmap(fds[f], 0, access=mmap.ACCESS_READ)
+                maps[f].madvise(mmap.MADV_SEQUENTIAL)
+        except OSError as e:
+            raise MergeError(f"Cannot open {f}: {e.strerror}.") from e
+
+
+def _close_inputs(fds: dict[Path, int], maps: dict[Path, mmap.mmap] | None) -> None:
+    for m in (maps or {}).values():
+        try:
+            m.close()
+        except BufferError:  # a view is still referenced (e.g. by a traceback): freed with it
+            pass
+    for fd in fds.values():
+        os.close(fd)
+
+
+class _WorkQueue:
+    """Blocks handed out to worker threads; the first error stops them all and is kept."""
+
+    def __init__(self, work: Iterator[tuple[PlannedTensor, int, int]], progress: Callable[[int], None] | None):
+        self.work = work
+        self.progress = progress
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+
+    def worker(self, fold: _Fold) -> None:
+        while not self.stop.is_set():
+            with self.lock:
+                item = next(self.work, None)
+            if item is None:
+                return
+            try:
+                fold(*item)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
+                with self.lock:
+                    self.errors.append(e)
+                self.stop.set()
+                return
+            if self.progress is not None:
+                t, e0, e1 = item
+                with self.lock:
+                    self.progress(t.out.nbytes * (e1 - e0) // max(1, _numel(t)))
+
+    def run(self, fold: _Fold, threads: int) -> None:
+        """Run ``threads`` workers to the end (in this thread when one); raise the first error."""
+        if threads == 1:
+            self.worker(fold)
+        else:
+            self._run_threads(fold, threads)
+        if self.errors:
+            raise self.errors[0]
+
+    def _run_threads(self, fold: _Fold, threads: int) -> None:
+        pool = [
+            threading.Thread(target=self.worker, args=(fold,), name=f"pmakit-merge-{i}", daemon=True)
+            for i in range(threads)
+        ]
+        for th in pool:
+            th.start()
+        try:
+            for th in pool:
+                while th.is_alive():
+                    th.join(0.2)  # short joins keep Ctrl-C responsive
+        except BaseException:
+            self.stop.set()
+            for th in pool:
+                th.join()
+            raise
 
 
 def run_fold(
@@ -228,76 +311,30 @@ def run_fold(
 ) -> None:
     """Execute ``plan`` into ``writer``'s shards. The first error stops every worker and is raised.
 
-    ``reader="mmap"`` reads the inputs as zero-copy views of the page cache and unmaps each block
-    after use (``MADV_DONTNEED``); ``"pread"`` copies each block into a per-thread buffer.
+    Args:
+        plan: what to read and write (from :func:`pmakit.merging.plan.build_plan`).
+        writer: the output shards, sized from the plan.
+        threads: worker threads (default :func:`default_threads`).
+        allow_nonfinite: accept NaN/Inf in inputs and results.
+        block_elements: elements of one output tensor folded at a time.
+        progress: called with the bytes written after each block.
+        reader: ``"mmap"`` reads the inputs as zero-copy views of the page cache and unmaps each
+            block after use (``MADV_DONTNEED``); ``"pread"`` copies each block into a per-thread buffer.
+
+    Raises:
+        MergeError: a bad setting, an unreadable input, NaN/Inf or an overflow.
     """
-    if block_elements < 1:
-        raise MergeError(f"`block_elements` must be positive, got {block_elements}.")
-    if reader not in ("mmap", "pread"):
-        raise MergeError(f"`reader` must be 'mmap' or 'pread', got {reader!r}.")
-    files = {f for t in plan.tensors for i in t.inputs for f in i.files}
+    _check_fold_settings(block_elements, reader)
     fds: dict[Path, int] = {}
     maps: dict[Path, mmap.mmap] | None = {} if reader == "mmap" else None
     fold = None
     try:
-        for f in files:
-            try:
-                fds[f] = os.open(f, os.O_RDONLY)
-                if maps is not None:
-                    maps[f] = mmap.mmap(fds[f], 0, access=mmap.ACCESS_READ)
-                    maps[f].madvise(mmap.MADV_SEQUENTIAL)
-            except OSError as e:
-                raise MergeError(f"Cannot open {f}: {e.strerror}.") from e
+        _open_inputs(plan, fds, maps)
         fold = _Fold(plan, writer, fds, allow_nonfinite, block_elements, maps)
-        work = _blocks(plan, block_elements)
-        lock = threading.Lock()
-        stop = threading.Event()
-        errors: list[BaseException] = []
-
-        def worker() -> None:
-            while not stop.is_set():
-                with lock:
-                    item = next(work, None)
-                if item is None:
-                    return
-                try:
-                    fold(*item)
-                except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
-                    with lock:
-                        errors.append(e)
-                    stop.set()
-                    return
-                if progress is not None:
-                    with lock:
-                        progress(item[0].out.nbytes * (item[2] - item[1]) // max(1, _numel(item[0])))
-
-        count = max(1, threads or default_threads())
-        if count == 1:
-            worker()
-        else:
-            pool = [threading.Thread(target=worker, name=f"pmakit-merge-{i}", daemon=True) for i in range(count)]
-            for th in pool:
-                th.start()
-            try:
-                for th in pool:
-                    while th.is_alive():
-                        th.join(0.2)
-            except BaseException:
-                stop.set()
-                for th in pool:
-                    th.join()
-                raise
-        if errors:
-            raise errors[0]
+        _WorkQueue(_blocks(plan, block_elements), progress).run(fold, max(1, threads or default_threads()))
     finally:
         fold = None  # drop the views into the maps before they close
-        for m in (maps or {}).values():
-            try:
-                m.close()
-            except BufferError:  # a view is still referenced (e.g. by a traceback): freed with it
-                pass
-        for fd in fds.values():
-            os.close(fd)
+        _close_inputs(fds, maps)
 
 
 def _numel(t: PlannedTensor) -> int:
