@@ -183,8 +183,9 @@ class _Fold:
         if len(t.inputs) == 1:
             np.copyto(acc, first, casting="unsafe")
             return
-        np.add(first, self._read(t.inputs[1], e0, e1), out=acc, dtype=dt, casting="unsafe")
-        del first
+        second = self._read(t.inputs[1], e0, e1, "second")  # its own buffer: "in" still holds the first (pread)
+        np.add(first, second, out=acc, dtype=dt, casting="unsafe")
+        del first, second
         self._release_one(t.inputs[0], e0, e1)
         self._release_one(t.inputs[1], e0, e1)
         for info in t.inputs[2:]:
