@@ -77,6 +77,21 @@ class MergePlan:
         """Names of the integer/bool tensors taken from the newest input instead of averaged."""
         return [t.out.name for t in self.tensors if t.action == "newest"]
 
+    def card_details(self) -> list[tuple[str, str]]:
+        """Model-card sections (title, markdown) naming every tensor that was not averaged, and where it came from."""
+        details = []
+        kept = [t.out.name for t in self.tensors if t.action == "base"]
+        if kept:
+            details.append(("Backbone only", f"Taken unchanged from `{self.base.label}`: {_names(kept)}."))
+        copied = self.copied_from_newest
+        if copied:
+            text = (
+                f"Integer/bool tensors are not averaged; taken unchanged from the newest input "
+                f"`{self.sources[-1].label}`: {_names(copied)}."
+            )
+            details.append(("Copied from the newest input", text))
+        return details
+
     @property
     def bytes_to_write(self) -> int:
         return sum(t.out.nbytes for t in self.tensors)
@@ -100,6 +115,10 @@ class MergePlan:
         )
         lines.append(f"  reads {_human(self.bytes_to_read)}, writes {_human(self.bytes_to_write)}")
         return "\n".join(lines)
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(f"`{n}`" for n in names)
 
 
 def _human(n: float) -> str:
