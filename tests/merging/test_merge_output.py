@@ -11,7 +11,6 @@ import yaml
 
 from pmakit.io.safetensors import ShardWriter
 from pmakit.merging import RECIPE_FILE, MergeError, load_recipe, merge
-from pmakit.tools.fusionbench import WeightedAverageForLLama
 from tests.helpers.folders import make_tokenizer, read_folder, save_models
 
 
@@ -157,18 +156,6 @@ def test_recipe_keys_are_checked(tmp_path):
         load_recipe(tmp_path / "r.yaml")
     (tmp_path / "r.yaml").write_text("models: [a]\npush_to_hub: {repo_id: me/x, private: true}\n")
     assert load_recipe(tmp_path / "r.yaml") == {"models": ["a"], "push_to_hub": "me/x", "private": True}
-
-
-def test_weighted_average_for_llama_class(tmp_path):
-    base, *models = save_models(tmp_path, 3)
-    merger = WeightedAverageForLLama(weights=[1, 1, 2], backbone_only=True, merged_model_save_path=tmp_path / "wa")
-    model = merger.run([base, *models])
-    b, out = read_folder(base), read_folder(tmp_path / "wa")
-    assert torch.equal(out["model.embed_tokens.weight"], b["model.embed_tokens.weight"])  # backbone-only takes effect
-    assert torch.equal(model.model.layers[0].mlp.up_proj.weight, out["model.layers.0.mlp.up_proj.weight"])
-    in_memory = WeightedAverageForLLama(backbone_only=False).run(models)  # no save path: a model, nothing kept
-    expected = (read_folder(models[0])["model.norm.weight"] + read_folder(models[1])["model.norm.weight"]) / 2
-    assert torch.allclose(in_memory.model.norm.weight, expected)
 
 
 def test_interrupt_mid_write_leaves_nothing(tmp_path, monkeypatch):

@@ -1,8 +1,10 @@
 """A FusionBench-style merge class: ``WeightedAverageForLLama(...).run(models)``.
 
-Same arguments as FusionBench's ``WeightedAverageForLLama`` (weights, normalize, backbone_only,
-merged_model_save_path, save_tokenizer, push_to_hub), but streaming from disk instead of holding
-every model in memory, with backbone-only that takes effect, and a model card that reaches the Hub.
+Same arguments and semantics as FusionBench's ``WeightedAverageForLLama`` (weights, normalize,
+backbone_only, merged_model_save_path, save_tokenizer, push_to_hub; the base model apart and not
+averaged, config and tokenizer from the base else the first model), but streaming from disk instead
+of holding every model in memory, with backbone-only that takes effect, and a model card that
+reaches the Hub.
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ __all__ = ["WeightedAverageForLLama"]
 
 
 class WeightedAverageForLLama:
-    """Weighted average of causal LMs, optionally of the backbone only.
+    """Weighted average of causal LMs, optionally of the backbone only, with FusionBench's semantics.
 
-    ``models`` passed to :meth:`run` are folders or Hub ids; with ``backbone_only`` the first one
-    is the base (FusionBench's ``_pretrained_``) unless ``base_model`` is given: its embeddings,
-    LM head and final norm are kept unchanged. Without ``merged_model_save_path`` the merge goes to
-    a temporary folder and only the loaded model is returned.
+    The base model (FusionBench's ``_pretrained_``) is named apart and is not averaged: it is
+    ``base_model`` when given, else, with ``backbone_only``, the first model passed to :meth:`run`.
+    ``weights`` has one entry per averaged model (the models other than that base). With
+    ``backbone_only`` the base's embeddings, LM head and final norm are kept unchanged. Config,
+    generation config and tokenizer come from the base if there is one, else from the first model
+    (`merge` alone would take the newest). Without ``merged_model_save_path`` the merge goes to a
+    temporary folder and only the loaded model is returned.
     """
 
     def __init__(
@@ -39,6 +44,18 @@ class WeightedAverageForLLama:
         base_model: str | os.PathLike | None = None,
         **merge_kwargs,
     ) -> None:
+        """Keep the settings; nothing is read until :meth:`run`.
+
+        Args:
+            weights: one weight per averaged model (default: equal weights).
+            normalize: divide the weights by their sum.
+            backbone_only: keep embeddings, LM head and final norm of the base model.
+            merged_model_save_path: the output folder (default: a temporary one, removed after loading).
+            save_tokenizer: copy the tokenizer files.
+            push_to_hub: a repo id, or ``True`` for the save path's folder name.
+            base_model: the base model; when not given and ``backbone_only``, the first model of :meth:`run`.
+            **merge_kwargs: further settings of :func:`pmakit.merge` (``accumulate_dtype``, ``out_dtype``, ...).
+        """
         self.weights = list(weights) if weights is not None else None
         self.normalize = normalize
         self.backbone_only = backbone_only
@@ -58,12 +75,33 @@ class WeightedAverageForLLama:
             raise MergeError("push_to_hub=True needs merged_model_save_path (its name is the repo id) or a repo id.")
         return os.path.basename(os.path.normpath(self.merged_model_save_path))
 
-    def run(self, models: Sequence[str | os.PathLike], load: bool | None = None):
-        """Merge ``models``; return the loaded merged model (always when no save path is set)."""
-        models = list(models)
-        if not models:
-            raise MergeError("WeightedAverageForLLama.run needs at least one model.")
-        base = self.base_model if self.base_model is not None else (models[0] if self.backbone_only else None)
+    def _split_base(self, models: list) -> tuple[str | os.PathLike | None, list]:
+        """``(base, models to average)``: the base is named apart and never averaged."""
+        if self.base_model is not None:
+            return self.base_model, models
+        if self.backbone_only and models:
+            return models[0], models[1:]
+        return None, models
+
+    def _check_counts(self, base, averaged: list) -> None:
+        """One weight per averaged model, and at least one such model; messages say which model is the base."""
+        besides = ""
+        if base is not None:
+            implied = self.base_model is None
+            besides = f" besides the base {str(base)!r}" + (
+                " (with backbone_only and no base_model the first model is the base; it is not averaged)"
+                if implied
+                else ""
+            )
+        if not averaged:
+            raise MergeError(f"WeightedAverageForLLama.run needs at least one model to average{besides}.")
+        if self.weights is not None and len(self.weights) != len(averaged):
+            raise MergeError(
+                f"Got {len(self.weights)} weights for {len(averaged)} models to average{besides}; "
+                "give one weight per averaged model."
+            )
+
+    def _merge_settings(self, base, averaged: list) -> dict:
         settings = dict(
             weights=self.weights,
             normalize=self.normalize,
@@ -71,14 +109,43 @@ class WeightedAverageForLLama:
             base_model=base,
             save_tokenizer=self.save_tokenizer,
             push_to_hub=self._repo_id(),
-            **self.merge_kwargs,
         )
+        if base is None:
+            settings.update(_config_from_first_model(averaged))
+        return {**settings, **self.merge_kwargs}
+
+    def run(self, models: Sequence[str | os.PathLike], load: bool | None = None):
+        """Merge ``models`` (folders or Hub ids, oldest first).
+
+        Args:
+            models: the models; with ``backbone_only`` and no ``base_model`` the first is the base.
+            load: with a save path, ``False`` returns the :class:`MergeResult` instead of the loaded model.
+
+        Returns:
+            The merged model loaded with ``AutoModelForCausalLM`` (always when no save path is set),
+            else the :class:`MergeResult` when ``load=False``.
+
+        Raises:
+            MergeError: no model to average, a weight count that does not match, or any merge error.
+        """
+        base, averaged = self._split_base(list(models))
+        self._check_counts(base, averaged)
+        settings = self._merge_settings(base, averaged)
         if self.merged_model_save_path is None:
             with tempfile.TemporaryDirectory(prefix="pmakit-wa-") as tmp:
-                self.result = merge(models, os.path.join(tmp, "merged"), **settings)
+                self.result = merge(averaged, os.path.join(tmp, "merged"), **settings)
                 return _load(self.result.output)
-        self.result = merge(models, self.merged_model_save_path, **settings)
+        self.result = merge(averaged, self.merged_model_save_path, **settings)
         return _load(self.result.output) if load is not False else self.result
+
+
+def _config_from_first_model(averaged: list) -> dict:
+    """Workaround until `merge` takes ``config_source="first"``: name the first model ``base_model``.
+
+    Without ``backbone_only`` a base model only donates config, generation config and tokenizer
+    (the weights are unchanged), so this gives FusionBench's donor, the first model.
+    """
+    return {"base_model": averaged[0]}
 
 
 def _load(folder):
