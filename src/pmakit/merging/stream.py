@@ -14,6 +14,7 @@ saves a pass per input; otherwise each input is scaled before it is added.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import threading
@@ -339,7 +340,4 @@ def run_fold(
 
 
 def _numel(t: PlannedTensor) -> int:
-    n = 1
-    for d in t.out.shape:
-        n *= d
-    return n
+    return math.prod(t.out.shape)
