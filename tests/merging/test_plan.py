@@ -77,12 +77,12 @@ def test_batchnorm_merge_in_fp32_is_within_rounding_and_the_card_names_the_copie
 def test_dry_run_says_how_many_tensors_are_copied_from_the_newest(tmp_path, capsys):
     folders, _ = _trained_bn_folders(tmp_path)
     plan = merge(folders, dry_run=True).plan
-    assert "integer/bool copied from the newest input 1;" in plan.describe()
+    assert "copied from the newest input 1 (integer/bool);" in plan.describe()
     assert plan.bytes_to_read == sum(i.nbytes for t in plan.tensors for i in t.inputs)
     newest = [t for t in plan.tensors if t.action == "newest"]
     assert [i.file.parent.name for t in newest for i in t.inputs] == ["bn2"]  # only the newest is read
     assert main(["average", *map(str, folders), "-o", str(tmp_path / "o"), "--dry-run"]) == 0
-    assert "integer/bool copied from the newest input 1;" in capsys.readouterr().out
+    assert "copied from the newest input 1 (integer/bool);" in capsys.readouterr().out
     assert not (tmp_path / "o").exists()
 
 

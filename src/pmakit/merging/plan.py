@@ -110,7 +110,7 @@ class MergePlan:
         counts = {a: sum(t.action == a for t in self.tensors) for a in ("merge", "base", "newest")}
         lines.append(
             f"  merged {counts['merge']}, from base {counts['base']}, "
-            f"integer/bool copied from the newest input {counts['newest']}; "
+            f"copied from the newest input {counts['newest']} (integer/bool); "
             f"config and tokenizer from {self.donor.label}"
         )
         lines.append(f"  reads {_human(self.bytes_to_read)}, writes {_human(self.bytes_to_write)}")
