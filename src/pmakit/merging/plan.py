@@ -130,16 +130,19 @@ def _human(n: float) -> str:
 
 
 def _arch(source: ModelSource) -> tuple[str | None, tuple[str, ...]]:
+    """``(model_type, architectures)`` from the config: what must agree for weights to mean the same thing."""
     config = source.config
     return config.get("model_type"), tuple(config.get("architectures") or ())
 
 
 def _tied(config: dict) -> bool:
+    """Whether the LM head is the embedding (then ``lm_head.weight``, if saved, is not a tensor of its own)."""
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
     return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
 
 
 def _rule_weights(rule: AveragingRule, count: int) -> list[float]:
+    """The rule's closed-form weights; a count the rule cannot serve is a `MergeError` like every bad input."""
     try:
         return rule.weights_for(count)
     except ValueError as e:
@@ -147,6 +150,7 @@ def _rule_weights(rule: AveragingRule, count: int) -> list[float]:
 
 
 def _accumulate_dtype(name: str) -> str:
+    """The numpy name of the accumulator dtype; only float32 and float64 accumulate safely."""
     code = canonical_dtype(name, "accumulate_dtype")
     if code not in ACCUMULATE_DTYPES:
         raise MergeError(f"`accumulate_dtype` must be float32 or float64, got {name!r}.")
@@ -180,6 +184,7 @@ def choose_donor(sources: Sequence[ModelSource], base: ModelSource | None, donor
 
 
 def _check_architectures(sources: list[ModelSource], base: ModelSource | None, donor: ModelSource) -> None:
+    """Every input (and the base) has the donor's architecture; adapters are not mixed with full models."""
     reference = _arch(donor)
     for s in [*sources, *([base] if base is not None else [])]:
         arch = _arch(s)
