@@ -9,6 +9,7 @@ reaches the Hub.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from collections.abc import Sequence
@@ -140,12 +141,24 @@ class WeightedAverageForLLama:
 
 
 def _config_from_first_model(averaged: list) -> dict:
-    """Workaround until `merge` takes ``config_source="first"``: name the first model ``base_model``.
+    """The `merge` settings that take config, generation config and tokenizer from the first model.
 
-    Without ``backbone_only`` a base model only donates config, generation config and tokenizer
-    (the weights are unchanged), so this gives FusionBench's donor, the first model.
+    `merge` alone takes them from the newest input. Once `merge` has ``config_source`` (the
+    `MergeOptions` field passed to ``build_plan(donor=...)``) that setting is used; until then the
+    workaround names the first model ``base_model``: without ``backbone_only`` a base model only
+    donates config and tokenizer, so the weights are the same.
     """
+    if _merge_takes_config_source():
+        return {"config_source": "first"}
     return {"base_model": averaged[0]}
+
+
+def _merge_takes_config_source() -> bool:
+    try:
+        from ..merging.options import MergeOptions
+    except ImportError:
+        return False
+    return "config_source" in {f.name for f in dataclasses.fields(MergeOptions)}
 
 
 def _load(folder):
