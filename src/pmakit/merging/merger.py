@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import json
 import os
 import shutil
@@ -117,8 +116,11 @@ def _load_sources(
 
 
 def _build_plan(sources: list[ModelSource], base: ModelSource | None, options: MergeOptions) -> MergePlan:
-    """`build_plan` with ``config_source`` passed as its ``donor`` (or applied here when it has no such keyword)."""
-    settings = dict(
+    """`build_plan` with the options' settings; ``config_source`` chooses the donor of config and tokenizer."""
+    return build_plan(
+        sources,
+        options.rule(),
+        donor=options.config_source,
         base=base,
         backbone_only=options.backbone_only,
         backbone_patterns=options.backbone_patterns,
@@ -126,11 +128,6 @@ def _build_plan(sources: list[ModelSource], base: ModelSource | None, options: M
         out_dtype=options.out_dtype,
         max_shard_size=options.max_shard_size,
     )
-    if "donor" in inspect.signature(build_plan).parameters:
-        return build_plan(sources, options.rule(), donor=options.config_source, **settings)
-    plan = build_plan(sources, options.rule(), **settings)
-    donors = {"base": base, "first": sources[0], "newest": sources[-1], None: plan.donor}
-    return dataclasses.replace(plan, donor=donors[options.config_source])
 
 
 @_as_merge_errors
@@ -205,12 +202,7 @@ def _card(plan: MergePlan, recipe: dict, title: str) -> str:
     rows = ["| # | input | step | weight |", "|---|---|---|---|"]
     for i, (s, w) in enumerate(zip(plan.sources, plan.weights, strict=True), 1):
         rows.append(f"| {i} | `{s.label}` | {s.step if s.step is not None else ''} | {w:.6g} |")
-    details = [("Inputs", "Oldest first; the last input is the newest.\n\n" + "\n".join(rows))]
-    if plan.backbone_only:
-        kept = [t.out.name for t in plan.tensors if t.action == "base"]
-        details.append(
-            ("Backbone only", f"Taken unchanged from `{plan.base.label}`: " + ", ".join(f"`{n}`" for n in kept) + ".")
-        )
+    details = [("Inputs", "Oldest first; the last input is the newest.\n\n" + "\n".join(rows)), *plan.card_details()]
     summary = (
         f"This model is the {plan.rule.describe(len(plan.sources))} of the weights below, made by streaming them "
         f"through a {plan.accumulate_dtype} accumulator with pmakit (Pre-trained Model Averaging, arXiv 2505.12082). "

@@ -9,7 +9,6 @@ reaches the Hub.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import tempfile
 from collections.abc import Sequence
@@ -111,8 +110,8 @@ class WeightedAverageForLLama:
             save_tokenizer=self.save_tokenizer,
             push_to_hub=self._repo_id(),
         )
-        if base is None:
-            settings.update(_config_from_first_model(averaged))
+        if base is None:  # FusionBench takes config and tokenizer from the first model; merge() from the newest
+            settings["config_source"] = "first"
         return {**settings, **self.merge_kwargs}
 
     def run(self, models: Sequence[str | os.PathLike], load: bool | None = None):
@@ -138,27 +137,6 @@ class WeightedAverageForLLama:
                 return _load(self.result.output)
         self.result = merge(averaged, self.merged_model_save_path, **settings)
         return _load(self.result.output) if load is not False else self.result
-
-
-def _config_from_first_model(averaged: list) -> dict:
-    """The `merge` settings that take config, generation config and tokenizer from the first model.
-
-    `merge` alone takes them from the newest input. Once `merge` has ``config_source`` (the
-    `MergeOptions` field passed to ``build_plan(donor=...)``) that setting is used; until then the
-    workaround names the first model ``base_model``: without ``backbone_only`` a base model only
-    donates config and tokenizer, so the weights are the same.
-    """
-    if _merge_takes_config_source():
-        return {"config_source": "first"}
-    return {"base_model": averaged[0]}
-
-
-def _merge_takes_config_source() -> bool:
-    try:
-        from ..merging.options import MergeOptions
-    except ImportError:
-        return False
-    return "config_source" in {f.name for f in dataclasses.fields(MergeOptions)}
 
 
 def _load(folder):
