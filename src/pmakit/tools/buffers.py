@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..averaging import merge_weights
+from ..averaging import COPIED_FROM_NEWEST, merge_weights, tensor_merge_action
 from .weighted_sum import weighted_sum
 
 
@@ -59,7 +59,7 @@ def merge_buffers(
         if missing:
             raise ValueError(f"Buffer {name!r} is missing from model(s) {missing}.")
         newest = states[-1][name]
-        if not newest.is_floating_point() or float_buffers == "newest":
+        if tensor_merge_action(newest.is_floating_point()) == COPIED_FROM_NEWEST or float_buffers == "newest":
             merged[name] = newest.detach().clone()
             continue
         merged[name] = weighted_sum(
