@@ -3,21 +3,52 @@
 A folder is built in a temporary sibling and renamed into place only when complete, so a
 crash, a full disk or an interrupt never leaves a half-written model where a user (or a Hub
 upload) would pick it up.
+
+The temporary siblings are named ``_<name>.<8 random characters>.tmp`` (and ``.old`` for the
+folder being replaced). While a writer works on one it holds an exclusive ``flock`` on it; the
+kernel drops that lock when the writer dies, even by ``kill -9``. So a sibling with that name
+whose lock is free belongs to a dead writer, and `remove_stale_temporaries` (run before every
+new write of the same name, and by the PMA callback when training starts) deletes it. Nothing
+else is ever touched: not other ``_*`` folders, not temporaries a live process still holds.
+
+Finished folders get the permissions ``os.makedirs`` would give them under the user's umask
+(``0o777 & ~umask``, 755 for the usual 022), like a ``save_pretrained`` folder, not the 700
+of ``mkdtemp``.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import InputError
 
 
-__all__ = ["atomic_directory", "check_output_outside_inputs", "copy_model_folder", "publish_directory"]
+try:  # POSIX: writer locks that die with their process
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no stale temporary is ever recognised
+    fcntl = None
+
+
+__all__ = [
+    "atomic_directory",
+    "check_output_outside_inputs",
+    "copy_model_folder",
+    "publish_directory",
+    "remove_stale_temporaries",
+]
+
+# `tempfile.mkdtemp` names: prefix `_<name>.`, 8 characters of [a-z0-9_], suffix `.tmp` or `.old`.
+_TEMPORARY_RE = re.compile(r"^_(?P<name>.+)\.[a-z0-9_]{8}\.(?:tmp|old)$")
+# A writer locks its folder right after `mkdtemp`; younger unlocked folders are left alone so
+# that a sweep never races a writer between those two calls.
+_GRACE_SECONDS = 0.5
 
 
 def _is_nonempty_dir(path: Path) -> bool:
@@ -39,26 +70,108 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
             f"Output folder {target} already exists and is not empty; pass overwrite=True to replace it."
         )
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target.parent, lambda name: name == target.name)
     # "_" first: the Trainer's Hub pushes skip `_*`, so a push that runs while a folder is being
     # built never uploads it half-written.
-    tmp = Path(tempfile.mkdtemp(prefix=f"_{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp, lock = _locked_temporary(target, ".tmp")
     try:
+        os.chmod(tmp, _default_directory_mode())
         yield tmp
         publish_directory(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        _release(lock)
 
 
 def publish_directory(tmp: Path, target: Path) -> None:
     """Move the finished folder ``tmp`` to ``target``, replacing an old ``target`` only after the move."""
     if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f"_{target.name}.", suffix=".old", dir=target.parent))
-        os.replace(target, old / target.name)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
+        old, lock = _locked_temporary(target, ".old")
+        try:
+            os.replace(target, old / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            _release(lock)
     else:
         os.replace(tmp, target)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, accept: Callable[[str], bool] | None = None) -> list[Path]:
+    """Delete the temporaries that dead writers left in ``folder``; return what was deleted.
+
+    Only ``_<name>.<random>.tmp`` / ``.old`` folders made by `atomic_directory` are candidates,
+    only for names ``accept(name)`` allows (all when None), and only when no live process holds
+    their writer lock. On systems without ``flock`` nothing is removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in sorted(folder.iterdir()):
+        match = _TEMPORARY_RE.match(entry.name)
+        if match is None or (accept is not None and not accept(match["name"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink() and _writer_is_gone(entry):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def _locked_temporary(target: Path, suffix: str) -> tuple[Path, int | None]:
+    """A fresh ``_<name>.<random><suffix>`` sibling of ``target``, with its writer lock held."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"_{target.name}.", suffix=suffix, dir=target.parent))
+    return tmp, _take_lock(tmp)
+
+
+def _take_lock(path: Path) -> int | None:
+    """An open descriptor of ``path`` holding an exclusive flock, or None where locks are unavailable."""
+    if fcntl is None:
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _release(lock: int | None) -> None:
+    if lock is not None:
+        os.close(lock)  # closing the last descriptor drops the flock
+
+
+def _writer_is_gone(path: Path) -> bool:
+    """Whether no live process holds ``path``'s writer lock (False when that cannot be told)."""
+    try:
+        if time.time() - path.stat().st_mtime < _GRACE_SECONDS:
+            return False
+    except OSError:
+        return False
+    lock = _take_lock(path)
+    _release(lock)
+    return lock is not None
+
+
+def _default_directory_mode() -> int:
+    """The mode ``os.makedirs`` gives a new folder: ``0o777`` less the process umask."""
+    return 0o777 & ~_current_umask()
+
+
+def _current_umask() -> int:
+    try:  # Linux >= 4.7 reports it without changing it
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting it, then put it back at once
+    os.umask(mask)
+    return mask
 
 
 def copy_model_folder(source: str | os.PathLike, path: str | os.PathLike) -> Path:

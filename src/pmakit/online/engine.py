@@ -12,6 +12,14 @@ in the current cycle, the steps they were taken at) sit in ``optimizer.param_gro
 which ``load_state_dict`` restores verbatim. ``Optimizer.load_state_dict`` casts floating state to the parameter dtype;
 the engine's load hooks keep the average in fp32 (bf16/fp16 models).
 
+Resuming with other settings. The counters also record the settings that shape a cycle
+(``fused_algo``, ``fused_num``, ``interleave_step``, ``start_step``, and ``ema_alpha`` /
+``fused_weights`` where the rule uses them). When a checkpoint is resumed under different
+ones, the cycle in progress was taken under rules that no longer hold: its samples are
+dropped with a warning that names the old and new values, completed merges (``pma-<step>``
+folders) are kept, and fresh cycles start under the new settings at the next sample step.
+Other settings (``write_back``, ``eval``, ``offload``, saving) may change freely.
+
 A sample folds the parameters into the average with the running form of the averaging law,
 ``avg <- avg + c_k (x_k - avg)``, as a handful of ``torch._foreach_*`` kernels per
 (device, dtype) group: no Python loop over tensors, and nothing at all on steps that take no
@@ -22,9 +30,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -40,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 AVG_KEY = "pma_avg"
 COUNTERS_KEY = "pma"
+SETTINGS_KEY = "settings"
+_RULES_WITHOUT_ALPHA = ("sma", "wma", "weights")
 
 CycleHandler = Callable[["PmaEngine", int], None]
 
@@ -112,6 +123,8 @@ class PmaEngine:
         optimizer.register_load_state_dict_pre_hook(self._before_load)
         optimizer.register_load_state_dict_post_hook(self._after_load)
         optimizer.register_state_dict_pre_hook(lambda _opt: self.join())
+        if COUNTERS_KEY in optimizer.param_groups[0]:  # attached after a checkpoint was loaded
+            self._reconcile_settings()
 
     # ------------------------------------------------------------------ counters
     def _raw_counters(self) -> dict:
@@ -120,15 +133,50 @@ class PmaEngine:
         group = self.optimizer.param_groups[0]
         raw = group.get(COUNTERS_KEY)
         if raw is None:
-            raw = group[COUNTERS_KEY] = {"step": 0, "count": 0, "sample_steps": "", "cycles": 0, "merged_steps": ""}
+            raw = group[COUNTERS_KEY] = {
+                "step": 0, "count": 0, "sample_steps": "", "cycles": 0, "merged_steps": "",
+                SETTINGS_KEY: cycle_settings(self.config),
+            }  # fmt: skip
         return raw
+
+    def _reconcile_settings(self) -> None:
+        """After a checkpoint's counters are restored: end a cycle taken under other settings (module docstring)."""
+        raw = self.optimizer.param_groups[0][COUNTERS_KEY]
+        current = cycle_settings(self.config)
+        stored = raw.get(SETTINGS_KEY)
+        if stored == current:
+            return
+        raw[SETTINGS_KEY] = current
+        unknown = stored is None  # a checkpoint written before the settings were recorded
+        if raw["count"] == 0 or (unknown and raw["count"] < self.config.fused_num):
+            if not unknown:
+                logger.info("PMA: resumed between cycles; new cycles use %s (was %s).", current, stored)
+            return
+        dropped = _split_steps(raw["sample_steps"])
+        changed = _describe_change(stored, current) if not unknown else f"settings unknown, now {current}"
+        warnings.warn(
+            f"PMA: the checkpoint's unfinished cycle was taken under other settings ({changed}). Its "
+            f"{len(dropped)} sample(s) at optimizer steps {_join_steps(dropped)} are dropped; completed merges "
+            "are kept, and new cycles start under the new settings at the next sample step.",
+            UserWarning,
+            stacklevel=2,
+        )
+        raw.update(count=0, sample_steps="", merged_steps="")  # the average holds no merge until the next sample
+
+    def start_counting_at(self, step: int) -> None:
+        """Count optimizer steps from ``step`` when nothing was counted yet (a resume from a checkpoint
+        written without PMA): step numbers, sample steps and ``pma-<step>`` names then follow the
+        Trainer's ``global_step``. Counters restored from a PMA checkpoint are left as they are."""
+        raw = self._raw_counters()
+        if raw["step"] == 0 and raw["count"] == 0 and raw["cycles"] == 0 and step > 0:
+            raw["step"] = int(step)
 
     @property
     def counters(self) -> dict:
         """Step, sample and cycle counters (a decoded copy); stored in the optimizer so that they resume with it."""
         raw = self._raw_counters()
         return {
-            **raw,
+            **{key: value for key, value in raw.items() if key != SETTINGS_KEY},
             "sample_steps": _split_steps(raw["sample_steps"]),
             "merged_steps": _split_steps(raw["merged_steps"]),
         }
@@ -150,7 +198,8 @@ class PmaEngine:
     @property
     def has_average(self) -> bool:
         """Whether the average holds anything (a sample this cycle, or the merge of the last cycle)."""
-        return self._raw_counters()["count"] > 0 or self._raw_counters()["cycles"] > 0
+        raw = self._raw_counters()
+        return raw["count"] > 0 or bool(raw["merged_steps"])
 
     def add_cycle_handler(self, handler: CycleHandler) -> None:
         if handler not in self._handlers:
@@ -201,7 +250,7 @@ class PmaEngine:
         self._fold(coefficient)
         counters["count"] = k
         counters["sample_steps"] = _join_steps([*_split_steps(counters["sample_steps"]), step])
-        if k == self.config.fused_num:
+        if k >= self.config.fused_num:
             self._end_cycle(step)
 
     def _fold(self, c: float) -> None:
@@ -373,6 +422,42 @@ class PmaEngine:
             optimizer.state[p][AVG_KEY] = _moved_average(avg, p, device, pinned, copy=True)
         self._stashed = {}
         self._groups = None
+        if COUNTERS_KEY in optimizer.param_groups[0]:
+            self._reconcile_settings()
+
+
+def cycle_settings(config: PmaConfig) -> str:
+    """The settings that shape a cycle, as stored with the counters: ``"fused_algo=ema; fused_num=4; ..."``.
+
+    Rule parameters come from the averaging rule itself, so a rule parameter added later is covered
+    too (when it differs from its default); ``ema_alpha`` is left out for the rules that do not use it.
+    """
+    rule = config.rule
+    items = {
+        "fused_algo": config.fused_algo,
+        "fused_num": config.fused_num,
+        "interleave_step": config.interleave_step,
+        "start_step": config.start_step,
+    }
+    for f in fields(rule):
+        value = getattr(rule, f.name)
+        if f.name == "alpha":
+            if rule.algo in _RULES_WITHOUT_ALPHA:
+                continue
+        elif f.name == "algo" or value is None or value == f.default:
+            continue
+        name = {"alpha": "ema_alpha", "weights": "fused_weights"}.get(f.name, f.name)
+        items[name] = list(value) if isinstance(value, tuple) else value
+    return "; ".join(f"{key}={value}" for key, value in items.items())
+
+
+def _describe_change(old: str, new: str) -> str:
+    """``"fused_num=4 -> 2, fused_algo=sma -> ema"``: only the settings that differ."""
+    before = dict(part.split("=", 1) for part in old.split("; ") if "=" in part)
+    after = dict(part.split("=", 1) for part in new.split("; ") if "=" in part)
+    keys = [*after, *(k for k in before if k not in after)]
+    changed = [k for k in keys if before.get(k) != after.get(k)]
+    return ", ".join(f"{k}={before.get(k, '(unset)')} -> {after.get(k, '(unset)')}" for k in changed)
 
 
 def _new_average(p: torch.Tensor, device: torch.device, pinned: bool) -> torch.Tensor:

@@ -113,9 +113,7 @@ class PmaArguments(TrainingArguments):
         validate_pma_settings({name: getattr(self, f"pma_{name}") for name in PMA_FIELDS}, prefix="pma_")
         validate_wsa_settings({name: getattr(self, f"pma_wsa_{name}") for name in WSA_FIELDS}, "pma_wsa_")
         validate_spike_settings({name: getattr(self, f"pma_spike_{name}") for name in SPIKE_FIELDS}, "pma_spike_")
-        super().__post_init__()
-        if self.max_steps and self.max_steps > 0:
-            self.pma_config.check_horizon(self.max_steps)
+        super().__post_init__()  # the horizon warning comes once, when training starts (`PmaCallback`)
 
     @property
     def pma_config(self) -> PmaConfig:

@@ -3,21 +3,72 @@
 The callback attaches the engine to the Trainer's optimizer, writes the merged model at every
 cycle end (`pma-<step>/`, and `pma/` for the latest merge), evaluates on the PMA weights when
 asked, and finishes `pma/` at the end of training.
+
+When training starts (or resumes) it also: removes the temporaries of `pma`/`pma-<step>`
+folders whose writer died (`kill -9` mid-export; `pmakit.io.folders.remove_stale_temporaries`),
+counts optimizer steps from the Trainer's ``global_step`` when the checkpoint carried no PMA
+counters (a run resumed with PMA for the first time), and silences the "Writing model shards"
+bars of its exports when the Trainer's own bars are off (``disable_tqdm``).
 """
 
 from __future__ import annotations
 
+import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.utils import logging as hf_logging
 
+from ..io.folders import remove_stale_temporaries
 from ..online.config import PmaConfig
 from ..online.engine import AVG_KEY, PmaEngine, attach_engine
-from .export import LATEST_DIR, PmaExporter
+from .export import LATEST_DIR, PMA_PREFIX, PmaExporter
 
 
-__all__ = ["PmaCallback"]
+__all__ = ["PmaCallback", "remove_stale_pma_temporaries"]
+
+_PMA_FOLDER_RE = re.compile(rf"^(?:{re.escape(LATEST_DIR)}|{re.escape(PMA_PREFIX)}\d+)$")
+
+
+def remove_stale_pma_temporaries(output_dir: str | Path) -> list[Path]:
+    """Delete what dead writers left of ``pma``/``pma-<step>`` folders in ``output_dir`` (no other folder)."""
+    return remove_stale_temporaries(output_dir, lambda name: _PMA_FOLDER_RE.match(name) is not None)
+
+
+@contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """Turn transformers' progress bars ("Writing model shards") off for the block unless ``enabled``."""
+    if enabled or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
+@contextmanager
+def _silent_on_evaluate(trainer) -> Iterator[None]:
+    """Keep ``trainer.evaluate`` from calling the callbacks' ``on_evaluate`` within the block.
+
+    The PMA evaluation runs inside the main one; its metrics reach the callbacks through the main
+    evaluation's ``metrics`` (so each evaluation is seen once, e.g. by `EarlyStoppingCallback`).
+    """
+    handler = trainer.callback_handler
+    previous = vars(handler).get("on_evaluate")
+    handler.on_evaluate = lambda args, state, control, *rest, **kwargs: control
+    try:
+        yield
+    finally:
+        if previous is None:
+            del handler.on_evaluate
+        else:
+            handler.on_evaluate = previous
 
 
 class PmaCallback(TrainerCallback):
@@ -38,6 +89,7 @@ class PmaCallback(TrainerCallback):
         self.engine: PmaEngine | None = None
         self.exporter: PmaExporter | None = None
         self._in_pma_eval = False
+        self._quiet = False
 
     def attach(self, optimizer) -> PmaEngine:
         """Attach (once) the PMA engine to ``optimizer`` and return it."""
@@ -49,6 +101,10 @@ class PmaCallback(TrainerCallback):
         if optimizer is None:
             raise RuntimeError("PmaCallback needs the Trainer's optimizer, but the Trainer passed none.")
         engine = self.attach(optimizer)
+        engine.start_counting_at(state.global_step)
+        self._quiet = bool(args.disable_tqdm)
+        if args.should_save:
+            remove_stale_pma_temporaries(args.output_dir)
         if self.config.eval and self.trainer is None:
             raise ValueError(
                 "PMA evaluation (`eval=True`) runs the Trainer's evaluation on the PMA weights, so the callback "
@@ -61,10 +117,15 @@ class PmaCallback(TrainerCallback):
             processing_class=kwargs.get("processing_class"),
             is_main_process=args.should_save,
         )
-        engine._handlers = [h for h in engine._handlers if not isinstance(h, PmaExporter)]
-        engine.add_cycle_handler(self.exporter)
+        engine._handlers = [h for h in engine._handlers if not _is_export_handler(h)]
+        engine.add_cycle_handler(self._export_cycle)
         self.config.check_horizon(state.max_steps)
         self._check_resumed_precision(engine)
+
+    def _export_cycle(self, engine: PmaEngine, step: int) -> None:
+        """The engine's cycle handler: the exporter, with the Trainer's progress-bar setting."""
+        with progress_bars(not self._quiet):
+            self.exporter(engine, step)
 
     def _check_resumed_precision(self, engine: PmaEngine) -> None:
         state = engine.optimizer.state
@@ -98,7 +159,7 @@ class PmaCallback(TrainerCallback):
         pma_prefix = prefix.replace("eval", "eval_pma", 1) if prefix.startswith("eval") else f"{prefix}_pma"
         self._in_pma_eval = True
         try:
-            with engine.swapped():
+            with engine.swapped(), _silent_on_evaluate(self.trainer):
                 pma_metrics = self.trainer.evaluate(eval_dataset=eval_dataset, metric_key_prefix=pma_prefix)
         finally:
             self._in_pma_eval = False
@@ -134,4 +195,10 @@ class PmaCallback(TrainerCallback):
             UserWarning,
             stacklevel=2,
         )
-        exporter.export_latest(engine, engine.step, list(counters["sample_steps"]))
+        with progress_bars(not self._quiet):
+            exporter.export_latest(engine, engine.step, list(counters["sample_steps"]))
+
+
+def _is_export_handler(handler) -> bool:
+    """An exporter registered by a `PmaCallback` (replaced when training starts again)."""
+    return isinstance(handler, PmaExporter) or getattr(handler, "__func__", None) is PmaCallback._export_cycle

@@ -11,11 +11,12 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from transformers import get_scheduler
+from transformers import TrainingArguments, get_scheduler
 
 from ..online.config import PmaConfig
 from ..online.distributed import is_main_process
 from ..online.engine import PmaEngine, attach_engine
+from .callback import remove_stale_pma_temporaries
 from .export import PmaExporter
 
 
@@ -35,6 +36,8 @@ def _as_config(pma: PmaConfig | dict | None) -> PmaConfig:
 def _attach(optimizer, config: PmaConfig, model, output_dir, processing_class) -> PmaEngine:
     engine = attach_engine(optimizer, config)
     if output_dir is not None:
+        if is_main_process():
+            remove_stale_pma_temporaries(output_dir)
         if model is None:
             raise ValueError(
                 "Writing `pma-<step>` folders needs the model: pass it (`pma_model=` for `PmaAdamW`) "
@@ -80,29 +83,76 @@ def create_pma_optimizer(
     model: torch.nn.Module,
     pma: PmaConfig | dict | None = None,
     *,
+    args: TrainingArguments | None = None,
     output_dir: str | Path | None = None,
     processing_class=None,
     optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
-    lr: float = 1e-4,
-    weight_decay: float = 0.0,
+    lr: float | None = None,
+    weight_decay: float | None = None,
     num_training_steps: int | None = None,
-    num_warmup_steps: int = 0,
-    lr_scheduler_type: str = "constant_with_warmup",
+    num_warmup_steps: int | None = None,
+    lr_scheduler_type: str | None = None,
     **optimizer_kwargs,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """``(optimizer, scheduler)`` with PMA attached, for ``Trainer(optimizers=...)``.
 
+    ``Trainer(optimizers=...)`` uses this optimizer and scheduler *instead of* the ones its
+    arguments describe, so pass those arguments as ``args=``: the learning rate, weight decay,
+    scheduler type and kwargs, warmup, ``max_steps`` and (for AdamW) betas and epsilon are then
+    taken from them. Keywords given here win over ``args``. **Without** ``args`` the defaults are
+    lr 1e-4, no weight decay, no warmup and a constant schedule, whatever the Trainer's arguments say.
+
     Weight decay skips biases and norm weights (1-D tensors), as the Trainer does. The scheduler
     is any `transformers.get_scheduler` type; ``num_training_steps`` is needed by decaying ones.
+
+    Args:
+        model: the model whose trainable parameters are optimized (and exported, with ``output_dir``).
+        pma: the PMA settings (`PmaConfig` or a dict of its fields).
+        args: the Trainer's `TrainingArguments`, the source of the optimizer and scheduler settings.
+        output_dir: where ``pma-<step>`` and ``pma`` are written (``args.output_dir`` when ``args`` is given).
+
+    Returns:
+        ``(optimizer, scheduler)`` for ``Trainer(optimizers=...)``.
     """
+    settings = _trainer_settings(args, optimizer_cls, optimizer_kwargs, num_training_steps)
+    lr = settings["lr"] if lr is None else lr
+    weight_decay = settings["weight_decay"] if weight_decay is None else weight_decay
+    num_training_steps = settings["num_training_steps"] if num_training_steps is None else num_training_steps
+    num_warmup_steps = settings["num_warmup_steps"] if num_warmup_steps is None else num_warmup_steps
+    lr_scheduler_type = settings["lr_scheduler_type"] if lr_scheduler_type is None else lr_scheduler_type
+    output_dir = args.output_dir if output_dir is None and args is not None else output_dir
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = optimizer_cls([g for g in groups if g["params"]], lr=lr, **optimizer_kwargs)
+    kwargs = {**settings["optimizer_kwargs"], **optimizer_kwargs}
+    optimizer = optimizer_cls([g for g in groups if g["params"]], lr=lr, **kwargs)
     _attach(optimizer, _as_config(pma), model, output_dir, processing_class)
     scheduler = get_scheduler(
-        lr_scheduler_type, optimizer, num_warmup_steps=num_warmup_steps, num_training_steps=num_training_steps
-    )
+        lr_scheduler_type, optimizer, num_warmup_steps=num_warmup_steps, num_training_steps=num_training_steps,
+        scheduler_specific_kwargs=settings["scheduler_kwargs"],
+    )  # fmt: skip
     return optimizer, scheduler
+
+
+def _trainer_settings(args, optimizer_cls, optimizer_kwargs: dict, num_training_steps: int | None) -> dict:
+    """Optimizer and scheduler settings from the Trainer's arguments (the documented defaults without them)."""
+    if args is None:
+        return dict(
+            lr=1e-4, weight_decay=0.0, num_training_steps=None, num_warmup_steps=0,
+            lr_scheduler_type="constant_with_warmup", scheduler_kwargs=None, optimizer_kwargs={},
+        )  # fmt: skip
+    steps = num_training_steps if num_training_steps is not None else (args.max_steps if args.max_steps > 0 else None)
+    adam = {}
+    if issubclass(optimizer_cls, (torch.optim.Adam, torch.optim.AdamW)) and "betas" not in optimizer_kwargs:
+        adam = {"betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
+    return dict(
+        lr=args.learning_rate,
+        weight_decay=args.weight_decay,
+        num_training_steps=steps,
+        num_warmup_steps=args.get_warmup_steps(steps or 0),
+        lr_scheduler_type=args.lr_scheduler_type,
+        scheduler_kwargs=dict(args.lr_scheduler_kwargs or {}) or None,
+        optimizer_kwargs=adam,
+    )
