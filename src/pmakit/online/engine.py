@@ -156,8 +156,8 @@ class PmaEngine:
         changed = _describe_change(stored, current) if not unknown else f"settings unknown, now {current}"
         warnings.warn(
             f"PMA: the checkpoint's unfinished cycle was taken under other settings ({changed}). Its "
-            f"{len(dropped)} sample(s) at optimizer steps {_join_steps(dropped)} are dropped; completed merges "
-            "are kept, and new cycles start under the new settings at the next sample step.",
+            f"{len(dropped)} sample(s) at optimizer steps {', '.join(map(str, dropped))} are dropped; completed "
+            "merges are kept, and new cycles start under the new settings at the next sample step.",
             UserWarning,
             stacklevel=2,
         )
