@@ -21,7 +21,7 @@ import torch
 import yaml
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
 
-from pmakit import PmaTrainer
+from pmakit import PmaConfig, PmaTrainer, create_pma_optimizer
 from tests.helpers.models import TokenDataset, tiny_llama
 from tests.helpers.training import SnapshotCallback, load_folder, plain_args, pma_args, weighted
 
@@ -232,3 +232,30 @@ def test_horizon_warning_is_given_once(tmp_path):
         warnings.simplefilter("always")
         trainer_for(tmp_path, max_steps=4, pma_fused_num=5).train()
     assert len([w for w in caught if "sample(s) fit in" in str(w.message)]) == 1
+
+
+def test_factory_takes_optimizer_and_schedule_from_trainer_arguments(tmp_path):
+    args = plain_args(
+        tmp_path, learning_rate=3e-3, lr_scheduler_type="linear", warmup_steps=2, weight_decay=0.1, max_steps=6,
+        adam_beta2=0.95, adam_epsilon=1e-6,
+    )  # fmt: skip
+    model = tiny_llama()
+    optimizer, scheduler = create_pma_optimizer(model, PmaConfig(interleave_step=2, fused_num=3), args=args)
+    reference = Trainer(model=tiny_llama(), args=args)  # the Trainer's own optimizer and schedule
+    reference.create_optimizer_and_scheduler(num_training_steps=6)
+    for key in ("lr", "weight_decay", "betas", "eps"):
+        assert optimizer.param_groups[0][key] == reference.optimizer.param_groups[0][key], key
+    rates, reference_rates = [], []
+    pairs = ((optimizer, scheduler, rates), (reference.optimizer, reference.lr_scheduler, reference_rates))
+    for opt, sched, out in pairs:
+        for group in opt.param_groups:
+            for param in group["params"]:
+                param.grad = torch.zeros_like(param)
+        for _ in range(6):
+            out.append(sched.get_last_lr()[0])
+            opt.step()
+            sched.step()
+    assert rates == reference_rates and rates[:3] == [0.0, 1.5e-3, 3e-3]
+    optimizers = create_pma_optimizer(model, PmaConfig(interleave_step=2, fused_num=3), args=args)
+    Trainer(model=model, args=args, train_dataset=TokenDataset(), optimizers=optimizers).train()
+    assert (tmp_path / "pma-6" / "config.json").is_file()  # output_dir from the arguments
