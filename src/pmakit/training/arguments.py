@@ -113,7 +113,11 @@ class PmaArguments(TrainingArguments):
         validate_pma_settings({name: getattr(self, f"pma_{name}") for name in PMA_FIELDS}, prefix="pma_")
         validate_wsa_settings({name: getattr(self, f"pma_wsa_{name}") for name in WSA_FIELDS}, "pma_wsa_")
         validate_spike_settings({name: getattr(self, f"pma_spike_{name}") for name in SPIKE_FIELDS}, "pma_spike_")
-        super().__post_init__()  # the horizon warning comes once, when training starts (`PmaCallback`)
+        super().__post_init__()
+        if self.max_steps and self.max_steps > 0:
+            config = self.pma_config
+            config.check_horizon(self.max_steps)
+            self._pma_horizon_checked = (self.max_steps, config)  # so that `PmaCallback` does not warn again
 
     @property
     def pma_config(self) -> PmaConfig:

@@ -119,7 +119,8 @@ class PmaCallback(TrainerCallback):
         )
         engine._handlers = [h for h in engine._handlers if not _is_export_handler(h)]
         engine.add_cycle_handler(self._export_cycle)
-        self.config.check_horizon(state.max_steps)
+        if getattr(args, "_pma_horizon_checked", None) != (state.max_steps, self.config):  # else done by the args
+            self.config.check_horizon(state.max_steps)
         self._check_resumed_precision(engine)
 
     def _export_cycle(self, engine: PmaEngine, step: int) -> None:
