@@ -259,3 +259,15 @@ def test_factory_takes_optimizer_and_schedule_from_trainer_arguments(tmp_path):
     optimizers = create_pma_optimizer(model, PmaConfig(interleave_step=2, fused_num=3), args=args)
     Trainer(model=model, args=args, train_dataset=TokenDataset(), optimizers=optimizers).train()
     assert (tmp_path / "pma-6" / "config.json").is_file()  # output_dir from the arguments
+
+
+def test_optimizer_route_resumed_without_pma_follows_the_optimizer_step(tmp_path):
+    args = plain_args(tmp_path, max_steps=14, save_strategy="steps", save_steps=6, data_seed=0)
+    Trainer(model=tiny_llama(), args=args, train_dataset=TokenDataset(), callbacks=[StopAt(6)]).train()
+    model, snap = tiny_llama(), SnapshotCallback()
+    optimizers = create_pma_optimizer(model, PmaConfig(interleave_step=4, fused_num=2), args=args)
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(), optimizers=optimizers, callbacks=[snap])
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
+    assert pma_folders(tmp_path) == ["pma-12"]
+    assert card_recipe(tmp_path / "pma-12")["sample_steps"] == [8, 12]
+    assert_folder_is(tmp_path / "pma-12", snap.snapshots, [8, 12], [0.5, 0.5])

@@ -20,6 +20,11 @@ dropped with a warning that names the old and new values, completed merges (``pm
 folders) are kept, and fresh cycles start under the new settings at the next sample step.
 Other settings (``write_back``, ``eval``, ``offload``, saving) may change freely.
 
+Resuming a checkpoint written without PMA. Its optimizer state has no counters; the step count
+then starts from the optimizer's own (Adam's per-parameter ``step``) when it has one, and
+`PmaCallback` seeds it from the Trainer's ``global_step`` otherwise, so sample steps and
+``pma-<step>`` names follow the real optimizer step, not the steps since PMA was switched on.
+
 A sample folds the parameters into the average with the running form of the averaging law,
 ``avg <- avg + c_k (x_k - avg)``, as a handful of ``torch._foreach_*`` kernels per
 (device, dtype) group: no Python loop over tensors, and nothing at all on steps that take no
@@ -115,6 +120,7 @@ class PmaEngine:
         self._stream = None
         self._copied = None  # CUDA event: the offload copy of the parameters has finished
         self._stashed: dict = {}
+        self._loading_counters = True  # whether the state dict being loaded carries PMA counters
         self._param_source: Callable[[], list[list[torch.Tensor]]] | None = None
         self.deepspeed = False  # set by `attach_deepspeed`: the average shadows ZeRO's fp32 partitions
         optimizer._pma_engine = self
@@ -403,6 +409,8 @@ class PmaEngine:
         """Set the fp32 averages aside before `load_state_dict` casts them to the parameter dtype."""
         self.join()
         self._stashed = {}
+        groups = state_dict.get("param_groups") or [{}]
+        self._loading_counters = COUNTERS_KEY in groups[0]
         # Map saved ids to live parameters the way `load_state_dict` does: in group order (the ids of a
         # state dict rebuilt by torch.distributed.checkpoint need not be 0..n-1 in that order).
         saved_ids = [i for group in state_dict.get("param_groups", []) for i in group.get("params", [])]
@@ -424,6 +432,14 @@ class PmaEngine:
         self._groups = None
         if COUNTERS_KEY in optimizer.param_groups[0]:
             self._reconcile_settings()
+        if not self._loading_counters:  # a checkpoint written without PMA
+            self.start_counting_at(_optimizer_steps(optimizer))
+
+
+def _optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
+    """The steps a restored optimizer has taken by its own count (Adam's per-parameter ``step``), else 0."""
+    steps = [entry["step"] for entry in optimizer.state.values() if isinstance(entry, dict) and "step" in entry]
+    return max((int(step.item() if torch.is_tensor(step) else step) for step in steps), default=0)
 
 
 def cycle_settings(config: PmaConfig) -> str:
