@@ -4,6 +4,7 @@
 #   make bench  same set-up plus the peers (mergekit), then run the benchmarks
 #   make quality  ruff lint and format check (what CI runs before the tests)
 #   make test-deepspeed  also install DeepSpeed (no CUDA ops) and run the ZeRO-on-CPU tests (optional: see below)
+#   make docs   same set-up plus the docs extra, then build the site into site/ (strict: broken links fail)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -13,7 +14,7 @@ PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-deepspeed demo bench quality format clean
+.PHONY: install test test-deepspeed demo bench quality format docs clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,5 +64,12 @@ format: $(VENV)/.quality
 	$(VENV)/bin/ruff check --fix src tests benchmarks examples
 	$(VENV)/bin/ruff format src tests benchmarks examples
 
+$(VENV)/.docs: $(STAMP)
+	$(PIP) install -q -e ".[docs]" "$(TORCH)"
+	touch $(VENV)/.docs
+
+docs: $(VENV)/.docs
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
 clean:
-	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
+	rm -rf $(VENV) runs build site *.egg-info src/*.egg-info
