@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import re
 import shlex
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,7 +100,8 @@ def _check_launcher(words: list[str], where: str) -> None:
 
 
 def _check_pip(words: list[str], where: str) -> None:
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    section = (ROOT / "pyproject.toml").read_text().split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
+    extras = set(re.findall(r"^([A-Za-z0-9_-]+)\s*=", section, re.M))
     for word in words[2:]:
         for extra in re.findall(r"\[([^\]]+)\]", word):
             for name in extra.split(","):

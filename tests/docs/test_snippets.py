@@ -35,6 +35,19 @@ def test_every_block_says_what_it_is():
             )
 
 
+def _save_lora_run(root: Path) -> None:
+    """A base model at `path/to/base` and three LoRA adapters of it as `run/pma-1000..3000`."""
+    from peft import LoraConfig, get_peft_model
+
+    from tests.helpers.folders import save_models
+    from tests.helpers.models import tiny_llama
+
+    save_models(root / "path" / "to", 1, names=["base"], tokenizer=True)
+    for step in (1000, 2000, 3000):
+        config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        get_peft_model(tiny_llama(seed=0), config).save_pretrained(root / "run" / f"pma-{step}")
+
+
 @pytest.fixture(scope="session")
 def workspace_template(tmp_path_factory) -> Path:
     """The folders the snippets read, built once: a run with checkpoints and PMA folders, fine-tunes, a base."""
@@ -45,7 +58,11 @@ def workspace_template(tmp_path_factory) -> Path:
     save_models(run, 10, names=[f"checkpoint-{1000 * i}" for i in range(1, 11)], tokenizer=True)
     save_models(run, 5, seed0=20, names=[f"pma-{2000 * i}" for i in range(1, 6)], tokenizer=True)
     shutil.copytree(run / "pma-10000", run / "pma")
-    save_models(root, 3, seed0=40, names=["base", "ft-a", "ft-b"], tokenizer=True)
+    names = ["base", "ft-a", "ft-b", "ft-lr1e-5", "ft-lr3e-5", "ft-seed2", "ft/lr1e-5", "ft/lr3e-5", "ft/lr1e-4",
+             "runs/a/checkpoint-2000", "runs/b/checkpoint-2000", "runs/a/final", "runs/b/final",
+             "stage1/a", "stage1/b"]  # fmt: skip
+    save_models(root, len(names), seed0=40, names=names, tokenizer=True)
+    _save_lora_run(root)
     return root
 
 
@@ -66,18 +83,41 @@ def workdir(workspace_template, tmp_path, monkeypatch, local_hub) -> Path:
     shutil.copytree(workspace_template, target)
     monkeypatch.chdir(target)
     monkeypatch.setenv("HF_TOKEN", local_hub.write_token)
-    monkeypatch.setattr(sys, "argv", ["train.py", "--output_dir", "runs/cli", "--max_steps", "8",
-                                      "--pma_interleave_step", "2", "--pma_fused_num", "2", "--report_to", "none"])  # fmt: skip
+    argv = "train.py --output_dir runs/cli --max_steps 8 --pma_interleave_step 2 --pma_fused_num 2 --report_to none"
+    monkeypatch.setattr(sys, "argv", argv.split())  # what a launched `train.py` would be given
     return target
 
 
+def _small_cnn():
+    import torch
+
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(), torch.nn.Linear(4, 2),
+    )  # fmt: skip
+
+
 def _namespace() -> dict:
+    """What the snippets call their own: a causal LM and tokenizer, datasets, and BatchNorm CNNs with a loader."""
+    import torch
+
     from tests.helpers.folders import make_tokenizer
     from tests.helpers.models import TokenDataset, tiny_llama
 
     train = TokenDataset(64, seed=1)
-    return {"__name__": "__docs__", "model": tiny_llama(), "tokenizer": make_tokenizer(),
-            "train": train, "ds": train, "val": TokenDataset(16, seed=2)}  # fmt: skip
+    torch.manual_seed(0)
+    cnns = [_small_cnn() for _ in range(4)]
+    return {
+        "__name__": "__docs__",
+        "model": tiny_llama(),
+        "template_model": tiny_llama(),
+        "tokenizer": make_tokenizer(),
+        **dict.fromkeys(["train", "ds", "train_ds", "shard_a"], train),
+        "new_data": TokenDataset(32, seed=3),
+        "val": TokenDataset(16, seed=2),
+        **dict(zip(["cnn", "cnn_a", "cnn_b", "cnn_c"], cnns, strict=True)),
+        "train_loader": [torch.randn(4, 3, 8, 8) for _ in range(3)],
+    }
 
 
 def _run_python(block: Block, namespace: dict) -> None:
@@ -99,12 +139,19 @@ def _run_shell(block: Block) -> None:
         assert code == 0, f"{block.where}: `{' '.join(words)}` exited {code}: {err.getvalue()[-2000:]}"
 
 
+def _is_recipe(block: Block) -> bool:
+    if block.lang != "yaml":
+        return False
+    data = yaml.safe_load(block.code)
+    return isinstance(data, dict) and bool(RECIPE_KEYS & data.keys())
+
+
 def _check_data(block: Block, workdir: Path) -> None:
     if block.lang == "json":
         json.loads(block.code)
         return
-    data = yaml.safe_load(block.code)
-    if isinstance(data, dict) and RECIPE_KEYS & data.keys():
+    yaml.safe_load(block.code)
+    if _is_recipe(block):
         from pmakit import load_recipe
 
         path = workdir / f"recipe-{block.line}.yaml"
@@ -117,6 +164,9 @@ def test_page_snippets_run(page: Path, workdir: Path):
     blocks = fenced_blocks(page)
     if any("org/" in b.code for b in blocks):
         _publish_fixtures(workdir)
+    recipes = [b for b in blocks if _is_recipe(b)]
+    if recipes:  # the page's first recipe is the `recipe.yaml` its commands name
+        (workdir / "recipe.yaml").write_text(recipes[0].code)
     namespace = _namespace()
     for block in blocks:
         if block.lang == "python":
