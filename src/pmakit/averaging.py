@@ -52,6 +52,16 @@ class AveragingRule:
     ``alpha`` is the weight of the newest sample (the paper's and MindSpore's convention; timm and
     torch's ``decay`` is ``1 - alpha``). ``normalize=False`` keeps explicit weights as given (for
     extrapolation such as ``theta_1 + a (theta_1 - theta_0)``); it has no running form.
+
+    Args:
+        algo: One of ``ALGORITHMS``: ``"sma"``, ``"ema"``, ``"wma"`` or ``"weights"``.
+        alpha: EMA weight of the newest sample, in (0, 1); used by ``"ema"`` only.
+        weights: Explicit per-sample weights, oldest first; used by ``"weights"`` only.
+        normalize: Divide explicit weights by their sum (off: use them as given, negatives allowed).
+
+    Raises:
+        ValueError: an unknown rule, ``alpha`` outside (0, 1), or weights missing, empty, non-finite
+            or summing to zero when normalised.
     """
 
     algo: str = "sma"
@@ -139,12 +149,37 @@ def merge_weights(
     weights: Sequence[float] | None = None,
     normalize: bool = True,
 ) -> list[float]:
-    """Closed-form weights of ``n`` samples under a rule; see :class:`AveragingRule`."""
+    """Closed-form weights of ``n`` samples under a rule; see :class:`AveragingRule`.
+
+    Args:
+        n: Number of samples.
+        algo: The rule (see `AveragingRule`).
+        alpha: EMA weight of the newest sample.
+        weights: Explicit weights for ``algo="weights"``, one per sample.
+        normalize: Whether explicit weights are divided by their sum.
+
+    Returns:
+        The weight of each sample, oldest first.
+
+    Raises:
+        ValueError: invalid settings, or a number of weights other than ``n``.
+    """
     return AveragingRule(algo, alpha, tuple(weights) if weights is not None else None, normalize).weights_for(n)
 
 
 def fold_coefficients(rule: AveragingRule, n: int) -> list[float]:
-    """``[c_1, ..., c_n]``: folding samples with these reproduces ``rule.weights_for(n)``."""
+    """``[c_1, ..., c_n]``: folding samples with these reproduces ``rule.weights_for(n)``.
+
+    Args:
+        rule: The averaging rule.
+        n: Number of samples.
+
+    Returns:
+        ``c_k`` for ``k = 1..n``; ``c_1`` is 1.
+
+    Raises:
+        ValueError: the rule has no running form (``normalize=False``) or too few weights.
+    """
     return [rule.coefficient(k) for k in range(1, n + 1)]
 
 

@@ -11,8 +11,14 @@ __all__ = ["InputError", "MergeError"]
 
 
 class InputError(ValueError):
-    """Bad input: a file, tensor, folder or setting that cannot be used as given."""
+    """Bad input: a file, tensor, folder or setting that cannot be used as given.
+
+    Raised before anything is written; the message names the file, tensor or setting.
+    """
 
 
 class MergeError(InputError):
-    """A merge cannot proceed: bad input, inconsistent models or an unusable output path."""
+    """A merge cannot proceed: bad input, inconsistent models or an unusable output path.
+
+    A subclass of `InputError`, so ``except InputError`` catches both.
+    """

@@ -79,7 +79,13 @@ T = TypeVar("T")
 
 
 class HubPushError(RuntimeError):
-    """A push to the Hub failed; the local folder is untouched (``folder``)."""
+    """A push to the Hub failed; the local folder is untouched (``folder``).
+
+    Attributes:
+        folder: The local folder that was to be pushed (kept).
+        repo_id: The target repo.
+        status: The HTTP status of the last failure, if there was one.
+    """
 
     def __init__(self, message: str, *, folder: Path, repo_id: str, status: int | None = None) -> None:
         super().__init__(message)
@@ -89,7 +95,13 @@ class HubPushError(RuntimeError):
 
 
 class HubDownloadError(RuntimeError):
-    """A download from the Hub failed: missing repo or revision, no access, or no reachable server."""
+    """A download from the Hub failed: missing repo or revision, no access, or no reachable server.
+
+    Attributes:
+        repo_id: The repo asked for.
+        revision: The revision asked for.
+        status: The HTTP status of the failure, if there was one.
+    """
 
     def __init__(self, message: str, *, repo_id: str, revision: str | None, status: int | None = None) -> None:
         super().__init__(message)

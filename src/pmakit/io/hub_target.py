@@ -22,6 +22,18 @@ class HubTarget:
     ``private`` applies only when the repo is created; ``revision`` is a branch, created when
     missing; ``path_in_repo`` puts the folder in a subfolder. The token never shows in ``repr``.
     The repo id is checked when the target is built, so a bad id fails before a long merge runs.
+
+    Args:
+        repo_id: ``name`` or ``namespace/name``.
+        private: Create the repo private (only when it does not exist yet).
+        revision: Branch to push to, created from main when missing.
+        commit_message: The commit's title.
+        token: Hub token (default: ``HF_TOKEN``, else the stored login).
+        path_in_repo: Subfolder of the repo to upload into.
+        create_pr: Open a pull request instead of committing to the branch.
+
+    Raises:
+        ValueError: the repo id is not valid on the Hub.
     """
 
     repo_id: str

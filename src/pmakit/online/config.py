@@ -83,6 +83,12 @@ class PmaConfig:
 
     A sample is taken after optimizer step ``t`` when ``t > start_step`` and
     ``t % interleave_step == 0``; after ``fused_num`` samples a cycle ends.
+
+    Each field is listed with its default and meaning in the settings table of the docs
+    (generated from the fields' ``help`` metadata).
+
+    Raises:
+        ValueError: a setting is out of range; the message names the field and the allowed values.
     """
 
     fused_algo: str = field(default="sma", metadata=_meta("fused_algo"))

@@ -65,6 +65,13 @@ def attach_engine(optimizer: torch.optim.Optimizer, config: PmaConfig) -> PmaEng
 
     When a DeepSpeed ZeRO optimizer sits in the wrapper chain, the engine follows its fp32 master
     partitions (`attach_deepspeed`).
+
+    Args:
+        optimizer: Any `torch.optim.Optimizer` (or a wrapper around one, such as Accelerate's).
+        config: The PMA settings, used when a new engine is attached.
+
+    Returns:
+        The optimizer's engine.
     """
     inner = unwrap_optimizer(optimizer)
     engine = getattr(inner, "_pma_engine", None)
@@ -106,6 +113,10 @@ class PmaEngine:
     fp32 copy per rank (like the optimizer moments), under FSDP2 one fp32 shard per rank (a DTensor
     whose local shard is folded), under DeepSpeed ZeRO the rank's fp32 master partition
     (see `attach_deepspeed`).
+
+    Args:
+        optimizer: The optimizer whose parameters are averaged; the average lives in its state.
+        config: The PMA settings.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, config: PmaConfig) -> None:

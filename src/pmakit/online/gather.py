@@ -41,6 +41,18 @@ def gather_averaged_state_dict(
     ``safe_get_full_optimizer_state``; frozen ZeRO-3 parameters are gathered with
     ``GatheredParameters``. Those are collectives: every process must call this, in the same order.
     Unsharded models need no communication and other processes return at once.
+
+    Args:
+        model: The (possibly sharded) model whose state dict is exported.
+        averages: ``{parameter: fp32 average}`` from the engine.
+        is_main_process: Whether this process keeps the result.
+        optimizer_state_key: The optimizer-state key of the average under DeepSpeed ZeRO.
+
+    Returns:
+        ``{name: CPU tensor}`` on the main process, None on the others.
+
+    Raises:
+        RuntimeError: a sharded tensor cannot be gathered (e.g. DeepSpeed is missing).
     """
     params = list(model.named_parameters(remove_duplicate=False))
     state_dict = model.state_dict()

@@ -47,6 +47,18 @@ def merge_buffers(
     """The merged buffers of ``models`` (oldest first): integers copied from the newest, floats per policy.
 
     Averages are accumulated in fp64 and cast back to each buffer's dtype.
+
+    Args:
+        models: Models of one architecture, oldest first.
+        weights: Weights of the models (None: equal).
+        float_buffers: ``"average"`` or ``"newest"``: what float buffers get.
+
+    Returns:
+        ``{buffer name: tensor}``.
+
+    Raises:
+        ValueError: an unknown policy, a buffer missing from a model or shaped differently, or bad
+            weights.
     """
     if float_buffers not in FLOAT_BUFFER_POLICIES:
         raise ValueError(f"`float_buffers` must be one of {', '.join(FLOAT_BUFFER_POLICIES)}; got {float_buffers!r}.")
@@ -75,7 +87,20 @@ def merge_buffers(
 def average_models(
     models: Sequence[nn.Module], weights: Sequence[float] | None = None, *, float_buffers: str = "average"
 ) -> dict[str, torch.Tensor]:
-    """A full state dict: parameters averaged with ``weights`` (fp64 accumulation), buffers by `merge_buffers`."""
+    """A full state dict: parameters averaged with ``weights`` (fp64 accumulation), buffers by `merge_buffers`.
+
+    Args:
+        models: Models of one architecture, oldest first.
+        weights: Weights of the models (None: equal).
+        float_buffers: ``"average"`` or ``"newest"``.
+
+    Returns:
+        A state dict for ``load_state_dict`` of any of the models.
+
+    Raises:
+        ValueError: a parameter or buffer missing from a model, buffers shaped differently, or bad
+            weights.
+    """
     probs = _weights(weights, len(models))
     merged = merge_buffers(models, probs, float_buffers=float_buffers)
     params = [dict(m.named_parameters()) for m in models]
@@ -109,6 +134,18 @@ def update_bn(
     may be a tensor, an ``(input, target, ...)`` tuple (the first item is fed), or a dict of model
     keyword arguments (HF models). Returns the number of batches used; the model's training mode
     and the modules' momenta are restored.
+
+    Args:
+        loader: Batches of training data.
+        model: The model whose BatchNorm statistics are recomputed (in place).
+        device: Where the batches are moved (default: the model's device).
+        num_batches: Use at most this many batches.
+
+    Returns:
+        The number of batches used.
+
+    Raises:
+        ValueError: the loader gave no batch (the statistics were reset, so they are unusable).
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:

@@ -52,7 +52,17 @@ class SoupStep:
 
 @dataclass
 class GreedySoupResult:
-    """What the greedy procedure did; ``steps`` in the order tried (best single candidate first)."""
+    """What the greedy procedure did; ``steps`` in the order tried (best single candidate first).
+
+    Attributes:
+        steps: Each candidate tried, its own score, the soup's score with it and whether it was kept.
+        final_score: The soup's score.
+        greater_is_better: Direction of the score.
+        strict: Whether ties were rejected.
+        output_dir: Where the soup was written, if it was.
+        hub_url: The Hub commit URL, if pushed.
+        metric: The metric's name.
+    """
 
     steps: list[SoupStep]
     final_score: float
@@ -172,6 +182,33 @@ def greedy_soup(
     one by one). ``strict``: keep a candidate only if the soup gets strictly better. With
     ``output_dir`` the soup is written there (and pushed to ``push_to_hub`` if given). On return
     the evaluation model holds the soup.
+
+    Args:
+        candidates: Model folders, in any order (they are sorted by their own score).
+        evaluate: A function ``model -> score`` or a `transformers.Trainer` with an eval set.
+        output_dir: Where the soup is written (None: not written).
+        model: The evaluation model for a function ``evaluate``.
+        scores: The candidates' own scores, if known.
+        greater_is_better: Direction of the score (a Trainer's metric sets it).
+        metric_key: The Trainer metric to use (default: its ``metric_for_best_model`` or ``eval_loss``).
+        strict: Keep a candidate only if the score strictly improves.
+        overwrite: Replace an existing output folder.
+        push_to_hub: A repo id to push the soup to.
+        private: Create the Hub repo private.
+        revision: Hub branch to push to.
+        commit_message: Hub commit message.
+        token: Hub token.
+
+    Returns:
+        What was tried and kept, the final score, and where the soup went.
+
+    Raises:
+        FileNotFoundError: a candidate folder is missing.
+        KeyError: the Trainer's evaluation has no ``metric_key``.
+        TypeError: ``evaluate`` is neither a function nor a Trainer.
+        ValueError: no candidates or one listed twice, candidates whose tensors differ, a Trainer
+            without ``eval_dataset``, a function without ``greater_is_better``, one score per
+            candidate missing, or ``push_to_hub`` without ``output_dir``.
     """
     folders = _candidate_folders(candidates, scores)
     if push_to_hub and output_dir is None:

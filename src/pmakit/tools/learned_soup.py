@@ -83,7 +83,16 @@ def _forward(model, params, batch, device):
 
 @dataclass
 class LearnedSoup:
-    """A fitted learned soup: coefficients (summing to 1), temperature, merged weights and the fit's history."""
+    """A fitted learned soup: coefficients (summing to 1), temperature, merged weights and the fit's history.
+
+    Attributes:
+        coefficients: Mixing weight of each candidate, summing to 1.
+        temperature: The fitted output temperature.
+        state_dict: The merged weights.
+        labels: The candidates' names.
+        losses: The held-out loss at each fit step.
+        settings: The fit's settings, for the model card.
+    """
 
     coefficients: list[float]
     temperature: float
@@ -174,6 +183,28 @@ def fit_learned_soup(
     ``(inputs, labels)`` pairs) and is iterated ``epochs`` times (at most ``max_steps`` steps).
     ``loss_fn(outputs, batch, temperature)`` defaults to `soup_loss`. The defaults (Adam,
     lr 0.05) follow the paper's code. The merged weights are computed in fp64 from the candidates.
+
+    Args:
+        model: A template model with the candidates' architecture.
+        candidates: Modules, state dicts or model folders.
+        data: Held-out batches.
+        epochs: Passes over ``data``.
+        max_steps: At most this many optimisation steps.
+        lr: Adam learning rate.
+        fit_temperature: Also fit the output temperature.
+        loss_fn: ``loss_fn(outputs, batch, temperature)``.
+        labels: Names of the candidates for the card.
+        device: Where to fit (default: the template's device).
+
+    Returns:
+        The fitted soup; ``LearnedSoup.save`` writes it as a model folder.
+
+    Raises:
+        FileNotFoundError: a candidate folder is missing.
+        TypeError: a candidate of an unsupported type.
+        ValueError: fewer than two candidates, a candidate lacking parameters of the template,
+            ``labels`` of the wrong length, ``epochs``/``max_steps`` below 1, or no batch in ``data``.
+        FloatingPointError: the loss became non-finite during the fit.
     """
     if len(candidates) < 2:
         raise ValueError(f"A soup needs at least 2 candidates; got {len(candidates)}.")

@@ -359,6 +359,27 @@ def average_lora_adapters(
     the updates), ``"concat"`` (exact; adapter of rank ``sum r_i``), or ``"merge"`` (exact; the
     base model folder ``base_model`` with the averaged update added, a complete model). The first
     two write adapter folders loadable with ``PeftModel.from_pretrained``.
+
+    Args:
+        adapters: PEFT LoRA adapter folders, oldest first.
+        output_dir: The output folder, written atomically.
+        method: ``"factor"``, ``"concat"`` or ``"merge"``.
+        algo: Averaging rule (``sma``, ``ema``, ``wma``, ``weights``).
+        alpha: EMA weight of the newest adapter.
+        weights: Explicit weights, one per adapter.
+        normalize: Divide explicit weights by their sum.
+        base_model: The base model folder, needed by ``method="merge"``.
+        accumulate_dtype: Accumulation dtype (`torch.float32` or `torch.float64`).
+        overwrite: Replace an existing output folder.
+
+    Returns:
+        The output folder.
+
+    Raises:
+        FileNotFoundError: an adapter or the base model is missing.
+        ValueError: an unknown method, no adapters, adapters that are not LoRA or whose modules or
+            shapes differ, unreadable weights, bad weights, or ``base_model`` given for another method
+            or missing for ``"merge"``.
     """
     _check_method(method, adapters, base_model)
     loaded = [load_lora_adapter(p) for p in adapters]

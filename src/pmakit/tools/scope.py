@@ -79,6 +79,19 @@ def compute_scopes(
     embeddings; 1-D norm scales are constant at initialisation, so their std is 0 and a Gaussian
     fit means nothing), optionally only those whose name matches the regex ``pattern``. Folders
     are streamed from memory-mapped safetensors in row chunks, and all sums are taken in fp64.
+
+    Args:
+        source: A module, a state dict or a model folder.
+        min_ndim: Smallest number of dimensions a measured tensor has.
+        pattern: Regex of tensor names to measure (None: all).
+        trainable_only: For a module, measure only parameters that require gradients.
+
+    Returns:
+        ``{tensor name: Scope}``.
+
+    Raises:
+        FileNotFoundError: the folder does not exist.
+        TypeError: an unsupported ``source``.
     """
     regex = re.compile(pattern) if pattern else None
     if isinstance(source, (str, os.PathLike)):
@@ -120,6 +133,16 @@ def fuse_scopes(scopes: Sequence[Mapping[str, Scope]], weights: Sequence[float] 
     this is exactly the mean and std of all the models' weights pooled together. The WSA paper
     fuses scopes for multi-stage merges but our notes do not give its formula; this is our choice.
     Every model must have the same layers.
+
+    Args:
+        scopes: One ``{layer: Scope}`` per model.
+        weights: Mixture weights (None: equal).
+
+    Returns:
+        ``{layer: Scope}`` of the fused target.
+
+    Raises:
+        ValueError: no models, models with different layers, or bad weights.
     """
     if not scopes:
         raise ValueError("fuse_scopes needs at least one model's scopes.")
@@ -148,5 +171,14 @@ def warn_if_scopes_differ(
     Meant to run before a merge: averaging models whose layer scales differ can land in a region
     of higher loss; WSA training (`pmakit.tools.wsa`) keeps runs that will be merged aligned.
     ``labels`` are accepted for symmetry with the report; the warning names layers.
+
+    Args:
+        sources: Modules, state dicts or model folders.
+        threshold: Flag a layer when ``max(std ratio - 1, mean spread / std)`` exceeds it.
+        labels: Names of the sources.
+        **kwargs: Passed to `compute_scopes`.
+
+    Returns:
+        The flagged layers (empty when the scopes agree).
     """
     return warn_on_scope_differences([compute_scopes(s, **kwargs) for s in sources], threshold, stacklevel=2)

@@ -78,7 +78,10 @@ SPIKE_HELP = {
 
 
 class SpikeRecoveryError(RuntimeError):
-    """Training cannot recover from a loss spike (no sample before it, or recoveries used up)."""
+    """Training cannot recover from a loss spike (no sample before it, or recoveries used up).
+
+    The message says what to change (a lower learning rate, more samples, more recoveries).
+    """
 
 
 def _meta(name: str) -> dict:
@@ -129,6 +132,12 @@ class SpikeConfig:
     median for 3 steps in a row, or any non-finite loss/gradient; the run restarts from the SMA of
     the last 3 samples (taken 100 steps apart) before it, with fresh optimizer moments and a
     100-step learning-rate re-warm, at most 3 times.
+
+    Each field is listed with its default and meaning in the docs' settings table (generated from
+    the fields' ``help`` metadata).
+
+    Raises:
+        ValueError: a setting is out of range; the message names the field.
     """
 
     factor: float = field(default=2.0, metadata=_meta("factor"))
@@ -175,6 +184,15 @@ class SpikeRecoveryCallback(TrainerCallback):
 
     ``events`` lists the recoveries (step, when the spike began, reason, the steps merged) and
     ``losses`` the per-step training loss it observed, ``(step, loss)`` (the last 100,000 steps).
+
+    Args:
+        config: The settings (default: ``SpikeConfig(**settings)``).
+        trainer: The Trainer, to see every step's exact loss and to reset its optimizer.
+        **settings: `SpikeConfig` fields, when ``config`` is not given.
+
+    Raises:
+        ValueError: invalid settings.
+        SpikeRecoveryError: during training, when a spike cannot be recovered from.
     """
 
     def __init__(self, config: SpikeConfig | None = None, trainer=None, **settings) -> None:

@@ -105,7 +105,15 @@ def validate_wsa_settings(values: Mapping, prefix: str = "") -> None:
 
 @dataclass
 class WsaConfig:
-    """WSA settings for `WsaCallback` / `add_wsa` (in `PmaArguments` the same fields are ``pma_wsa_*``)."""
+    """WSA settings for `WsaCallback` / `add_wsa` (in `PmaArguments` the same fields are ``pma_wsa_*``).
+
+    Each field is listed with its default and meaning in the docs' settings table (generated from
+    the fields' ``help`` metadata).
+
+    Raises:
+        ValueError: a setting is out of range or inconsistent (e.g. ``reference`` without a
+            target that uses it); the message names the field.
+    """
 
     weight: float = field(default=0.5, metadata=_meta("weight"))
     target: str = field(default="init", metadata=_meta("target"))
@@ -231,6 +239,16 @@ class WsaRegularizer:
 
     ``target=None`` takes the model's current weights (the 'init' target). Layers whose target std
     is 0 (zero-initialised ones, such as LoRA's B) have no Gaussian to align to and are skipped.
+
+    Args:
+        model: The model being trained.
+        target: ``{name: Scope}`` to align to (None: the model's current weights).
+        weight: Weight of the averaged KL in the loss.
+        layers: Regex of aligned parameter names (None: every matrix).
+        eps: Floor of the variances, for numerical safety.
+
+    Raises:
+        ValueError: the target lacks an aligned layer, or there is no layer to align.
     """
 
     def __init__(
@@ -321,6 +339,15 @@ class WsaCallback(TrainerCallback):
     logged ``loss`` is the total; ``wsa_loss`` is logged next to it, averaged over the same
     steps. The target is fixed at the start of training and stored in the optimizer state, so a
     resumed run keeps aligning to its original initial weights.
+
+    Args:
+        config: The settings (default: ``WsaConfig(**settings)``).
+        trainer: The Trainer whose ``compute_loss`` gets the WSA term.
+        **settings: `WsaConfig` fields, when ``config`` is not given.
+
+    Raises:
+        ValueError: invalid settings, both ``config`` and ``settings``, or a trainer that already
+            has a WSA callback.
     """
 
     def __init__(self, config: WsaConfig | None = None, trainer=None, **settings) -> None:
@@ -405,7 +432,19 @@ class WsaCallback(TrainerCallback):
 
 
 def add_wsa(trainer, config: WsaConfig | None = None, **settings) -> WsaCallback:
-    """Add WSA to ``trainer`` (any `transformers.Trainer` subclass) and return its callback."""
+    """Add WSA to ``trainer`` (any `transformers.Trainer` subclass) and return its callback.
+
+    Args:
+        trainer: The Trainer.
+        config: The settings (default: ``WsaConfig(**settings)``).
+        **settings: `WsaConfig` fields, when ``config`` is not given.
+
+    Returns:
+        The callback that was added.
+
+    Raises:
+        ValueError: invalid settings.
+    """
     callback = WsaCallback(config, trainer=trainer, **settings)
     trainer.add_callback(callback)
     return callback

@@ -57,6 +57,13 @@ class PmaArguments(TrainingArguments):
     args = PmaArguments(output_dir="out", max_steps=5000, pma_interleave_step=100, pma_fused_num=10)
     trainer = PmaTrainer(model=model, args=args, train_dataset=ds)
     ```
+
+    The ``pma_*`` fields (PMA, ``pma_wsa_*`` WSA and ``pma_spike_*`` spike recovery) are listed with
+    their defaults in the docs' settings tables, generated from their ``help`` metadata.
+
+    Raises:
+        ValueError: a ``pma_*`` setting is out of range (the message names the ``pma_`` field), or a
+            setting of `TrainingArguments` is invalid.
     """
 
     pma_fused_algo: str = field(default="sma", metadata=_meta("fused_algo"))

@@ -79,6 +79,16 @@ class PmaCallback(TrainerCallback):
     ``eval_pma_*`` metrics. The engine attaches to the optimizer at the start of training;
     `PmaTrainer` attaches it earlier, when the optimizer is created, which also keeps a resumed
     fp32 average exact for bf16/fp16 models.
+
+    Args:
+        config: The PMA settings (default: ``PmaConfig(**settings)``).
+        trainer: The Trainer the callback is added to; needed for ``eval=True``.
+        **settings: `PmaConfig` fields, when ``config`` is not given.
+
+    Raises:
+        ValueError: invalid settings, both ``config`` and ``settings``, or (when training starts)
+            ``eval=True`` without ``trainer``.
+        RuntimeError: the Trainer passed no optimizer to the callback.
     """
 
     def __init__(self, config: PmaConfig | None = None, trainer=None, **settings) -> None:

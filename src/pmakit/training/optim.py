@@ -63,6 +63,19 @@ class PmaAdamW(torch.optim.AdamW):
     trainer = Trainer(model, args, optimizer_cls_and_kwargs=(PmaAdamW, {"lr": 3e-4, "pma": {"interleave_step": 100},
                       "pma_model": model, "output_dir": args.output_dir}), ...)
     ```
+
+    Args:
+        params: Parameters or parameter groups, as for `torch.optim.AdamW`.
+        pma: The PMA settings, a `PmaConfig` or a dict of its fields (default: ``PmaConfig()``).
+        pma_model: The model, needed to write ``pma-<step>`` folders.
+        output_dir: Where the ``pma-<step>`` and ``pma`` folders go (None: no folders).
+        processing_class: Tokenizer or processor saved with each folder.
+        **adamw_kwargs: `torch.optim.AdamW` arguments (``lr``, ``betas``, ``weight_decay``, whose
+            default is torch's 0.01).
+
+    Raises:
+        TypeError: ``pma`` is neither a `PmaConfig` nor a dict.
+        ValueError: invalid PMA settings, or ``output_dir`` without ``pma_model``.
     """
 
     def __init__(
@@ -113,6 +126,10 @@ def create_pma_optimizer(
 
     Returns:
         ``(optimizer, scheduler)`` for ``Trainer(optimizers=...)``.
+
+    Raises:
+        TypeError: ``pma`` is neither a `PmaConfig` nor a dict.
+        ValueError: invalid PMA settings.
     """
     settings = _trainer_settings(args, optimizer_cls, optimizer_kwargs, num_training_steps)
     lr = settings["lr"] if lr is None else lr

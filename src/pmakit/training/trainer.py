@@ -22,6 +22,13 @@ class PmaTrainer(Trainer):
     the arguments are plain `TrainingArguments`. The engine is attached as soon as the optimizer
     is created, before a checkpoint's optimizer state is loaded, so resuming restores the fp32
     average exactly.
+
+    Args:
+        model: As for `transformers.Trainer`.
+        args: `PmaArguments`, or plain `TrainingArguments` together with ``pma_config``.
+        *pargs: Further positional arguments of `transformers.Trainer`.
+        pma_config: The PMA settings when ``args`` has no ``pma_*`` fields.
+        **kwargs: Further keyword arguments of `transformers.Trainer`.
     """
 
     _tag_names = ["pmakit", "pma"]
