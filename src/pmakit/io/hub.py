@@ -337,6 +337,17 @@ def download_model(
     ``subfolder`` (e.g. ``"pma"`` for the merged model of a pushed run) the patterns apply inside it
     and the returned path is that subfolder. Files land in the Hub cache (``cache_dir``).
 
+    Args:
+        repo_id: ``name`` or ``namespace/name``.
+        revision: Branch, tag or commit (default: main).
+        token: Hub token (default: ``HF_TOKEN``, else the stored login).
+        cache_dir: Hub cache folder (default: the Hub's own).
+        allow_patterns: File patterns to fetch, replacing `DOWNLOAD_PATTERNS`.
+        subfolder: A folder of the repo to fetch instead of its top level.
+
+    Returns:
+        The local folder (in the Hub cache) holding the files.
+
     Raises:
         HubDownloadError: missing repo or revision, no access, nothing matched, or no reachable Hub.
     """
