@@ -15,7 +15,7 @@ The evaluation is a function ``evaluate(model) -> float`` or a `transformers.Tra
 eval set (``trainer.evaluate()[metric_key]``, e.g. ``eval_loss``; lower is better for losses).
 The result is written like any merge: an atomic folder with the config and tokenizer of the best
 ingredient and a model card listing each candidate with its score and whether it was kept; it
-can be pushed to the Hub (`pmakit.hub.push_folder_to_hub`).
+can be pushed to the Hub (`pmakit.io.hub.push_folder_to_hub`).
 """
 
 from __future__ import annotations

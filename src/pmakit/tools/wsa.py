@@ -9,7 +9,7 @@ std) and pulled towards a target ``N(mu*_l, sigma*_l^2)`` by the regulariser
 Secondary sources report the KL form for the paper; our notes (its first page only) do not fix the
 loss weight, the target, or the reduction over layers. Ours: the mean over layers (so ``weight`` does
 not grow with depth); the target is the run's initial weights by default, or a reference model
-folder, or the fused scope (`pmakit.scope.fuse_scopes`) of several folders. These are our defaults,
+folder, or the fused scope (`pmakit.tools.scope.fuse_scopes`) of several folders. These are our defaults,
 not the paper's.
 
 Cost: the per-layer moments are computed by one custom autograd function. Its forward stacks

@@ -133,7 +133,7 @@ class PmaArguments(TrainingArguments):
 
     @property
     def pma_wsa_config(self) -> WsaConfig | None:
-        """The WSA settings as a `pmakit.wsa.WsaConfig`, or None while `pma_wsa_weight` is 0 (off)."""
+        """The WSA settings as a `pmakit.tools.wsa.WsaConfig`, or None while `pma_wsa_weight` is 0 (off)."""
         if not self.pma_wsa_weight:
             return None
         return WsaConfig(**{name: getattr(self, f"pma_wsa_{name}") for name in WSA_FIELDS})
