@@ -30,16 +30,6 @@ class WeightedAverageForLLama:
     generation config and tokenizer come from the base if there is one, else from the first model
     (`merge` alone would take the newest). Without ``merged_model_save_path`` the merge goes to a
     temporary folder and only the loaded model is returned.
-
-    Args:
-        weights: One weight per averaged model (None: equal weights).
-        normalize: Divide the weights by their sum.
-        backbone_only: Keep embeddings, LM head and final norm from the base model.
-        merged_model_save_path: Output folder (None: a temporary folder).
-        save_tokenizer: Copy the tokenizer files into the output.
-        push_to_hub: A repo id to push the result to (True: the output folder's name).
-        base_model: The base model, named apart from the averaged models.
-        **merge_kwargs: Further options of `pmakit.merge`.
     """
 
     def __init__(
