@@ -77,7 +77,13 @@ def test_a_field_without_help_fails_the_build(monkeypatch):
 
 def test_the_settings_pages_use_every_configuration_dataclass():
     pages = "".join(p.read_text() for p in (ROOT / "docs").glob("*.md"))
-    for dotted in ("online.config.PmaConfig", "training.arguments.PmaArguments", "tools.spike.SpikeConfig"):
+    dataclasses_with_tables = (
+        "online.config.PmaConfig",
+        "training.arguments.PmaArguments",
+        "tools.spike.SpikeConfig",
+        "merging.options.MergeOptions",
+    )
+    for dotted in dataclasses_with_tables:
         assert f"<!-- settings: pmakit.{dotted}" in pages, f"no settings table for {dotted}"
     assert "<!-- settings: pmakit.tools.wsa.WsaConfig -->" in pages
 
