@@ -159,7 +159,7 @@ def resolve_source(
     cache_dir: str | os.PathLike | None = None,
     step: int | None = None,
 ) -> ModelSource:
-    """A model folder or Hub id (``owner/name[@revision]``, fetched through :mod:`pmakit.hub`)."""
+    """A model folder or Hub id (``owner/name[@revision]``, fetched through :mod:`pmakit.io.hub`)."""
     text = os.fspath(item)
     hub = parse_hub_reference(text)
     if hub is None:

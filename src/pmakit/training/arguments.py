@@ -78,14 +78,14 @@ class PmaArguments(TrainingArguments):
     pma_save: bool = field(default=True, metadata=_meta("save"))
     pma_save_total_limit: int | None = field(default=None, metadata=_meta("save_total_limit"))
     pma_hub_model_id: str | None = field(default=None, metadata=_meta("hub_model_id"))
-    # Weight Scope Alignment (pmakit.wsa): off while pma_wsa_weight is 0. The paper fixes neither the weight
+    # Weight Scope Alignment (pmakit.tools.wsa): off while pma_wsa_weight is 0. The paper fixes neither the weight
     # nor the target; the defaults below are ours.
     pma_wsa_weight: float = field(default=0.0, metadata=_wsa_meta("weight"))
     pma_wsa_target: str = field(default="init", metadata=_wsa_meta("target"))
     pma_wsa_reference: list[str] | None = field(default=None, metadata=_wsa_meta("reference"))
     pma_wsa_reference_weights: list[float] | None = field(default=None, metadata=_wsa_meta("reference_weights"))
     pma_wsa_layers: str | None = field(default=None, metadata=_wsa_meta("layers"))
-    # Loss-spike recovery (pmakit.spike): off by default; the other pma_spike_* fields are its settings.
+    # Loss-spike recovery (pmakit.tools.spike): off by default; the other pma_spike_* fields are its settings.
     pma_spike_recovery: bool = field(
         default=False,
         metadata={
