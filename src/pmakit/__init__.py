@@ -23,6 +23,7 @@ _EXPORTS = {
     "PmaTrainer": "training.trainer",
     "PmaAdamW": "training.optim",
     "create_pma_optimizer": "training.optim",
+    "finish_pma": "training.optim",
     "gather_averaged_state_dict": "online.gather",
     "merge": "merging",
     "plan_merge": "merging",
@@ -100,5 +101,5 @@ if TYPE_CHECKING:
     from .tools.wsa import WsaCallback, WsaConfig, WsaRegularizer, add_wsa
     from .training.arguments import PmaArguments
     from .training.callback import PmaCallback
-    from .training.optim import PmaAdamW, create_pma_optimizer
+    from .training.optim import PmaAdamW, create_pma_optimizer, finish_pma
     from .training.trainer import PmaTrainer

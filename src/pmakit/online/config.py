@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass, field, fields
 from ..averaging import ALGORITHMS, AveragingRule
 
 
-__all__ = ["OFFLOAD_CHOICES", "PMA_FIELDS", "PMA_HELP", "PmaConfig", "validate_pma_settings"]
+__all__ = ["EXPORT_CHOICES", "OFFLOAD_CHOICES", "PMA_FIELDS", "PMA_HELP", "PmaConfig", "validate_pma_settings"]
 
 OFFLOAD_CHOICES = ("none", "cpu")
+EXPORT_CHOICES = ("sync", "async")
 
 PMA_HELP = {
     "fused_algo": f"Averaging rule: one of {', '.join(ALGORITHMS)} ('weights' uses `fused_weights`).",
@@ -30,6 +31,9 @@ PMA_HELP = {
     "offload": f"Where the fp32 average lives: one of {', '.join(OFFLOAD_CHOICES)}. 'cpu' keeps it in "
     "(pinned) CPU memory and, on CUDA, updates it off the training stream.",
     "save": "Write a complete model folder `pma-<step>` at each cycle end (and `pma` at the end of training).",
+    "export": f"How cycle-end exports run: one of {', '.join(EXPORT_CHOICES)}. 'async' snapshots the average "
+    "to the CPU and writes the folder from a background thread while training goes on (joined before the next "
+    "export, a checkpoint save and the end of training).",
     "save_total_limit": "Keep at most this many `pma-<step>` folders, deleting the oldest (None keeps all).",
     "hub_model_id": "Hub repo for the merged model when the run pushes to the Hub; default: the `pma` "
     "subfolder of the run's own repo.",
@@ -72,6 +76,9 @@ def validate_pma_settings(values: dict, prefix: str = "") -> None:
         raise ValueError(f"{name('fused_weights')} is only used with {name('fused_algo')}='weights'; got {algo!r}.")
     if values["offload"] not in OFFLOAD_CHOICES:
         raise ValueError(f"{name('offload')} must be one of {', '.join(OFFLOAD_CHOICES)}; got {values['offload']!r}.")
+    export = values.get("export", "sync")
+    if export not in EXPORT_CHOICES:
+        raise ValueError(f"{name('export')} must be one of {', '.join(EXPORT_CHOICES)}; got {export!r}.")
     limit = values["save_total_limit"]
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"{name('save_total_limit')} must be a positive integer or None; got {limit!r}.")
@@ -102,6 +109,7 @@ class PmaConfig:
     offload: str = field(default="none", metadata=_meta("offload"))
     save: bool = field(default=True, metadata=_meta("save"))
     save_total_limit: int | None = field(default=None, metadata=_meta("save_total_limit"))
+    export: str = field(default="sync", metadata=_meta("export"))
     hub_model_id: str | None = field(default=None, metadata=_meta("hub_model_id"))
 
     def __post_init__(self) -> None:

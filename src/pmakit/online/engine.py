@@ -128,6 +128,7 @@ class PmaEngine:
         self._signature: tuple | None = None
         self._pending: list[threading.Thread] = []
         self._pending_error: BaseException | None = None
+        self._join_hooks: list[Callable[[], None]] = []
         self._stream = None
         self._copied = None  # CUDA event: the offload copy of the parameters has finished
         self._stashed: dict = {}
@@ -222,6 +223,15 @@ class PmaEngine:
         if handler not in self._handlers:
             self._handlers.append(handler)
 
+    def add_join_hook(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` whenever the engine joins: before it folds into, reads, swaps or saves the average.
+
+        A background export registers its own join here, so a checkpoint save (``state_dict``) or the
+        next fold waits for the writer (and sees its failure).
+        """
+        if hook not in self._join_hooks:
+            self._join_hooks.append(hook)
+
     def drive_externally(self, param_source: Callable[[], list[list[torch.Tensor]]]) -> None:
         """Stop counting the optimizer's own ``step`` calls: the owner calls `on_step` once per real step.
 
@@ -306,7 +316,12 @@ class PmaEngine:
         self._pending.append(thread)
 
     def join(self) -> None:
-        """Wait for an asynchronous fold; called before anything reads or writes the average."""
+        """Wait for an asynchronous fold and a background export: before anything reads or writes the average."""
+        self._join_folds()
+        for hook in list(self._join_hooks):
+            hook()
+
+    def _join_folds(self) -> None:
         while self._pending:
             self._pending.pop().join()
         if self._pending_error is not None:
@@ -328,7 +343,7 @@ class PmaEngine:
     @torch.no_grad()
     def write_back(self) -> None:
         """Copy the average into the live parameters (optimizer moments are left as they are)."""
-        self.join()
+        self._join_folds()  # reads the average only: a background export of it may go on
         for group in self._param_groups():
             torch._foreach_copy_(group.lparams, group.lavgs)
 

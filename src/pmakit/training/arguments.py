@@ -77,6 +77,7 @@ class PmaArguments(TrainingArguments):
     pma_offload: str = field(default="none", metadata=_meta("offload"))
     pma_save: bool = field(default=True, metadata=_meta("save"))
     pma_save_total_limit: int | None = field(default=None, metadata=_meta("save_total_limit"))
+    pma_export: str = field(default="sync", metadata=_meta("export"))
     pma_hub_model_id: str | None = field(default=None, metadata=_meta("hub_model_id"))
     # Weight Scope Alignment (pmakit.tools.wsa): off while pma_wsa_weight is 0. The paper fixes neither the weight
     # nor the target; the defaults below are ours.

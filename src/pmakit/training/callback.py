@@ -183,31 +183,15 @@ class PmaCallback(TrainerCallback):
 
             push_pma_folder(args, self.config, trainer=self.trainer, step=self.engine.step)
 
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save and self.exporter is not None:
+            self.exporter.join()  # a checkpoint save must not race with a background export
+
     def _finish_latest(self) -> None:
         """Make sure ``pma/`` holds the latest merge (an unfinished cycle's average if none completed)."""
-        engine, exporter = self.engine, self.exporter
-        if engine is None or exporter is None:
-            return
-        engine.join()
-        counters = engine.counters
-        if counters["cycles"] > 0:
-            return  # `pma/` already holds the latest completed merge
-        if counters["count"] == 0:
-            warnings.warn(
-                f"PMA took no sample in {engine.step} optimizer steps (interleave_step={self.config.interleave_step}, "
-                f"start_step={self.config.start_step}); no `pma` folder was written.",
-                UserWarning,
-                stacklevel=2,
-            )
-            return
-        warnings.warn(
-            f"PMA: no cycle completed ({counters['count']} of fused_num={self.config.fused_num} samples); "
-            f"`{LATEST_DIR}` holds the average of the samples so far.",
-            UserWarning,
-            stacklevel=2,
-        )
-        with progress_bars(not self._quiet):
-            exporter.export_latest(engine, engine.step, list(counters["sample_steps"]))
+        if self.engine is not None and self.exporter is not None:
+            with progress_bars(not self._quiet):
+                self.exporter.finish(self.engine)
 
 
 def _is_export_handler(handler) -> bool:

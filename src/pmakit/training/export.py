@@ -1,8 +1,10 @@
 """Writing the averaged model as a complete HF model folder with ``save_pretrained``.
 
-The live model is never touched: the averages are handed to ``save_pretrained`` as its state
-dict, so the folder has exactly the files and layout the model would write itself (PEFT models:
-the adapter only). It is built aside and renamed into place (`pmakit.io.folders`).
+The live model is never touched. An unsharded model hands the averages to ``save_pretrained`` as
+its state dict, so the folder has exactly the files and layout the model would write itself (PEFT
+models: the adapter only); a sharded one (and a background export) streams one gathered tensor at
+a time into the same layout (`pmakit.training.streaming`). Folders are built aside and renamed into
+place (`pmakit.io.folders`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 from ..io.cards import build_model_card
@@ -18,7 +21,16 @@ from ..io.folders import atomic_directory, copy_model_folder
 from ..online.config import PmaConfig
 from ..online.distributed import is_dtensor, unwrap_model
 from ..online.engine import AVG_KEY, PmaEngine
-from ..online.gather import gather_averaged_state_dict
+from ..online.gather import (
+    export_entries,
+    gather_averaged_state_dict,
+    gather_entry,
+    gather_snapshot,
+    snapshot_entry,
+    snapshot_gatherable,
+)
+from .background import BackgroundWriter, side_process_group
+from .streaming import DEFAULT_MAX_SHARD_SIZE, plan_layout, streamable, write_side_files, write_streamed
 
 
 __all__ = ["LATEST_DIR", "PMA_PREFIX", "PmaExporter", "save_averaged_model"]
@@ -39,29 +51,51 @@ def save_averaged_model(
     model_card: str | None = None,
     is_main_process: bool = True,
     optimizer_state_key: str | None = None,
+    stream: bool | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path | None:
     """Write ``model`` with ``averages`` (``{param: fp32 tensor}``) in place of its live weights.
 
-    The live model is not touched: the averaged tensors are cast to each parameter's dtype and
-    passed to ``save_pretrained`` as its state dict, so parameters that were not averaged
-    (frozen ones, buffers) come from the model. Every name of a tied parameter maps to the same
-    tensor, so ``save_pretrained`` still writes it once. PEFT models write their adapter only.
-    The folder is built aside and renamed into place, replacing an older one.
+    The live model is not touched: the averaged tensors are cast to each parameter's dtype, and
+    parameters that were not averaged (frozen ones, buffers) come from the model. Tied weights are
+    written once. PEFT models write their adapter only. The folder is built aside and renamed into
+    place, replacing an older one.
 
-    In a distributed run call it on every process: sharded weights (FSDP2, DeepSpeed ZeRO) are
-    gathered with collectives (see `gather_averaged_state_dict`), and only the main process
-    writes; the others return None.
+    Sharded models (FSDP2 DTensors, DeepSpeed ZeRO with ``optimizer_state_key``) stream: one tensor
+    is gathered at a time and written straight into safetensors shards (HF's names, shard split,
+    index and ``max_shard_size`` default), so the main process never holds the whole model. An
+    unsharded model is handed to ``save_pretrained`` (``stream=True`` streams it too).
+
+    In a distributed run call it on every process: the gathers are collectives, and only the main
+    process writes; the others return None.
     """
-    if is_main_process and optimizer_state_key is None and not any(is_dtensor(a) for a in averages.values()):
-        state_dict = _local_state_dict(model, averages)
-    else:
+    entries = export_entries(model, averages)
+    sharded = optimizer_state_key is not None or any(is_dtensor(e.source) for e in entries)
+    if not sharded and not is_main_process:
+        return None
+    if (stream if stream is not None else sharded) and streamable(model, entries):
+        layout = plan_layout(model, entries, max_shard_size)
+
+        def fetch(entry):
+            return gather_entry(entry, is_main_process, optimizer_state_key)
+
+        if not is_main_process:
+            write_streamed(None, layout, entries, fetch)
+            return None
+        with atomic_directory(path, overwrite=True) as tmp:
+            write_streamed(tmp, layout, entries, fetch)
+            write_side_files(model, tmp, processing_class, model_card)
+        return Path(path)
+    if sharded:
         state_dict = gather_averaged_state_dict(
             model, averages, is_main_process=is_main_process, optimizer_state_key=optimizer_state_key
         )
+    else:
+        state_dict = _local_state_dict(model, averages)
     if not is_main_process:
         return None
     with atomic_directory(path, overwrite=True) as tmp:
-        model.save_pretrained(tmp, state_dict=state_dict)
+        model.save_pretrained(tmp, state_dict=state_dict, max_shard_size=max_shard_size)
         if processing_class is not None and hasattr(processing_class, "save_pretrained"):
             processing_class.save_pretrained(tmp)
         if model_card is not None:
@@ -99,7 +133,10 @@ class PmaExporter:
 
     With ``save`` on, each cycle end writes ``output_dir/pma-<step>`` and refreshes
     ``output_dir/pma`` (the latest merge); with ``save`` off only ``pma`` is kept.
-    Only the main process writes; every process must call it (future sharded exports gather).
+    Only the main process writes; every process must call it (sharded exports gather).
+    With ``config.export == "async"`` the folder is written by a background thread (see
+    `pmakit.training.background`); `join` waits for it, and the engine joins it before it touches
+    the average again (next fold, checkpoint save, reads).
     """
 
     def __init__(
@@ -116,29 +153,69 @@ class PmaExporter:
         self.config = config
         self.processing_class = processing_class
         self.is_main_process = is_main_process
+        self.background = BackgroundWriter()
+        self._warned_sync = False
 
     def __call__(self, engine: PmaEngine, step: int) -> None:
         self.export_cycle(engine, step)
 
+    def join(self) -> None:
+        """Wait for a background export (no-op when none is running); raises its failure."""
+        self.background.join()
+
     def export_cycle(self, engine: PmaEngine, step: int) -> Path | None:
-        """Write the merge that completes at optimizer step ``step``."""
+        """Write the merge that completes at optimizer step ``step`` (in the background with ``export='async'``)."""
+        self.join()
         steps = list(engine.counters["sample_steps"])
         latest = self.output_dir / LATEST_DIR
-        if self.config.save:
-            folder = self.output_dir / f"{PMA_PREFIX}{step}"
-            self._write(engine, folder, step, steps)  # every process: sharded averages are gathered
-            if not self.is_main_process:
-                return None
-            copy_model_folder(folder, latest)
-            self._rotate()
-            logger.info("PMA: wrote the merge of steps %s to %s", steps, folder)
-            return folder
-        self._write(engine, latest, step, steps)
-        return latest if self.is_main_process else None
+        folder = self.output_dir / f"{PMA_PREFIX}{step}" if self.config.save else latest
+        publish = self._publish_latest if self.config.save else None
+        if self.config.export == "async" and self._start_background(engine, folder, step, steps, publish):
+            return folder if self.is_main_process else None
+        self._write(engine, folder, step, steps)  # every process: sharded averages are gathered
+        if not self.is_main_process:
+            return None
+        if publish is not None:
+            publish(folder, steps)
+        return folder
+
+    def _publish_latest(self, folder: Path, steps: list[int]) -> None:
+        copy_model_folder(folder, self.output_dir / LATEST_DIR)
+        self._rotate()
+        logger.info("PMA: wrote the merge of steps %s to %s", steps, folder)
 
     def export_latest(self, engine: PmaEngine, step: int, steps: list[int]) -> Path | None:
-        """Write the current average (e.g. an unfinished cycle at the end of training) to ``pma``."""
+        """Write the current average (e.g. an unfinished cycle at the end of training) to ``pma`` (synchronously)."""
+        self.join()
         return self._write(engine, self.output_dir / LATEST_DIR, step, steps)
+
+    def finish(self, engine: PmaEngine) -> Path | None:
+        """End of training: wait for a background export and make sure ``pma/`` holds the latest merge.
+
+        Without a completed cycle, ``pma/`` gets the average of the samples so far (with a warning);
+        without any sample nothing is written. Returns the ``pma`` folder on the main process.
+        """
+        engine.join()
+        self.join()
+        counters = engine.counters
+        latest = self.output_dir / LATEST_DIR
+        if counters["cycles"] > 0:
+            return latest if self.is_main_process else None
+        if counters["count"] == 0:
+            warnings.warn(
+                f"PMA took no sample in {engine.step} optimizer steps (interleave_step={self.config.interleave_step}, "
+                f"start_step={self.config.start_step}); no `pma` folder was written.",
+                UserWarning,
+                stacklevel=3,
+            )
+            return None
+        warnings.warn(
+            f"PMA: no cycle completed ({counters['count']} of fused_num={self.config.fused_num} samples); "
+            f"`{LATEST_DIR}` holds the average of the samples so far.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return self.export_latest(engine, engine.step, list(counters["sample_steps"]))
 
     def _write(self, engine: PmaEngine, folder: Path, step: int, steps: list[int]) -> Path | None:
         """Called on every process (gathers are collective); only the main process writes."""
@@ -154,6 +231,57 @@ class PmaExporter:
             is_main_process=self.is_main_process,
             optimizer_state_key=AVG_KEY if deepspeed else None,
         )
+
+    def _start_background(self, engine: PmaEngine, folder: Path, step: int, steps: list[int], publish) -> bool:
+        """Snapshot this rank's share of the average and start the writer thread; False: export synchronously.
+
+        Every process decides alike (same model, same settings), so the gathers stay matched.
+        """
+        model = unwrap_model(self.model)
+        why = self._why_not_background(engine, model)
+        if why is not None:
+            if not self._warned_sync:
+                warnings.warn(f"PMA: `export='async'` falls back to synchronous exports: {why}.", stacklevel=3)
+                self._warned_sync = True
+            return False
+        entries = export_entries(model, engine.averages())
+        sharded = any(is_dtensor(e.source) for e in entries)
+        if not sharded and not self.is_main_process:
+            return True  # nothing to gather: the main process writes from its own copy
+        group = side_process_group() if sharded else None
+        snapshots = {id(e): snapshot_entry(e, reuse_cpu=e.averaged) for e in entries}
+        engine.add_join_hook(self.join)  # a CPU average is used as is: the next fold waits for the writer
+        layout = plan_layout(model, entries)
+        card = self.model_card(model, step, steps) if self.is_main_process else None
+
+        def fetch(entry):
+            return gather_snapshot(entry, snapshots[id(entry)], self.is_main_process, group)
+
+        def work() -> None:
+            if not self.is_main_process:
+                write_streamed(None, layout, entries, fetch)
+                return
+            with atomic_directory(folder, overwrite=True) as tmp:
+                write_streamed(tmp, layout, entries, fetch)
+                write_side_files(model, tmp, self.processing_class, card)
+            if publish is not None:
+                publish(folder, steps)
+
+        self.background.start(folder.name, work)
+        return True
+
+    def _why_not_background(self, engine: PmaEngine, model) -> str | None:
+        import torch.distributed as dist
+
+        if getattr(engine, "deepspeed", False):
+            return "DeepSpeed ZeRO gathers on its own process groups, which a background thread must not use"
+        entries = export_entries(model, engine.averages())
+        if not streamable(model, entries):
+            return "this model's folder is written by `save_pretrained` (PEFT adapter or converted weights)"
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if not snapshot_gatherable(entries, world):
+            return "the average is sharded over a mesh other than one dimension of every rank"
+        return None
 
     def model_card(self, model, step: int, steps: list[int]) -> str:
         config = self.config

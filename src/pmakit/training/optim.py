@@ -13,14 +13,16 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments, get_scheduler
 
+from ..io.hub import push_folder_to_hub
+from ..io.hub_target import HubTarget
 from ..online.config import PmaConfig
-from ..online.distributed import is_main_process
+from ..online.distributed import is_main_process, unwrap_optimizer
 from ..online.engine import PmaEngine, attach_engine
 from .callback import remove_stale_pma_temporaries
 from .export import PmaExporter
 
 
-__all__ = ["PmaAdamW", "create_pma_optimizer"]
+__all__ = ["PmaAdamW", "create_pma_optimizer", "finish_pma"]
 
 
 def _as_config(pma: PmaConfig | dict | None) -> PmaConfig:
@@ -90,6 +92,10 @@ class PmaAdamW(torch.optim.AdamW):
     ) -> None:
         super().__init__(params, **adamw_kwargs)
         self.pma_engine = _attach(self, _as_config(pma), pma_model, output_dir, processing_class)
+
+    def pma_finish(self, *, push_to_hub: bool = False, **hub_settings) -> Path | None:
+        """End of training: write the final (partial) cycle to ``pma/`` and push it when asked (see `finish_pma`)."""
+        return finish_pma(self, push_to_hub=push_to_hub, **hub_settings)
 
 
 def create_pma_optimizer(
@@ -173,3 +179,51 @@ def _trainer_settings(args, optimizer_cls, optimizer_kwargs: dict, num_training_
         scheduler_kwargs=dict(args.lr_scheduler_kwargs or {}) or None,
         optimizer_kwargs=adam,
     )
+
+
+def finish_pma(
+    optimizer: torch.optim.Optimizer,
+    *,
+    push_to_hub: bool = False,
+    hub_model_id: str | None = None,
+    token: str | None = None,
+    private: bool | None = None,
+    revision: str | None = None,
+) -> Path | None:
+    """End of training for the optimizer route: what `PmaCallback` does at ``on_train_end``.
+
+    Waits for a background export, writes ``output_dir/pma`` from the unfinished cycle when no
+    cycle completed, and with ``push_to_hub`` uploads ``pma/`` to ``hub_model_id`` (default: the
+    config's ``hub_model_id``). Call it on every process once training ends (a sharded model is
+    gathered); only the main process writes and pushes.
+
+    Args:
+        optimizer: a `PmaAdamW` or an optimizer from `create_pma_optimizer` (Accelerate wrappers are fine).
+        push_to_hub: upload ``pma/`` after writing it.
+        hub_model_id, token, private, revision: the Hub repo and how to write to it.
+
+    Returns:
+        The ``pma`` folder on the main process (None elsewhere, or when no sample was taken).
+
+    Raises:
+        ValueError: the optimizer carries no PMA exporter, or a push has no repo id.
+    """
+    engine: PmaEngine | None = getattr(unwrap_optimizer(optimizer), "_pma_engine", None)
+    exporter = next((h for h in engine._handlers if isinstance(h, PmaExporter)), None) if engine else None
+    if exporter is None:
+        raise ValueError("This optimizer writes no PMA folders: create it with `output_dir=` (and the model).")
+    repo_id = hub_model_id or exporter.config.hub_model_id
+    if push_to_hub and not repo_id:
+        raise ValueError("`push_to_hub` needs `hub_model_id` (or `hub_model_id` in the PMA settings).")
+    folder = exporter.finish(engine)
+    if folder is None or not push_to_hub or not exporter.is_main_process:
+        return folder
+    target = HubTarget(
+        repo_id,
+        private=private,
+        revision=revision,
+        token=token,
+        commit_message=f"PMA merged model (end of training, step {engine.step})",
+    )
+    push_folder_to_hub(folder, target)
+    return folder
