@@ -1,0 +1,124 @@
+"""FSDP2 export worker (2 CPU processes, gloo): streaming and background exports of a sharded average.
+
+Trains a Llama of ~22M parameters (88 MB in fp32, largest tensor 8 MB) under `fully_shard` for a
+few steps, then on every rank:
+
+* streams the average into ``stream/`` (20 MB shards) while a thread samples rank 0's RSS;
+* gathers the whole average into one state dict (the old way) under the same probe, and writes
+  it with ``save_pretrained`` into ``reference/``: the probe must see that full copy;
+* exports one cycle synchronously and one in the background (`PmaExporter`, ``export="async"``),
+  timing how long each call holds the training thread.
+
+Facts (peaks, stalls, sizes) go to ``facts_rank<r>.json`` for the test.
+"""
+
+import ctypes
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from pmakit import PmaConfig
+from pmakit.online.engine import attach_engine
+from pmakit.online.gather import gather_averaged_state_dict
+from pmakit.training.export import PmaExporter, save_averaged_model
+
+
+def big_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+        vocab_size=4096, max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+class PeakRss:
+    """Samples this process's RSS in a thread; ``peak`` is the largest rise above the start."""
+
+    def __init__(self) -> None:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so reuse cannot hide a new copy
+        self.process = psutil.Process()
+        self.start = self.process.memory_info().rss
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss - self.start)
+            time.sleep(0.0005)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss - self.start)
+
+
+def train(model, optimizer, steps: int, rank: int) -> None:
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        ids = torch.randint(1, 4096, (4, 16), generator=generator)[2 * rank : 2 * rank + 2]
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    main_process = rank == 0
+    model = big_llama()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    engine = attach_engine(optimizer, PmaConfig(interleave_step=1, fused_num=100))
+    train(model, optimizer, 2, rank)
+    averages = engine.averages()
+    facts = {"full_bytes": sum(p.numel() * 4 for p in model.parameters())}
+    facts["largest_bytes"] = max(p.numel() * 4 for p in model.parameters())
+
+    dist.barrier()
+    with PeakRss() as probe:
+        save_averaged_model(model, averages, out / "stream", is_main_process=main_process, max_shard_size="20MB")
+    facts["stream_peak"] = probe.peak
+    dist.barrier()
+    with PeakRss() as probe:
+        full = gather_averaged_state_dict(model, averages, is_main_process=main_process)
+    facts["full_gather_peak"] = probe.peak
+    if main_process:
+        reference = LlamaForCausalLM(model.config)
+        reference.save_pretrained(out / "reference", state_dict=full, max_shard_size="20MB")
+    del full
+    dist.barrier()
+
+    for mode in ("sync", "async"):
+        exporter = PmaExporter(model, out / mode, PmaConfig(export=mode, save=True), is_main_process=main_process)
+        started = time.perf_counter()
+        exporter.export_cycle(engine, 2)
+        facts[f"{mode}_stall"] = time.perf_counter() - started
+        exporter.join()
+        facts[f"{mode}_total"] = time.perf_counter() - started
+    (out / f"facts_rank{rank}.json").write_text(json.dumps(facts))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()

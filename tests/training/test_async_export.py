@@ -1,0 +1,178 @@
+"""Background exports (`pma_export="async"`) and streamed folders on one process, with a real Trainer."""
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+import pmakit.training.streaming as streaming
+from pmakit import PmaConfig, PmaTrainer
+from pmakit.training.background import BackgroundExportError, BackgroundWriter
+from pmakit.training.export import save_averaged_model
+from tests.distributed.launch import ROOT
+from tests.helpers.models import TokenDataset, tiny_llama
+from tests.helpers.training import load_folder, pma_args
+
+
+def _folder_facts(folder):
+    tensors = load_folder(folder)
+    jsons = {p.name: json.loads(p.read_text()) for p in folder.glob("*.json")}
+    return sorted(p.name for p in folder.iterdir()), tensors, jsons
+
+
+def _assert_same(left, right):
+    names_a, tensors_a, jsons_a = _folder_facts(left)
+    names_b, tensors_b, jsons_b = _folder_facts(right)
+    assert names_a == names_b
+    assert tensors_a.keys() == tensors_b.keys() and tensors_a
+    for name in tensors_a:
+        assert tensors_a[name].dtype == tensors_b[name].dtype and torch.equal(tensors_a[name], tensors_b[name]), name
+    assert jsons_a == jsons_b
+
+
+def _train(tmp_path, name, export, callbacks=(), **overrides):
+    trainer = PmaTrainer(
+        model=tiny_llama(),
+        args=pma_args(tmp_path / name, pma_export=export, **overrides),
+        train_dataset=TokenDataset(96),
+        callbacks=list(callbacks),
+    )
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_folder_equals_save_pretrained(tmp_path, tie, dtype):
+    model = tiny_llama(tie=tie, dtype=dtype)
+    averages = {p: torch.randn(p.shape, dtype=torch.float64).float() for p in model.parameters()}
+    for size in ("50GB", 20_000):  # one file, and several shards with an index
+        sync = save_averaged_model(model, averages, tmp_path / f"sync-{size}", stream=False, max_shard_size=size)
+        streamed = save_averaged_model(model, averages, tmp_path / f"stream-{size}", stream=True, max_shard_size=size)
+        _assert_same(streamed, sync)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "stream-20000", dtype=dtype)
+    for param, average in zip(model.parameters(), averages.values(), strict=True):
+        name = next(n for n, p in model.named_parameters() if p is param)
+        assert torch.equal(loaded.get_parameter(name), average.to(dtype)), name
+
+
+def test_async_folders_equal_sync_folders(tmp_path):
+    _train(tmp_path, "sync", "sync")
+    trainer = _train(tmp_path, "async", "async")
+    for name in ("pma-6", "pma-12", "pma"):
+        _assert_same(tmp_path / "async" / name, tmp_path / "sync" / name)
+    assert not trainer.pma_callback.exporter.background.busy
+    assert not [p for p in (tmp_path / "async").iterdir() if p.name.startswith("_")]
+
+
+class _SlowWrites:
+    """Slows every tensor write of the background exporter, so its join points are visible."""
+
+    def __init__(self, monkeypatch, delay=0.02):
+        original = streaming._as_bytes
+
+        def slow(tensor):
+            time.sleep(delay)
+            return original(tensor)
+
+        monkeypatch.setattr(streaming, "_as_bytes", slow)
+
+
+class _JoinProbe(TrainerCallback):
+    """Records, at each checkpoint save and step, whether the previous cycle's folder was complete."""
+
+    def __init__(self, output_dir):
+        self.output_dir = output_dir
+        self.seen = {}
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == 6:  # the checkpoint of the step whose cycle is being written
+            self.seen["save-6"] = (self.output_dir / "pma-6" / "config.json").is_file()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 8:  # the fold of step 8 rewrites the average the step-6 export reads
+            self.seen["step-8"] = (self.output_dir / "pma-6" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("save", [True, False])
+def test_async_export_joins_before_checkpoint_save_and_next_fold(tmp_path, monkeypatch, save):
+    _SlowWrites(monkeypatch)
+    probe = _JoinProbe(tmp_path / "run")
+    saving = {"save_strategy": "steps", "save_steps": 6} if save else {}
+    _train(tmp_path, "run", "async", callbacks=[probe], max_steps=8, **saving)
+    assert probe.seen == ({"save-6": True, "step-8": True} if save else {"step-8": True})
+
+
+def test_async_export_failure_surfaces_at_the_next_join(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr("pmakit.training.export.write_side_files", broken)
+    with pytest.raises(BackgroundExportError, match="pma-6 failed: disk on fire"):
+        _train(tmp_path, "run", "async")
+    assert not (tmp_path / "run" / "pma-6").exists()
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith("_")], "the temporary folder is removed"
+
+
+def test_background_writer_runs_one_export_at_a_time():
+    writer, order = BackgroundWriter(), []
+    writer.start("first", lambda: (time.sleep(0.05), order.append("first")))
+    writer.start("second", lambda: order.append("second"))  # waits for the first
+    writer.join()
+    assert order == ["first", "second"] and not writer.busy
+    writer.start("bad", lambda: 1 / 0)
+    with pytest.raises(BackgroundExportError, match="bad failed") as info:
+        writer.join()
+    assert isinstance(info.value.__cause__, ZeroDivisionError)
+    writer.join()  # the failure is reported once
+
+
+_CRASH = """
+import os, sys
+import pmakit.training.streaming as streaming
+from pmakit import PmaTrainer
+from tests.helpers.models import TokenDataset, tiny_llama
+from tests.helpers.training import pma_args
+
+written = []
+original = streaming._as_bytes
+
+def crash_midway(tensor):
+    written.append(1)
+    if len(written) == 5:
+        os._exit(17)  # the process dies in the middle of the background write
+    return original(tensor)
+
+streaming._as_bytes = crash_midway
+args = pma_args(sys.argv[1], pma_export="async", max_steps=8)
+PmaTrainer(model=tiny_llama(), args=args, train_dataset=TokenDataset(96)).train()
+"""
+
+
+def test_crash_during_background_write_leaves_no_loadable_folder(tmp_path):
+    out = tmp_path / "run"
+    script = tmp_path / "crash.py"
+    script.write_text(textwrap.dedent(_CRASH))
+    env = {"PYTHONPATH": f"{ROOT}:{ROOT / 'src'}", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    command = [sys.executable, str(script), str(out)]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 17, proc.stderr[-3000:]
+    assert not (out / "pma-6").exists() and not (out / "pma").exists()
+    leftovers = [p for p in out.iterdir() if p.name.startswith("_pma-6")]
+    assert leftovers, "the half-written folder is the hidden temporary one"
+    for folder in leftovers:
+        assert not (folder / "config.json").exists()
+        with pytest.raises(OSError):
+            AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_async_setting_is_validated():
+    with pytest.raises(ValueError, match="`export` must be one of sync, async"):
+        PmaConfig(export="later")
+    with pytest.raises(ValueError, match="`pma_export` must be one of"):
+        pma_args("unused", pma_export="background")
