@@ -65,11 +65,8 @@ NEEDS_TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="Accel
 def test_accelerate_loop_resumes_bitwise_writes_on_main_and_matches_one_process(tmp_path, backend):
     launch = FSDP2 if backend == "fsdp2" else []
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    _run(
-        tmp_path / "logs_full",
-        ["--output_dir", str(full), "--per_device_train_batch_size", "4", *COMMON],
-        launch=launch,
-    )
+    batch4 = ["--per_device_train_batch_size", "4", *COMMON]
+    _run(tmp_path / "logs_full", ["--output_dir", str(full), *batch4], launch=launch)
     resume = ["--resume_from_checkpoint", str(full / "step_6")]
     argv = ["--output_dir", str(resumed), *batch4, *resume]
     _run(tmp_path / "logs_resumed", argv, launch=launch)
