@@ -10,9 +10,9 @@ time). `finish_pma` ends the run: it writes a final partial cycle to ``output_di
 it when asked.
 
     python examples/accelerate_loop.py --output_dir runs/acc
-    accelerate launch --cpu --num_processes 2 examples/accelerate_loop.py --output_dir runs/acc_ddp
-    accelerate launch --cpu --num_processes 2 examples/accelerate_loop.py --output_dir runs/acc \\
-        --resume_from_checkpoint runs/acc/step_100
+    accelerate launch --num_processes 2 examples/accelerate_loop.py --output_dir runs/acc_ddp      # 2 GPUs
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 \\
+        examples/accelerate_loop.py --output_dir runs/acc --resume_from_checkpoint runs/acc/step_100  # 2 CPU processes
 """
 
 from __future__ import annotations
@@ -143,7 +143,13 @@ def main(argv: list[str] | None = None) -> dict:
     pma = finish_pma(optimizer, push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id)
     accelerator.wait_for_everyone()
     engine = optimizer.optimizer._pma_engine
-    summary = {"steps": engine.step, "cycles": engine.num_cycles, "pma": str(pma), "last_loss": losses[-1:]}
+    summary = {
+        "num_processes": accelerator.num_processes,
+        "steps": engine.step,
+        "cycles": engine.num_cycles,
+        "pma": str(pma),
+        "last_loss": losses[-1:],
+    }
     if accelerator.is_main_process:
         Path(args.output_dir, "summary.json").write_text(json.dumps(summary, indent=2))
         accelerator.print(json.dumps(summary))

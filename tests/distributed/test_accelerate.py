@@ -5,6 +5,7 @@ builds model folders, and that the merged model equals a single-process run over
 batches (the tolerance of the DDP Trainer test).
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -29,8 +30,10 @@ FSDP2 = [
 
 def _run(log_dir, argv, *, launch: list[str] | None, timeout=400):
     env = dict(os.environ)
-    if not launch or "--use_fsdp" not in launch:
-        env["CUDA_VISIBLE_DEVICES"] = ""
+    fsdp = launch is not None and "--use_fsdp" in launch
+    if not fsdp:
+        # `--cpu` alone starts one process; several CPU processes take the multi-GPU launcher with use_cpu.
+        env.update(CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="true")
     env.update(
         OMP_NUM_THREADS="1",
         HF_HUB_OFFLINE="1",
@@ -42,7 +45,7 @@ def _run(log_dir, argv, *, launch: list[str] | None, timeout=400):
     if launch is None:
         command = [sys.executable, *worker]
     else:
-        device = [] if "--use_fsdp" in launch else ["--cpu"]
+        device = [] if fsdp else ["--multi_gpu"]
         command = [sys.executable, "-m", "accelerate.commands.launch", *device, "--num_processes", "2"]
         command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *launch, *worker]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
@@ -71,6 +74,9 @@ def test_accelerate_loop_resumes_bitwise_writes_on_main_and_matches_one_process(
     argv = ["--output_dir", str(resumed), *batch4, *resume]
     _run(tmp_path / "logs_resumed", argv, launch=launch)
 
+    for run in (full, resumed):
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["num_processes"] == 2 and summary["steps"] == 12, summary
     assert sorted(p.name for p in full.glob("pma*")) == ["pma", "pma-8"]
     _assert_equal_folders(resumed / "pma-8", full / "pma-8")
     for log in ("logs_full", "logs_resumed"):
