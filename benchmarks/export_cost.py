@@ -1,0 +1,170 @@
+"""What a PMA export costs the training run: the stall (sync vs async) and rank 0's peak memory.
+
+``stall``: a ~110M-parameter Llama (fp32, tied embeddings) trains on one process with the PMA
+engine and an exporter (``fused_num=1``: an export every ``--every`` steps). Each step is timed;
+the stall of an export is the extra time of the steps from the export to the next one, over the
+median step without an export in flight. "on the export step" is the time the training thread is
+held by the export call itself; "over the cycle" adds the slowdown of the following steps while a
+background writer shares the cores.
+
+``memory``: FSDP2 on 2 CPU processes (gloo): the same average exported by streaming and by
+gathering a full state dict first, for models of growing depth (the largest tensor stays the same);
+rank 0's RSS rise is sampled in a thread (after ``malloc_trim``).
+
+    python benchmarks/export_cost.py stall [--steps 13 --every 4]
+    python benchmarks/export_cost.py memory [--layers 4 8 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _llama(hidden: int, layers: int, inter: int, vocab: int, heads: int, kv: int, tie: bool):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=128, tie_word_embeddings=tie, pad_token_id=0,
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def stall(args: argparse.Namespace) -> dict:
+    """Per-step times with sync and async exports on a ~110M-parameter model."""
+    import torch
+
+    from pmakit import PmaConfig
+    from pmakit.online.engine import attach_engine
+    from pmakit.training.export import PmaExporter
+
+    results = {}
+    for mode in ("sync", "async"):
+        model = _llama(768, 12, 2048, 32000, 12, 4, True)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        config = PmaConfig(interleave_step=args.every, fused_num=1, export=mode)
+        engine = attach_engine(optimizer, config)
+        with tempfile.TemporaryDirectory(dir=args.scratch) as out:
+            exporter = PmaExporter(model, out, config)
+            engine.add_cycle_handler(exporter)
+            generator = torch.Generator().manual_seed(0)
+            times = []
+            for _ in range(args.steps):
+                ids = torch.randint(1, 32000, (args.batch, args.seq), generator=generator)
+                started = time.perf_counter()
+                model(input_ids=ids, labels=ids).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                times.append(time.perf_counter() - started)
+            exporter.join()
+        results[mode] = _stall_figures(times, args.every)
+        results["parameters"] = sum(p.numel() for p in model.parameters())
+        print(mode, json.dumps(results[mode]), flush=True)
+    return results
+
+
+def _stall_figures(times: list[float], every: int) -> dict:
+    export_steps = [s for s in range(every, len(times) + 1, every)]  # 1-based steps that export
+    quiet = [t for i, t in enumerate(times, 1) if i % every not in (0, 1) and i > 1]  # no export in flight
+    base = statistics.median(quiet)
+    on_step = [times[s - 1] - base for s in export_steps]
+    cycle = [sum(t - base for t in times[s - 1 : s - 1 + every]) for s in export_steps]
+    return {
+        "median_step_s": round(base, 3),
+        "stall_on_export_step_s": [round(x, 3) for x in on_step],
+        "stall_over_cycle_s": [round(x, 3) for x in cycle],
+        "step_times_s": [round(t, 3) for t in times],
+    }
+
+
+def memory(args: argparse.Namespace) -> dict:
+    """Rank 0's peak RSS rise, streamed vs full gather, for each depth (FSDP2, 2 CPU processes)."""
+    results = {}
+    for layers in args.layers:
+        with tempfile.TemporaryDirectory(dir=args.scratch) as out:
+            env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+            env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")])
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+            command += [__file__, "memory-worker", "--out", out, "--layers", str(layers)]
+            subprocess.run(command, env=env, check=True, capture_output=True, text=True, timeout=1200)
+            results[layers] = json.loads((Path(out) / "facts.json").read_text())
+        print(layers, json.dumps(results[layers]), flush=True)
+    return results
+
+
+def memory_worker(args: argparse.Namespace) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    sys.path.insert(0, str(ROOT))
+    from pmakit import PmaConfig
+    from pmakit.online.engine import attach_engine
+    from pmakit.online.gather import gather_averaged_state_dict
+    from pmakit.training.export import save_averaged_model
+    from tests.distributed.export_worker import PeakRss
+
+    dist.init_process_group("gloo")
+    main = dist.get_rank() == 0
+    model = _llama(512, args.layers[0], 1024, 4096, 8, 2, False)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    engine = attach_engine(optimizer, PmaConfig(interleave_step=1, fused_num=100))
+    ids = torch.randint(1, 4096, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    averages = engine.averages()
+    facts = {"model_fp32_MB": sum(p.numel() for p in model.parameters()) * 4 / 2**20}
+    facts["largest_tensor_MB"] = max(p.numel() for p in model.parameters()) * 4 / 2**20
+    dist.barrier()
+    with PeakRss() as probe:
+        save_averaged_model(model, averages, Path(args.out) / "stream", is_main_process=main)
+    facts["stream_peak_MB"] = probe.peak / 2**20
+    dist.barrier()
+    with PeakRss() as probe:
+        full = gather_averaged_state_dict(model, averages, is_main_process=main)
+    facts["full_gather_peak_MB"] = probe.peak / 2**20
+    del full
+    if main:
+        Path(args.out, "facts.json").write_text(json.dumps({k: round(v, 1) for k, v in facts.items()}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=["stall", "memory", "memory-worker"])
+    parser.add_argument("--steps", type=int, default=13)
+    parser.add_argument("--every", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--layers", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--scratch", default=None, help="Where exports are written (a temporary folder inside).")
+    parser.add_argument("--json", default=None, help="Also write the results here.")
+    args = parser.parse_args()
+    if args.what == "memory-worker":
+        memory_worker(args)
+        return
+    results = stall(args) if args.what == "stall" else memory(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
