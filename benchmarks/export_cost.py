@@ -1,17 +1,16 @@
 """What a PMA export costs the training run: the stall (sync vs async) and rank 0's peak memory.
 
-``stall``: a ~110M-parameter Llama (fp32, tied embeddings) trains on one process with the PMA
-engine and an exporter (``fused_num=1``: an export every ``--every`` steps). Each step is timed;
-the stall of an export is the extra time of the steps from the export to the next one, over the
-median step without an export in flight. "on the export step" is the time the training thread is
-held by the export call itself; "over the cycle" adds the slowdown of the following steps while a
-background writer shares the cores.
+``stall``: a ~110M-parameter Llama (fp32, tied embeddings) trains a few steps on one process with
+the PMA engine; then each export is timed as the training thread sees it (the exporter's call:
+the whole write when sync; the snapshot and the thread start when async) and until its folder is
+complete. (The slowdown of training steps while a background writer shares the cores is left out:
+on a shared 2-core machine it drowns in noise.)
 
 ``memory``: FSDP2 on 2 CPU processes (gloo): the same average exported by streaming and by
 gathering a full state dict first, for models of growing depth (the largest tensor stays the same);
 rank 0's RSS rise is sampled in a thread (after ``malloc_trim``).
 
-    python benchmarks/export_cost.py stall [--steps 13 --every 4]
+    python benchmarks/export_cost.py stall [--repeats 3]
     python benchmarks/export_cost.py memory [--layers 4 8 16]
 """
 
@@ -44,50 +43,46 @@ def _llama(hidden: int, layers: int, inter: int, vocab: int, heads: int, kv: int
 
 
 def stall(args: argparse.Namespace) -> dict:
-    """Per-step times with sync and async exports on a ~110M-parameter model."""
+    """How long an export holds the training thread, sync vs async, on a ~110M-parameter model.
+
+    The model trains a few steps (the average then holds real samples); each export is then timed
+    as the training thread sees it (the call), and until its folder is complete (call + join).
+    """
     import torch
 
     from pmakit import PmaConfig
     from pmakit.online.engine import attach_engine
     from pmakit.training.export import PmaExporter
 
-    results = {}
+    model = _llama(768, 12, 2048, 32000, 12, 4, True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    engine = attach_engine(optimizer, PmaConfig(interleave_step=1, fused_num=1000))
+    generator = torch.Generator().manual_seed(0)
+    step_times = []
+    for _ in range(args.steps):
+        ids = torch.randint(1, 32000, (args.batch, args.seq), generator=generator)
+        started = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        step_times.append(time.perf_counter() - started)
+    results = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "median_step_s": round(statistics.median(step_times), 3),
+    }
     for mode in ("sync", "async"):
-        model = _llama(768, 12, 2048, 32000, 12, 4, True)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        config = PmaConfig(interleave_step=args.every, fused_num=1, export=mode)
-        engine = attach_engine(optimizer, config)
+        calls, totals = [], []
         with tempfile.TemporaryDirectory(dir=args.scratch) as out:
-            exporter = PmaExporter(model, out, config)
-            engine.add_cycle_handler(exporter)
-            generator = torch.Generator().manual_seed(0)
-            times = []
-            for _ in range(args.steps):
-                ids = torch.randint(1, 32000, (args.batch, args.seq), generator=generator)
+            exporter = PmaExporter(model, out, PmaConfig(export=mode, fused_num=1000))
+            for repeat in range(args.repeats):
                 started = time.perf_counter()
-                model(input_ids=ids, labels=ids).loss.backward()
-                optimizer.step()
-                optimizer.zero_grad()
-                times.append(time.perf_counter() - started)
-            exporter.join()
-        results[mode] = _stall_figures(times, args.every)
-        results["parameters"] = sum(p.numel() for p in model.parameters())
+                exporter.export_cycle(engine, repeat + 1)
+                calls.append(time.perf_counter() - started)
+                exporter.join()
+                totals.append(time.perf_counter() - started)
+        results[mode] = {"stall_s": [round(t, 3) for t in calls], "until_written_s": [round(t, 3) for t in totals]}
         print(mode, json.dumps(results[mode]), flush=True)
     return results
-
-
-def _stall_figures(times: list[float], every: int) -> dict:
-    export_steps = [s for s in range(every, len(times) + 1, every)]  # 1-based steps that export
-    quiet = [t for i, t in enumerate(times, 1) if i % every not in (0, 1) and i > 1]  # no export in flight
-    base = statistics.median(quiet)
-    on_step = [times[s - 1] - base for s in export_steps]
-    cycle = [sum(t - base for t in times[s - 1 : s - 1 + every]) for s in export_steps]
-    return {
-        "median_step_s": round(base, 3),
-        "stall_on_export_step_s": [round(x, 3) for x in on_step],
-        "stall_over_cycle_s": [round(x, 3) for x in cycle],
-        "step_times_s": [round(t, 3) for t in times],
-    }
 
 
 def memory(args: argparse.Namespace) -> dict:
@@ -149,8 +144,8 @@ def memory_worker(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=["stall", "memory", "memory-worker"])
-    parser.add_argument("--steps", type=int, default=13)
-    parser.add_argument("--every", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 8, 16])
