@@ -176,3 +176,19 @@ def test_async_setting_is_validated():
         PmaConfig(export="later")
     with pytest.raises(ValueError, match="`pma_export` must be one of"):
         pma_args("unused", pma_export="background")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("offload", ["none", "cpu"])
+def test_async_export_on_cuda_equals_sync(tmp_path, offload):
+    """A CUDA average is snapshotted into pinned memory; an offloaded (pinned CPU) one is used as is."""
+    for export in ("sync", "async"):
+        trainer = PmaTrainer(
+            model=tiny_llama(),
+            args=pma_args(tmp_path / export, pma_export=export, pma_offload=offload, use_cpu=False),
+            train_dataset=TokenDataset(96),
+        )
+        trainer.train()
+    for name in ("pma-6", "pma-12", "pma"):
+        _assert_same(tmp_path / "async" / name, tmp_path / "sync" / name)
