@@ -17,9 +17,9 @@ from tests.distributed.launch import HERE, ROOT
 from tests.helpers.training import load_folder
 
 
-# 2 samples per cycle end at step 8 (samples after steps 2, 4, 6, 8); the state is saved at step 6, mid-cycle.
+# One cycle ends at step 8 (samples after steps 2, 4, 6, 8); the state is saved at step 4, mid-cycle.
 COMMON = [
-    "--max_train_steps", "12", "--checkpointing_steps", "6", "--pma_interleave_step", "2", "--pma_fused_num", "4",
+    "--max_train_steps", "8", "--checkpointing_steps", "4", "--pma_interleave_step", "2", "--pma_fused_num", "4",
     "--pma_fused_algo", "wma", "--max_corpus_bytes", "30000", "--num_warmup_steps", "2", "--block_size", "32",
 ]  # fmt: skip
 FSDP2 = [
@@ -70,13 +70,13 @@ def test_accelerate_loop_resumes_bitwise_writes_on_main_and_matches_one_process(
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     batch4 = ["--per_device_train_batch_size", "4", *COMMON]
     _run(tmp_path / "logs_full", ["--output_dir", str(full), *batch4], launch=launch)
-    resume = ["--resume_from_checkpoint", str(full / "step_6")]
+    resume = ["--resume_from_checkpoint", str(full / "step_4")]
     argv = ["--output_dir", str(resumed), *batch4, *resume]
     _run(tmp_path / "logs_resumed", argv, launch=launch)
 
     for run in (full, resumed):
         summary = json.loads((run / "summary.json").read_text())
-        assert summary["num_processes"] == 2 and summary["steps"] == 12, summary
+        assert summary["num_processes"] == 2 and summary["steps"] == 8, summary
     assert sorted(p.name for p in full.glob("pma*")) == ["pma", "pma-8"]
     _assert_equal_folders(resumed / "pma-8", full / "pma-8")
     for log in ("logs_full", "logs_resumed"):
