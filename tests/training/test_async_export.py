@@ -192,3 +192,21 @@ def test_async_export_on_cuda_equals_sync(tmp_path, offload):
         trainer.train()
     for name in ("pma-6", "pma-12", "pma"):
         _assert_same(tmp_path / "async" / name, tmp_path / "sync" / name)
+
+
+def test_async_falls_back_to_sync_for_peft_adapters(tmp_path):
+    """An adapter folder is written by `save_pretrained` (PEFT's layout), so the export stays synchronous."""
+    peft = pytest.importorskip("peft")
+    from transformers import Trainer
+
+    from pmakit import PmaCallback
+    from tests.helpers.training import plain_args
+
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    callback = PmaCallback(PmaConfig(interleave_step=2, fused_num=3, export="async"))
+    trainer = Trainer(model=model, args=plain_args(tmp_path), train_dataset=TokenDataset(), callbacks=[callback])
+    with pytest.warns(UserWarning, match="falls back to synchronous exports: .*PEFT adapter"):
+        trainer.train()
+    folder = tmp_path / "pma-6"
+    assert (folder / "adapter_model.safetensors").is_file() and not (folder / "model.safetensors").exists()
+    assert not callback.exporter.background.busy
