@@ -107,7 +107,7 @@ def test_unnormalised_weights_for_extrapolation():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"algo": "median"}, "valid rules are sma, ema, wma, weights"),
+        ({"algo": "median"}, "valid rules are sma, ema, ema_corrected, wma, weights, decay"),
         ({"algo": "ema", "alpha": 0.0}, r"alpha` must lie in \(0, 1\)"),
         ({"algo": "ema", "alpha": 1.0}, r"alpha` must lie in \(0, 1\)"),
         ({"algo": "weights"}, "non-empty list"),
@@ -129,6 +129,6 @@ def test_weight_count_must_match():
 
 
 def test_all_algorithms_listed():
-    assert set(ALGORITHMS) == {"sma", "ema", "wma", "weights"}
+    assert set(ALGORITHMS) == {"sma", "ema", "ema_corrected", "wma", "weights", "decay"}
     for algo, n in itertools.product(("sma", "ema", "wma"), (1, 7)):
         assert len(merge_weights(n, algo)) == n
