@@ -176,6 +176,13 @@ class AveragingRule:
         shape = self.decay_shape
         return DECAY_SHAPES[shape] if isinstance(shape, str) else shape
 
+    @property
+    def shape_name(self) -> str:
+        """The decay shape's name (a callable's ``__name__``), e.g. for model cards (the ``decay`` rule only)."""
+        if self.algo != "decay":
+            raise ValueError(f"Only the `decay` rule has a decay shape, not {self.algo!r}.")
+        return _shape_name(self.decay_shape)
+
     def weights_for(self, n: int) -> list[float]:
         """Closed-form weights of ``n`` samples, oldest first (they sum to one unless ``normalize=False``).
 
@@ -275,8 +282,7 @@ class AveragingRule:
             "ema": f"EMA (alpha={self.alpha:g})",
             "ema_corrected": f"bias-corrected EMA (alpha={self.alpha:g})",
             "weights": "weighted average" if self.normalize else "weighted sum",
-            "decay": f"decay-shaped merge ({_shape_name(self.decay_shape)})" if self.algo == "decay" else "",
-        }[self.algo]
+        }.get(self.algo) or f"decay-shaped merge ({self.shape_name})"
         return name if n is None else f"{name} of {n} sample{'s' if n != 1 else ''}"
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 
-from ..averaging import ALGORITHMS, AveragingRule
+from ..averaging import ALGORITHMS, DECAY_SHAPES, AveragingRule, DecayShape, fold_coefficients
 
 
 __all__ = ["EXPORT_CHOICES", "OFFLOAD_CHOICES", "PMA_FIELDS", "PMA_HELP", "PmaConfig", "validate_pma_settings"]
@@ -19,10 +19,16 @@ OFFLOAD_CHOICES = ("none", "cpu")
 EXPORT_CHOICES = ("sync", "async")
 
 PMA_HELP = {
-    "fused_algo": f"Averaging rule: one of {', '.join(ALGORITHMS)} ('weights' uses `fused_weights`).",
+    "fused_algo": f"Averaging rule: one of {', '.join(ALGORITHMS)} ('weights' uses `fused_weights`, "
+    "'decay' uses `decay_shape`, 'ema' and 'ema_corrected' use `ema_alpha`).",
     "fused_num": "Samples per cycle: after this many samples the merged model is written and the average restarts.",
     "interleave_step": "Optimizer steps between samples: a sample is taken after every `interleave_step`-th step.",
-    "ema_alpha": "EMA weight of the newest sample, in (0, 1). The EMA starts at the first sample of a cycle.",
+    "ema_alpha": "EMA weight of the newest sample, in (0, 1), for 'ema' and 'ema_corrected'. 'ema' starts at the "
+    "first sample of a cycle (with few samples the oldest weighs most); 'ema_corrected' is the zero-start EMA "
+    "divided by 1-(1-alpha)^n (weights rise toward the newest and sum to one: the form for short cycles).",
+    "decay_shape": f"Shape d of the 'decay' rule: one of {', '.join(DECAY_SHAPES)} (or, from Python, a callable "
+    "with d(0)=1, d(1)=0). Sample i of fused_num=n weighs d((i-1)/n)-d(i/n): the merge emulates that LR decay "
+    "over the cycle (WSM); 'linear' equals SMA.",
     "fused_weights": "Explicit per-sample weights, oldest first, one per sample of a cycle (rule 'weights').",
     "start_step": "No sample is taken at or before this optimizer step (skip the early, fast-moving phase).",
     "write_back": "At each cycle end copy the merged weights into the live model and train on from them "
@@ -35,6 +41,9 @@ PMA_HELP = {
     "to the CPU and writes the folder from a background thread while training goes on (joined before the next "
     "export, a checkpoint save and the end of training).",
     "save_total_limit": "Keep at most this many `pma-<step>` folders, deleting the oldest (None keeps all).",
+    "sample_store": "Also keep every PMA sample as a model-only folder `pma-samples/step-<t>` (config, tokenizer, "
+    "weights; no optimizer state), so any rule and window can be merged after training with `pmakit.merge`.",
+    "sample_store_limit": "Keep at most this many sample folders, deleting the oldest (None keeps all).",
     "hub_model_id": "Hub repo for the merged model when the run pushes to the Hub; default: the `pma` "
     "subfolder of the run's own repo.",
 }
@@ -58,8 +67,9 @@ def validate_pma_settings(values: dict, prefix: str = "") -> None:
             raise ValueError(f"{name(key)} must be a positive integer; got {values[key]!r}.")
     if isinstance(values["start_step"], bool) or not isinstance(values["start_step"], int) or values["start_step"] < 0:
         raise ValueError(f"{name('start_step')} must be a non-negative integer; got {values['start_step']!r}.")
-    if algo == "ema" and not (0.0 < float(values["ema_alpha"]) < 1.0):
+    if algo in ("ema", "ema_corrected") and not (0.0 < float(values["ema_alpha"]) < 1.0):
         raise ValueError(f"{name('ema_alpha')} must lie in the open interval (0, 1); got {values['ema_alpha']!r}.")
+    _validate_decay_shape(values, name)
     weights = values.get("fused_weights")
     if algo == "weights":
         if not weights or len(weights) != values["fused_num"]:
@@ -79,9 +89,27 @@ def validate_pma_settings(values: dict, prefix: str = "") -> None:
     export = values.get("export", "sync")
     if export not in EXPORT_CHOICES:
         raise ValueError(f"{name('export')} must be one of {', '.join(EXPORT_CHOICES)}; got {export!r}.")
-    limit = values["save_total_limit"]
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"{name('save_total_limit')} must be a positive integer or None; got {limit!r}.")
+    for key in ("save_total_limit", "sample_store_limit"):
+        limit = values.get(key)
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"{name(key)} must be a positive integer or None; got {limit!r}.")
+
+
+def _validate_decay_shape(values: dict, name) -> None:
+    """`decay_shape` goes with `fused_algo='decay'` only, and its running form must exist over `fused_num`."""
+    algo, shape = values["fused_algo"], values.get("decay_shape")
+    if algo != "decay":
+        if shape is not None:
+            raise ValueError(f"{name('decay_shape')} is only used with {name('fused_algo')}='decay'; got {algo!r}.")
+        return
+    if shape is None:
+        raise ValueError(
+            f"{name('fused_algo')}='decay' needs {name('decay_shape')}: one of {', '.join(DECAY_SHAPES)}."
+        )
+    try:
+        fold_coefficients(AveragingRule("decay", decay_shape=shape), values["fused_num"])
+    except ValueError as err:
+        raise ValueError(f"{name('decay_shape')}: {err}") from None
 
 
 @dataclass
@@ -103,6 +131,7 @@ class PmaConfig:
     interleave_step: int = field(default=1000, metadata=_meta("interleave_step"))
     ema_alpha: float = field(default=0.2, metadata=_meta("ema_alpha"))
     fused_weights: list[float] | None = field(default=None, metadata=_meta("fused_weights"))
+    decay_shape: str | DecayShape | None = field(default=None, metadata=_meta("decay_shape"))
     start_step: int = field(default=0, metadata=_meta("start_step"))
     write_back: bool = field(default=False, metadata=_meta("write_back"))
     eval: bool = field(default=False, metadata=_meta("eval"))
@@ -110,6 +139,8 @@ class PmaConfig:
     save: bool = field(default=True, metadata=_meta("save"))
     save_total_limit: int | None = field(default=None, metadata=_meta("save_total_limit"))
     export: str = field(default="sync", metadata=_meta("export"))
+    sample_store: bool = field(default=False, metadata=_meta("sample_store"))
+    sample_store_limit: int | None = field(default=None, metadata=_meta("sample_store_limit"))
     hub_model_id: str | None = field(default=None, metadata=_meta("hub_model_id"))
 
     def __post_init__(self) -> None:
@@ -121,7 +152,7 @@ class PmaConfig:
     def rule(self) -> AveragingRule:
         """The averaging rule these settings describe."""
         weights = tuple(self.fused_weights) if self.fused_weights is not None else None
-        return AveragingRule(self.fused_algo, float(self.ema_alpha), weights)
+        return AveragingRule(self.fused_algo, float(self.ema_alpha), weights, decay_shape=self.decay_shape)
 
     @property
     def cycle_steps(self) -> int:
@@ -131,6 +162,10 @@ class PmaConfig:
     def is_sample_step(self, step: int) -> bool:
         """Whether a sample is taken after optimizer step ``step`` (counted from 1)."""
         return step > self.start_step and step % self.interleave_step == 0
+
+    def is_stored_step(self, step: int) -> bool:
+        """Whether the sample taken after optimizer step ``step`` is also kept in the sample store."""
+        return self.sample_store and self.is_sample_step(step)
 
     def check_horizon(self, max_steps: int) -> None:
         """Warn when no cycle can complete within ``max_steps`` optimizer steps."""

@@ -124,6 +124,7 @@ class PmaEngine:
         self.config = config
         self.rule = config.rule
         self._handlers: list[CycleHandler] = []
+        self._sample_handlers: list[CycleHandler] = []
         self._groups: list[_Group] | None = None
         self._signature: tuple | None = None
         self._pending: list[threading.Thread] = []
@@ -232,6 +233,15 @@ class PmaEngine:
         if hook not in self._join_hooks:
             self._join_hooks.append(hook)
 
+    def add_sample_handler(self, handler: CycleHandler) -> None:
+        """Run ``handler(engine, step)`` after each sample the config stores (`PmaConfig.is_stored_step`).
+
+        It runs on every process (a sharded model is gathered collectively), after the fold and before the
+        cycle end, so the live parameters are exactly the sample just folded.
+        """
+        if handler not in self._sample_handlers:
+            self._sample_handlers.append(handler)
+
     def drive_externally(self, param_source: Callable[[], list[list[torch.Tensor]]]) -> None:
         """Stop counting the optimizer's own ``step`` calls: the owner calls `on_step` once per real step.
 
@@ -273,10 +283,13 @@ class PmaEngine:
         counters = self._raw_counters()
         step = counters["step"] if step is None else step
         k = counters["count"] + 1
-        coefficient = self.rule.coefficient(k)
+        coefficient = self.rule.coefficient(k, self.config.fused_num)
         self._fold(coefficient)
         counters["count"] = k
         counters["sample_steps"] = _join_steps([*_split_steps(counters["sample_steps"]), step])
+        if self.config.is_stored_step(step):
+            for handler in list(self._sample_handlers):  # before a write-back changes the live weights
+                handler(self, step)
         if k >= self.config.fused_num:
             self._end_cycle(step)
 

@@ -52,6 +52,11 @@ class ExportEntry:
 
 def _full(t, is_main_process: bool):
     """``t`` whole on the CPU of the main process (None elsewhere); a DTensor is all-gathered (collective)."""
+    if hasattr(t, "ds_id"):  # a DeepSpeed ZeRO-3 parameter: empty outside a gather
+        from deepspeed.zero import GatheredParameters
+
+        with GatheredParameters([t], modifier_rank=None):
+            return t.detach().cpu().clone() if is_main_process else None
     if is_dtensor(t):
         local = t.to_local()
         if local.device.type != t.device_mesh.device_type:  # an offloaded (pinned CPU) shard of a GPU mesh
@@ -147,6 +152,7 @@ def gather_averaged_state_dict(
     """
     entries = export_entries(model, averages)
     sharded = optimizer_state_key is not None or any(is_dtensor(e.source) for e in entries)
+    sharded = sharded or any(hasattr(e.source, "ds_id") for e in entries)  # ZeRO-3 live weights
     if not sharded and not is_main_process:
         return None
     result: dict = {}

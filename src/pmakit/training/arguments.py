@@ -71,6 +71,7 @@ class PmaArguments(TrainingArguments):
     pma_interleave_step: int = field(default=1000, metadata=_meta("interleave_step"))
     pma_ema_alpha: float = field(default=0.2, metadata=_meta("ema_alpha"))
     pma_fused_weights: list[float] | None = field(default=None, metadata=_meta("fused_weights"))
+    pma_decay_shape: str | None = field(default=None, metadata=_meta("decay_shape"))
     pma_start_step: int = field(default=0, metadata=_meta("start_step"))
     pma_write_back: bool = field(default=False, metadata=_meta("write_back"))
     pma_eval: bool = field(default=False, metadata=_meta("eval"))
@@ -78,6 +79,8 @@ class PmaArguments(TrainingArguments):
     pma_save: bool = field(default=True, metadata=_meta("save"))
     pma_save_total_limit: int | None = field(default=None, metadata=_meta("save_total_limit"))
     pma_export: str = field(default="sync", metadata=_meta("export"))
+    pma_sample_store: bool = field(default=False, metadata=_meta("sample_store"))
+    pma_sample_store_limit: int | None = field(default=None, metadata=_meta("sample_store_limit"))
     pma_hub_model_id: str | None = field(default=None, metadata=_meta("hub_model_id"))
     # Weight Scope Alignment (pmakit.tools.wsa): off while pma_wsa_weight is 0. The paper fixes neither the weight
     # nor the target; the defaults below are ours.

@@ -27,6 +27,7 @@ from ..io.folders import remove_stale_temporaries
 from ..online.config import PmaConfig
 from ..online.engine import AVG_KEY, PmaEngine, attach_engine
 from .export import LATEST_DIR, PMA_PREFIX, PmaExporter
+from .samples import PmaSampleStore
 
 
 __all__ = ["PmaCallback", "remove_stale_pma_temporaries"]
@@ -131,7 +132,21 @@ class PmaCallback(TrainerCallback):
         engine.add_cycle_handler(self._export_cycle)
         if getattr(args, "_pma_horizon_checked", None) != (state.max_steps, self.config):  # else done by the args
             self.config.check_horizon(state.max_steps)
+        self._attach_sample_store(engine, args, kwargs)
         self._check_resumed_precision(engine)
+
+    def _attach_sample_store(self, engine: PmaEngine, args: TrainingArguments, kwargs: dict) -> None:
+        """With ``sample_store`` on, write every sample as ``pma-samples/step-<t>`` (see `PmaSampleStore`)."""
+        engine._sample_handlers = [h for h in engine._sample_handlers if not isinstance(h, PmaSampleStore)]
+        if self.config.sample_store:
+            store = PmaSampleStore(
+                kwargs.get("model"),
+                args.output_dir,
+                self.config,
+                processing_class=kwargs.get("processing_class"),
+                is_main_process=args.should_save,
+            )
+            engine.add_sample_handler(store)
 
     def _export_cycle(self, engine: PmaEngine, step: int) -> None:
         """The engine's cycle handler: the exporter, with the Trainer's progress-bar setting."""

@@ -33,7 +33,7 @@ from .background import BackgroundWriter, side_process_group
 from .streaming import DEFAULT_MAX_SHARD_SIZE, plan_layout, streamable, write_side_files, write_streamed
 
 
-__all__ = ["LATEST_DIR", "PMA_PREFIX", "PmaExporter", "save_averaged_model"]
+__all__ = ["LATEST_DIR", "PMA_PREFIX", "PmaExporter", "save_averaged_model", "save_live_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,25 @@ def save_averaged_model(
         state_dict = _local_state_dict(model, averages)
     if not is_main_process:
         return None
+    return _write_model_folder(model, state_dict, path, processing_class, model_card)
+
+
+def save_live_model(
+    model, path: str | os.PathLike, *, processing_class=None, is_main_process: bool = True
+) -> Path | None:
+    """Write ``model``'s live weights as a model-only folder (no optimizer state), built aside and renamed.
+
+    The sibling of `save_averaged_model` for the live weights, through the same gather: FSDP2
+    DTensors and DeepSpeed ZeRO-3 partitions are gathered one tensor at a time (collectives: call
+    it on every process); only the main process writes, the others return None.
+    """
+    state_dict = gather_averaged_state_dict(model, {}, is_main_process=is_main_process)
+    if not is_main_process:
+        return None
+    return _write_model_folder(model, state_dict, path, processing_class, None)
+
+
+def _write_model_folder(model, state_dict: dict, path, processing_class, model_card: str | None) -> Path:
     with atomic_directory(path, overwrite=True) as tmp:
         model.save_pretrained(tmp, state_dict=state_dict, max_shard_size=max_shard_size)
         if processing_class is not None and hasattr(processing_class, "save_pretrained"):
@@ -299,8 +318,10 @@ class PmaExporter:
             "sample_steps": steps,
             "weights": [round(w, 8) for w in weights],
         }
-        if config.fused_algo == "ema":
+        if config.fused_algo in ("ema", "ema_corrected"):
             recipe["ema_alpha"] = config.ema_alpha
+        if config.fused_algo == "decay":
+            recipe["decay_shape"] = rule.shape_name
         summary = (
             f"This model is the {rule.describe(len(steps))} of the weights taken during training at optimizer "
             f"steps {', '.join(map(str, steps))} (every {config.interleave_step} steps), written at step {step} "

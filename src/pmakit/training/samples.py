@@ -1,0 +1,76 @@
+"""The sample store: every PMA sample kept as a model-only folder, so the merge can be chosen later.
+
+With ``sample_store`` on, each sample the engine folds is also written as
+``output_dir/pma-samples/step-<t>/`` (config, tokenizer and safetensors weights, no optimizer
+state), the oldest removed beyond ``sample_store_limit``. The folders are ordinary model folders:
+``pmakit.merge`` takes them as inputs, so any rule and any window of them can be merged after
+training without full Trainer checkpoints (whose optimizer state is 2-3x the model).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from pathlib import Path
+
+from ..online.config import PmaConfig
+from ..online.distributed import unwrap_model
+from ..online.engine import PmaEngine
+from .export import save_live_model
+
+
+__all__ = ["SAMPLES_DIR", "SAMPLE_PREFIX", "PmaSampleStore", "stored_samples"]
+
+logger = logging.getLogger(__name__)
+
+SAMPLES_DIR = "pma-samples"
+SAMPLE_PREFIX = "step-"
+_SAMPLE_DIR_RE = re.compile(rf"^{SAMPLE_PREFIX}(\d+)$")
+
+
+def stored_samples(output_dir: str | Path) -> list[Path]:
+    """The sample folders of a run, oldest first (by step)."""
+    root = Path(output_dir) / SAMPLES_DIR
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _SAMPLE_DIR_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+class PmaSampleStore:
+    """Writes the live weights at each stored sample; an engine sample handler (`PmaEngine.add_sample_handler`).
+
+    Every process must call it (sharded weights are gathered collectively); only the main process
+    writes and rotates.
+    """
+
+    def __init__(
+        self, model, output_dir: str | Path, config: PmaConfig, *, processing_class=None, is_main_process: bool = True
+    ) -> None:
+        self.model = model
+        self.root = Path(output_dir) / SAMPLES_DIR
+        self.config = config
+        self.processing_class = processing_class
+        self.is_main_process = is_main_process
+
+    def __call__(self, engine: PmaEngine, step: int) -> Path | None:
+        folder = self.root / f"{SAMPLE_PREFIX}{step}"
+        written = save_live_model(
+            unwrap_model(self.model),
+            folder,
+            processing_class=self.processing_class,
+            is_main_process=self.is_main_process,
+        )
+        if written is not None:
+            self._rotate()
+            logger.info("PMA: stored the sample of step %d in %s", step, folder)
+        return written
+
+    def _rotate(self) -> None:
+        limit = self.config.sample_store_limit
+        if limit is None:
+            return
+        folders = stored_samples(self.root.parent)
+        for folder in folders[: max(0, len(folders) - limit)]:
+            shutil.rmtree(folder, ignore_errors=True)
