@@ -182,7 +182,8 @@ def write_plot(path: Path, live, pma, forks, cycle_steps: int, title: str) -> No
         ax.plot(*zip(*full, strict=True), "s-", color="tab:red", label="PMA merge (cycle end)", markersize=5)
     if part:
         ax.plot(*zip(*part, strict=True), "x", color="tab:red", alpha=0.6, label="PMA running average (mid-cycle)")
-    for (label, points), color in zip(forks, ("tab:green", "tab:olive"), strict=True):
+    colors = ("tab:green", "tab:olive")[: len(forks)]  # zero, one or two annealed forks
+    for (label, points), color in zip(forks, colors, strict=True):
         ax.plot(*zip(*points, strict=True), "^-", color=color, label=label, markersize=4)
     # Zoom on the stable phase: the first third (fast early descent) would flatten the interesting part.
     zoom = live[-1][0] / 3 if live else 0

@@ -25,7 +25,7 @@ def run_worker(tmp_path, mode, nproc, cpu):
         assert f["world_size"] == nproc
         assert f["counters"] == {"step": 6, "count": 0, "sample_steps": [], "cycles": 1, "merged_steps": [2, 4, 6]}
         assert f["average_dtypes"] == ["torch.float32"]
-        assert f["folders"] == ["checkpoint-3", "checkpoint-6", "pma", "pma-6"]
+        assert f["folders"] == ["checkpoint-3", "checkpoint-6", "pma", "pma-6", "pma-samples"]
         assert f["resume_counters_ok"] and f["resume_exact"], "resume from checkpoint-3 restores the average exactly"
     return facts
 
@@ -44,6 +44,7 @@ def test_trainer_deepspeed_cpu(tmp_path, stage):
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     facts = run_worker(tmp_path, f"zero{stage}", nproc=2, cpu=True)
     check_zero(facts, tmp_path / "run" / "pma-6", 2)
+    check_zero(facts, tmp_path / "run" / "pma-samples" / "step-6", 2)  # the sample store gathers too
 
 
 @pytest.mark.cuda
@@ -59,6 +60,11 @@ def test_trainer_fsdp2_cuda(tmp_path):
     assert saved.keys() <= averages.keys()
     for name, tensor in saved.items():  # fp32 weights (bf16 is the compute dtype of FSDP2's mixed precision)
         assert torch.equal(tensor, averages[name].to(tensor.dtype)), name
+    live = torch.load(tmp_path / "live.pt")
+    sample = load_folder(tmp_path / "run" / "pma-samples" / "step-6")  # gathered from the DTensor shards
+    assert sample.keys() == saved.keys()
+    for name, tensor in sample.items():
+        assert torch.equal(tensor, live[name].to(tensor.dtype)), name
 
 
 @pytest.mark.cuda
@@ -69,3 +75,4 @@ def test_trainer_deepspeed_cuda(tmp_path, stage):
     nproc = min(2, torch.cuda.device_count())
     facts = run_worker(tmp_path, f"zero{stage}", nproc=nproc, cpu=False)
     check_zero(facts, tmp_path / "run" / "pma-6", nproc)
+    check_zero(facts, tmp_path / "run" / "pma-samples" / "step-6", nproc)

@@ -20,7 +20,9 @@ from tests.helpers.training import pma_args
 
 
 def backend_args(mode: str, on_cpu: bool) -> dict:
-    common = dict(use_cpu=on_cpu, bf16=not on_cpu, max_steps=6, save_strategy="steps", save_steps=3)
+    common = dict(
+        use_cpu=on_cpu, bf16=not on_cpu, max_steps=6, save_strategy="steps", save_steps=3, pma_sample_store=True
+    )
     if mode == "fsdp2":
         return dict(
             common,
@@ -72,8 +74,11 @@ def main() -> None:
     if not engine.deepspeed:
         names = {p: n for n, p in first.model.named_parameters()}
         full = {names[p]: (a.full_tensor() if hasattr(a, "full_tensor") else a).cpu() for p, a in averages.items()}
+        # the live weights after the last step: what the sample store kept as pma-samples/step-6
+        live = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu() for p, n in names.items()}
         if rank == 0:
             torch.save(full, out / "averages.pt")
+            torch.save(live, out / "live.pt")
     (out / f"facts_rank{rank}.json").write_text(json.dumps(facts))
     if dist.is_initialized():
         dist.barrier()

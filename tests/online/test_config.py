@@ -47,7 +47,10 @@ def test_sample_steps():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"fused_algo": "median"}, "`fused_algo` must be one of sma, ema, wma, weights; got 'median'"),
+        (
+            {"fused_algo": "median"},
+            "`fused_algo` must be one of sma, ema, ema_corrected, wma, weights, decay; got 'median'",
+        ),
         ({"fused_algo": "ema", "ema_alpha": 1.5}, r"`ema_alpha` must lie in the open interval \(0, 1\)"),
         ({"fused_algo": "ema", "ema_alpha": 0}, r"`ema_alpha` must lie in the open interval \(0, 1\)"),
         ({"fused_num": 0}, "`fused_num` must be a positive integer"),
@@ -66,7 +69,9 @@ def test_config_errors_name_the_field(kwargs, message):
 
 
 def test_arguments_errors_use_prefixed_names(tmp_path):
-    with pytest.raises(ValueError, match="`pma_fused_algo` must be one of sma, ema, wma, weights"):
+    with pytest.raises(
+        ValueError, match="`pma_fused_algo` must be one of sma, ema, ema_corrected, wma, weights, decay"
+    ):
         PmaArguments(output_dir=str(tmp_path), pma_fused_algo="lawa")
     with pytest.raises(ValueError, match=r"`pma_ema_alpha` must lie in the open interval \(0, 1\)"):
         PmaArguments(output_dir=str(tmp_path), pma_fused_algo="ema", pma_ema_alpha=2.0)
