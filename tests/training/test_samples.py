@@ -73,8 +73,14 @@ def test_sample_store_keeps_each_sample_and_merges_offline_like_online(tmp_path)
 
 
 def test_sample_store_limit_removes_the_oldest(tmp_path):
-    trainer, _ = train(tmp_path, pma_sample_store=True, pma_sample_store_limit=2, pma_write_back=True)
+    trainer, snap = train(tmp_path, pma_sample_store=True, pma_sample_store_limit=2, pma_write_back=True)
     assert [f.name for f in stored_samples(tmp_path)] == ["step-10", "step-12"]
+    # the cycle-end sample is stored before the write-back replaces the live weights by the merge
+    last, merged = load_folder(tmp_path / "pma-samples" / "step-12"), load_folder(tmp_path / "pma-12")
+    assert all(torch.equal(merged[n].double(), ref) for n, ref in snap.snapshots[12].items())  # written back
+    assert not any(torch.equal(last[n], merged[n]) for n in merged)
+    step10 = load_folder(tmp_path / "pma-samples" / "step-10")
+    assert all(torch.equal(step10[n].double(), ref) for n, ref in snap.snapshots[10].items())
     assert not any(p.name.startswith("_") for p in (tmp_path / "pma-samples").iterdir())  # no temporary left
     assert trainer.pma_engine.num_cycles == 2
 
