@@ -242,6 +242,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not seeds:
         raise ValueError("--seeds needs at least one seed, e.g. 0,1,2.")
     starts, data = load_inputs(args, ca)
+    if args.max_length is None or args.max_length > data["pretrain_val"].block_size:  # the model's positions
+        args = dataclasses.replace(args, max_length=data["pretrain_val"].block_size)
     print(
         f"SFT with TRL on {len(data['train'])} chats ({len(data['heldout'])} held out), seeds {seeds}: "
         f"from PMA {starts['pma']} vs live {starts['live']}",
@@ -264,7 +266,7 @@ def write_report(args, ca: ChatSftArguments, argv, runs: dict, table: str, seeds
     settings = (
         f"TRL SFTTrainer, {args.max_steps} steps, batch {args.per_device_train_batch_size}, max_length "
         f"{args.max_length}, {getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)} LR "
-        f"{args.learning_rate:g} with {args.warmup_steps} warm-up steps, seeds {seeds}; loss in nats per byte"
+        f"{args.learning_rate:g} with {args.warmup_steps:g} warm-up steps, seeds {seeds}; loss in nats per byte"
     )
     report = ["# PMA-init with TRL's SFTTrainer: results", "", f"Command: `{command.strip()}`", "", settings, ""]
     report_path = Path(ca.report_md) if ca.report_md else out / "results.md"
