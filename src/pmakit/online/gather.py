@@ -53,7 +53,7 @@ class ExportEntry:
 def _full(t, is_main_process: bool):
     """``t`` whole on the CPU of the main process (None elsewhere); a DTensor is all-gathered (collective)."""
     if hasattr(t, "ds_id"):  # a DeepSpeed ZeRO-3 parameter: empty outside a gather
-        from deepspeed.zero import GatheredParameters
+        from deepspeed.runtime.zero import GatheredParameters
 
         with GatheredParameters([t], modifier_rank=None):
             return t.detach().cpu().clone() if is_main_process else None
@@ -172,7 +172,7 @@ def _gather_zero(param, key: str, is_main_process: bool):
             raise RuntimeError(f"DeepSpeed has no `{key}` state for a parameter of shape {tuple(_full_shape(param))}.")
         return full.detach().cpu() if is_main_process else None
     if hasattr(param, "ds_id"):
-        from deepspeed.zero import GatheredParameters
+        from deepspeed.runtime.zero import GatheredParameters
 
         with GatheredParameters([param], modifier_rank=None):
             return param.detach().cpu().clone() if is_main_process else None
