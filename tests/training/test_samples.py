@@ -7,6 +7,7 @@ import torch
 
 import pmakit
 from pmakit import PmaArguments, PmaConfig, PmaTrainer
+from pmakit.cli import main as cli_main
 from pmakit.training.samples import stored_samples
 from tests.helpers.models import TokenDataset, tiny_llama
 from tests.helpers.training import SnapshotCallback, load_folder, pma_args, weighted
@@ -64,12 +65,16 @@ def test_sample_store_keeps_each_sample_and_merges_offline_like_online(tmp_path)
     assert offline.keys() == online.keys()
     for name in online:
         torch.testing.assert_close(offline[name], online[name], rtol=1e-6, atol=1e-6)
-    # and any other rule or window after the fact, e.g. a cosine-decay merge of all six samples
+    # and any other rule or window after the fact, e.g. a cosine-decay merge of all six samples,
+    # from Python and from the command line
     cosine_6 = [(math.cos(math.pi * (i - 1) / 6) - math.cos(math.pi * i / 6)) / 2 for i in range(1, 7)]
-    pmakit.merge([str(f) for f in folders], tmp_path / "cosine6", algo="weights", weights=cosine_6)
     expected = weighted(snap.snapshots, [2, 4, 6, 8, 10, 12], cosine_6)
-    for name, tensor in load_folder(tmp_path / "cosine6").items():
-        torch.testing.assert_close(tensor.double(), expected[name], rtol=2e-6, atol=2e-6)
+    pmakit.merge([str(f) for f in folders], tmp_path / "cosine6", algo="decay", decay_shape="cosine")
+    argv = ["average", *map(str, folders), "-o", str(tmp_path / "cli"), "--algo", "decay", "--decay-shape", "cosine"]
+    assert cli_main(argv) == 0
+    for out in ("cosine6", "cli"):
+        for name, tensor in load_folder(tmp_path / out).items():
+            torch.testing.assert_close(tensor.double(), expected[name], rtol=2e-6, atol=2e-6)
 
 
 def test_sample_store_limit_removes_the_oldest(tmp_path):
