@@ -13,7 +13,6 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ALGORITHMS": "averaging",
     "AveragingRule": "averaging",
-    "DECAY_SHAPES": "averaging",
     "fold_coefficients": "averaging",
     "merge_weights": "averaging",
     "PmaConfig": "online.config",
@@ -78,7 +77,7 @@ def __dir__():
 
 
 if TYPE_CHECKING:
-    from .averaging import ALGORITHMS, DECAY_SHAPES, AveragingRule, fold_coefficients, merge_weights
+    from .averaging import ALGORITHMS, AveragingRule, fold_coefficients, merge_weights
     from .errors import InputError, MergeError
     from .io.hub import HubDownloadError, HubPushError, HubTarget, download_model, push_folder_to_hub
     from .merging import MergeOptions, MergeResult, load_recipe, merge, plan_merge
