@@ -71,6 +71,7 @@ def save_averaged_model(
     """
     entries = export_entries(model, averages)
     sharded = optimizer_state_key is not None or any(is_dtensor(e.source) for e in entries)
+    sharded = sharded or any(hasattr(e.source, "ds_id") for e in entries)  # ZeRO-3 live weights
     if not sharded and not is_main_process:
         return None
     if (stream if stream is not None else sharded) and streamable(model, entries):
@@ -94,7 +95,7 @@ def save_averaged_model(
         state_dict = _local_state_dict(model, averages)
     if not is_main_process:
         return None
-    return _write_model_folder(model, state_dict, path, processing_class, model_card)
+    return _write_model_folder(model, state_dict, path, processing_class, model_card, max_shard_size)
 
 
 def save_live_model(
@@ -106,13 +107,12 @@ def save_live_model(
     DTensors and DeepSpeed ZeRO-3 partitions are gathered one tensor at a time (collectives: call
     it on every process); only the main process writes, the others return None.
     """
-    state_dict = gather_averaged_state_dict(model, {}, is_main_process=is_main_process)
-    if not is_main_process:
-        return None
-    return _write_model_folder(model, state_dict, path, processing_class, None)
+    return save_averaged_model(model, {}, path, processing_class=processing_class, is_main_process=is_main_process)
 
 
-def _write_model_folder(model, state_dict: dict, path, processing_class, model_card: str | None) -> Path:
+def _write_model_folder(
+    model, state_dict: dict, path, processing_class, model_card: str | None, max_shard_size: int | str
+) -> Path:
     with atomic_directory(path, overwrite=True) as tmp:
         model.save_pretrained(tmp, state_dict=state_dict, max_shard_size=max_shard_size)
         if processing_class is not None and hasattr(processing_class, "save_pretrained"):
