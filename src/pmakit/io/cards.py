@@ -1,6 +1,6 @@
-"""Model cards (``README.md``) for every folder pmakit writes, on `huggingface_hub`'s ``ModelCard``.
+"""Model cards (``README.md``) for every folder pmakit writes, in `huggingface_hub`'s ``ModelCard`` format.
 
-The metadata header is built by ``ModelCardData`` (so the Hub reads ``base_model``,
+The metadata header is the one ``ModelCardData`` writes (so the Hub reads ``base_model``,
 ``library_name`` and ``tags`` as it expects); the body says what was averaged and carries the
 exact recipe as YAML so the result can be reproduced.
 """
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import yaml
 
 
-__all__ = ["build_model_card", "looks_like_hub_id"]
+__all__ = ["build_model_card", "card_metadata", "looks_like_hub_id"]
 
 FOOTER = "Made with [pmakit](https://github.com/pmakit/pmakit)."
 
@@ -59,12 +59,18 @@ def build_model_card(
     Returns:
         The card as text, metadata header first.
     """
-    from huggingface_hub import ModelCard, ModelCardData  # imported here: the merge path starts fast
-
     hub_ids = list(dict.fromkeys(m for m in base_models if looks_like_hub_id(m)))
-    extra = {"base_model_relation": "merge"} if hub_ids else {}
-    data = ModelCardData(
-        base_model=hub_ids or None, library_name=library_name, tags=list(dict.fromkeys(tags)), **extra
-    )
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_body(title, summary, details, recipe)}")
-    return str(card)
+    return f"---\n{card_metadata(hub_ids, library_name, tags)}\n---\n\n{_body(title, summary, details, recipe)}"
+
+
+def card_metadata(hub_ids: Sequence[str], library_name: str, tags: Sequence[str]) -> str:
+    """The YAML header, in the form and order `huggingface_hub`'s ``ModelCardData.to_yaml`` gives.
+
+    Written with ``yaml`` directly: importing ``huggingface_hub``'s card classes costs about 0.4 s
+    of CPU, more than the rest of the merge path's imports together (tests keep the two equal).
+    """
+    data = {"base_model": list(hub_ids) or None, "library_name": library_name, "tags": list(dict.fromkeys(tags))}
+    if hub_ids:
+        data["base_model_relation"] = "merge"
+    data = {k: v for k, v in data.items() if v is not None}
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True).strip()

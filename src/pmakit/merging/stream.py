@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import MergeError
 from ..io.safetensors import DTYPES, ShardWriter, read_into
+from . import convert
 from .plan import MergePlan, PlannedTensor
 
 
@@ -147,16 +148,10 @@ class _Fold:
     def _write(self, t: PlannedTensor, e0: int, values: np.ndarray, scale=None) -> None:
         """Write ``values`` (times ``scale``, computed in the accumulator dtype) in the output dtype."""
         out_dtype = DTYPES[t.out.dtype]
+        out = values
         if values.dtype != out_dtype:
             out = self.buffers.get("out", values.size * out_dtype.itemsize).view(out_dtype)
-            if scale is None:
-                np.copyto(out, values, casting="unsafe")
-            else:  # one pass: multiply in the accumulator dtype, round once into the output dtype
-                np.multiply(values, scale, out=out, dtype=values.dtype, casting="unsafe")
-            values = out
-        elif scale is not None:
-            np.multiply(values, scale, out=values)
-        self.writer.write(t.out, e0, values)
+        self.writer.write(t.out, e0, convert.store(values, out, scale))
 
     def __call__(self, t: PlannedTensor, e0: int, e1: int) -> None:
         try:
@@ -185,12 +180,12 @@ class _Fold:
             np.copyto(acc, first, casting="unsafe")
             return
         second = self._read(t.inputs[1], e0, e1, "second")  # its own buffer: "in" still holds the first (pread)
-        np.add(first, second, out=acc, dtype=dt, casting="unsafe")
+        convert.sum_into(acc, first, second)
         del first, second
         self._release_one(t.inputs[0], e0, e1)
         self._release_one(t.inputs[1], e0, e1)
         for info in t.inputs[2:]:
-            np.add(acc, self._read(info, e0, e1), out=acc, dtype=dt, casting="unsafe")
+            convert.add_into(acc, self._read(info, e0, e1))
             self._release_one(info, e0, e1)  # one input's block mapped at a time
 
     def _weighted_sum_inputs(self, t: PlannedTensor, e0: int, e1: int, acc: np.ndarray) -> None:
@@ -200,9 +195,7 @@ class _Fold:
             if k == 0:
                 np.multiply(self._read(info, e0, e1), w, out=acc, dtype=dt, casting="unsafe")
             else:
-                tmp = self.buffers.get("tmp", acc.nbytes).view(dt)
-                np.multiply(self._read(info, e0, e1), w, out=tmp, dtype=dt, casting="unsafe")
-                np.add(acc, tmp, out=acc)
+                convert.add_into(acc, self._read(info, e0, e1), w, self.buffers.get("tmp", acc.nbytes).view(dt))
             self._release_one(info, e0, e1)  # one input's block mapped at a time
 
     def _copy_block(self, t: PlannedTensor, e0: int, e1: int) -> None:
