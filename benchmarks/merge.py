@@ -30,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "merge.md"
+PMAKIT = [sys.executable, "-m", "pmakit.cli", "average"]
 
 CHILD = r"""
 import resource, subprocess, sys, time, json
@@ -54,6 +55,49 @@ for path in sys.argv[1:]:
                 break
             total += n
 print(total)
+"""
+
+
+# The I/O bound of a merge: the same interpreter start, the same number of threads, every input byte
+# read once (pread into a reused per-thread buffer) and the output's bytes written once, to files of
+# the output's sizes in a folder beside it on the same disk. No imports beyond the standard library:
+# what pmakit spends above this is its imports, planning and arithmetic.
+BOUND = r"""
+import os, sys, threading
+threads, out_dir, out_sizes, files = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
+CHUNK = 8 << 20
+work = [("r", f, off, min(CHUNK, os.path.getsize(f) - off)) for f in files
+        for off in range(0, os.path.getsize(f), CHUNK)]
+os.makedirs(out_dir, exist_ok=True)
+outs = [os.path.join(out_dir, f"shard-{i}.bin") for i, _ in enumerate(out_sizes.split(","))]
+for path, size in zip(outs, out_sizes.split(","), strict=True):
+    with open(path, "wb") as f:
+        f.truncate(int(size))
+    work += [("w", path, off, min(CHUNK, int(size) - off)) for off in range(0, int(size), CHUNK)]
+lock = threading.Lock()
+items = iter(work)
+def worker():
+    buf = memoryview(bytearray(CHUNK))
+    fds = {}
+    while True:
+        with lock:
+            item = next(items, None)
+        if item is None:
+            break
+        kind, path, off, size = item
+        if path not in fds:
+            fds[path] = os.open(path, os.O_RDONLY if kind == "r" else os.O_WRONLY)
+        if kind == "r":
+            os.preadv(fds[path], [buf[:size]], off)
+        else:
+            os.pwrite(fds[path], buf[:size], off)
+    for fd in fds.values():
+        os.close(fd)
+pool = [threading.Thread(target=worker) for _ in range(threads)]
+for t in pool:
+    t.start()
+for t in pool:
+    t.join()
 """
 
 
@@ -125,6 +169,55 @@ def mergekit_config(folders: list[Path], path: Path) -> None:
     path.write_text(yaml.safe_dump(config))
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run of median wall time, with every run's seconds kept for the spread."""
+    ordered = sorted(runs, key=lambda r: r["seconds"])
+    return {**ordered[len(ordered) // 2], "all": [round(r["seconds"], 3) for r in runs]}
+
+
+def time_pair(bound_cmd, pmakit_cmd, outs: list[Path], files: list[Path], rounds: int, cold: bool) -> tuple:
+    """Bound and pmakit in interleaved rounds (so load from other jobs falls on both alike)."""
+    bound, ours = [], []
+    for _ in range(rounds):
+        for cmd, runs in ((bound_cmd, bound), (pmakit_cmd, ours)):
+            for out in outs:
+                shutil.rmtree(out, ignore_errors=True)
+            if cold:
+                drop_cache(files)
+            else:
+                measure([sys.executable, "-c", READ_ONCE, *map(str, files)])
+            runs.append(measure(cmd))
+    return median_run(bound), median_run(ours)
+
+
+def import_cost() -> dict:
+    """Start-up of the merge path: interpreter plus every module ``pmakit average`` imports for a local merge."""
+    code = "import pmakit.cli, pmakit.merging.merger"
+    return median_run([measure([sys.executable, "-c", code]) for _ in range(5)])
+
+
+def bench_size(args, folders: list[Path], work: Path, threads: int) -> dict:
+    files = input_files(folders)
+    out, bound_out = work / f"out-{len(folders)}", work / f"bound-{len(folders)}"
+    out_sizes = ",".join(str(f.stat().st_size) for f in sorted(folders[-1].glob("*.safetensors")))
+    row = {"n": len(folders), "bytes": sum(f.stat().st_size for f in files), "threads": threads}
+    pm = [*PMAKIT, *map(str, folders), "-o", str(out), "--overwrite", "--no-progress", "--threads", str(threads)]
+    bound = [sys.executable, "-c", BOUND, str(threads), str(bound_out), out_sizes, *map(str, files)]
+    if args.cold:
+        row["bound_cold"], row["pmakit_cold"] = time_pair(bound, pm, [out, bound_out], files, args.rounds, True)
+    row["bound_warm"], row["pmakit_warm"] = time_pair(bound, pm, [out, bound_out], files, args.rounds, False)
+    shutil.rmtree(bound_out, ignore_errors=True)
+    if Path(args.mergekit).is_file():
+        cfg, mk_out = work / f"mergekit-{len(folders)}.yml", work / f"mk-{len(folders)}"
+        mergekit_config(folders, cfg)
+        shutil.rmtree(mk_out, ignore_errors=True)
+        measure([sys.executable, "-c", READ_ONCE, *map(str, files)])
+        row["mergekit_warm"] = measure([args.mergekit, str(cfg), str(mk_out), "--no-copy-tokenizer", "--quiet"])
+        check_same(out, mk_out)
+        shutil.rmtree(mk_out, ignore_errors=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[2, 8, 16])
@@ -134,70 +227,46 @@ def main() -> None:
     parser.add_argument(
         "--mergekit", default=shutil.which("mergekit-yaml") or str(ROOT / ".venv-mergekit/bin/mergekit-yaml")
     )
-    parser.add_argument(
-        "--cold", action="store_true", help="also time read-once and pmakit with the inputs dropped from cache"
-    )
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--no-write", action="store_true", help="do not update benchmarks/results/merge.md")
+    parser.add_argument("--no-cold", dest="cold", action="store_false", help="skip the runs from a cold page cache")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of bound and pmakit (median)")
+    parser.add_argument("--threads", type=int, default=None, help="threads of pmakit and of the bound alike")
+    parser.add_argument("--no-write", action="store_true", help="do not update benchmarks/results/merge.*")
     args = parser.parse_args()
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="pmakit-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    have_mergekit = Path(args.mergekit).is_file()
-    pmakit_cmd = [sys.executable, "-m", "pmakit.cli", "average"]
+    sys.path.insert(0, str(ROOT / "src"))
+    from pmakit.merging.stream import default_threads
+
+    threads = args.threads or default_threads()
     rows = []
     try:
         all_folders = build_checkpoints(work / "run", max(args.sizes))
-        params = None
         for n in args.sizes:
-            folders = all_folders[-n:]
-            files = input_files(folders)
-            total = sum(f.stat().st_size for f in files)
-            row = {"n": n, "bytes": total}
-            out = work / f"out-{n}"
-            threads = ["--threads", str(args.threads)] if args.threads else []
-            pm = [*pmakit_cmd, *map(str, folders), "-o", str(out), "--overwrite", "--no-progress", *threads]
-            if args.cold:
-                drop_cache(files)
-                row["read_cold"] = measure([sys.executable, "-c", READ_ONCE, *map(str, files)])
-                drop_cache(files)
-                row["pmakit_cold"] = measure(pm)
-            measure([sys.executable, "-c", READ_ONCE, *map(str, files)])  # warm the cache
-            row["read_warm"] = measure([sys.executable, "-c", READ_ONCE, *map(str, files)])
-            row["pmakit_warm"] = measure(pm)
-            if params is None:
-                from pmakit.io.safetensors import SafetensorsFile
-
-                params = sum(t.numel for f in out.glob("*.safetensors") for t in SafetensorsFile(f).tensors.values())
-            if have_mergekit:
-                cfg = work / f"mergekit-{n}.yml"
-                mergekit_config(folders, cfg)
-                mk_out = work / f"mk-{n}"
-                shutil.rmtree(mk_out, ignore_errors=True)
-                measure([sys.executable, "-c", READ_ONCE, *map(str, files)])
-                row["mergekit_warm"] = measure(
-                    [args.mergekit, str(cfg), str(mk_out), "--no-copy-tokenizer", "--quiet"]
-                )
-                check_same(out, mk_out)
-                shutil.rmtree(mk_out, ignore_errors=True)
-            rows.append(row)
-            print(
-                json.dumps(
-                    {
-                        k: (v if not isinstance(v, dict) else {"s": round(v["seconds"], 2), "rss_mb": v["peak"] >> 20})
-                        for k, v in row.items()
-                    }
-                ),
-                flush=True,
-            )
+            rows.append(bench_size(args, all_folders[-n:], work, threads))
+            print(json.dumps({k: v.get("seconds", v) if isinstance(v, dict) else v for k, v in rows[-1].items()}))
+        params = count_params(work / f"out-{args.sizes[-1]}")
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
-    table = render(rows, params, have_mergekit, args.cold)
+    result = {
+        "rows": rows,
+        "params": params,
+        "imports": import_cost(),
+        "cores": os.cpu_count(),
+    }
+    table = render(result)
     print(table)
     if not args.no_write:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(table)
+        RESULTS.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+def count_params(folder: Path) -> int:
+    from pmakit.io.safetensors import SafetensorsFile
+
+    return sum(t.numel for f in folder.glob("*.safetensors") for t in SafetensorsFile(f).tensors.values())
 
 
 def check_same(ours: Path, theirs: Path) -> None:
@@ -223,59 +292,59 @@ def check_same(ours: Path, theirs: Path) -> None:
         raise RuntimeError(f"pmakit and mergekit disagree on {name}")
 
 
-def render(rows: list[dict], params: int | None, have_mergekit: bool, cold: bool) -> str:
+def _ratio_line(r: dict, kind: str, with_mergekit: bool) -> str:
+    bound, ours = r[f"bound_{kind}"], r[f"pmakit_{kind}"]
+    line = (
+        f"| {r['n']} | {r['bytes'] / 1e9:.2f} GB | {bound['seconds']:.2f} | {ours['seconds']:.2f} | "
+        f"**{ours['seconds'] / bound['seconds']:.2f}x** | {bound['cpu']:.2f} | {ours['cpu']:.2f} | "
+        f"{ours['cpu'] / bound['cpu']:.2f}x | {ours['peak'] / 2**20:.0f} |"
+    )
+    if with_mergekit:
+        mk = r.get("mergekit_warm")
+        line += (
+            f" {mk['seconds']:.2f} | {mk['peak'] / 2**20:.0f} | {mk['seconds'] / ours['seconds']:.1f}x |"
+            if mk
+            else " - | - | - |"
+        )
+    return line
+
+
+def render(result: dict) -> str:
     import platform
 
-    mb = lambda r: f"{r['peak'] / 2**20:.0f}"  # noqa: E731
+    rows = result["rows"]
+    with_mk = any("mergekit_warm" in r for r in rows)
+    imports = result["imports"]
     lines = [
         "# Offline merge benchmark",
         "",
-        f"`python benchmarks/merge.py` on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
-        f"Python {platform.python_version()}; {params / 1e6:.0f}M-parameter Llama checkpoints in bf16, "
-        "100 MB shards; SMA of the N newest; fp32 accumulation, bf16 output. Times are wall seconds of a child "
-        "process (interpreter start and imports included); CPU is the child's user + system time (all threads), "
-        "which other jobs on the machine do not inflate; peak RSS is the child's `ru_maxrss`. "
-        "Warm: inputs in the page cache.",
+        f"`python benchmarks/merge.py` on {result['cores']} CPU cores ({platform.machine()}), Python "
+        f"{platform.python_version()}; {result['params'] / 1e6:.0f}M-parameter Llama checkpoints in bf16, 100 MB "
+        f"shards; SMA of the N newest; fp32 accumulation, bf16 output; {rows[0]['threads']} threads. Times are "
+        "wall seconds of a child process, interpreter start and imports included (median of interleaved rounds); "
+        "CPU is its user + system time over all threads, which other jobs on the machine do not inflate; "
+        "peak RSS is its `ru_maxrss`.",
+        "",
+        "**Bound**: the same I/O in a bare interpreter with the same threads: every input byte read once "
+        "and the output's bytes written once to the same disk. The merge path's imports cost "
+        f"{imports['seconds']:.2f} s wall / {imports['cpu']:.2f} s CPU (interpreter start included).",
         "",
     ]
-    head = (
-        "| N | input size | read once (s) | pmakit (s) | pmakit / read | read once CPU (s) | pmakit CPU (s) "
-        "| pmakit peak RSS (MiB) |"
-    )
-    sep = "|---|---|---|---|---|---|---|---|"
-    if have_mergekit:
-        head += " mergekit linear (s) | mergekit peak RSS (MiB) | speed-up | RSS ratio |"
-        sep += "---|---|---|---|"
-    lines += [head, sep]
-    for r in rows:
-        read, ours = r["read_warm"], r["pmakit_warm"]
-        line = (
-            f"| {r['n']} | {r['bytes'] / 1e9:.2f} GB | {read['seconds']:.2f} | {ours['seconds']:.2f} | "
-            f"{ours['seconds'] / read['seconds']:.2f}x | {read['cpu']:.2f} | {ours['cpu']:.2f} | {mb(ours)} |"
+    for kind in ("warm", "cold"):
+        if f"bound_{kind}" not in rows[0]:
+            continue
+        title = "Warm (inputs in the page cache)" if kind == "warm" else "Cold (inputs dropped from the page cache)"
+        head = (
+            "| N | inputs | bound (s) | pmakit (s) | pmakit / bound | bound CPU (s) | pmakit CPU (s) "
+            "| CPU ratio | peak RSS (MiB) |"
         )
-        if have_mergekit:
-            mk = r["mergekit_warm"]
-            line += (
-                f" {mk['seconds']:.2f} ({mk['cpu']:.1f} CPU) | {mb(mk)} | {mk['seconds'] / ours['seconds']:.2f}x | "
-                f"{ours['peak'] / mk['peak']:.2f} |"
-            )
-        lines.append(line)
-    if cold:
-        lines += [
-            "",
-            "Cold (inputs dropped from the page cache with `posix_fadvise(DONTNEED)` before each run):",
-            "",
-            "| N | read once (s) | pmakit (s) | pmakit / read | read once CPU (s) | pmakit CPU (s) "
-            "| pmakit peak RSS (MiB) |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for r in rows:
-            read, ours = r["read_cold"], r["pmakit_cold"]
-            lines.append(
-                f"| {r['n']} | {read['seconds']:.2f} | {ours['seconds']:.2f} | "
-                f"{ours['seconds'] / read['seconds']:.2f}x | {read['cpu']:.2f} | {ours['cpu']:.2f} | {mb(ours)} |"
-            )
-    return "\n".join(lines) + "\n"
+        sep = "|---|---|---|---|---|---|---|---|---|"
+        mk = with_mk and kind == "warm"
+        if mk:
+            head += " mergekit (s) | mergekit RSS (MiB) | speed-up |"
+            sep += "---|---|---|"
+        lines += [f"{title}:", "", head, sep, *(_ratio_line(r, kind, mk) for r in rows), ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
