@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .fused_upcast import fused_fold, fused_mode, fused_plan
+
 
 __all__ = ["fold_into"]
 
@@ -89,8 +91,10 @@ def fold_into(
     ``lerp``, and ``mul_`` then ``add_`` passes over the average twice (18 bytes per bf16 parameter
     instead of 10). So they are upcast batch by batch into a small fp32 scratch that stays in cache,
     and lerped from there: the average is read and written once, the sample read once. The result is
-    bitwise ``avg.lerp_(x.float(), c)``. ``cache`` (a dict owned by the caller, one per group) keeps
-    the batching plan and its scratch between samples; ``chunk`` overrides the scratch size in elements.
+    bitwise ``avg.lerp_(x.float(), c)``. On CUDA with Triton, a fused kernel (``fused_upcast``) does the
+    same in one launch at 10 bytes per parameter, where a one-time probe found it bitwise equal and
+    faster. ``cache`` (a dict owned by the caller, one per group) keeps the plans and the scratch between
+    samples; ``chunk`` overrides the scratch size in elements (and forces the scratch path).
     """
     if c == 1.0:
         torch._foreach_copy_(avgs, samples)
@@ -98,6 +102,37 @@ def fold_into(
     if samples[0].dtype == avgs[0].dtype:
         torch._foreach_lerp_(avgs, samples, c)
         return
+    if chunk is None and _fused_fold(avgs, samples, c, cache):
+        return
+    _upcast_fold(avgs, samples, c, chunk, cache)
+
+
+def _fused_fold(avgs: list[torch.Tensor], samples: list[torch.Tensor], c: float, cache: dict | None) -> bool:
+    """The one-launch Triton upcast-lerp where the device's probe chose it (CUDA only); False otherwise."""
+    if avgs[0].device.type != "cuda" or avgs[0].dtype != torch.float32:
+        return False
+    mode = fused_mode(avgs[0].device, samples[0].dtype, _probe_fallback)
+    if mode is None:
+        return False
+    plan = cache.get("fused") if cache is not None else None
+    if plan is None or plan.ptrs != _data_ptrs(avgs, samples):
+        if not all(a.is_contiguous() and x.is_contiguous() for a, x in zip(avgs, samples, strict=True)):
+            return False
+        plan = fused_plan(avgs, samples)
+        if cache is not None:
+            cache["fused"] = plan
+    fused_fold(plan, c, mode)
+    return True
+
+
+def _probe_fallback(avgs: list[torch.Tensor], samples: list[torch.Tensor], c: float, cache: dict) -> None:
+    _upcast_fold(avgs, samples, c, None, cache)
+
+
+def _upcast_fold(
+    avgs: list[torch.Tensor], samples: list[torch.Tensor], c: float, chunk: int | None, cache: dict | None
+) -> None:
+    """Upcast batch by batch into the fp32 scratch, lerp from there (the portable path)."""
     size = chunk or _UPCAST_CHUNK.get(avgs[0].device.type, 1 << 20)
     plan = cache.get("upcast") if cache is not None else None
     if (
