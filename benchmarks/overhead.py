@@ -51,7 +51,11 @@ SIZES = {
     "small": (128, 344, 2, 4, 1024, 64, 8),
     "100m": (768, 2048, 11, 12, 32000, 512, 8),
 }
-VARIANTS = ("plain", "pma@1", "pma@100")
+
+
+def variant_names(interleaves: list[int], offloaded: list[int]) -> list[str]:
+    """``plain``, ``pma@N`` (average on the device) and ``pma@N+cpu`` (average offloaded to pinned CPU memory)."""
+    return ["plain", *(f"pma@{n}" for n in interleaves), *(f"pma@{n}+cpu" for n in offloaded)]
 
 
 class StepClock(TrainerCallback):
@@ -117,7 +121,7 @@ def run_variant(variant: str, opts, dataset, out: Path) -> tuple[list[float], li
         max_steps=opts.steps,
         optim="adamw_torch",
     )
-    model = build_model(opts.size, torch.float32)
+    model = build_model(opts.size, torch.bfloat16 if opts.weights == "bf16" else torch.float32)
     clock = StepClock(cuda)
     hook_times: list[float] = []
     original = PmaEngine._after_step
@@ -136,8 +140,14 @@ def run_variant(variant: str, opts, dataset, out: Path) -> tuple[list[float], li
         if variant == "plain":
             trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=dataset, callbacks=[clock])
         else:
-            interleave = int(variant.split("@")[1])
-            args = PmaArguments(**common, pma_interleave_step=interleave, pma_fused_num=10**6, pma_save=False)
+            interleave, _, offload = variant.split("@")[1].partition("+")
+            args = PmaArguments(
+                **common,
+                pma_interleave_step=int(interleave),
+                pma_offload=offload or "none",
+                pma_fused_num=10**6,
+                pma_save=False,
+            )
             trainer = PmaTrainer(model=model, args=args, train_dataset=dataset, callbacks=[clock])
         try:
             trainer.train()
@@ -201,7 +211,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 is the least noisy here)")
     parser.add_argument("--out", type=Path, default=None, help="write the markdown table here")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--interleave", type=int, nargs="+", default=[1, 100], help="interleave_step values")
+    parser.add_argument(
+        "--offload-interleave", type=int, nargs="*", default=[], help="interleave_step values run with offload='cpu'"
+    )
+    parser.add_argument(
+        "--weights", default="fp32", choices=["fp32", "bf16"], help="parameter dtype (CUDA trains under bf16 autocast)"
+    )
     opts = parser.parse_args()
+    variants = variant_names(opts.interleave, opts.offload_interleave)
+    probe = next(v for v in variants if v.startswith("pma@") and "+" not in v)
     opts.size = opts.size or ("100m" if opts.device == "cuda" else "small")
     opts.steps = opts.steps or (200 if opts.device == "cuda" else 200)
     if opts.device == "cpu":
@@ -216,7 +235,7 @@ def main() -> None:
     rng = random.Random(0)
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(opts.rounds):
-            order = list(VARIANTS)
+            order = list(variants)
             rng.shuffle(order)
             means = {}
             for variant in order:
@@ -224,7 +243,7 @@ def main() -> None:
                 means[variant] = statistics.fmean(steps)
                 if hooks:
                     in_situ.setdefault(variant, []).append(sum(hooks) / sum(steps))
-                if variant == "pma@1":
+                if variant == probe:
                     last_pma = trainer
                 print(f"round {r + 1}: {variant:8s} mean step {means[variant] * 1e3:8.2f} ms", flush=True)
             per_round.append(means)
@@ -239,20 +258,21 @@ def main() -> None:
         "torch": torch.__version__,
         "size": opts.size,
         "params": n_params,
-        "dtype": "bf16 autocast, fp32 master weights" if cuda else "fp32",
+        "dtype": f"{opts.weights} weights" + (", bf16 autocast" if cuda else ""),
+        "weights": opts.weights,
         "steps_per_run": opts.steps,
         "rounds": opts.rounds,
         "threads": opts.threads if not cuda else None,
         "plain_step_s": plain,
         "sample_direct_s": sample_direct,
     }
-    for variant in VARIANTS[1:]:
+    for variant in variants[1:]:
         ratios = [m[variant] / m["plain"] for m in per_round]
         result[f"{variant}_step_s"] = statistics.median(m[variant] for m in per_round)
         result[f"{variant}_overhead"] = statistics.median(ratios) - 1
         result[f"{variant}_overhead_range"] = [min(ratios) - 1, max(ratios) - 1]
         result[f"{variant}_in_situ"] = statistics.median(in_situ[variant]) if variant in in_situ else None
-    result["sample_from_interleave1_s"] = result["pma@1_step_s"] - plain
+    result["sample_from_interleave1_s"] = result["pma@1_step_s"] - plain if "pma@1" in variants else None
     result["expected_overhead_at_100"] = sample_direct / (100 * plain)
     result["plain_noise_range"] = [
         min(m["plain"] for m in per_round) / plain - 1,
@@ -278,18 +298,23 @@ def main() -> None:
         f"| plain Trainer | {plain * 1e3:.2f} ms | (spread of plain runs: {result['plain_noise_range'][0]:+.2%} .. "
         f"{result['plain_noise_range'][1]:+.2%}) | - |",
     ]
-    for variant in VARIANTS[1:]:
+    for variant in variants[1:]:
         lo, hi = result[f"{variant}_overhead_range"]
         lines.append(
-            f"| PmaTrainer, interleave_step={variant.split('@')[1]} | {result[f'{variant}_step_s'] * 1e3:.2f} ms | "
+            f"| PmaTrainer, interleave_step={variant.split('@')[1].replace('+cpu', ', offload=cpu')} | "
+            f"{result[f'{variant}_step_s'] * 1e3:.2f} ms | "
             f"{result[f'{variant}_overhead']:+.2%} [{lo:+.2%} .. {hi:+.2%}] | "
             f"{_percent(result[f'{variant}_in_situ'])} |"
         )
     lines += [
         "",
         f"Per-sample cost: {sample_direct * 1e3:.2f} ms timed directly (`engine.sample()`), "
-        f"{result['sample_from_interleave1_s'] * 1e3:.2f} ms from the interleave-1 runs; "
-        f"{sample_direct / n_params * 1e9:.2f} ns/param. Expected overhead at interleave_step=100: "
+        + (
+            f"{result['sample_from_interleave1_s'] * 1e3:.2f} ms from the interleave-1 runs; "
+            if result["sample_from_interleave1_s"] is not None
+            else ""
+        )
+        + f"{sample_direct / n_params * 1e9:.2f} ns/param. Expected overhead at interleave_step=100: "
         f"{result['expected_overhead_at_100']:.3%} (= per-sample cost / (100 x plain step)).",
     ]
     if cuda:

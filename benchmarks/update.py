@@ -163,6 +163,7 @@ def check_correctness(model, engine, averaged, params, alpha: float) -> dict[str
 def bench_dtype(model, dtype_name: str, device, timer: Timer, args) -> dict:
     """Correctness check, then interleaved timing of PMA, AveragedModel, the copy bound and fold variants."""
     from pmakit import PmaConfig
+    from pmakit.online import fused_upcast
     from pmakit.online.engine import AVG_KEY, attach_engine
     from pmakit.online.kernels import fold_into
 
@@ -199,6 +200,10 @@ def bench_dtype(model, dtype_name: str, device, timer: Timer, args) -> dict:
                 variants["upcast all + lerp"] = lambda cache={}: fold_into(
                     scratch_avgs, params, alpha, chunk=n, cache=cache
                 )
+                mode = fused_upcast._MODES.get((params[0].device, params[0].dtype))
+                if mode is not None:  # the probe chose the Triton kernel: time it alone too
+                    plan = fused_upcast.fused_plan(scratch_avgs, params)
+                    variants["fused Triton upcast-lerp"] = lambda: fused_upcast.fused_fold(plan, alpha, mode)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times = run_rounds({**methods, **variants}, timer, args.warmup, args.reps)
@@ -208,7 +213,11 @@ def bench_dtype(model, dtype_name: str, device, timer: Timer, args) -> dict:
     copy_gbps = COPY_BYTES[dtype_name] * n / t_copy / 1e9
     bound = t_copy * PMA_BYTES[dtype_name] / COPY_BYTES[dtype_name]
     paired = [p / a for p, a in zip(times["pma"], times["averaged_model"], strict=True)]
+    mode = fused_upcast._MODES.get((params[0].device, params[0].dtype))
     return {
+        "fold_kernel": "lerp"
+        if dtype_name == "fp32"
+        else ("scratch upcast + lerp" if mode is None else f"fused Triton upcast-lerp (fma={mode})"),
         "dtype": dtype_name,
         "params": n,
         "tensors": len(params),
@@ -256,7 +265,7 @@ def markdown(results: list[dict], env: dict) -> str:
             )
 
         row(
-            "pmakit `PmaEngine.sample()`",
+            f"pmakit `PmaEngine.sample()` ({r['fold_kernel']})",
             "pma",
             PMA_BYTES[d],
             f"{r['pma_over_averaged_model']:.2f}x",
