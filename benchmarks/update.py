@@ -265,7 +265,7 @@ def markdown(results: list[dict], env: dict) -> str:
             )
 
         row(
-            f"pmakit `PmaEngine.sample()` ({r['fold_kernel']})",
+            "pmakit `PmaEngine.sample()`",
             "pma",
             PMA_BYTES[d],
             f"{r['pma_over_averaged_model']:.2f}x",
@@ -277,7 +277,10 @@ def markdown(results: list[dict], env: dict) -> str:
             f"| {d} | bound: {PMA_BYTES[d]} B/param at the copy's bandwidth | {PMA_BYTES[d]} | {r['bound_ms']:.2f} | "
             f" | {r['copy_gbps']:.1f} |  | 100% |"
         )
+    kernels = "; ".join(f"{r['dtype']}: {r['fold_kernel']}" for r in results)
     lines += [
+        "",
+        f"Fold kernel the engine used: {kernels}.",
         "",
         "Correctness (3 folds vs closed-form EMA in fp64, relative L2 error over the two largest tensors):",
         "",
