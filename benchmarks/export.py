@@ -1,0 +1,160 @@
+"""Export at disk speed: writing a ``pma-<step>`` folder against writing the same bytes to the same disk.
+
+A ~110M-parameter Llama (fp32 weights, as the Trainer keeps them, or ``--dtype bf16``) gets a PMA engine
+with one sample folded in; then, in the same process and in interleaved rounds:
+
+* ``export``: ``PmaExporter`` writing ``pma-<step>`` (config, generation config, safetensors shards,
+  model card), built aside and renamed into place, as at a cycle end;
+* ``bound``: the same number of bytes, in files of the same sizes, written with ``os.write`` from one
+  reused buffer into a fresh folder beside it (no fsync in either).
+
+Folders are removed between runs, outside the timed region. The table gives the median over rounds
+and the spread; the goal is export <= 1.25x the bound.
+
+    python benchmarks/export.py [--rounds 5] [--dtype fp32|bf16] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "src"))
+GOAL = 1.25
+
+
+def build(dtype_name: str):
+    """The model, an engine with one sample folded in, and the exporter of a run folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pmakit import PmaConfig
+    from pmakit.online.engine import attach_engine
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        vocab_size=32000,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config).to(torch.bfloat16 if dtype_name == "bf16" else torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    pma = PmaConfig(fused_algo="sma", fused_num=10, interleave_step=1)
+    engine = attach_engine(optimizer, pma)
+    engine.sample()
+    return model, engine, pma
+
+
+def write_bound(folder: Path, sizes: list[int]) -> None:
+    """The same bytes as the export, in files of the same sizes: the disk's share of the export."""
+    folder.mkdir()
+    buf = memoryview(bytearray(16 << 20))
+    for i, size in enumerate(sizes):
+        fd = os.open(folder / f"file-{i}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            left = size
+            while left:
+                left -= os.write(fd, buf[: min(left, len(buf))])
+        finally:
+            os.close(fd)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def run(args) -> dict:
+    from pmakit.training.export import PMA_PREFIX, PmaExporter
+
+    model, engine, pma = build(args.dtype)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="pmakit-export-"))
+    work.mkdir(parents=True, exist_ok=True)
+    exporter = PmaExporter(model, work / "run", pma)
+    step, steps = 100, [100]
+    folder = work / "run" / f"{PMA_PREFIX}{step}"
+    exporter._write(engine, folder, step, steps)  # warm-up (allocations, imports) and the sizes
+    sizes = [f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file()]
+    export_s, bound_s = [], []
+    try:
+        for _ in range(args.rounds):
+            shutil.rmtree(folder, ignore_errors=True)
+            export_s.append(timed(lambda: exporter._write(engine, folder, step, steps)))
+            shutil.rmtree(work / "bound", ignore_errors=True)
+            bound_s.append(timed(lambda: write_bound(work / "bound", sizes)))
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    ratios = [e / b for e, b in zip(export_s, bound_s, strict=True)]
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "dtype": args.dtype,
+        "bytes": sum(sizes),
+        "files": len(sizes),
+        "export_s": statistics.median(export_s),
+        "bound_s": statistics.median(bound_s),
+        "ratio": statistics.median(ratios),
+        "ratio_range": [min(ratios), max(ratios)],
+        "rounds": args.rounds,
+        "export_all": export_s,
+        "bound_all": bound_s,
+        "goal": GOAL,
+        "cores": os.cpu_count(),
+        "machine": platform.machine(),
+    }
+
+
+def render(r: dict) -> str:
+    lo, hi = r["ratio_range"]
+    return "\n".join(
+        [
+            "# Export benchmark",
+            "",
+            f"`python benchmarks/export.py`: a {r['params'] / 1e6:.0f}M-parameter Llama ({r['dtype']} weights) "
+            f"exported as `pma-<step>` by `PmaExporter` ({r['bytes'] / 1e6:.0f} MB in {r['files']} files) "
+            f"against writing the same bytes to the same disk, {r['rounds']} interleaved rounds in one process "
+            f"on {r['cores']} CPU cores; medians, min..max of the per-round ratio in brackets.",
+            "",
+            "| export (s) | bound: same bytes written (s) | export / bound | goal |",
+            "|---|---|---|---|",
+            f"| {r['export_s']:.2f} | {r['bound_s']:.2f} | **{r['ratio']:.2f}x** [{lo:.2f} .. {hi:.2f}] | "
+            f"<= {r['goal']}x |",
+            "",
+        ]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--workdir", default=None, help="where to write (default: a temp folder, removed)")
+    parser.add_argument("--no-write", action="store_true", help="do not update benchmarks/results/export.*")
+    args = parser.parse_args()
+    result = run(args)
+    text = render(result)
+    print(text)
+    if not args.no_write:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "export.md").write_text(text)
+        (RESULTS / "export.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
