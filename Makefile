@@ -1,7 +1,8 @@
 # One-command set-up on a fresh machine with Python 3.10+:
 #   make test   create .venv, install pmakit with its test extras, run the whole suite
 #   make demo   same set-up, then run the PMA pre-training example (examples/pretrain_pma.py)
-#   make bench  same set-up plus the peers (mergekit), then run the benchmarks
+#   make bench  same set-up plus the peers (mergekit), then run the benchmarks and print one table of
+#               every figure beside its goal and bound (benchmarks/results/summary.md)
 #   make quality  ruff lint and format check (what CI runs before the tests)
 #   make test-deepspeed  also install DeepSpeed (no CUDA ops) and run the ZeRO-on-CPU tests (optional: see below)
 #   make docs   same set-up plus the docs extra, then build the site into site/ (strict: broken links fail)
@@ -50,6 +51,8 @@ bench: $(VENV)/.bench
 	$(PY) benchmarks/update.py
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/merge.py --mergekit $(VENV)/bin/mergekit-yaml
+	$(PY) benchmarks/export.py
+	$(PY) benchmarks/table.py
 
 $(VENV)/.quality: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
