@@ -9,10 +9,10 @@ with one sample folded in; then, in the same process and in interleaved rounds:
   reused buffer into a fresh folder beside it (no fsync in either).
 
 Folders are removed and the page cache's dirty pages flushed (``os.sync``) before each run, outside
-the timed region, and the two alternate in going first, so neither pays for the other's writeback. The table gives the median over rounds
-and the spread; the goal is export <= 1.25x the bound.
+the timed region, and the two alternate in going first, so neither pays for the other's writeback.
+The table gives the median over rounds and the spread; the goal is export <= 1.25x the bound.
 
-    python benchmarks/export.py [--rounds 5] [--dtype fp32|bf16] [--workdir DIR]
+    python benchmarks/export.py [--rounds 6] [--dtype fp32|bf16] [--workdir DIR]
 """
 
 from __future__ import annotations
