@@ -8,6 +8,7 @@ import pytest
 
 from pmakit.merging import convert
 
+
 BF16 = np.dtype(ml_dtypes.bfloat16)
 ALL_BF16 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
 
