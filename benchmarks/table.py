@@ -168,7 +168,8 @@ def export_rows(export: dict | None) -> list[Row]:
     return [
         (
             f"export pma-<step>, {export['params'] / 1e6:.0f}M params {export['dtype']}: export / bound",
-            f"{export['ratio']:.2f}x [{lo:.2f} .. {hi:.2f}]",
+            f"{export['ratio']:.2f}x [{lo:.2f} .. {hi:.2f}]"
+            + (f" ({export['export_cpu_s'] / export['bound_cpu_s']:.2f}x CPU)" if "export_cpu_s" in export else ""),
             f"<= {export['goal']}x",
             f"same {export['bytes'] / 1e6:.0f} MB written: {export['bound_s']:.2f} s",
             _met(export["ratio"] <= export["goal"]),
