@@ -174,7 +174,6 @@ class _Fold:
 
     def _sum_inputs(self, t: PlannedTensor, e0: int, e1: int, acc: np.ndarray) -> None:
         """Equal weights: add the inputs (the first two in one pass); the one scale is applied on writing."""
-        dt = self.acc_dtype
         first = self._read(t.inputs[0], e0, e1)
         if len(t.inputs) == 1:
             np.copyto(acc, first, casting="unsafe")
