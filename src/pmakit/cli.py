@@ -8,8 +8,11 @@ transformers, huggingface_hub) happen only on the paths that need them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import signal
 import sys
+import threading
 import typing
 from collections.abc import Collection, Sequence
 from itertools import pairwise
@@ -21,6 +24,7 @@ __all__ = ["build_parser", "main", "option_settings", "options_from_args"]
 
 BAD_INPUT = 2
 PUSH_FAILED = 1
+TERMINATED = 128 + 15  # the shell's code for a process stopped by SIGTERM
 
 
 def _flag_kwargs(f: dataclasses.Field, flag: str, hint: Any) -> dict[str, Any]:
@@ -152,10 +156,8 @@ def _run_merge(inputs: dict, options) -> int:
     except Exception as e:
         if type(e).__name__ != "HubPushError":
             raise
-        message = " ".join(str(e).split())
-        print(
-            f"pmakit: error: push failed: {message}; the merged model is kept at {inputs['output']}", file=sys.stderr
-        )
+        message = " ".join(str(e).split())  # it names the folder that is kept
+        print(f"pmakit: error: push failed: {message}", file=sys.stderr)
         return PUSH_FAILED
     if options.dry_run:
         print(result.plan.describe())
@@ -253,13 +255,38 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (how schedulers stop jobs), raised like Ctrl-C so that the same clean-up runs."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """While the command runs, SIGTERM raises `_Terminated` in the main thread (elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pmakit`` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = {"merge": _cmd_merge, "average": _cmd_average, "inspect": _cmd_inspect}[args.command]
     try:
-        return handler(args)
+        with _sigterm_as_interrupt():
+            return handler(args)
+    except _Terminated:
+        print("pmakit: terminated (SIGTERM); no output was left behind", file=sys.stderr)
+        return TERMINATED
     except KeyboardInterrupt:
         print("pmakit: interrupted; no output was left behind", file=sys.stderr)
         return 130

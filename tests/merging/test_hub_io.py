@@ -63,6 +63,7 @@ def test_failing_hub_keeps_local_output(local_hub, tmp_path, capsys, monkeypatch
     )
     err = capsys.readouterr().err
     assert code == 1 and "push failed" in err and "HTTP 503" in err and str(tmp_path / "out") in err
+    assert err.count("kept at") == 1  # said once
     assert local_hub.write_token not in err
     assert (tmp_path / "out" / "model.safetensors").is_file() and (tmp_path / "out" / "README.md").is_file()
 

@@ -11,6 +11,9 @@ whose lock is free belongs to a dead writer, and `remove_stale_temporaries` (run
 new write of the same name, and by the PMA callback when training starts) deletes it. Nothing
 else is ever touched: not other ``_*`` folders, not temporaries a live process still holds.
 
+A merge into an output folder also holds ``.<name>.lock`` beside it (`output_lock`), so a second
+merge into the same folder is refused instead of silently replacing the first one's result.
+
 Finished folders get the permissions ``os.makedirs`` would give them under the user's umask
 (``0o777 & ~umask``, 755 for the usual 022), like a ``save_pretrained`` folder, not the 700
 of ``mkdtemp``.
@@ -37,9 +40,11 @@ except ImportError:  # pragma: no cover - Windows: no stale temporary is ever re
 
 
 __all__ = [
+    "OutputBusyError",
     "atomic_directory",
     "check_output_outside_inputs",
     "copy_model_folder",
+    "output_lock",
     "publish_directory",
     "remove_stale_temporaries",
 ]
@@ -198,3 +203,63 @@ def check_output_outside_inputs(
             raise InputError(f"Output folder {output} is inside input {label}; choose a folder outside every input.")
         if overwrite and src.is_relative_to(out):
             raise InputError(f"Input {label} is inside output folder {output}, which overwrite would delete.")
+
+
+class OutputBusyError(InputError):
+    """Another process is writing the same output folder (it holds the folder's lock file)."""
+
+
+def _lock_file(target: Path) -> Path:
+    return target.parent / f".{target.name}.lock"
+
+
+def _take_lock(fd: int, lock_path: Path, target: Path) -> bool:
+    """Lock ``fd`` without waiting; False when the file was replaced meanwhile (try again)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        raise OutputBusyError(
+            f"Output folder {target} is being written by another process (pid {holder}, lock {lock_path}); "
+            "wait for it to finish or choose another output folder."
+        ) from None
+    try:  # the holder before us removed the file after we opened it: our lock guards nothing
+        return os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+@contextmanager
+def output_lock(path: str | os.PathLike) -> Iterator[Path]:
+    """Hold the exclusive writer lock of output folder ``path``: ``.<name>.lock`` beside it, with our pid.
+
+    Two writers of one folder would otherwise both succeed and the later would silently replace
+    the earlier. The second one is refused at once (it does not wait: a merge can take hours).
+    The kernel drops the lock when its holder dies, even by ``kill -9``; the file is removed on
+    release. Without ``fcntl`` (Windows) no lock is taken.
+
+    Raises:
+        OutputBusyError: another live process holds the lock; the message names its pid.
+    """
+    target = Path(path).expanduser().absolute()
+    if fcntl is None:  # pragma: no cover - Windows
+        yield target
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = _lock_file(target)
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if _take_lock(fd, lock_path, target):
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        yield lock_path
+    finally:
+        lock_path.unlink(missing_ok=True)  # still locked: nobody can take it between unlink and close
+        os.close(fd)

@@ -23,7 +23,7 @@ import yaml
 
 from ..errors import InputError, MergeError
 from ..io.cards import build_model_card
-from ..io.folders import atomic_directory, check_output_outside_inputs
+from ..io.folders import atomic_directory, check_output_outside_inputs, output_lock
 from ..io.hub_target import HubTarget
 from ..io.safetensors import CONFIG_DTYPE_NAMES, ShardWriter
 from ..io.side_files import copy_side_files
@@ -280,6 +280,7 @@ def merge(
     target = options.hub_target()  # a bad push target fails here, before any work
     if output is None and not options.dry_run:
         raise MergeError("Give an `output` folder for the merged model.")
+    output, run_dir = _expand_user(output), _expand_user(run_dir)
     scratch = Path(tempfile.mkdtemp(prefix="pmakit-merge-"))
     try:
         plan = plan_merge(models, run_dir=run_dir, options=options, scratch=scratch)
@@ -297,11 +298,16 @@ def merge(
     return result
 
 
+def _expand_user(path: str | os.PathLike | None) -> Path | None:
+    """``~`` means the home folder in every path a user gives (recipes and the CLI pass strings through)."""
+    return None if path is None else Path(path).expanduser()
+
+
 def _write_output(plan: MergePlan, output: Path, recipe: dict, options: MergeOptions) -> MergeResult:
-    """Build the whole output folder in a temporary sibling and move it into place."""
+    """Build the whole output folder in a temporary sibling and move it into place, holding its lock."""
     _check_output(output, plan, options.overwrite)
     recipe = {**recipe, "output": str(output)}
-    with atomic_directory(output, overwrite=options.overwrite) as tmp:
+    with output_lock(output), atomic_directory(output, overwrite=options.overwrite) as tmp:
         (tmp / "README.md").write_text(_card(plan, recipe, output.name), encoding="utf-8")
         (tmp / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
         _copy_side_files(plan, tmp, options.save_tokenizer)

@@ -114,6 +114,11 @@ def _split(data: dict) -> tuple[dict, dict]:
         raise MergeError(
             f"Unknown recipe key(s) {', '.join(map(str, unknown))}; valid keys: {', '.join(RECIPE_KEYS)}."
         )
+    if "models" in data and "kind" in data and data["kind"] != "pma-state":
+        raise MergeError(
+            f"`kind: {data['kind']}` selects the subfolders of a `run_dir`; it has no effect on `models` "
+            "(only `kind: pma-state` applies to listed folders): remove `kind` or give `run_dir`."
+        )
     inputs = {k: data.pop(k) for k in INPUT_KEYS if k in data}
     _check_inputs(inputs)
     return inputs, data

@@ -211,6 +211,7 @@ def resolve_inputs(
     if run_dir is None and models and len(models) == 1 and is_run_dir(models[0]):
         run_dir, models = models[0], None
     if run_dir is not None:
+        run_dir = Path(run_dir).expanduser()
         if models:
             raise MergeError("Give either `models` or `run_dir`, not both.")
         folders = "checkpoint" if kind == PMA_STATE else kind
@@ -222,6 +223,11 @@ def resolve_inputs(
         raise MergeError("Nothing to merge: give `models` (folders or Hub ids) or a `run_dir`.")
     if isinstance(models, (str, os.PathLike)):
         models = [models]
+    if kind == "pma":
+        raise MergeError(
+            "`kind='pma'` (`--pma`) selects the pma-N folders of a run folder; give `run_dir`, or list the "
+            "pma-N folders themselves as `models` without it."
+        )
     sources = [resolve_source(m, token=token, cache_dir=cache_dir) for m in models]
     for s in sources:
         s.state = _state(kind)

@@ -1,0 +1,151 @@
+"""Merges that are stopped, run twice at once, or given paths with ``~``: nothing lost, nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pmakit.cli import main
+from pmakit.merging import MergeError, merge
+from pmakit.merging.recipe import load_recipe
+from tests.helpers.folders import read_folder, save_models
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# A real `pmakit` process whose first shard write waits until the file `release` appears, so that
+# the test can signal it (or start a second merge) while the output is half written.
+_BLOCKED_MERGE = """
+import pathlib, sys, time
+from pmakit.io.safetensors import ShardWriter
+started, release = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+real_write = ShardWriter.write
+def write(self, tensor, offset, data):
+    real_write(self, tensor, offset, data)
+    started.touch()
+    while not release.exists():
+        time.sleep(0.01)
+ShardWriter.write = write
+from pmakit.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+class BlockedMerge:
+    """``pmakit average`` in a subprocess, stopped after its first write until `release` is called."""
+
+    def __init__(self, tmp_path: Path, folders: list[Path], output: Path) -> None:
+        script = tmp_path / "blocked_merge.py"
+        script.write_text(_BLOCKED_MERGE)
+        self.started, self.release_file = tmp_path / "started", tmp_path / "release"
+        self.scratch = tmp_path / "system-tmp"
+        self.scratch.mkdir(exist_ok=True)
+        path = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
+        env = {**os.environ, "PYTHONPATH": path, "TMPDIR": str(self.scratch)}
+        argv = ["average", *map(str, folders), "-o", str(output), "--threads", "1", "--no-progress"]
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), str(self.started), str(self.release_file), *argv],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 120
+        while not self.started.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise AssertionError(f"the merge did not start: {self.proc.communicate()}")
+            time.sleep(0.02)
+
+    def release(self) -> None:
+        self.release_file.touch()
+
+    def finish(self) -> tuple[int, str, str]:
+        out, err = self.proc.communicate(timeout=120)
+        return self.proc.returncode, out, err
+
+
+def _leftovers(folder: Path, name: str = "out") -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith((f"_{name}.", f".{name}.")))
+
+
+def test_sigterm_mid_merge_cleans_up_and_exits_143(tmp_path):
+    folders = save_models(tmp_path, 2)
+    job = BlockedMerge(tmp_path, folders, tmp_path / "out")
+    assert len(_leftovers(tmp_path)) == 2  # the half-written `_out.*.tmp` and the lock file
+    job.proc.send_signal(signal.SIGTERM)
+    code, _, err = job.finish()
+    assert code == 143
+    assert err == "pmakit: terminated (SIGTERM); no output was left behind\n"
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+    assert list(job.scratch.iterdir()) == []  # no `pmakit-merge-*` scratch folder either
+
+
+def test_second_merge_into_the_same_output_is_refused_naming_the_holder(tmp_path, capsys):
+    folders = save_models(tmp_path, 2)
+    job = BlockedMerge(tmp_path, folders, tmp_path / "out")
+    code = main(["average", str(folders[1]), str(folders[0]), "-o", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"pid {job.proc.pid}" in err and "being written by another process" in err
+    with pytest.raises(MergeError, match=f"pid {job.proc.pid}"):
+        merge(folders, tmp_path / "out", overwrite=True)
+    job.release()
+    assert job.finish()[0] == 0
+    assert _leftovers(tmp_path) == []  # the lock file goes with its holder
+    a, b, out = read_folder(folders[0]), read_folder(folders[1]), read_folder(tmp_path / "out")
+    assert all(((out[k] - (a[k] + b[k]) / 2).abs() <= 1e-6).all() for k in out)
+
+
+def test_a_killed_merge_leaves_temporaries_that_the_next_run_removes(tmp_path):
+    folders = save_models(tmp_path, 2)
+    job = BlockedMerge(tmp_path, folders, tmp_path / "out")
+    job.proc.kill()
+    job.finish()
+    stale = _leftovers(tmp_path)
+    assert any(n.endswith(".tmp") for n in stale)
+    (tmp_path / "_other.abcdefgh.tmp").mkdir()  # not this output's: never touched
+    assert main(["average", *map(str, folders), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert _leftovers(tmp_path) == [] and (tmp_path / "_other.abcdefgh.tmp").is_dir()
+
+
+def test_home_folder_is_expanded_in_the_api_recipes_and_the_cli(tmp_path, monkeypatch):
+    folders = save_models(tmp_path, 2)
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    merge(folders, "~/api")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"models": [str(f) for f in folders], "output": "~/recipe"}))
+    assert main(["merge", str(recipe), "--no-progress"]) == 0
+    assert main(["average", *map(str, folders), "-o", "~/cli", "--no-progress"]) == 0
+    assert all((home / name / "model.safetensors").is_file() for name in ("api", "recipe", "cli"))
+    assert list(cwd.iterdir()) == []  # no literal `./~`
+
+
+@pytest.mark.parametrize("kind", ["pma", "checkpoint"])
+def test_recipe_kind_with_models_is_refused_naming_the_key(tmp_path, kind):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"models": ["a", "b"], "kind": kind, "output": "out"}))
+    with pytest.raises(MergeError, match=f"`kind: {kind}`.*no effect on `models`"):
+        load_recipe(recipe)
+
+
+def test_recipe_kind_pma_state_with_models_is_kept(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"models": ["a", "b"], "kind": "pma-state"}))
+    assert load_recipe(recipe)["kind"] == "pma-state"
+
+
+def test_pma_kind_with_model_folders_is_refused(tmp_path):
+    folders = save_models(tmp_path, 2)
+    with pytest.raises(MergeError, match="kind='pma'.*run_dir"):
+        merge(folders, tmp_path / "out", kind="pma")
