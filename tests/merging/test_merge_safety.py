@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from pmakit.cli import main
@@ -149,3 +150,48 @@ def test_pma_kind_with_model_folders_is_refused(tmp_path):
     folders = save_models(tmp_path, 2)
     with pytest.raises(MergeError, match="kind='pma'.*run_dir"):
         merge(folders, tmp_path / "out", kind="pma")
+
+
+def _config(folder: Path) -> dict:
+    import json
+
+    return json.loads((folder / "config.json").read_text())
+
+
+def _head(folder: Path) -> torch.Tensor:
+    """The LM head a model folder really uses: its own, or (tied) its embedding matrix."""
+    tensors = read_folder(folder)
+    return tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("ties", [(False, True), (True, False), (False, False)])
+def test_mixed_tying_keeps_every_input_head(tmp_path, ties):
+    """Untied inputs keep their averaged heads whatever the newest input or the base ties (both orders)."""
+    folders = [save_models(tmp_path / f"in{i}", 1, tie=tie, seed0=i)[0] for i, tie in enumerate(ties)]
+    base = save_models(tmp_path / "base", 1, tie=True, seed0=7)[0]
+    out = merge(folders, tmp_path / "out", weights=[0.25, 0.75], base_model=str(base)).output
+    expected = 0.25 * _head(folders[0]).double() + 0.75 * _head(folders[1]).double()
+    merged = read_folder(out)
+    assert (merged["lm_head.weight"].double() - expected).abs().max() <= 1e-6
+    assert _config(out)["tie_word_embeddings"] is False
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(model.lm_head.weight, merged["lm_head.weight"])
+    assert not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+
+
+def test_all_tied_inputs_stay_tied_under_an_untied_base(tmp_path):
+    folders = save_models(tmp_path, 2, tie=True)
+    base = save_models(tmp_path / "base", 1, tie=False, seed0=7)[0]
+    out = merge(folders, tmp_path / "out", base_model=str(base)).output
+    assert "lm_head.weight" not in read_folder(out) and _config(out)["tie_word_embeddings"] is True
+
+
+def test_backbone_only_keeps_the_base_tying(tmp_path):
+    folders = save_models(tmp_path, 2, tie=False)
+    base = save_models(tmp_path / "base", 1, tie=True, seed0=7)[0]
+    out = merge(folders, tmp_path / "out", base_model=str(base), backbone_only=True).output
+    merged, b = read_folder(out), read_folder(base)
+    assert "lm_head.weight" not in merged and _config(out)["tie_word_embeddings"] is True
+    assert torch.equal(merged["model.embed_tokens.weight"], b["model.embed_tokens.weight"])

@@ -222,10 +222,12 @@ def _card(plan: MergePlan, recipe: dict, title: str) -> str:
 
 
 def _copy_side_files(plan: MergePlan, folder: Path, save_tokenizer: bool) -> None:
-    updates = None
+    updates = {}
     if plan.out_dtype is not None:
         dtype = CONFIG_DTYPE_NAMES.get(plan.out_dtype, "float32")
         updates = {"dtype": dtype, **({"torch_dtype": dtype} if "torch_dtype" in plan.donor.config else {})}
+    if plan.tie_word_embeddings is not None:  # the inputs' LM heads decided it, not the donor's config
+        updates["tie_word_embeddings"] = plan.tie_word_embeddings
     copy_side_files(plan.donor.path, folder, tokenizer=save_tokenizer, config_updates=updates)
 
 

@@ -67,6 +67,8 @@ class MergePlan:
     backbone_only: bool = False
     backbone_patterns: tuple[str, ...] = ()
     out_dtype: str | None = None
+    # ``tie_word_embeddings`` for the output's config.json when it differs from the donor's, else None
+    tie_word_embeddings: bool | None = None
 
     @property
     def bytes_to_read(self) -> int:
@@ -197,15 +199,36 @@ def _check_architectures(sources: list[ModelSource], base: ModelSource | None, d
         raise MergeError("Cannot merge PEFT adapter folders with full model folders.")
 
 
+LM_HEAD = "lm_head.weight"
+
+
+def _output_tied(sources: list[ModelSource], base: ModelSource | None, backbone_only: bool) -> bool:
+    """Whether the output ties its LM head to its embeddings.
+
+    Backbone-only merges keep the base's head, so they keep its tying. Otherwise the output is
+    untied as soon as one averaged input has an LM head of its own: averaging it with the other
+    inputs' heads (a tied input's head is its embedding matrix) is the only way not to drop it.
+    """
+    if backbone_only and base is not None:
+        return _tied(base.config)
+    return all(_tied(s.config) for s in sources) or not any(LM_HEAD in s.tensors for s in sources)
+
+
 def _common_tensor_names(sources: list[ModelSource], tied: bool) -> list[str]:
-    """The tensor names every input holds, in the first input's order (a tied LM head is stored once)."""
+    """The tensor names every input holds, in the first input's order.
+
+    The LM head is planned apart: left out when the output is ``tied``, else added once (a tied
+    input stands in with its embedding, see `_lm_head_inputs`; a backbone-only base gives its own).
+    """
 
     def names_of(s: ModelSource) -> list[str]:
-        return [n for n in s.tensors if not (tied and n == "lm_head.weight")]
+        return [n for n in s.tensors if n != LM_HEAD]
 
     first = sources[0]
-    order = names_of(first)
-    wanted = set(order)
+    order = [n for n in first.tensors if n != LM_HEAD or not tied]
+    if not tied and LM_HEAD not in order:
+        order.append(LM_HEAD)
+    wanted = set(order) - {LM_HEAD}
     for s in sources[1:]:
         have = set(names_of(s))
         missing = sorted(wanted - have)
@@ -262,9 +285,28 @@ def _check_alike(name: str, infos: list[TensorInfo]) -> None:
             raise MergeError(f"Tensor {name!r} is {info.dtype} in {info.file} but {ref.dtype} in {ref.file}.")
 
 
+def _tied_embedding(source: ModelSource, head: TensorInfo, owner: ModelSource) -> TensorInfo:
+    """The embedding matrix a tied ``source`` uses as its LM head (the one ``embed`` tensor shaped like ``head``)."""
+    found = [i for n, i in source.tensors.items() if "embed" in n and n != LM_HEAD and i.shape == head.shape]
+    if len(found) != 1:
+        raise MergeError(
+            f"Input {source.label} ties its LM head to its embeddings (tie_word_embeddings) but input "
+            f"{owner.label} has its own {LM_HEAD!r} {list(head.shape)}, and no single embedding of "
+            f"{source.label} has that shape to stand in for its head; merge inputs with the same tying."
+        )
+    return found[0]
+
+
+def _lm_head_inputs(sources: list[ModelSource]) -> list[TensorInfo]:
+    """Every input's LM head for an untied output: its own ``lm_head.weight``, or the embedding it is tied to."""
+    owner = next(s for s in sources if LM_HEAD in s.tensors)
+    head = owner.tensors[LM_HEAD]
+    return [s.tensors[LM_HEAD] if LM_HEAD in s.tensors else _tied_embedding(s, head, owner) for s in sources]
+
+
 def _from_inputs(name: str, sources: list[ModelSource], out_code: str | None) -> PlannedTensor:
     """Floats are folded from every input; integers and bools are copied from the newest (the buffer rule)."""
-    infos = [s.tensors[name] for s in sources]
+    infos = _lm_head_inputs(sources) if name == LM_HEAD else [s.tensors[name] for s in sources]
     _check_alike(name, infos)
     newest = infos[-1]
     if tensor_merge_action(newest.is_float) == COPIED_FROM_NEWEST:
@@ -329,7 +371,8 @@ def build_plan(
     shard_bytes = parse_size(max_shard_size)
     donor_source = choose_donor(sources, base, donor)
     _check_architectures(sources, base, donor_source)
-    names = _common_tensor_names(sources, _tied(donor_source.config))
+    tied = _output_tied(sources, base, backbone_only)
+    names = _common_tensor_names(sources, tied)
     patterns = tuple(backbone_patterns) if backbone_patterns is not None else DEFAULT_BACKBONE_PATTERNS
     planned = _plan_tensors(names, sources, base, _backbone(backbone_only, patterns, base), out_code)
     _check_backbone_matched(planned, backbone_only, patterns)
@@ -347,6 +390,7 @@ def build_plan(
         backbone_only=backbone_only,
         backbone_patterns=patterns,
         out_dtype=out_code,
+        tie_word_embeddings=tied if tied != _tied(donor_source.config) else None,
     )
 
 
