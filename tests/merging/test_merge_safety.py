@@ -195,3 +195,56 @@ def test_backbone_only_keeps_the_base_tying(tmp_path):
     merged, b = read_folder(out), read_folder(base)
     assert "lm_head.weight" not in merged and _config(out)["tie_word_embeddings"] is True
     assert torch.equal(merged["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
+
+
+def _constant_folders(root: Path, values: list[float], dtype=torch.float32) -> list[Path]:
+    """One-tensor model folders holding ``value`` everywhere (real safetensors files)."""
+    from safetensors.torch import save_file
+
+    folders = []
+    for i, value in enumerate(values):
+        folder = root / f"c{i}"
+        folder.mkdir(parents=True)
+        save_file(
+            {"w": torch.full((4, 8), value, dtype=dtype), "ok": torch.ones(3, dtype=dtype)},
+            folder / "model.safetensors",
+        )
+        folders.append(folder)
+    return folders
+
+
+def test_narrowing_to_float16_overflow_is_refused_naming_the_tensor(tmp_path, capsys):
+    folders = _constant_folders(tmp_path, [7e4, 7e4])
+    with pytest.raises(MergeError, match="Tensor 'w' overflows F16 when written.*out_dtype"):
+        merge(folders, tmp_path / "out", out_dtype="float16")
+    argv = ["average", *map(str, folders), "-o", str(tmp_path / "out"), "--out-dtype", "float16", "--no-progress"]
+    assert main(argv) == 2
+    assert "Tensor 'w' overflows F16" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    merge(folders, tmp_path / "wide", out_dtype="float32")  # a wide enough dtype is fine
+    assert read_folder(tmp_path / "wide")["w"].eq(7e4).all()
+
+
+def test_extrapolating_half_precision_merge_overflow_is_refused(tmp_path):
+    folders = _constant_folders(tmp_path, [4e4, 4e4], dtype=torch.float16)
+    with pytest.raises(MergeError, match="Tensor 'w' overflows F16"):
+        merge(folders, tmp_path / "out", weights=[1, 1], normalize=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_all_zero_and_extreme_weights_warn_naming_the_weights(tmp_path):
+    folders = _constant_folders(tmp_path, [1.0, 2.0])
+    with pytest.warns(UserWarning, match=r"Every weight is zero \(weights \[0.0, 0.0\]\)"):
+        merge(folders, tmp_path / "zero", weights=[0, 0], normalize=False)
+    with pytest.warns(UserWarning, match=r"weights \[1.0, -0.999999\] extrapolate far beyond the inputs"):
+        merge(folders, tmp_path / "far", weights=[1, -0.999999])
+    expected = (1 * 1.0 - 0.999999 * 2.0) / (1 - 0.999999)
+    assert abs(read_folder(tmp_path / "far")["w"].double()[0, 0].item() - expected) <= abs(expected) * 1e-3
+
+
+def test_inputs_of_different_float_dtypes_need_out_dtype(tmp_path):
+    folders = [save_models(tmp_path / "a", 1)[0], save_models(tmp_path / "b", 1, dtype=torch.bfloat16, seed0=1)[0]]
+    with pytest.raises(MergeError, match=r"Tensor '.*' is F32 in .*a/m0.* but BF16 in .*b/m0.*out_dtype"):
+        merge(folders, tmp_path / "out")
+    out = merge(folders, tmp_path / "out", out_dtype="float32").output
+    merged, a, b = read_folder(out), read_folder(folders[0]), read_folder(folders[1])
+    assert all(((merged[k].double() - (a[k].double() + b[k].double()) / 2).abs() <= 1e-6).all() for k in merged)

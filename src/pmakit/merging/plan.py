@@ -8,6 +8,7 @@ fail at its last tensor because one file was truncated.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,12 +144,33 @@ def _tied(config: dict) -> bool:
     return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
 
 
+# Above this sum of |weights| a merge amplifies the inputs' differences more than any average would (1).
+EXTRAPOLATION_WARNING = 10.0
+
+
 def _rule_weights(rule: AveragingRule, count: int) -> list[float]:
     """The rule's closed-form weights; a count the rule cannot serve is a `MergeError` like every bad input."""
     try:
-        return rule.weights_for(count)
+        weights = rule.weights_for(count)
     except ValueError as e:
         raise MergeError(str(e)) from e
+    _warn_on_weights(rule, weights)
+    return weights
+
+
+def _warn_on_weights(rule: AveragingRule, weights: list[float]) -> None:
+    """Weights that are legal but rarely meant: all zero (an all-zero model) or a far extrapolation."""
+    given = f"weights {list(rule.weights)}" if rule.weights is not None else rule.algo
+    if all(w == 0 for w in weights):
+        warnings.warn(f"Every weight is zero ({given}): the merged floats are all zero.", stacklevel=3)
+    elif sum(abs(w) for w in weights) > EXTRAPOLATION_WARNING:
+        applied = ", ".join(f"{w:.6g}" for w in weights)
+        warnings.warn(
+            f"The {given} extrapolate far beyond the inputs: applied weights {applied} (sum of |w| "
+            f"{sum(abs(w) for w in weights):.6g} > {EXTRAPOLATION_WARNING:g}); differences between inputs are "
+            "amplified by that much.",
+            stacklevel=3,
+        )
 
 
 def _accumulate_dtype(name: str) -> str:
@@ -309,6 +331,12 @@ def _from_inputs(name: str, sources: list[ModelSource], out_code: str | None) ->
     infos = _lm_head_inputs(sources) if name == LM_HEAD else [s.tensors[name] for s in sources]
     _check_alike(name, infos)
     newest = infos[-1]
+    odd = next((i for i in infos if i.dtype != newest.dtype), None)
+    if odd is not None and out_code is None and newest.is_float:
+        raise MergeError(
+            f"Tensor {name!r} is {odd.dtype} in {odd.file} but {newest.dtype} in {newest.file}; "
+            "choose the output dtype with out_dtype=... (`--out-dtype`)."
+        )
     if tensor_merge_action(newest.is_float) == COPIED_FROM_NEWEST:
         return PlannedTensor(OutputTensor(name, newest.dtype, newest.shape), "newest", [newest])
     return PlannedTensor(OutputTensor(name, out_code or newest.dtype, newest.shape), "merge", infos)

@@ -145,13 +145,26 @@ class _Fold:
             "try accumulate_dtype='float64' or check the weights."
         )
 
+    def _check_cast(self, t: PlannedTensor, values: np.ndarray, out: np.ndarray) -> None:
+        """A narrower output dtype (float16 over 7e4, an extrapolating merge) must not turn finite values into Inf."""
+        if self.allow_nonfinite or out.dtype.itemsize >= values.dtype.itemsize or self._finite(out):
+            return
+        raise MergeError(
+            f"Tensor {t.out.name!r} overflows {t.out.dtype} when written: its merged values exceed the largest "
+            f"{t.out.dtype} number; choose a wider out_dtype=... (`--out-dtype`) or check the weights."
+        )
+
     def _write(self, t: PlannedTensor, e0: int, values: np.ndarray, scale=None) -> None:
         """Write ``values`` (times ``scale``, computed in the accumulator dtype) in the output dtype."""
         out_dtype = DTYPES[t.out.dtype]
         out = values
         if values.dtype != out_dtype:
             out = self.buffers.get("out", values.size * out_dtype.itemsize).view(out_dtype)
-        self.writer.write(t.out, e0, convert.store(values, out, scale))
+        with np.errstate(over="ignore"):  # an overflow is reported by name just below
+            stored = convert.store(values, out, scale)
+        if stored is not values:
+            self._check_cast(t, values, stored)
+        self.writer.write(t.out, e0, stored)
 
     def __call__(self, t: PlannedTensor, e0: int, e1: int) -> None:
         try:
