@@ -209,11 +209,11 @@ class OutputBusyError(InputError):
     """Another process is writing the same output folder (it holds the folder's lock file)."""
 
 
-def _lock_file(target: Path) -> Path:
+def _output_lock_file(target: Path) -> Path:
     return target.parent / f".{target.name}.lock"
 
 
-def _take_lock(fd: int, lock_path: Path, target: Path) -> bool:
+def _take_output_lock(fd: int, lock_path: Path, target: Path) -> bool:
     """Lock ``fd`` without waiting; False when the file was replaced meanwhile (try again)."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -246,11 +246,11 @@ def output_lock(path: str | os.PathLike) -> Iterator[Path]:
         yield target
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = _lock_file(target)
+    lock_path = _output_lock_file(target)
     while True:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            if _take_lock(fd, lock_path, target):
+            if _take_output_lock(fd, lock_path, target):
                 break
         except BaseException:
             os.close(fd)
