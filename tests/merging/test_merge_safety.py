@@ -250,3 +250,18 @@ def test_inputs_of_different_float_dtypes_need_out_dtype(tmp_path):
     out = merge(folders, tmp_path / "out", out_dtype="float32").output
     merged, a, b = read_folder(out), read_folder(folders[0]), read_folder(folders[1])
     assert all(((merged[k].double() - (a[k].double() + b[k].double()) / 2).abs() <= 1e-6).all() for k in merged)
+
+
+def test_ema_weights_are_explained_and_printed_where_users_choose_them(tmp_path, capsys):
+    folders = save_models(tmp_path, 4)
+    with pytest.raises(SystemExit):
+        main(["average", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "not always newest most" in help_text and "0.512, 0.128, 0.16, 0.2" in help_text
+    assert "may be negative" in help_text
+    assert main(["average", *map(str, folders), "--algo", "ema", "--alpha", "0.2", "--dry-run"]) == 0
+    printed = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:5]]
+    assert [float(w) for w in printed] == pytest.approx([0.512, 0.128, 0.16, 0.2])
+    out = merge(folders, tmp_path / "out", algo="ema", alpha=0.2).output
+    card = (out / "README.md").read_text()
+    assert all(f"| {w} |" in card for w in ("0.512", "0.128", "0.16", "0.2"))

@@ -89,13 +89,23 @@ class MergeOptions:
     # the averaging rule
     algo: str = _opt(
         "sma",
-        "Averaging rule (`pmakit.AveragingRule`): sma equal weights, wma weights 1..n, ema with `alpha`, "
-        "weights with `weights`; the choices list every rule of this pmakit.",
+        "Averaging rule (`pmakit.AveragingRule`): sma equal weights, wma weights 1..n (newest most), ema "
+        "with `alpha` (not always newest most: see `alpha`), weights with `weights`; the choices list every "
+        "rule of this pmakit. A dry run prints each input's weight.",
         choices=ALGORITHMS,
     )
-    alpha: float = _opt(0.2, "EMA weight of the newest sample, in (0, 1).")
+    alpha: float = _opt(
+        0.2,
+        "EMA weight of the newest sample, in (0, 1). The EMA starts at the first sample, so the oldest keeps "
+        "(1-alpha)^(n-1) and outweighs the newest while that exceeds alpha: alpha 0.2 over 4 inputs gives "
+        "0.512, 0.128, 0.16, 0.2 (oldest first).",
+    )
     weights: tuple[float, ...] | None = _opt(
-        None, "Explicit weights, one per input, oldest first (implies the `weights` rule).", metavar="W"
+        None,
+        "Explicit weights, one per input, oldest first (implies the `weights` rule). Normalized, they may "
+        "be negative as long as they do not sum to zero (extrapolation); without normalizing, any values "
+        "(e.g. task arithmetic). All-zero weights and a sum of |weights| above 10 warn.",
+        metavar="W",
     )
     normalize: bool = _opt(
         True,
