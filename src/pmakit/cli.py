@@ -1,8 +1,10 @@
-"""The ``pmakit`` command: ``merge`` (YAML recipe), ``average`` (a run's checkpoints or models), ``inspect``.
+"""The ``pmakit`` command: ``merge`` (YAML recipe), ``average`` (a run's checkpoints or models), ``inspect``,
+``push`` (upload a finished folder).
 
 Bad input exits with code 2 and a one-line ``pmakit: error: ...`` message; a failed Hub push
-exits with code 1 and says where the merged folder was kept. Heavy imports (torch,
-transformers, huggingface_hub) happen only on the paths that need them.
+exits with code 1 and says where the merged folder was kept; SIGTERM (like Ctrl-C, 130) cleans
+up and exits with 143. Heavy imports (torch, transformers, huggingface_hub) happen only on the
+paths that need them.
 """
 
 from __future__ import annotations
@@ -119,6 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("-o", "--output", help="output folder")
     _add_option_flags(a)
 
+    p = sub.add_parser(
+        "push",
+        help="upload a finished folder (with its model card) to the Hub, e.g. to retry a failed push",
+        description="Upload FOLDER as it is (weights, config, tokenizer, model card, recipe) to the Hub repo "
+        "REPO_ID. The token comes from HF_TOKEN or the saved login and is never printed.",
+    )
+    p.add_argument("folder", help="the folder to upload, e.g. a merged folder whose push failed")
+    p.add_argument("repo_id", help="the Hub repo, owner/name")
+    p.add_argument("--private", action="store_true", help="create the repo private (only when it does not exist)")
+    p.add_argument("--revision", metavar="BRANCH", help="Hub branch to push to (created when missing)")
+    p.add_argument("--commit-message", metavar="TEXT", help="commit message (default: names the folder)")
+
     i = sub.add_parser("inspect", help="list a run's checkpoints and what a merge would read")
     i.add_argument("inputs", nargs="+", help="a run folder, or model folders")
     _add_option_flags(i, _inspect_fields())
@@ -219,6 +233,34 @@ def _cmd_average(args: argparse.Namespace) -> int:
     return _run_merge({"models": args.inputs, "output": args.output}, options)
 
 
+def _cmd_push(args: argparse.Namespace) -> int:
+    """Push-only: the same upload `merge --push-to-hub` makes, for a folder that is already complete."""
+    from .errors import InputError
+    from .io.hub_target import HubTarget
+
+    folder = Path(args.folder).expanduser()
+    if not folder.is_dir():
+        raise InputError(f"{args.folder} is not a folder; give the folder to upload.")
+    try:
+        target = HubTarget(
+            args.repo_id,
+            private=args.private,
+            revision=args.revision,
+            commit_message=args.commit_message or f"Upload {folder.resolve().name} with pmakit",
+        )
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    from .io.hub import HubPushError, push_folder_to_hub
+
+    try:
+        url = push_folder_to_hub(folder, target)
+    except HubPushError as e:
+        print(f"pmakit: error: push failed: {' '.join(str(e).split())}", file=sys.stderr)
+        return PUSH_FAILED
+    print(f"pushed: {url}")
+    return 0
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .merging import is_run_dir, list_checkpoints, plan_merge
 
@@ -280,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pmakit`` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = {"merge": _cmd_merge, "average": _cmd_average, "inspect": _cmd_inspect}[args.command]
+    handler = {"merge": _cmd_merge, "average": _cmd_average, "inspect": _cmd_inspect, "push": _cmd_push}[args.command]
     try:
         with _sigterm_as_interrupt():
             return handler(args)

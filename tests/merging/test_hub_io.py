@@ -78,3 +78,39 @@ def test_missing_hub_model_is_a_clear_error(local_hub, tmp_path):
     with pytest.raises(MergeError, match="alice/nothing.*not found"):
         merge(["alice/nothing"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_push_command_retries_a_failed_push_with_the_card(local_hub, tmp_path, capsys, monkeypatch):
+    folders = save_models(tmp_path, 2)
+    monkeypatch.setenv("HF_TOKEN", local_hub.write_token)
+    local_hub.fail("preupload", status=503, times=1000)
+    argv = ["average", *map(str, folders), "-o", str(tmp_path / "out"), "--push-to-hub", "alice/x", "--no-progress"]
+    assert main(argv) == 1
+    local_hub.clear_faults()
+    code = main(
+        ["push", str(tmp_path / "out"), "alice/x", "--private", "--revision", "v1", "--commit-message", "retry"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0 and f"pushed: {local_hub.endpoint}/alice/x/commit/" in out
+    assert local_hub.commits("alice/x", revision="v1")[0] == "retry"
+    local = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    remote = {k: v for k, v in local_hub.files("alice/x", revision="v1").items() if k != ".gitattributes"}
+    assert remote == local
+    assert "README.md" in local and "pmakit_recipe.yaml" in local
+
+
+@pytest.mark.parametrize("argv, message", [(["{tmp}/nope", "alice/x"], "is not a folder"), (["{out}", "bad//id"], "")])
+def test_push_command_refuses_bad_input(tmp_path, capsys, argv, message):
+    (tmp_path / "out").mkdir()
+    argv = [a.format(tmp=tmp_path, out=tmp_path / "out") for a in argv]
+    assert main(["push", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pmakit: error: ") and message in err and err.count("\n") == 1
+
+
+def test_mistyped_local_path_says_both_local_and_hub(local_hub, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["average", "runs/ckpt", "runs/ckpt2", "-o", "out"]) == 2
+    err = capsys.readouterr().err
+    assert f"Input runs/ckpt is not a local folder (no {tmp_path / 'runs' / 'ckpt'})" in err
+    assert "as a Hub id it failed" in err and "not found" in err

@@ -175,7 +175,10 @@ def resolve_source(
     try:
         path = Path(hub_api.download_model(repo, revision=revision, token=token, cache_dir=cache_dir))
     except hub_api.HubDownloadError as e:  # bad input: the CLI reports it in one line, exit code 2
-        raise MergeError(str(e)) from e
+        raise MergeError(
+            f"Input {text} is not a local folder (no {Path(text).expanduser().absolute()}), and as a Hub id it "
+            f"failed: {e}"
+        ) from e
     return ModelSource(text, path, step=step, hub_id=repo, revision=revision)
 
 
