@@ -141,7 +141,9 @@ def test_model_card_and_recipe_reproduce_the_merge(tmp_path):
     assert meta["library_name"] == "transformers" and meta["tags"] == ["merge", "pma"]
     assert "EMA (alpha=0.3) of 3 samples" in card
     recipe = yaml.safe_load((tmp_path / "out" / RECIPE_FILE).read_text())
-    assert recipe["models"] == [str(f.resolve()) for f in folders] and recipe["alpha"] == 0.3
+    # local inputs relative to the folder: no absolute path of the user's layout in the card or the recipe
+    assert recipe["models"] == ["../m0", "../m1", "../m2"] and recipe["alpha"] == 0.3 and "output" not in recipe
+    assert str(tmp_path) not in card and str(tmp_path) not in (tmp_path / "out" / RECIPE_FILE).read_text()
     assert yaml.safe_load(card.split("```yaml")[1].split("```")[0]) == recipe  # the card quotes the exact recipe
     kwargs = load_recipe(tmp_path / "out" / RECIPE_FILE)
     kwargs["output"] = tmp_path / "again"

@@ -265,3 +265,22 @@ def test_ema_weights_are_explained_and_printed_where_users_choose_them(tmp_path,
     out = merge(folders, tmp_path / "out", algo="ema", alpha=0.2).output
     card = (out / "README.md").read_text()
     assert all(f"| {w} |" in card for w in ("0.512", "0.128", "0.16", "0.2"))
+
+
+def test_merged_folder_recipe_runs_from_anywhere(tmp_path, monkeypatch):
+    """The recipe's ``../`` inputs are read relative to the recipe file, not the working directory."""
+    folders = save_models(tmp_path / "run", 2)
+    merge(folders, tmp_path / "merged" / "out", base_model=str(folders[0]))
+    recipe = yaml.safe_load((tmp_path / "merged" / "out" / "pmakit_recipe.yaml").read_text())
+    assert recipe["models"] == ["../../run/m0", "../../run/m1"] and recipe["base_model"] == "../../run/m0"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["merge", str(tmp_path / "merged" / "out" / "pmakit_recipe.yaml"), "-o", "again"]) == 0
+    assert read_folder(elsewhere / "again").keys() == read_folder(tmp_path / "merged" / "out").keys()
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            read_folder(elsewhere / "again").values(), read_folder(tmp_path / "merged" / "out").values(), strict=True
+        )
+    )

@@ -149,7 +149,7 @@ def test_options_object_and_keywords_give_the_same_bytes(tmp_path):
     recipes = [
         yaml.safe_load((tmp_path / out / "pmakit_recipe.yaml").read_text()) for out in ("kw", "obj", "override")
     ]
-    assert [r.pop("output") for r in recipes] == [str(tmp_path / out) for out in ("kw", "obj", "override")]
+    assert not any("output" in r for r in recipes)  # where it went is not part of the recipe
     assert recipes[0] == recipes[1] == recipes[2] and recipes[0]["algo"] == "ema" and recipes[0]["alpha"] == 0.3
 
 
@@ -182,7 +182,7 @@ def test_config_source_picks_the_input_that_gives_config_and_tokenizer(tmp_path,
     assert json.loads((tmp_path / "out" / "config.json").read_text())["marker"] == donor
     tokenizer_marker = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text()).get("marker")
     assert tokenizer_marker == ("m0" if donor == "m0" else None)
-    assert f"from `{tmp_path / donor}`" in (tmp_path / "out" / "README.md").read_text()
+    assert f"from `../{donor}`" in (tmp_path / "out" / "README.md").read_text()
 
 
 needs_decay = pytest.mark.skipif("decay" not in ALGORITHMS, reason="the decay rule is not in this pmakit yet")

@@ -105,7 +105,7 @@ def test_mergekit_linear_recipe_gives_the_bytes_of_the_pmakit_call_and_the_close
     assert (mk / "model.safetensors").read_bytes() == (pm / "model.safetensors").read_bytes()
     assert (mk / "config.json").read_bytes() == (pm / "config.json").read_bytes()
     written = yaml.safe_load((mk / "pmakit_recipe.yaml").read_text())
-    assert written["weights"] == [1.0, 3.0, 4.0] and written["base_model"] == str(base)
+    assert written["weights"] == [1.0, 3.0, 4.0] and written["base_model"] == "../base"
     out = read_folder(mk)
     ref = reference(folders, [0.125, 0.375, 0.5])  # the closed form: w_i / sum(w), written as literals
     for name, expected in ref.items():
@@ -230,12 +230,12 @@ def test_the_written_recipe_holds_what_shaped_the_result_not_where_it_went(tmp_p
     merge(folders, tmp_path / "out", overwrite=True, cache_dir=tmp_path / "cache", config_source="first", threads=1)
     written = yaml.safe_load((tmp_path / "out" / "pmakit_recipe.yaml").read_text())
     assert written == {
-        "models": [str(f) for f in folders],
+        "models": ["../m0", "../m1"],  # relative to the recipe's folder: no user directory layout
         "algo": "sma",
         "config_source": "first",
         "accumulate_dtype": "float32",
         "max_shard_size": 5_000_000_000,
         "save_tokenizer": True,
-        "output": str(tmp_path / "out"),
     }
-    assert load_recipe(tmp_path / "out" / "pmakit_recipe.yaml") == written
+    loaded = load_recipe(tmp_path / "out" / "pmakit_recipe.yaml")
+    assert loaded == {**written, "models": [str(tmp_path / "out" / "../m0"), str(tmp_path / "out" / "../m1")]}

@@ -198,15 +198,16 @@ def _recipe(plan: MergePlan, options: MergeOptions) -> dict:
     return recipe
 
 
-def _card(plan: MergePlan, recipe: dict, title: str) -> str:
+def _card(plan: MergePlan, recipe: dict, title: str, label=lambda s: s.label) -> str:
+    """The model card; ``label`` names an input (relative paths for local folders: see `_portable_label`)."""
     rows = ["| # | input | step | weight |", "|---|---|---|---|"]
     for i, (s, w) in enumerate(zip(plan.sources, plan.weights, strict=True), 1):
-        rows.append(f"| {i} | `{s.label}` | {s.step if s.step is not None else ''} | {w:.6g} |")
+        rows.append(f"| {i} | `{label(s)}` | {s.step if s.step is not None else ''} | {w:.6g} |")
     details = [("Inputs", "Oldest first; the last input is the newest.\n\n" + "\n".join(rows)), *plan.card_details()]
     summary = (
         f"This model is the {plan.rule.describe(len(plan.sources))} of the weights below, made by streaming them "
         f"through a {plan.accumulate_dtype} accumulator with pmakit (Pre-trained Model Averaging, arXiv 2505.12082). "
-        f"Its config and tokenizer come from `{plan.donor.label}`."
+        f"Its config and tokenizer come from `{label(plan.donor)}`."
     )
     hub_ids = [s.hub_id for s in [*plan.sources, *([plan.base] if plan.base else [])] if s.hub_id]
     library = "peft" if plan.sources[0].is_adapter else "transformers"
@@ -305,12 +306,35 @@ def _expand_user(path: str | os.PathLike | None) -> Path | None:
     return None if path is None else Path(path).expanduser()
 
 
+def _portable_label(source: ModelSource, folder: Path) -> str:
+    """A Hub input as its id; a local one as a path relative to ``folder`` (``./`` or ``../`` first).
+
+    The card and recipe of a merged folder travel (to the Hub, to colleagues): they must not hold
+    the user's absolute directory layout. `load_recipe` reads ``./``/``../`` paths relative to the
+    recipe file, so the recipe inside the merged folder still runs from anywhere.
+    """
+    if source.hub_id is not None:
+        return source.label
+    relative = os.path.relpath(source.path, folder)
+    return relative if relative.startswith("..") else f"./{relative}"
+
+
+def _portable_recipe(recipe: dict, plan: MergePlan, label) -> dict:
+    """The recipe with local inputs as relative paths and no output (give ``-o`` / ``output=`` to re-run)."""
+    recipe = {k: v for k, v in recipe.items() if k != "output"}
+    recipe["models"] = [label(s) for s in plan.sources]
+    if plan.base is not None:
+        recipe["base_model"] = label(plan.base)
+    return recipe
+
+
 def _write_output(plan: MergePlan, output: Path, recipe: dict, options: MergeOptions) -> MergeResult:
     """Build the whole output folder in a temporary sibling and move it into place, holding its lock."""
     _check_output(output, plan, options.overwrite)
-    recipe = {**recipe, "output": str(output)}
+    label = functools.partial(_portable_label, folder=output.resolve())
+    recipe = _portable_recipe(recipe, plan, label)
     with output_lock(output), atomic_directory(output, overwrite=options.overwrite) as tmp:
-        (tmp / "README.md").write_text(_card(plan, recipe, output.name), encoding="utf-8")
+        (tmp / "README.md").write_text(_card(plan, recipe, output.name, label), encoding="utf-8")
         (tmp / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
         _copy_side_files(plan, tmp, options.save_tokenizer)
         index = _write_tensors(plan, tmp, options)

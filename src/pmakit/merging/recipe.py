@@ -13,7 +13,10 @@ Example::
       private: true
 
 Every merged folder holds its own ``pmakit_recipe.yaml``, with the inputs resolved, which
-``pmakit merge`` runs again to reproduce it.
+``pmakit merge`` runs again to reproduce it (``-o`` says where: it records no output). Paths
+that start with ``./`` or ``../`` are relative to the recipe file, as the merged folder's
+recipe writes its local inputs; other relative paths are relative to the working directory;
+``~`` is the home folder.
 
 mergekit's linear recipes are read as they are, so a mergekit user points pmakit at the same file::
 
@@ -78,7 +81,26 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
         MergeOptions(**settings)  # validate every value now, with the file's name in the message
     except MergeError as e:
         raise MergeError(f"Recipe {path}: {e}") from None
-    return {**inputs, **settings}
+    return _relative_to_recipe({**inputs, **settings}, path.parent)
+
+
+def _relative_to_recipe(kwargs: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Paths written ``./x`` or ``../x`` are relative to the recipe file (others to the working directory).
+
+    A merged folder's own recipe names its local inputs that way, so it runs from any directory.
+    """
+
+    def resolve(value: Any) -> Any:
+        if isinstance(value, str) and value.startswith(("./", "../")):
+            return str(folder / value)
+        return value
+
+    for key in ("run_dir", "output", "base_model"):
+        if key in kwargs:
+            kwargs[key] = resolve(kwargs[key])
+    if isinstance(kwargs.get("models"), list):
+        kwargs["models"] = [resolve(m) for m in kwargs["models"]]
+    return kwargs
 
 
 def options_from_recipe(path: str | os.PathLike) -> tuple[dict[str, Any], MergeOptions]:
