@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import re
 import signal
 import sys
 import threading
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 
-__all__ = ["build_parser", "main", "option_settings", "options_from_args"]
+__all__ = ["build_parser", "cli_wording", "main", "option_settings", "options_from_args"]
 
 BAD_INPUT = 2
 PUSH_FAILED = 1
@@ -318,6 +319,36 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+# `name=value` as Python errors write a setting: the value is True/False, quoted text, `...` or one word.
+_SETTING = r"\b{name}=(True|False|'[^']*'|\"[^\"]*\"|\.\.\.|[\w.+-]+)"
+
+
+def _flag_for(f, value: str) -> str | None:
+    """The command-line spelling of setting ``f.name=value`` (None when the field has no flag for it)."""
+    meta = f.metadata
+    text = value.strip("'\"")
+    for flag, const, _ in meta.get("const_flags", ()):
+        if const == text:
+            return flag
+    flag = meta.get("flag", "--" + f.name.replace("_", "-"))
+    if flag is None or "const_flags" in meta:
+        return None
+    if value in ("True", "False"):
+        return flag if (value == "False") == flag.startswith("--no-") else None
+    return f"{flag} {meta.get('metavar') or f.name.upper()}" if value == "..." else f"{flag} {text}"
+
+
+def cli_wording(message: str) -> str:
+    """A library error as the command line says it: settings named by their flags (``overwrite=True`` ->
+    ``--overwrite``). Errors are written once, with Python names; this is the one translation."""
+    from .merging.options import option_fields
+
+    for f in option_fields():
+        pattern = re.compile(_SETTING.format(name=re.escape(f.name)))
+        message = pattern.sub(lambda m, f=f: _flag_for(f, m.group(1)) or m.group(0), message)
+    return message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pmakit`` console script; returns the exit code."""
     parser = build_parser()
@@ -335,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - mapped to exit codes below, one line each
         from .errors import InputError
 
-        message = " ".join(str(e).split()) or type(e).__name__
+        message = cli_wording(" ".join(str(e).split())) or type(e).__name__
         if isinstance(e, (InputError, FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError)):
             print(f"pmakit: error: {message}", file=sys.stderr)
             return BAD_INPUT

@@ -284,3 +284,37 @@ def test_merged_folder_recipe_runs_from_anywhere(tmp_path, monkeypatch):
             read_folder(elsewhere / "again").values(), read_folder(tmp_path / "merged" / "out").values(), strict=True
         )
     )
+
+
+@pytest.mark.parametrize(
+    "python, cli",
+    [
+        ("pass overwrite=True to replace it", "pass --overwrite to replace it"),
+        ("or pass allow_nonfinite=True.", "or pass --allow-nonfinite."),
+        ("`kind='pma'` selects", "`--pma` selects"),
+        ("try accumulate_dtype='float64' or", "try --accumulate-dtype float64 or"),
+        ("with normalize=False", "with --no-normalize"),
+        ("a wider out_dtype=... or", "a wider --out-dtype DTYPE or"),
+        ("not_a_field=True and output=x", "not_a_field=True and output=x"),
+    ],
+)
+def test_cli_wording_names_flags(python, cli):
+    from pmakit.cli import cli_wording
+
+    assert cli_wording(python) == cli
+
+
+def test_errors_name_flags_in_the_cli_and_python_names_in_python(tmp_path, capsys):
+    folders = _constant_folders(tmp_path, [7e4, 7e4])
+    with pytest.raises(MergeError) as python:
+        merge(folders, tmp_path / "out", out_dtype="float16")
+    assert "out_dtype=..." in str(python.value) and "--out-dtype" not in str(python.value)
+    assert main(["average", *map(str, folders), "-o", str(tmp_path / "out"), "--out-dtype", "float16"]) == 2
+    err = capsys.readouterr().err
+    assert "--out-dtype DTYPE" in err and "out_dtype" not in err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(FileExistsError, match=r"pass overwrite=True"):
+        merge(folders, tmp_path / "full")
+    assert main(["average", *map(str, folders), "-o", str(tmp_path / "full"), "--no-progress"]) == 2
+    assert "pass --overwrite to replace it" in capsys.readouterr().err

@@ -73,7 +73,7 @@ def _require_pickle(folder: Path, allow_pickle: bool, what: str) -> None:
     if not allow_pickle:
         raise MergeError(
             f"{folder} holds only {what}; these are pickles, so they are read only when asked: pass "
-            "allow_pickle=True (`--allow-pickle`). pmakit reads them with an allow-list unpickler that "
+            "allow_pickle=True. pmakit reads them with an allow-list unpickler that "
             "builds tensors and checkpoint metadata only and runs no code."
         )
 

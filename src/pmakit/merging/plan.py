@@ -335,7 +335,7 @@ def _from_inputs(name: str, sources: list[ModelSource], out_code: str | None) ->
     if odd is not None and out_code is None and newest.is_float:
         raise MergeError(
             f"Tensor {name!r} is {odd.dtype} in {odd.file} but {newest.dtype} in {newest.file}; "
-            "choose the output dtype with out_dtype=... (`--out-dtype`)."
+            "choose the output dtype with out_dtype=...."
         )
     if tensor_merge_action(newest.is_float) == COPIED_FROM_NEWEST:
         return PlannedTensor(OutputTensor(name, newest.dtype, newest.shape), "newest", [newest])

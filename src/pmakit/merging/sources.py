@@ -228,7 +228,7 @@ def resolve_inputs(
         models = [models]
     if kind == "pma":
         raise MergeError(
-            "`kind='pma'` (`--pma`) selects the pma-N folders of a run folder; give `run_dir`, or list the "
+            "`kind='pma'` selects the pma-N folders of a run folder; give `run_dir`, or list the "
             "pma-N folders themselves as `models` without it."
         )
     sources = [resolve_source(m, token=token, cache_dir=cache_dir) for m in models]

@@ -138,7 +138,7 @@ class _Fold:
             if not np.isfinite(x).all():
                 raise MergeError(
                     f"Tensor {t.out.name!r} holds NaN or Inf in {info.file}; "
-                    "fix the input or pass allow_nonfinite=True (`--allow-nonfinite`)."
+                    "fix the input or pass allow_nonfinite=True."
                 )
         raise MergeError(
             f"Merging tensor {t.out.name!r} overflowed {self.plan.accumulate_dtype}; "
@@ -151,7 +151,7 @@ class _Fold:
             return
         raise MergeError(
             f"Tensor {t.out.name!r} overflows {t.out.dtype} when written: its merged values exceed the largest "
-            f"{t.out.dtype} number; choose a wider out_dtype=... (`--out-dtype`) or check the weights."
+            f"{t.out.dtype} number; choose a wider out_dtype=... or check the weights."
         )
 
     def _write(self, t: PlannedTensor, e0: int, values: np.ndarray, scale=None) -> None:
@@ -216,8 +216,7 @@ class _Fold:
         x = self._read(info, e0, e1)
         if info.is_float and not self.allow_nonfinite and not self._finite(x):
             raise MergeError(
-                f"Tensor {t.out.name!r} holds NaN or Inf in {info.file}; "
-                "fix the input or pass allow_nonfinite=True (`--allow-nonfinite`)."
+                f"Tensor {t.out.name!r} holds NaN or Inf in {info.file}; fix the input or pass allow_nonfinite=True."
             )
         self._write(t, e0, x)
 
