@@ -111,9 +111,9 @@ def test_new_flags_parse(tmp_path):
 
 def test_bad_flag_values_exit_2_naming_the_field(tmp_path, capsys):
     assert main(["average", "run", "-o", str(tmp_path / "o"), "--algo", "weights"]) == 2
-    assert "`algo='weights'` needs `weights`" in capsys.readouterr().err
+    assert "`--algo weights` needs `weights`" in capsys.readouterr().err  # flags, not Python names
     assert main(["average", "run", "-o", str(tmp_path / "o"), "--algo", "ema", "--weights", "1", "2"]) == 2
-    assert "`weights` cannot be combined with `algo='ema'`" in capsys.readouterr().err
+    assert "`weights` cannot be combined with `--algo ema`" in capsys.readouterr().err
     assert main(["average", "run", "-o", str(tmp_path / "o"), "--push-to-hub", "a/b/c"]) == 2
     assert "`push_to_hub`: Hub repo id" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
@@ -139,7 +139,7 @@ def test_merge_flags_override_the_recipe(tmp_path, capsys):
     assert (written["algo"], written["alpha"], written["out_dtype"]) == ("ema", 0.5, "float64")
     assert all(t.dtype.is_floating_point and t.element_size() == 8 for t in read_folder(out).values())
     assert main(["merge", str(recipe), "-o", str(out), "--no-progress"]) == 2
-    assert "pass overwrite=True" in capsys.readouterr().err
+    assert "pass --overwrite" in capsys.readouterr().err
     assert main(["merge", str(recipe), "-o", str(out), "--overwrite", "--algo", "sma", "--no-progress"]) == 0
     assert "alpha" not in yaml.safe_load((out / "pmakit_recipe.yaml").read_text())
     args = build_parser().parse_args(["merge", str(recipe), "--push-to-hub", "me/x", "--threads", "2"])
