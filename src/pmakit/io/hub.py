@@ -320,6 +320,43 @@ def _push_error(err: BaseException, folder: Path, target: HubTarget) -> HubPushE
 
 
 # --------------------------------------------------------------------------------------- download
+_DOWNLOAD_ERRORS = (
+    HfHubHTTPError,
+    httpx2.HTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    EntryNotFoundError,
+)
+
+
+def _download_patterns(allow_patterns: Sequence[str] | str | None, sub: str) -> tuple[list[str], list[str] | None]:
+    """(allow, ignore) patterns for `snapshot_download`: the top level (or ``sub``) only, unless told otherwise."""
+    if isinstance(allow_patterns, str):
+        allow_patterns = [allow_patterns]
+    patterns = list(allow_patterns) if allow_patterns is not None else list(DOWNLOAD_PATTERNS)
+    if sub:
+        return [f"{sub}/{p}" for p in patterns], ([f"{sub}/*/*"] if allow_patterns is None else None)
+    # top level only: a run repo also holds `pma/`, `last-checkpoint/`, ...
+    return patterns, (["*/*"] if allow_patterns is None else None)
+
+
+def _download_failure(err: BaseException, repo_id: str, revision: str | None, at: str):
+    """(message, error, HTTP status) for a failed download, naming what is missing or why the Hub refused."""
+    if isinstance(err, RevisionNotFoundError):
+        return f"Revision {revision!r} was not found in the Hub repo {repo_id}.", err, 404
+    if isinstance(err, RepositoryNotFoundError):
+        status = err.response.status_code if err.response is not None else None
+        message = (
+            f"The Hub repo {repo_id} was not found at {constants.ENDPOINT}, or it is private and the token cannot "
+            "read it: check the id and pass a token with read access (`token=`, HF_TOKEN or `hf auth login`)."
+        )
+        return message, err, status
+    http = _http_error(err)
+    status = http.response.status_code if http is not None else None
+    detail = f"HTTP {status}{_where(http.response)}" if http is not None else _one_line(err)
+    return f"Could not download {at} from the Hub: {detail}.", err, status
+
+
 def download_model(
     repo_id: str,
     revision: str | None = None,
@@ -352,15 +389,7 @@ def download_model(
         HubDownloadError: missing repo or revision, no access, nothing matched, or no reachable Hub.
     """
     sub = subfolder.strip("/") if subfolder else ""
-    patterns = list(allow_patterns) if allow_patterns is not None else list(DOWNLOAD_PATTERNS)
-    if isinstance(allow_patterns, str):
-        patterns = [allow_patterns]
-    ignore: list[str] | None = None
-    if sub:
-        patterns = [f"{sub}/{p}" for p in patterns]
-        ignore = [f"{sub}/*/*"] if allow_patterns is None else None
-    elif allow_patterns is None:
-        ignore = ["*/*"]  # top level only: a run repo also holds `pma/`, `last-checkpoint/`, ...
+    patterns, ignore = _download_patterns(allow_patterns, sub)
     at = f"{repo_id}" + (f" (revision {revision})" if revision else "")
 
     def fail(message: str, err: BaseException | None, status: int | None = None) -> HubDownloadError:
@@ -372,34 +401,13 @@ def download_model(
     try:
         path = Path(
             snapshot_download(
-                repo_id,
-                revision=revision,
-                token=token,
-                cache_dir=cache_dir,
-                allow_patterns=patterns,
+                repo_id, revision=revision, token=token, cache_dir=cache_dir, allow_patterns=patterns,
                 ignore_patterns=ignore,
             )
-        )
-    except RevisionNotFoundError as err:
-        raise fail(f"Revision {revision!r} was not found in the Hub repo {repo_id}.", err, 404)  # noqa: B904
-    except RepositoryNotFoundError as err:
-        raise fail(  # noqa: B904 (fail() sets the cause)
-            f"The Hub repo {repo_id} was not found at {constants.ENDPOINT}, or it is private and the token cannot "
-            "read it: check the id and pass a token with read access (`token=`, HF_TOKEN or `hf auth login`).",
-            err,
-            err.response.status_code if err.response is not None else None,
-        )
-    except (
-        HfHubHTTPError,
-        httpx2.HTTPError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        EntryNotFoundError,
-    ) as err:
-        http = _http_error(err)
-        status = http.response.status_code if http is not None else None
-        detail = f"HTTP {status}{_where(http.response)}" if http is not None else _one_line(err)
-        raise fail(f"Could not download {at} from the Hub: {detail}.", err, status)  # noqa: B904
+        )  # fmt: skip
+    except (RevisionNotFoundError, RepositoryNotFoundError, *_DOWNLOAD_ERRORS) as err:
+        exc = fail(*_download_failure(err, repo_id, revision, at))
+        raise exc from exc.__cause__  # fail() chose the cause: the error, unless a message in it shows a token
     folder = path / sub if sub else path
     if not folder.is_dir() or not any(p.is_file() for p in folder.rglob("*")):
         raise fail(f"Nothing to download from {at}{f' in {sub}/' if sub else ''}: no file matches {patterns}.", None)
