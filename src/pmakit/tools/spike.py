@@ -45,6 +45,7 @@ from transformers import TrainerCallback
 
 from ..averaging import AveragingRule
 from ..online.distributed import unwrap_optimizer
+from .weighted_sum import weighted_sum
 
 
 __all__ = ["SPIKE_FIELDS", "SpikeConfig", "SpikeRecoveryCallback", "SpikeRecoveryError", "validate_spike_settings"]
@@ -372,8 +373,20 @@ class SpikeRecoveryCallback(TrainerCallback):
 
     @torch.no_grad()
     def _recover(self, args, state, step: int, reason: str) -> None:
-        config = self.config
         began = self._streak_start if self._streak_start is not None else step
+        usable = self._usable_samples(step, reason, began)
+        self._restore_merge(usable)
+        if self.config.reset_optimizer:
+            self._reset_moments()
+        # Drop the samples that are not usable and restart the detector on the pre-spike history.
+        self._ring = deque(usable, maxlen=self.config.num_samples)
+        self._streak_start, self._streak = None, 0
+        self._since_recovery = -1  # on_step_end of this step makes it 0: the next step is the first re-warm step
+        self._log_recovery(state, step, reason, began, usable)
+
+    def _usable_samples(self, step: int, reason: str, began: int) -> list[_Sample]:
+        """The ring's samples taken before the spike began; refuse when recoveries are used up or none is left."""
+        config = self.config
         if len(self.events) >= config.max_recoveries:
             raise SpikeRecoveryError(
                 f"Loss spike at step {step} ({reason}) after {len(self.events)} recoveries, the most allowed "
@@ -389,29 +402,39 @@ class SpikeRecoveryCallback(TrainerCallback):
                 f"before it (samples every `interval`={config.interval} steps; taken at steps "
                 f"{[s.step for s in self._ring] or 'none'}). Take samples more often (a smaller `interval`)."
             )
-        weights = config.rule.weights_for(len(usable))
+        return usable
+
+    @torch.no_grad()
+    def _restore_merge(self, usable: list[_Sample]) -> None:
+        """Live weights <- the merge of the usable samples (the one averaging law, the tools' weighted sum)."""
+        weights = self.config.rule.weights_for(len(usable))
+        steps = [f"step {s.step}" for s in usable]
         for i, p in enumerate(self._params):
-            merged = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-            for w, sample in zip(weights, usable, strict=True):
-                merged.add_(sample.tensors[i].to(p.device, torch.float32), alpha=w)
+            merged = weighted_sum(
+                [s.tensors[i] for s in usable], weights, name=f"parameter {i}", sources=steps,
+                accumulate_dtype=torch.float32, out_dtype=p.dtype, device=p.device,
+            )  # fmt: skip
             p.copy_(merged)
             p.grad = None  # the optimizer skips this step's update: spike gradients never reach the moments
-        if config.reset_optimizer:
-            # Back to the freshly initialised state (Adam: step 0, zero moments). Zeroing in place rather than
-            # clearing keeps other entries (the PMA average) and the optimizer's lazy-init check consistent.
-            for p in self._params:
-                entry = self._optimizer.state.get(p)
-                for key, value in (entry or {}).items():
-                    if str(key).startswith("pma"):
-                        continue
-                    if isinstance(value, torch.Tensor):
-                        value.zero_()
-                    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-                        entry[key] = type(value)(0)
-        # Drop the samples that are not usable and restart the detector on the pre-spike history.
-        self._ring = deque(usable, maxlen=config.num_samples)
-        self._streak_start, self._streak = None, 0
-        self._since_recovery = -1  # on_step_end of this step makes it 0: the next step is the first re-warm step
+
+    def _reset_moments(self) -> None:
+        """Back to the freshly initialised optimizer state (Adam: step 0, zero moments), PMA entries kept.
+
+        Zeroing in place rather than clearing keeps other entries (the PMA average) and the optimizer's
+        lazy-init check consistent.
+        """
+        for p in self._params:
+            entry = self._optimizer.state.get(p)
+            for key, value in (entry or {}).items():
+                if str(key).startswith("pma"):
+                    continue
+                if isinstance(value, torch.Tensor):
+                    value.zero_()
+                elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                    entry[key] = type(value)(0)
+
+    def _log_recovery(self, state, step: int, reason: str, began: int, usable: list[_Sample]) -> None:
+        config = self.config
         event = {
             "spike_recovery": len(self.events) + 1,
             "step": step,
@@ -426,15 +449,9 @@ class SpikeRecoveryCallback(TrainerCallback):
         logger.warning(
             "Loss spike at step %d (%s, began at step %d): restored the %s taken at steps %s; optimizer moments %s; "
             "learning rate re-warmed over %d steps. Recovery %d of at most %d.",
-            step,
-            reason,
-            began,
-            event["merge"],
-            event["merged_steps"],
+            *(step, reason, began, event["merge"], event["merged_steps"]),
             "reset" if config.reset_optimizer else "kept",
-            config.rewarm_steps,
-            len(self.events),
-            config.max_recoveries,
+            *(config.rewarm_steps, len(self.events), config.max_recoveries),
         )
 
     def lr_factor(self) -> float:
