@@ -28,7 +28,9 @@ MAY_IMPORT = {
     "online": {"core", "online"},
     "tools": {"core", "io", "merging", "online", "tools"},
     "training": {"core", "io", "online", "tools", "training"},
-    "cli": {"core", "io", "merging", "cli"},
+    # cli -> tools for `pmakit sweep` only, imported on that path (scoring needs torch; the module
+    # cli.py itself still imports nothing heavy).
+    "cli": {"core", "io", "merging", "tools", "cli"},
     "api": {"core", "io", "merging", "online", "tools", "training", "cli", "api"},
 }
 HEAVY = {"torch", "transformers", "accelerate", "peft", "trl", "deepspeed"}

@@ -59,6 +59,10 @@ _EXPORTS = {
     "merge_buffers": "tools.buffers",
     "average_models": "tools.buffers",
     "update_bn": "tools.buffers",
+    "sweep": "tools.sweep",
+    "SweepResult": "tools.sweep",
+    "text_loss_scorer": "tools.sweep",
+    "trainer_scorer": "tools.sweep",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -98,6 +102,7 @@ if TYPE_CHECKING:
         warn_if_scopes_differ,
     )
     from .tools.spike import SpikeConfig, SpikeRecoveryCallback, SpikeRecoveryError
+    from .tools.sweep import SweepResult, sweep, text_loss_scorer, trainer_scorer
     from .tools.wsa import WsaCallback, WsaConfig, WsaRegularizer, add_wsa
     from .training.arguments import PmaArguments
     from .training.callback import PmaCallback

@@ -149,7 +149,69 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.1,
         help="flag a layer when max(std ratio - 1, mean spread / std) exceeds this (default 0.1)",
     )
+    _add_sweep(sub)
     return parser
+
+
+def _add_sweep(sub) -> None:
+    s = sub.add_parser("sweep", help="merge a run's samples/checkpoints with several rules and windows; keep the best")
+    s.add_argument("inputs", nargs="+", help="a run folder (pma-samples/step-N or checkpoint-N), or model folders")
+    s.add_argument("--rules", nargs="+", required=True, help="sma wma ema ema_corrected decay:cosine decay:1-sqrt ...")
+    s.add_argument("--windows", nargs="+", type=int, required=True, help="numbers of newest inputs to merge")
+    s.add_argument("--text", required=True, help="held-out UTF-8 text file scored by causal-LM loss")
+    s.add_argument("--tokenizer", help="tokenizer folder or Hub id (default: the merged folder's, i.e. the run's)")
+    s.add_argument("--per", choices=["token", "byte"], default="token", help="loss per token or per UTF-8 byte")
+    s.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass")
+    s.add_argument("--max-length", type=int, default=512, help="tokens per block")
+    s.add_argument("--device", help="torch device for scoring (default: cpu)")
+    s.add_argument("--alpha", type=float, default=0.2, help="EMA weight of the newest sample (ema, ema_corrected)")
+    s.add_argument("--source", choices=["auto", "samples", "checkpoints"], default="auto", help="run folder inputs")
+    s.add_argument("-o", "--output-dir", required=True, help="folder for sweep.md/.csv/.png and best/")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT/best")
+    s.add_argument("--push-to-hub", metavar="REPO_ID", help="push the best merge to this Hub repo")
+    s.add_argument("--private", action="store_true", help="create the Hub repo private")
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .tools.sweep import parse_rule, sweep, text_loss_scorer
+
+    for rule in args.rules:
+        parse_rule(rule)  # a bad rule exits 2 before torch is imported
+    scorer = text_loss_scorer(
+        args.text,
+        args.tokenizer,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        per=args.per,
+        device=args.device,
+    )
+    try:
+        result = sweep(
+            args.inputs if len(args.inputs) > 1 else args.inputs[0],
+            args.rules,
+            args.windows,
+            score=scorer,
+            output_dir=args.output_dir,
+            metric=f"loss per {args.per} (nats)",
+            alpha=args.alpha,
+            source=args.source,
+            overwrite=args.overwrite,
+            push_to_hub=args.push_to_hub,
+            private=args.private,
+        )
+    except Exception as e:
+        if type(e).__name__ != "HubPushError":
+            raise
+        message = " ".join(str(e).split())
+        print(f"pmakit: error: push failed: {message}; the best merge is kept in {args.output_dir}", file=sys.stderr)
+        return PUSH_FAILED
+    print(result.markdown)
+    print(f"best: {result.best.rule} over {result.best.window} inputs, saved to {result.best_folder}")
+    print(f"table: {result.table_md} and {result.table_csv}")
+    print(f"plot: {result.plot}" if result.plot else f"plot: none ({result.plot_note})")
+    if result.commit_url:
+        print(f"pushed: {result.commit_url}")
+    return 0
 
 
 def _size(n: int) -> str:
@@ -353,7 +415,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pmakit`` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = {"merge": _cmd_merge, "average": _cmd_average, "inspect": _cmd_inspect, "push": _cmd_push}[args.command]
+    commands = {"merge": _cmd_merge, "average": _cmd_average, "inspect": _cmd_inspect, "push": _cmd_push}
+    handler = {**commands, "sweep": _cmd_sweep}[args.command]
     try:
         with _sigterm_as_interrupt():
             return handler(args)
