@@ -25,7 +25,9 @@ WINDOWS = [2, 4]
 def run_dir(tmp_path_factory):
     """A real Trainer run of a tiny Llama that saved 6 model-only checkpoints (with its tokenizer)."""
     root = tmp_path_factory.mktemp("run")
-    args = plain_args(root, max_steps=12, save_strategy="steps", save_steps=2, save_only_model=True, learning_rate=3e-2)
+    args = plain_args(
+        root, max_steps=12, save_strategy="steps", save_steps=2, save_only_model=True, learning_rate=3e-2
+    )
     Trainer(model=tiny_llama(), args=args, train_dataset=TokenDataset(), processing_class=make_tokenizer()).train()
     return root
 
@@ -88,7 +90,9 @@ def test_sweep_writes_table_csv_plot_and_card(run_dir, tmp_path):
         return float(read_folder(folder)["model.norm.weight"].double().sum())
 
     out = tmp_path / "sweep"
-    result = sweep(run_dir, ["sma", "wma"], [1, 3], score=score, output_dir=out, metric="norm sum", higher_is_better=True)
+    result = sweep(
+        run_dir, ["sma", "wma"], [1, 3], score=score, output_dir=out, metric="norm sum", higher_is_better=True
+    )
     assert len(calls) == 4 and result.best.score == max(r.score for r in result.rows)
     rows = list(csv.DictReader((out / "sweep.csv").open()))
     assert [(r["rule"], int(r["window"]), float(r["norm sum"])) for r in rows] == [
