@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Trainer
 
-from pmakit import InputError, merge
+from pmakit import ALGORITHMS, InputError, merge
 from pmakit.cli import main
 from pmakit.tools.sweep import parse_rule, sweep, sweep_inputs, text_loss_scorer, trainer_scorer
 from tests.helpers.folders import make_tokenizer, read_folder
@@ -176,3 +176,22 @@ def test_sweep_pushes_best_with_its_card(run_dir, held_out, local_hub, tmp_path,
     card = remote["README.md"].decode()
     assert "## Sweep" in card and all(f"| {r.rule} | 2 |" in card for r in result.rows)
     assert local_hub.repo("alice/swept").private
+
+
+@pytest.mark.skipif("decay" not in ALGORITHMS, reason="needs the decay rule and the bias-corrected EMA")
+def test_sweep_decay_and_corrected_ema_candidates(run_dir, held_out, tmp_path):
+    rules = ["ema_corrected", "decay:cosine", "decay:1-sqrt"]
+    result = sweep(run_dir, rules, [3], score=text_loss_scorer(held_out, max_length=32), alpha=0.3)
+    folders = sweep_inputs(run_dir)[-3:]
+    for row, kwargs in zip(
+        result.rows,
+        [dict(algo="ema_corrected", alpha=0.3), dict(algo="decay", decay_shape="cosine"),
+         dict(algo="decay", decay_shape="1-sqrt")],
+        strict=True,
+    ):  # fmt: skip
+        direct = tmp_path / row.rule.replace(":", "-")
+        merge(folders, direct, **kwargs)
+        assert math.isclose(row.score, _direct_loss(direct, held_out, 32), rel_tol=1e-5)
+    assert len({r.score for r in result.rows}) == 3
+    with pytest.raises(InputError, match="decay shape must be one of linear, cosine, 1-sqrt"):
+        parse_rule("decay:exp")
