@@ -183,9 +183,11 @@ def write_plot(path: Path, live: float, decays: dict, merges: dict, windows: lis
     ax.axhline(live, color="black", lw=1, label="live, constant LR")
     for shape, color in zip(DECAY_SHAPES, ("tab:blue", "tab:orange", "tab:green"), strict=True):
         ax.plot(windows, [decays[shape, w] for w in windows], "s--", color=color, label=f"decay {shape}")
-    styles = {"sma": "tab:blue", "decay:cosine": "tab:orange", "decay:1-sqrt": "tab:green"}
+    # each merge in its dual decay's colour; the rules without a dual decay in colours of their own
+    colors = {"sma": "tab:blue", "decay:cosine": "tab:orange", "decay:1-sqrt": "tab:green"}
+    colors |= {"ema": "tab:red", "ema_corrected": "tab:purple", "wma": "tab:brown"}
     for rule in MERGE_RULES:
-        ax.plot(windows, [merges[rule, w] for w in windows], "o-", color=styles.get(rule), label=f"merge {rule}")
+        ax.plot(windows, [merges[rule, w] for w in windows], "o-", color=colors[rule], label=f"merge {rule}")
     ax.set_xlabel("window L (steps): decay length = merge span")
     ax.set_ylabel("validation loss (nats/byte)")
     ax.set_xscale("log", base=2)
