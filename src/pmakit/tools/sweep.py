@@ -386,7 +386,14 @@ def load_weights_into(model, folder: str | os.PathLike) -> None:
 def trainer_scorer(trainer, metric: str = "eval_loss") -> Scorer:
     """A scorer that loads each merge into ``trainer.model``, runs ``trainer.evaluate()`` and returns ``metric``.
 
-    The trainer's own weights are restored after each evaluation.
+    The trainer's own weights are restored after each evaluation, so the trainer can go on training.
+
+    Args:
+        trainer: A `transformers.Trainer` with an evaluation dataset.
+        metric: The key of ``trainer.evaluate()``'s result to score by.
+
+    Returns:
+        ``score(folder) -> float`` for `sweep`.
     """
 
     def score(folder: Path) -> float:
@@ -447,7 +454,18 @@ def text_loss_scorer(
 
     The text is split into blocks of ``max_length`` tokens (each block's first token is context only).
     ``per="byte"`` divides the summed loss by the UTF-8 bytes of the predicted tokens, which compares
-    tokenizers. ``tokenizer`` is a tokenizer or a folder/Hub id; None takes the first scored folder's.
+    tokenizers. The text is tokenised once, at the first call.
+
+    Args:
+        text_file: The held-out UTF-8 text.
+        tokenizer: A tokenizer, or a folder/Hub id; None takes the first scored folder's (the run's).
+        batch_size: Blocks per forward pass.
+        max_length: Tokens per block.
+        per: ``token`` or ``byte``.
+        device: Torch device to score on (default: CPU).
+
+    Returns:
+        ``score(folder) -> float``: the mean loss in nats for `sweep`.
 
     Raises:
         InputError: a missing or empty text file, or a bad option.
