@@ -452,7 +452,8 @@ def text_loss_scorer(
 ) -> Scorer:
     """A scorer: the causal-LM loss of a merged folder on a held-out UTF-8 text file (nats per token or byte).
 
-    The text is split into blocks of ``max_length`` tokens (each block's first token is context only).
+    The text is split into blocks of ``max_length`` tokens, at most the model's ``max_position_embeddings``
+    (each block's first token is context only).
     ``per="byte"`` divides the summed loss by the UTF-8 bytes of the predicted tokens, which compares
     tokenizers. The text is tokenised once, at the first call.
 
@@ -480,12 +481,13 @@ def text_loss_scorer(
     state: dict = {"tokenizer": tokenizer}
 
     def prepare(folder: Path) -> None:
-        from transformers import AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
         tok = state["tokenizer"]
         if tok is None or isinstance(tok, (str, os.PathLike)):
             tok = AutoTokenizer.from_pretrained(tok if tok is not None else folder)
-        state["blocks"] = _token_blocks(path, tok, max_length)
+        positions = getattr(AutoConfig.from_pretrained(folder), "max_position_embeddings", None)
+        state["blocks"] = _token_blocks(path, tok, min(max_length, positions or max_length))
         state["bytes"] = sum(len(tok.decode(b[1:]).encode("utf-8")) for b in state["blocks"])
 
     def score(folder: Path) -> float:
