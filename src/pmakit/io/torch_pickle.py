@@ -16,6 +16,7 @@ function is refused with :class:`~pmakit.errors.InputError` naming it.
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import struct
@@ -98,10 +99,7 @@ class TensorRef:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def is_contiguous(self) -> bool:
