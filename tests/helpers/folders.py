@@ -13,11 +13,15 @@ from tests.helpers.models import VOCAB, tiny_llama
 
 
 def make_tokenizer():
-    """A word-level fast tokenizer over the tiny vocabulary, built locally."""
+    """A word-level fast tokenizer over the tiny vocabulary, built locally.
+
+    Every id is one token: `<unk>` is id VOCAB-1 and no word shares it. (Sharing an id made reloading
+    depend on hash order: sometimes `<unk>` became a new id VOCAB, outside the model's embedding.)
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {f"t{i}": i for i in range(VOCAB)}
+    vocab = {f"t{i}": i for i in range(VOCAB - 1)}
     vocab["<unk>"] = VOCAB - 1
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()

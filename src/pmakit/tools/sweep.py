@@ -498,6 +498,12 @@ def text_loss_scorer(
         model = AutoModelForCausalLM.from_pretrained(folder).float().eval()
         if device is not None:
             model.to(device)
+        rows, top = model.get_input_embeddings().num_embeddings, max(max(b) for b in state["blocks"])
+        if top >= rows:
+            raise InputError(
+                f"The tokenizer gives token id {top}, but the model in {folder} embeds only {rows} ids: "
+                "the tokenizer does not belong to this model."
+            )
         total, count = causal_lm_nats(model, state["blocks"], batch_size)
         return total / (count if per == "token" else state["bytes"])
 
