@@ -12,7 +12,7 @@ from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArg
 from pmakit import PmaArguments, PmaTrainer
 from pmakit.tools.spike import SpikeConfig, SpikeRecoveryCallback, SpikeRecoveryError
 from tests.helpers.models import TokenDataset, tiny_llama
-from tests.helpers.training import SnapshotCallback, pma_args
+from tests.helpers.training import SnapshotCallback, plain_args, pma_args
 
 
 class Corrupt(TrainerCallback):
@@ -95,19 +95,7 @@ def test_ratio_spike_restores_sma_of_pre_spike_samples_resets_moments_and_rewarm
 
 @pytest.mark.filterwarnings("ignore:PMA")
 def test_nan_with_plain_trainer_forward_hook_and_give_up(tmp_path):
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        report_to="none",
-        learning_rate=1e-4,
-        lr_scheduler_type="constant",
-        per_device_train_batch_size=4,
-        max_steps=16,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-        logging_steps=1000,
-    )
+    args = plain_args(tmp_path, learning_rate=1e-4, max_steps=16)
     snap = SnapshotCallback()
     spike = SpikeRecoveryCallback(interval=2, num_samples=2, rewarm_steps=0, reset_optimizer=False, max_recoveries=1)
     trainer = Trainer(
@@ -236,19 +224,7 @@ class _LogitsLossTrainer(Trainer):
 
 @pytest.mark.filterwarnings("ignore:PMA")
 def test_without_a_loss_non_finite_gradients_still_trigger_recovery(tmp_path, caplog):
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        report_to="none",
-        learning_rate=1e-4,
-        lr_scheduler_type="constant",
-        per_device_train_batch_size=4,
-        max_steps=10,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-        logging_steps=1000,
-    )
+    args = plain_args(tmp_path, learning_rate=1e-4, max_steps=10)
     snap = SnapshotCallback()
     spike = SpikeRecoveryCallback(interval=2, num_samples=2)
     trainer = _LogitsLossTrainer(
