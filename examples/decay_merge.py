@@ -75,6 +75,9 @@ class DecayArguments:
     windows: str = field(
         default="50,100,200", metadata={"help": "Window lengths L in steps (multiples of interleave)."}
     )
+    decay_shapes: str = field(
+        default="linear,cosine,1-sqrt", metadata={"help": "Real decays to fork, comma-separated (of linear, cosine, 1-sqrt)."}
+    )
     ema_alpha: float = field(default=0.2, metadata={"help": "EMA weight of the newest sample for both EMA forms."})
     report_md: str | None = field(default=None, metadata={"help": "Markdown report (default output_dir/results.md)."})
     plot: str | None = field(default=None, metadata={"help": "PNG plot (default output_dir/decay_merge.png)."})
@@ -103,6 +106,11 @@ def parse_args(argv: list[str] | None) -> tuple[PmaArguments, DecayArguments, li
                 f"--windows: {w} must be a positive multiple of --pma_interleave_step ({interleave}) that starts "
                 f"after the warm-up ({args.warmup_steps} of {args.max_steps} steps)."
             )
+    shapes = tuple(s.strip() for s in ex.decay_shapes.split(",") if s.strip())
+    unknown = sorted(set(shapes) - set(DECAY_SHAPES))
+    if unknown or not shapes:
+        raise ValueError(f"--decay_shapes: {unknown or 'none given'}; choose from {', '.join(DECAY_SHAPES)}.")
+    ex = dataclasses.replace(ex, decay_shapes=",".join(s for s in DECAY_SHAPES if s in shapes))
     limit = windows[-1] // interleave
     args = dataclasses.replace(args, save_strategy="no", pma_sample_store_limit=limit)
     return args, ex, windows
@@ -152,28 +160,32 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0%}"
 
 
-def tables(live: float, decays: dict, merges: dict, windows: list[int], interleave: int) -> str:
+def tables(
+    live: float, decays: dict, merges: dict, windows: list[int], interleave: int, shapes=DECAY_SHAPES
+) -> str:
     """The markdown report tables: losses per window, then each merge's share of each decay's gain."""
     head = "| window (steps / samples) | " + " | ".join(f"{w} / {w // interleave}" for w in windows) + " |"
     sep = "|---|" + "---|" * len(windows)
     lines = [head, sep, "| live, constant LR (step T) | " + " | ".join(f"{live:.4f}" for _ in windows) + " |"]
-    for shape in DECAY_SHAPES:
+    for shape in shapes:
         lines.append(f"| decay {shape} | " + " | ".join(f"{decays[shape, w]:.4f}" for w in windows) + " |")
     for rule in MERGE_RULES:
         lines.append(f"| merge {rule} | " + " | ".join(f"{merges[rule, w]:.4f}" for w in windows) + " |")
-    lines += ["", "| window | merge | " + " | ".join(f"share of {s} decay" for s in DECAY_SHAPES) + " |"]
-    lines.append("|---|---|" + "---|" * len(DECAY_SHAPES))
+    lines += ["", "| window | merge | " + " | ".join(f"share of {s} decay" for s in shapes) + " |"]
+    lines.append("|---|---|" + "---|" * len(shapes))
     for w in windows:
         for rule in MERGE_RULES:
             cells = []
-            for shape in DECAY_SHAPES:
+            for shape in shapes:
                 cell = _pct(share(live, merges[rule, w], decays[shape, w]))
                 cells.append(f"**{cell}**" if DUAL.get(rule) == shape else cell)
             lines.append(f"| {w} | {rule} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def write_plot(path: Path, live: float, decays: dict, merges: dict, windows: list[int], title: str) -> None:
+def write_plot(
+    path: Path, live: float, decays: dict, merges: dict, windows: list[int], title: str, shapes=DECAY_SHAPES
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,6 +194,8 @@ def write_plot(path: Path, live: float, decays: dict, merges: dict, windows: lis
     fig, ax = plt.subplots(figsize=(7, 4.4), dpi=120)
     ax.axhline(live, color="black", lw=1, label="live, constant LR")
     for shape, color in zip(DECAY_SHAPES, ("tab:blue", "tab:orange", "tab:green"), strict=True):
+        if shape not in shapes:
+            continue
         ax.plot(windows, [decays[shape, w] for w in windows], "s--", color=color, label=f"decay {shape}")
     # each merge in its dual decay's colour; the rules without a dual decay in colours of their own
     colors = {"sma": "tab:blue", "decay:cosine": "tab:orange", "decay:1-sqrt": "tab:green"}
@@ -241,14 +255,15 @@ def main(argv: list[str] | None = None) -> dict:
     sweep_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     decays = {}
+    shapes = tuple(ex.decay_shapes.split(","))
     for w in windows:
-        for shape in DECAY_SHAPES:
+        for shape in shapes:
             decays[shape, w] = validation_loss(decay_fork(args, config, train_ds, run, w, shape), val_ds)
             print(f"decay {shape} over the last {w} steps: {decays[shape, w]:.4f}", flush=True)
     forks_s = time.perf_counter() - t0
     total_s = time.perf_counter() - started
 
-    text = tables(live, decays, merges, windows, interleave)
+    text = tables(live, decays, merges, windows, interleave, shapes)
     print("\n" + text + "\n", flush=True)
     n_params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
     title = (
@@ -256,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"constant; samples every {interleave} steps"
     )
     plot_path = Path(ex.plot) if ex.plot else run / "decay_merge.png"
-    write_plot(plot_path, live, decays, merges, windows, title)
+    write_plot(plot_path, live, decays, merges, windows, title, shapes)
     timing = {"train_s": train_s, "sweep_s": sweep_s, "decay_forks_s": forks_s, "total_s": total_s}
     report_path = Path(ex.report_md) if ex.report_md else run / "results.md"
     write_report(report_path, argv, text, title, timing, ex.ema_alpha, result)
