@@ -76,7 +76,8 @@ class DecayArguments:
         default="50,100,200", metadata={"help": "Window lengths L in steps (multiples of interleave)."}
     )
     decay_shapes: str = field(
-        default="linear,cosine,1-sqrt", metadata={"help": "Real decays to fork, comma-separated (of linear, cosine, 1-sqrt)."}
+        default="linear,cosine,1-sqrt",
+        metadata={"help": "Real decays to fork, comma-separated (of linear, cosine, 1-sqrt)."},
     )
     ema_alpha: float = field(default=0.2, metadata={"help": "EMA weight of the newest sample for both EMA forms."})
     report_md: str | None = field(default=None, metadata={"help": "Markdown report (default output_dir/results.md)."})
@@ -160,9 +161,7 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0%}"
 
 
-def tables(
-    live: float, decays: dict, merges: dict, windows: list[int], interleave: int, shapes=DECAY_SHAPES
-) -> str:
+def tables(live: float, decays: dict, merges: dict, windows: list[int], interleave: int, shapes=DECAY_SHAPES) -> str:
     """The markdown report tables: losses per window, then each merge's share of each decay's gain."""
     head = "| window (steps / samples) | " + " | ".join(f"{w} / {w // interleave}" for w in windows) + " |"
     sep = "|---|" + "---|" * len(windows)
