@@ -148,3 +148,25 @@ def test_loading_a_state_dict_with_an_average_alone_does_not_break_adam():
     for name, average in _named(resumed, engine.averages()).items():
         assert torch.equal(average, averages[name]), name
     assert set(CONDITIONAL) <= set(averages)
+
+
+def test_an_average_a_loader_dropped_restarts_from_the_live_weights_with_a_warning():
+    """Zeros would shrink the merge (the fold lerps from them); the live weights are the best guess left."""
+    model, optimizer, merged = start("adamw_foreach", pma=True)
+    train(model, optimizer, range(1, SAVE_AT + 1))
+    state = saved(optimizer)
+    state["param_groups"][0].pop("pma_avg_pending")  # late_head's average, not trained yet
+    weights = {n: t.clone() for n, t in model.state_dict().items()}
+    train(model, optimizer, range(SAVE_AT + 1, STEPS + 1))
+
+    resumed = gated_llama()
+    resumed.load_state_dict(weights)
+    optimizer2 = OPTIMIZERS["adamw_foreach"](list(trainable(resumed).values()))
+    engine = attach_engine(optimizer2, CONFIG)
+    optimizer2.load_state_dict(state)
+    merged2 = {}
+    engine.add_cycle_handler(lambda e, step: merged2.update({step: _named(resumed, e.averages())}))
+    with pytest.warns(UserWarning, match=r"1 parameter\(s\) have no stored average"):
+        train(resumed, optimizer2, range(SAVE_AT + 1, STEPS + 1))
+    # late_head's samples at 2 and 4 were its untrained value, which the restarted average starts from
+    assert torch.equal(merged2[6]["late_head.weight"], merged[6]["late_head.weight"])

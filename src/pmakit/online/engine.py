@@ -421,11 +421,15 @@ class PmaEngine:
             return self._groups
         by_key: dict[tuple, _Group] = {}
         offload = self.config.offload == "cpu"
+        fresh: list[tuple[torch.Tensor, torch.Tensor]] = []  # (average, parameter shard) allocated just now
         for params in lists:
             for p in params:
                 if not p.requires_grad:
                     continue
+                stored = self._stored_average(p) is not None
                 avg = self._average_for(p, offload)
+                if not stored:
+                    fresh.append((local_shard(avg), local_shard(p)))
                 local = local_shard(p)
                 key = (local.device, local.dtype)
                 entry = by_key.setdefault(key, _Group([], []))
@@ -437,13 +441,31 @@ class PmaEngine:
             if offload and device.type == "cuda":
                 entry.staging = [torch.empty(p.shape, dtype=p.dtype, pin_memory=True) for p in entry.lparams]
         self._groups, self._signature = list(by_key.values()), signature
+        if fresh and self.num_samples > 0:
+            self._fill_missing(fresh)
         return self._groups
 
-    def _average_for(self, p: torch.Tensor, offload: bool) -> torch.Tensor:
+    @torch.no_grad()
+    def _fill_missing(self, fresh: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Samples were taken but some averages did not come back (a loader that dropped them): start
+        those from the live weights, the best guess left, rather than from zeros, which would shrink them."""
+        warnings.warn(
+            f"PMA: {len(fresh)} parameter(s) have no stored average although the current cycle holds samples (the "
+            "checkpoint loader dropped them?); their average restarts from the live weights.",
+            UserWarning,
+            stacklevel=3,
+        )
+        for avg, local in fresh:
+            avg.copy_(local)
+
+    def _stored_average(self, p: torch.Tensor) -> torch.Tensor | None:
+        """``p``'s average, in its optimizer state or beside it (None before the first allocation)."""
         state = self.optimizer.state.get(p)
         avg = state.get(AVG_KEY) if state else None
-        if avg is None:
-            avg = self._unstepped.get(p)
+        return self._unstepped.get(p) if avg is None else avg
+
+    def _average_for(self, p: torch.Tensor, offload: bool) -> torch.Tensor:
+        avg = self._stored_average(p)
         pinned = offload and local_shard(p).device.type == "cuda"
         if pinned and is_dtensor(p):
             raise ValueError(
