@@ -86,3 +86,34 @@ def test_trainer_deepspeed_cuda(tmp_path, stage):
     facts = run_worker(tmp_path, f"zero{stage}", nproc=nproc, cpu=False)
     check_zero(facts, tmp_path / "run" / "pma-6", nproc)
     check_zero(facts, tmp_path / "run" / "pma-samples" / "step-6", nproc)
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [1, 2])
+def test_trainer_deepspeed_late_first_gradients_cpu(tmp_path, stage):
+    """Parameters first used after PMA samples (issue 17, item 4) under ZeRO-1/2 (2 CPU processes).
+
+    ZeRO steps the torch optimizer on flat fp32 partitions that all get a gradient every step (zeros where
+    a parameter had none), and the engine allocates the average after that step, so the average always
+    sits beside Adam's own state for the partition, never alone. The PMA run must train exactly like the
+    plain one, export the fp64 mean of the samples, and resume from checkpoint-3 bit for bit.
+    """
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    torchrun("late_grad_worker.py", str(tmp_path), str(stage), nproc=2, timeout=400, cpu=True)
+    for rank in (0, 1):
+        facts = json.loads((tmp_path / f"facts_rank{rank}.json").read_text())
+        assert facts["deepspeed"] and facts["averages_in_state"] > 0 and not facts["average_alone"]
+        assert facts["counters_equal"] and facts["resume_average_exact"], f"rank {rank}: resume is not exact"
+    live = torch.load(tmp_path / "live.pt")
+    for name, tensor in live["plain"].items():
+        assert torch.equal(live["pma"][name], tensor), f"ZeRO-{stage}: PMA changed the training of {name}"
+        assert torch.equal(live["resumed"][name], tensor), f"ZeRO-{stage}: the resumed run trained {name} differently"
+    samples = torch.load(tmp_path / "samples.pt")
+    late = [samples[t]["late_head.weight"] for t in (2, 4, 6)]
+    assert not torch.equal(late[1], late[2]), "the late head trains from step 5"
+    merged, again = load_folder(tmp_path / "pma" / "pma-6"), load_folder(tmp_path / "resumed" / "pma-6")
+    assert set(samples[2]) <= set(merged) and again.keys() == merged.keys()
+    for name in samples[2]:
+        reference = sum(samples[t][name] for t in (2, 4, 6)) / 3
+        torch.testing.assert_close(merged[name].double(), reference, rtol=1e-6, atol=1e-7, msg=f"ZeRO-{stage} {name}")
+        assert torch.equal(again[name], merged[name]), name

@@ -85,7 +85,7 @@ def test_cycle_end_calls_handlers_then_restarts():
 
 def test_no_work_on_steps_without_sample(monkeypatch):
     model = make_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # momentum: SGD keeps per-parameter state
     engine = attach_engine(optimizer, PmaConfig(interleave_step=4, fused_num=100))
     calls = []
     original = engine._fold

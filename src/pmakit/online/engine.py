@@ -7,7 +7,17 @@ it only sees real updates: gradient-accumulation micro-steps never reach ``step`
 step that fp16 overflow skipped never calls it.
 
 Per parameter ``p`` the average is ``optimizer.state[p]["pma_avg"]`` (fp32, allocated at the
-first optimizer step, like the optimizer's own state). The counters (optimizer steps seen, samples
+first optimizer step, like the optimizer's own state).
+
+Parameters the optimizer has not stepped yet (no gradient so far: an MoE expert not routed to, an
+adapter switched on late, a head used by some losses only) are averaged like every other weight,
+from their live value at each sample, but their average is kept *beside* the optimizer state until
+the optimizer creates that state: Adam, Adafactor and most others initialise a parameter's state
+only while it is empty, and Adam's ``__setstate__`` expects its ``step`` in any non-empty state.
+The saved state dict carries those averages in ``param_groups[0]["pma_avg_pending"]`` (keyed by the
+parameter's position in the optimizer's order), which a plain ``load_state_dict`` restores verbatim
+without showing them to the optimizer; the engine takes them back into its keeping on load (or
+when it is attached after the load, as `PmaCallback` is). The counters (optimizer steps seen, samples
 in the current cycle, the steps they were taken at) sit in ``optimizer.param_groups[0]["pma"]``,
 which ``load_state_dict`` restores verbatim. ``Optimizer.load_state_dict`` casts floating state to the parameter dtype;
 the engine's load hooks keep the average in fp32 (bf16/fp16 models).
@@ -48,11 +58,12 @@ from .distributed import is_dtensor, like_dtensor, local_shard, unwrap_optimizer
 from .kernels import fold_into
 
 
-__all__ = ["AVG_KEY", "COUNTERS_KEY", "PmaEngine", "attach_engine"]
+__all__ = ["AVG_KEY", "COUNTERS_KEY", "PENDING_KEY", "PmaEngine", "attach_engine"]
 
 logger = logging.getLogger(__name__)
 
 AVG_KEY = "pma_avg"
+PENDING_KEY = "pma_avg_pending"  # saved averages of parameters without optimizer state: {position: average}
 COUNTERS_KEY = "pma"
 SETTINGS_KEY = "settings"
 _RULES_WITHOUT_ALPHA = ("sma", "wma", "weights")
@@ -133,6 +144,8 @@ class PmaEngine:
         self._stream = None
         self._copied = None  # CUDA event: the offload copy of the parameters has finished
         self._stashed: dict = {}
+        # Averages of parameters whose optimizer state is still empty (see the module docstring).
+        self._unstepped: dict[torch.Tensor, torch.Tensor] = {}
         self._loading_counters = True  # whether the state dict being loaded carries PMA counters
         self._param_source: Callable[[], list[list[torch.Tensor]]] | None = None
         self.deepspeed = False  # set by `attach_deepspeed`: the average shadows ZeRO's fp32 partitions
@@ -141,9 +154,11 @@ class PmaEngine:
         optimizer.register_step_pre_hook(self._before_step)
         optimizer.register_load_state_dict_pre_hook(self._before_load)
         optimizer.register_load_state_dict_post_hook(self._after_load)
-        optimizer.register_state_dict_pre_hook(lambda _opt: self.join())
+        optimizer.register_state_dict_pre_hook(self._before_save)
+        optimizer.register_state_dict_post_hook(self._after_save)
         if COUNTERS_KEY in optimizer.param_groups[0]:  # attached after a checkpoint was loaded
             self._reconcile_settings()
+        self._take_loaded_pending()
 
     # ------------------------------------------------------------------ counters
     def _raw_counters(self) -> dict:
@@ -284,6 +299,7 @@ class PmaEngine:
         step = counters["step"] if step is None else step
         k = counters["count"] + 1
         coefficient = self.rule.coefficient(k, self.config.fused_num)
+        self._adopt_stepped()
         self._fold(coefficient)
         counters["count"] = k
         counters["sample_steps"] = _join_steps([*_split_steps(counters["sample_steps"]), step])
@@ -405,11 +421,15 @@ class PmaEngine:
             return self._groups
         by_key: dict[tuple, _Group] = {}
         offload = self.config.offload == "cpu"
+        fresh: list[tuple[torch.Tensor, torch.Tensor]] = []  # (average, parameter shard) allocated just now
         for params in lists:
             for p in params:
                 if not p.requires_grad:
                     continue
+                stored = self._stored_average(p) is not None
                 avg = self._average_for(p, offload)
+                if not stored:
+                    fresh.append((local_shard(avg), local_shard(p)))
                 local = local_shard(p)
                 key = (local.device, local.dtype)
                 entry = by_key.setdefault(key, _Group([], []))
@@ -421,11 +441,31 @@ class PmaEngine:
             if offload and device.type == "cuda":
                 entry.staging = [torch.empty(p.shape, dtype=p.dtype, pin_memory=True) for p in entry.lparams]
         self._groups, self._signature = list(by_key.values()), signature
+        if fresh and self.num_samples > 0:
+            self._fill_missing(fresh)
         return self._groups
 
+    @torch.no_grad()
+    def _fill_missing(self, fresh: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Samples were taken but some averages did not come back (a loader that dropped them): start
+        those from the live weights, the best guess left, rather than from zeros, which would shrink them."""
+        warnings.warn(
+            f"PMA: {len(fresh)} parameter(s) have no stored average although the current cycle holds samples (the "
+            "checkpoint loader dropped them?); their average restarts from the live weights.",
+            UserWarning,
+            stacklevel=3,
+        )
+        for avg, local in fresh:
+            avg.copy_(local)
+
+    def _stored_average(self, p: torch.Tensor) -> torch.Tensor | None:
+        """``p``'s average, in its optimizer state or beside it (None before the first allocation)."""
+        state = self.optimizer.state.get(p)
+        avg = state.get(AVG_KEY) if state else None
+        return self._unstepped.get(p) if avg is None else avg
+
     def _average_for(self, p: torch.Tensor, offload: bool) -> torch.Tensor:
-        state = self.optimizer.state[p]
-        avg = state.get(AVG_KEY)
+        avg = self._stored_average(p)
         pinned = offload and local_shard(p).device.type == "cuda"
         if pinned and is_dtensor(p):
             raise ValueError(
@@ -437,15 +477,73 @@ class PmaEngine:
         device = torch.device("cpu") if offload else local_shard(p).device
         if avg is None:
             avg = _new_average(p, device, pinned)
-            state[AVG_KEY] = avg
+            self._keep(p, avg)
         elif avg.dtype != torch.float32 or local_shard(avg).device != device:
             avg = _moved_average(avg, p, device, pinned)
-            state[AVG_KEY] = avg
+            self._keep(p, avg)
         return avg
 
-    # ------------------------------------------------------------------ load guard
+    def _keep(self, p: torch.Tensor, avg: torch.Tensor) -> None:
+        """Store ``p``'s average in its optimizer state if the optimizer has created that state, else beside it.
+
+        An optimizer that finds a non-empty state takes it for its own (Adam would skip initialising it).
+        ZeRO's fp32 partitions are always stepped before the engine allocates, so they always have state.
+        """
+        state = self.optimizer.state.get(p)
+        if self.deepspeed or _has_optimizer_state(state):
+            self.optimizer.state[p][AVG_KEY] = avg
+            self._unstepped.pop(p, None)
+        else:
+            self._unstepped[p] = avg
+
+    def _adopt_stepped(self) -> None:
+        """Move the averages of parameters the optimizer has stepped since into their optimizer state.
+
+        A loop over those parameters only (none in most models); the tensors stay the same objects, so
+        the cached kernel groups stay valid.
+        """
+        for p in [p for p in self._unstepped if _has_optimizer_state(self.optimizer.state.get(p))]:
+            self.optimizer.state[p][AVG_KEY] = self._unstepped.pop(p)
+
+    def _flat_params(self) -> list[torch.Tensor]:
+        """The optimizer's parameters in its order: the positions used by its state dict."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    # ------------------------------------------------------------------ save and load
+    def _before_save(self, optimizer) -> None:
+        self.join()
+        self._adopt_stepped()
+
+    def _after_save(self, optimizer, state_dict: dict) -> dict:
+        """Save the averages of parameters without optimizer state in ``param_groups[0]``, never as their state."""
+        if self._unstepped:
+            position = {id(p): i for i, p in enumerate(self._flat_params())}
+            missing = [p for p in self._unstepped if id(p) not in position]
+            if missing:
+                raise RuntimeError(f"PMA: {len(missing)} averaged tensor(s) are not parameters of the optimizer.")
+            pending = {position[id(p)]: avg for p, avg in self._unstepped.items()}
+            state_dict["param_groups"][0] = {**state_dict["param_groups"][0], PENDING_KEY: pending}
+        return state_dict
+
+    def _take_loaded_pending(self) -> None:
+        """Take the pending averages that a load without the engine's hooks left in ``param_groups[0]``."""
+        pending = self.optimizer.param_groups[0].pop(PENDING_KEY, None)
+        if pending:
+            params = self._flat_params()
+            self._restore_averages([(params[int(i)], avg) for i, avg in pending.items()])
+
+    def _restore_averages(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Put loaded averages in place, in fp32 on the average's device (a load casts and moves state)."""
+        offload = self.config.offload == "cpu"
+        for p, avg in pairs:
+            pinned = offload and local_shard(p).device.type == "cuda"
+            device = torch.device("cpu") if offload else local_shard(p).device
+            self._keep(p, _moved_average(avg, p, device, pinned, copy=True))
+        self._groups = None
+
     def _before_load(self, optimizer, state_dict: dict) -> dict:
-        """Set the fp32 averages aside before `load_state_dict` casts them to the parameter dtype."""
+        """Take the fp32 averages out of the state dict before `load_state_dict` casts them to the parameter
+        dtype, or shows the optimizer a state it did not create (Adam's ``__setstate__`` wants a ``step``)."""
         self.join()
         self._stashed = {}
         groups = state_dict.get("param_groups") or [{}]
@@ -453,26 +551,40 @@ class PmaEngine:
         # Map saved ids to live parameters the way `load_state_dict` does: in group order (the ids of a
         # state dict rebuilt by torch.distributed.checkpoint need not be 0..n-1 in that order).
         saved_ids = [i for group in state_dict.get("param_groups", []) for i in group.get("params", [])]
-        params = [p for group in optimizer.param_groups for p in group["params"]]
+        params = self._flat_params()
         id_map = dict(zip(saved_ids, params, strict=True))
+        state = {}
         for index, entry in state_dict.get("state", {}).items():
-            if isinstance(entry, dict) and AVG_KEY in entry and index in id_map:
-                self._stashed[index] = (id_map[index], entry[AVG_KEY])
-        return state_dict
+            if isinstance(entry, dict) and AVG_KEY in entry:
+                if index in id_map:
+                    self._stashed[index] = (id_map[index], entry[AVG_KEY])
+                entry = {key: value for key, value in entry.items() if key != AVG_KEY}
+                if not entry:  # a checkpoint of an older pmakit: the average alone, no optimizer state
+                    continue
+            state[index] = entry
+        pending = groups[0].get(PENDING_KEY) or {}
+        for position, avg in pending.items():
+            self._stashed[("pending", int(position))] = (params[int(position)], avg)
+        loaded = {**state_dict, "state": state}
+        if PENDING_KEY in groups[0]:
+            first = {key: value for key, value in groups[0].items() if key != PENDING_KEY}
+            loaded["param_groups"] = [first, *state_dict["param_groups"][1:]]
+        return loaded
 
     def _after_load(self, optimizer) -> None:
-        """Put the stashed fp32 averages back in place of the cast copies."""
-        offload = self.config.offload == "cpu"
-        for p, avg in self._stashed.values():
-            pinned = offload and local_shard(p).device.type == "cuda"
-            device = torch.device("cpu") if offload else local_shard(p).device
-            optimizer.state[p][AVG_KEY] = _moved_average(avg, p, device, pinned, copy=True)
+        """Put the stashed fp32 averages back: into the optimizer state where it has one, else beside it."""
+        self._unstepped = {}  # the load replaced the whole state
+        self._restore_averages(list(self._stashed.values()))
         self._stashed = {}
-        self._groups = None
         if COUNTERS_KEY in optimizer.param_groups[0]:
             self._reconcile_settings()
         if not self._loading_counters:  # a checkpoint written without PMA
             self.start_counting_at(_optimizer_steps(optimizer))
+
+
+def _has_optimizer_state(state: dict | None) -> bool:
+    """Whether the optimizer has created ``state`` (anything there besides the average)."""
+    return bool(state) and any(key != AVG_KEY for key in state)
 
 
 def _optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
