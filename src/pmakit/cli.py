@@ -172,7 +172,39 @@ def _add_sweep(sub) -> None:
     s.add_argument("--private", action="store_true", help="create the Hub repo private")
 
 
+@contextlib.contextmanager
+def _interrupt_once():
+    """The first SIGINT raises KeyboardInterrupt; after it SIGINT stays ignored, since the command is ending.
+
+    A second Ctrl-C must neither cut the clean-up (removing a scratch model) short nor land in the
+    interpreter's shutdown (torch's exit hooks), where it made the process die by the signal (-2)
+    instead of exiting with 130.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    interrupted = False
+
+    def interrupt(signum, frame):
+        nonlocal interrupted
+        interrupted = True
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield
+    finally:
+        if not interrupted:
+            signal.signal(signal.SIGINT, previous)
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
+    with _interrupt_once():
+        return _run_sweep(args)
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
     from .tools.sweep import parse_rule, sweep, text_loss_scorer
 
     for rule in args.rules:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pmakit.errors import InputError
 from pmakit.io.hub import HubDownloadError, HubPushError, download_model, push_folder_to_hub
 
 
@@ -187,3 +188,44 @@ def test_download_errors_are_clear(local_hub, hub_repo, tmp_path, monkeypatch):
     with pytest.raises(HubDownloadError, match="HTTP 503") as info:
         download_model("alice/run", token=local_hub.read_token, cache_dir=tmp_path / "c3")
     assert local_hub.read_token not in "".join(traceback.format_exception(info.value))
+
+
+@pytest.mark.parametrize("link", ["file", "folder", "relative"])
+def test_push_refuses_a_symlink_that_leaves_the_folder(local_hub, model_dir, tmp_path, monkeypatch, capsys, link):
+    from pmakit.cli import main
+
+    secret = tmp_path / "outside"
+    secret.mkdir()
+    (secret / "id_rsa").write_bytes(b"not for the Hub")
+    name, points_to = {
+        "file": ("extra.bin", secret / "id_rsa"),
+        "folder": ("more", secret),
+        "relative": ("sub/notes.txt", Path("../../outside/id_rsa")),
+    }[link]
+    (model_dir / name).parent.mkdir(exist_ok=True)
+    (model_dir / name).symlink_to(points_to)
+    with pytest.raises(InputError, match=rf"{name} is a symlink to {secret}.* outside the folder"):
+        push_folder_to_hub(model_dir, "alice/leak", token=local_hub.write_token)
+    monkeypatch.setenv("HF_TOKEN", local_hub.write_token)
+    assert main(["push", str(model_dir), "alice/leak"]) == 2
+    assert f"{name} is a symlink to {secret}" in capsys.readouterr().err
+    assert local_hub.calls("create_repo") == 0 and local_hub.calls("commit") == 0  # nothing was sent
+
+
+def test_a_symlink_inside_the_folder_is_uploaded_as_its_target_once(local_hub, model_dir, tmp_path):
+    (model_dir / "weights").mkdir()
+    (model_dir / "model.safetensors").rename(model_dir / "weights" / "model.safetensors")
+    (model_dir / "model.safetensors").symlink_to("weights/model.safetensors")
+    (model_dir / "alias").symlink_to("weights", target_is_directory=True)
+    push_folder_to_hub(model_dir, "alice/linked", token=local_hub.write_token)
+    files = local_hub.files("alice/linked")
+    weights = (model_dir / "weights" / "model.safetensors").read_bytes()
+    assert files["model.safetensors"] == files["weights/model.safetensors"] == weights  # bytes, not a link
+    assert not any(k.startswith("alias/") for k in files)  # a linked folder is not uploaded a second time
+    assert sorted(files) == sorted({".gitattributes", *_tree(model_dir)} - {"alias"})  # each path once
+    (tmp_path / "elsewhere.safetensors").write_bytes(b"x")
+    (model_dir / "weights" / "model.safetensors").unlink()  # the inside link now leads outside
+    (model_dir / "weights" / "model.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(InputError, match=r"model.safetensors is a symlink to .*elsewhere.safetensors, outside"):
+        push_folder_to_hub(model_dir, "alice/linked", token=local_hub.write_token)
+    assert len(local_hub.commits("alice/linked")) == 2  # the refused push sent no commit

@@ -102,6 +102,52 @@ def test_different_architectures(tmp_path):
         merge([a, b], tmp_path / "out")
 
 
+def _drop_architectures(folder):
+    config = json.loads((folder / "config.json").read_text())
+    del config["architectures"]
+    (folder / "config.json").write_text(json.dumps(config))
+    return config
+
+
+def test_a_missing_architectures_is_accepted_when_model_type_and_tensors_agree(tmp_path):
+    a, b, c = save_models(tmp_path, 3)
+    merge([a, b, c], tmp_path / "reference")
+    _drop_architectures(b)
+    with pytest.warns(UserWarning, match=rf"{b / 'config.json'} has no `architectures`; merging it as "):
+        merge([a, b, c], tmp_path / "out")
+    out, ref = read_folder(tmp_path / "out"), read_folder(tmp_path / "reference")
+    assert out.keys() == ref.keys() and all(torch.equal(out[k], ref[k]) for k in ref)  # the same merge, bitwise
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    _drop_architectures(c)  # the newest input (the donor of config) lacks it too: the others name it
+    with pytest.warns(UserWarning) as record:
+        merge([a, b, c], tmp_path / "out2")
+    named = sorted(str(w.message).split(" has no ")[0] for w in record if "no `architectures`" in str(w.message))
+    assert named == [str(b / "config.json"), str(c / "config.json")]  # one warning per file
+
+
+def test_a_missing_architectures_is_refused_when_model_type_or_tensors_disagree(tmp_path):
+    from safetensors.torch import save_file
+
+    a, b = save_models(tmp_path, 2)
+    config = _drop_architectures(b)
+    state = read_folder(b)
+    state["model.norm.weight"] = torch.ones(state["model.norm.weight"].numel() + 1)
+    save_file(state, b / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        MergeError, match=rf"different architectures: .*{b / 'config.json'} has no `architectures` and tensor "
+        r"'model\.norm\.weight' is \[\d+\] there but"
+    ):  # fmt: skip
+        merge([a, b], tmp_path / "out")
+    del state["model.norm.weight"]
+    save_file(state, b / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MergeError, match=r"has no `architectures` and tensor 'model\.norm\.weight' is only in .*m0"):
+        merge([a, b], tmp_path / "out")
+    (b / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
+    with pytest.raises(MergeError, match=r"different architectures: .*m1 is mistral \[\], .*m0 is llama"):
+        merge([a, b], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_nan_in_an_input_is_refused_unless_allowed(tmp_path):
     from safetensors.torch import save_file
 

@@ -1,4 +1,5 @@
-"""`WeightedAverageForLLama` with FusionBench's semantics: the base apart, weights for the others, config donor."""
+"""`WeightedAverageForLLama` with FusionBench's semantics: no base averages every model (the first gives the head,
+config and tokenizer); a named base stays apart."""
 
 from __future__ import annotations
 
@@ -49,33 +50,65 @@ def _fp32_close(value, folders, weights, name):
     return bool(((value.double() - expected).abs() <= bound + 1e-30).all())
 
 
-def test_the_documented_call_keeps_the_base_apart(tmp_path):
-    base, a, b = _tagged_models(tmp_path, 3)
-    merger = WeightedAverageForLLama(weights=[1, 1], backbone_only=True, merged_model_save_path=tmp_path / "soup")
-    model = merger.run([base, a, b])
-    out, base_state = read_folder(tmp_path / "soup"), read_folder(base)
+def _fusionbench_reference(folders, weights, normalize=True, backbone_only=True):
+    """FusionBench's algorithm in fp64: sum_i w_i x_i over every model (w normalised when asked); the tensors
+    outside the backbone are the first model's when there is no pre-trained model."""
+    states = [read_folder(f) for f in folders]
+    scale = sum(weights) if normalize else 1.0
+    merged = {k: sum(w / scale * s[k].double() for w, s in zip(weights, states, strict=True)) for k in states[0]}
+    if backbone_only:
+        merged.update({k: states[0][k].double() for k in BACKBONE})
+    return merged
+
+
+def test_the_documented_call_averages_every_model_and_keeps_the_first_head(tmp_path):
+    a, b = _tagged_models(tmp_path, 2)
+    merger = WeightedAverageForLLama(
+        weights=[0.4, 0.6], backbone_only=True, merged_model_save_path=tmp_path / "soup", accumulate_dtype="float64"
+    )
+    model = merger.run([a, b])
+    out, expected, first = read_folder(tmp_path / "soup"), _fusionbench_reference([a, b], [0.4, 0.6]), read_folder(a)
+    assert out.keys() == expected.keys()
     for name, value in out.items():
+        assert torch.equal(value, expected[name].float()), name  # fp64 accumulation: bitwise the fp64 reference
         if name in BACKBONE:
-            assert torch.equal(value, base_state[name]), name  # bitwise the base
-        else:  # the base is not averaged: the mean of a and b, within fp32 rounding
-            assert _fp32_close(value, [a, b], [1, 1], name), name
+            assert torch.equal(value, first[name]), name
     assert [s.label for s in merger.result.plan.sources] == [str(a), str(b)]
-    assert merger.result.plan.base.label == str(base)
-    assert _origins(tmp_path / "soup") == ["m0", "m0"]  # config and tokenizer from the base
+    assert merger.result.plan.weights == [0.4, 0.6]
+    assert _origins(tmp_path / "soup") == ["m0", "m0"]  # config and tokenizer from the first model
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, out["model.layers.0.mlp.up_proj.weight"])
 
 
-def test_weights_apply_to_the_models_other_than_the_base(tmp_path):
+def test_without_a_base_the_default_fp32_sum_is_within_rounding_of_fusionbench(tmp_path):
+    a, b, c = _tagged_models(tmp_path, 3)
+    merger = WeightedAverageForLLama(weights=[1, 2, 5], normalize=False, merged_model_save_path=tmp_path / "soup")
+    merger.run([a, b, c], load=False)
+    out, expected = read_folder(tmp_path / "soup"), _fusionbench_reference([a, b, c], [1, 2, 5], normalize=False)
+    states = [read_folder(f) for f in (a, b, c)]
+    for name, value in out.items():
+        if name in BACKBONE:
+            assert torch.equal(value, states[0][name]), name
+        else:  # an fp32 fold of 3 terms: within (n + 1) u sum_i |w_i x_i| of the fp64 reference
+            bound = 4 * 2.0**-24 * sum(w * s[name].double().abs() for w, s in zip([1, 2, 5], states, strict=True))
+            assert bool(((value.double() - expected[name]).abs() <= bound + 1e-30).all()), name
+    assert merger.result.plan.weights == [1, 2, 5]
+
+
+def test_weights_apply_to_the_models_other_than_a_named_base(tmp_path):
     base, a, b = _tagged_models(tmp_path, 3)
     merger = WeightedAverageForLLama(
-        weights=[1, 3], merged_model_save_path=tmp_path / "soup", accumulate_dtype="float64"
+        weights=[1, 3], base_model=base, merged_model_save_path=tmp_path / "soup", accumulate_dtype="float64"
     )
-    assert merger.run([base, a, b], load=False) is merger.result
-    out, expected = read_folder(tmp_path / "soup"), _closed_form([a, b], [1, 3])
+    assert merger.run([a, b], load=False) is merger.result
+    out, expected, base_state = read_folder(tmp_path / "soup"), _closed_form([a, b], [1, 3]), read_folder(base)
     for name, value in out.items():
-        if name not in BACKBONE:
+        if name in BACKBONE:
+            assert torch.equal(value, base_state[name]), name  # bitwise the base
+        else:
             assert torch.equal(value, expected[name].float()), name  # fp64 accumulation: bitwise
     assert merger.result.plan.weights == [0.25, 0.75]
+    assert merger.result.plan.base.label == str(base)
+    assert _origins(tmp_path / "soup") == ["m0", "m0"]  # config and tokenizer from the base
 
 
 def test_an_explicit_base_gives_config_and_every_model_is_averaged(tmp_path):
@@ -99,22 +132,20 @@ def test_without_a_base_config_and_tokenizer_come_from_the_first_model(tmp_path)
 
 
 def test_no_save_path_returns_the_loaded_model_and_keeps_nothing(tmp_path):
-    base, a, b = save_models(tmp_path, 3)
-    model = WeightedAverageForLLama().run([base, a, b])  # backbone_only by default: m0 is the base
+    a, b, c = save_models(tmp_path, 3)
+    model = WeightedAverageForLLama().run([a, b, c])  # backbone_only by default: every model averaged, a's head
     up = model.model.layers[1].mlp.up_proj.weight.detach()
-    assert _fp32_close(up, [a, b], [1, 1], "model.layers.1.mlp.up_proj.weight")
-    assert torch.equal(model.model.norm.weight, read_folder(base)["model.norm.weight"])
+    assert _fp32_close(up, [a, b, c], [1, 1, 1], "model.layers.1.mlp.up_proj.weight")
+    assert torch.equal(model.model.norm.weight, read_folder(a)["model.norm.weight"])
     assert not os.path.exists(model.name_or_path)  # the temporary folder is gone
 
 
-def test_weight_counts_are_checked_against_the_models_other_than_the_base(tmp_path):
+def test_weight_counts_are_checked_against_the_models(tmp_path):
     base, a = save_models(tmp_path, 2)
-    with pytest.raises(
-        MergeError, match=r"Got 2 weights for 1 models to average besides the base .*m0.* not averaged"
-    ):
-        WeightedAverageForLLama(weights=[1, 1], merged_model_save_path=tmp_path / "o").run([base, a])
-    with pytest.raises(MergeError, match=r"needs at least one model to average besides the base"):
-        WeightedAverageForLLama(merged_model_save_path=tmp_path / "o").run([base])
-    with pytest.raises(MergeError, match=r"Got 1 weights for 2 models to average; give one weight per averaged"):
-        WeightedAverageForLLama(weights=[1], backbone_only=False, merged_model_save_path=tmp_path / "o").run([base, a])
+    with pytest.raises(MergeError, match=r"Got 3 weights for 2 models to average; give one weight per model"):
+        WeightedAverageForLLama(weights=[1, 1, 1], merged_model_save_path=tmp_path / "o").run([base, a])
+    with pytest.raises(MergeError, match=r"Got 2 weights for 1 models to average \(besides the base .*m0.*\)"):
+        WeightedAverageForLLama(weights=[1, 1], base_model=base, merged_model_save_path=tmp_path / "o").run([a])
+    with pytest.raises(MergeError, match=r"needs at least one model to average"):
+        WeightedAverageForLLama(merged_model_save_path=tmp_path / "o").run([])
     assert not (tmp_path / "o").exists()

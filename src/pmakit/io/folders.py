@@ -125,6 +125,26 @@ def remove_stale_temporaries(folder: str | os.PathLike, accept: Callable[[str], 
     return removed
 
 
+@contextmanager
+def scratch_directory(name: str, parent: str | os.PathLike | None = None) -> Iterator[Path]:
+    """Yield a private work folder ``_<name>.<random>.tmp`` in ``parent`` (default: the temp dir), removed on exit.
+
+    It holds the same writer lock as `atomic_directory`'s temporaries, so the scratch of a process that
+    died (``kill -9``) is found and removed by the next one that asks for scratch of the same ``name``;
+    scratch that a live process holds is left alone.
+    """
+    parent = Path(parent if parent is not None else tempfile.gettempdir())
+    remove_stale_temporaries(parent, lambda found: found == name)
+    tmp, lock = _locked_temporary(parent / name, ".tmp")
+    try:
+        yield tmp
+    finally:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+        finally:  # even when an interrupt cuts the removal short: the next run then removes the rest
+            _release(lock)
+
+
 def _locked_temporary(target: Path, suffix: str) -> tuple[Path, int | None]:
     """A fresh ``_<name>.<random><suffix>`` sibling of ``target``, with its writer lock held."""
     tmp = Path(tempfile.mkdtemp(prefix=f"_{target.name}.", suffix=suffix, dir=target.parent))

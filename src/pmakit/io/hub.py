@@ -36,6 +36,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import get_token
 
+from ..errors import InputError
 from .hub_target import HubTarget
 
 
@@ -253,6 +254,7 @@ def push_folder_to_hub(
 
     Raises:
         ValueError: the repo id is malformed or the folder is empty.
+        InputError: a symlink in the folder points outside it (its target is named; nothing is sent).
         FileNotFoundError: ``folder`` is not a folder.
         HubPushError: the Hub refused or failed (after retries of transient errors). The local
             folder is kept; the message says where it is.
@@ -275,6 +277,7 @@ def push_folder_to_hub(
         raise FileNotFoundError(f"Cannot push {folder} to the Hub: it is not a folder.")
     if not any(p.is_file() for p in folder.rglob("*")):
         raise ValueError(f"Cannot push {folder} to the Hub: the folder is empty.")
+    _check_links_stay_inside(folder)
     try:
         info, repo = _upload(folder, target)
     except Exception as err:
@@ -282,6 +285,25 @@ def push_folder_to_hub(
     url = str(info.commit_url)
     logger.info("Pushed %s to %s: %s%s", folder, repo, url, f" (pull request {info.pr_url})" if info.pr_url else "")
     return url
+
+
+def _check_links_stay_inside(folder: Path) -> None:
+    """Refuse a symlink that leads out of ``folder``: the client would upload the outside file's bytes.
+
+    A link to a file inside the folder is fine (the client uploads the target's bytes under the link's
+    name). ``folder`` is already resolved, so a link is judged by where it really leads.
+    """
+    for root, dirs, files in os.walk(folder):
+        for name in [*dirs, *files]:
+            link = Path(root, name)
+            if not link.is_symlink():
+                continue
+            target = Path(os.path.realpath(link))
+            if not target.is_relative_to(folder):
+                raise InputError(
+                    f"Cannot push {folder} to the Hub: {link.relative_to(folder)} is a symlink to {target}, "
+                    "outside the folder; copy the file in (or remove the link) and push again."
+                )
 
 
 def _upload(folder: Path, target: HubTarget):

@@ -208,17 +208,51 @@ def choose_donor(sources: Sequence[ModelSource], base: ModelSource | None, donor
 
 
 def _check_architectures(sources: list[ModelSource], base: ModelSource | None, donor: ModelSource) -> None:
-    """Every input (and the base) has the donor's architecture; adapters are not mixed with full models."""
-    reference = _arch(donor)
-    for s in [*sources, *([base] if base is not None else [])]:
-        arch = _arch(s)
-        if s.config and donor.config and arch != reference:
-            raise MergeError(
-                f"Inputs have different architectures: {s.label} is {arch[0]} {list(arch[1])}, "
-                f"{donor.label} is {reference[0]} {list(reference[1])}."
-            )
+    """Every input (and the base) has the donor's architecture; adapters are not mixed with full models.
+
+    A config without ``architectures`` (some exporters drop it) is accepted, with a warning naming
+    its file, when its ``model_type`` matches and its tensors have the same names and shapes.
+    """
+    if donor.config:
+        listed = [donor, *sources, *([base] if base is not None else [])]
+        everyone = [s for i, s in enumerate(listed) if s.config and all(s is not t for t in listed[:i])]
+        reference = next((s for s in everyone if _arch(s)[1]), donor)  # one that names its architectures
+        for s in everyone:
+            if _arch(s) != _arch(reference):
+                _check_unnamed_architecture(s, reference)
     if len({s.is_adapter for s in sources}) > 1:
         raise MergeError("Cannot merge PEFT adapter folders with full model folders.")
+
+
+def _check_unnamed_architecture(source: ModelSource, reference: ModelSource) -> None:
+    """Accept ``source`` (warn) when only its ``architectures`` is missing and its tensors match, else refuse."""
+    arch, ref = _arch(source), _arch(reference)
+    differ = f"Inputs have different architectures: {source.label} is {arch[0]} {list(arch[1])}, "
+    differ += f"{reference.label} is {ref[0]} {list(ref[1])}"
+    if arch[1] or arch[0] != ref[0]:
+        raise MergeError(differ + ".")
+    config = source.path / ("adapter_config.json" if source.is_adapter else "config.json")
+    mismatch = _tensor_mismatch(source, reference)
+    if mismatch:
+        raise MergeError(f"{differ}: {config} has no `architectures` and {mismatch}.")
+    warnings.warn(
+        f"{config} has no `architectures`; merging it as {list(ref[1])} like {reference.label}, "
+        f"since its model_type ({arch[0]}) and its tensor names and shapes match.",
+        stacklevel=4,
+    )
+
+
+def _tensor_mismatch(source: ModelSource, reference: ModelSource) -> str | None:
+    """The first tensor (name or shape) in which ``source`` differs from ``reference``; the LM head's tying aside."""
+    mine = {n: i.shape for n, i in source.tensors.items() if n != LM_HEAD}
+    theirs = {n: i.shape for n, i in reference.tensors.items() if n != LM_HEAD}
+    for name in sorted(mine.keys() ^ theirs.keys()):
+        where = source.label if name in mine else reference.label
+        return f"tensor {name!r} is only in {where}"
+    for name in sorted(mine):
+        if tuple(mine[name]) != tuple(theirs[name]):
+            return f"tensor {name!r} is {list(mine[name])} there but {list(theirs[name])} in {reference.label}"
+    return None
 
 
 LM_HEAD = "lm_head.weight"

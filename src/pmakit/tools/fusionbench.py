@@ -1,10 +1,8 @@
 """A FusionBench-style merge class: ``WeightedAverageForLLama(...).run(models)``.
 
-Same arguments and semantics as FusionBench's ``WeightedAverageForLLama`` (weights, normalize,
-backbone_only, merged_model_save_path, save_tokenizer, push_to_hub; the base model apart and not
-averaged, config and tokenizer from the base else the first model), but streaming from disk instead
-of holding every model in memory, with backbone-only that takes effect, and a model card that
-reaches the Hub.
+The arguments of FusionBench's ``WeightedAverageForLLama`` (weights, normalize, backbone_only,
+merged_model_save_path, save_tokenizer, push_to_hub) with its semantics, but streaming from disk
+instead of holding every model in memory; see the class for exactly where the two differ.
 """
 
 from __future__ import annotations
@@ -23,13 +21,34 @@ __all__ = ["WeightedAverageForLLama"]
 class WeightedAverageForLLama:
     """Weighted average of causal LMs, optionally of the backbone only, with FusionBench's semantics.
 
-    The base model (FusionBench's ``_pretrained_``) is named apart and is not averaged: it is
-    ``base_model`` when given, else, with ``backbone_only``, the first model passed to :meth:`run`.
-    ``weights`` has one entry per averaged model (the models other than that base). With
-    ``backbone_only`` the base's embeddings, LM head and final norm are kept unchanged. Config,
-    generation config and tokenizer come from the base if there is one, else from the first model
-    (`merge` alone would take the newest). Without ``merged_model_save_path`` the merge goes to a
-    temporary folder and only the loaded model is returned.
+    Without ``base_model`` every model passed to :meth:`run` is averaged, one weight each; with
+    ``backbone_only`` the tensors outside the backbone (see below) are taken unchanged from the first
+    model, and config, generation config and tokenizer always come from the first model. This is
+    FusionBench's documented call (no pre-trained model in the pool; its config: "otherwise the head
+    of the first model will be used"), e.g. ``WeightedAverageForLLama(weights=[0.4, 0.6],
+    backbone_only=True).run([a, b])`` gives ``0.4 a + 0.6 b`` with ``a``'s head.
+
+    With ``base_model`` (FusionBench's ``_pretrained_``) the base is apart and not averaged:
+    ``weights`` has one entry per model of :meth:`run`, ``backbone_only`` keeps the base's tensors
+    outside the backbone, and config and tokenizer come from the base.
+
+    Where pmakit differs from FusionBench 0.2.33:
+
+    - Dtype of the sum: FusionBench multiplies and adds whole state dicts in the dtype the models
+      were loaded in (bf16 models sum in bf16). pmakit folds each tensor in float32
+      (``accumulate_dtype="float64"`` on request) and rounds once to the inputs' dtype.
+    - Streaming: FusionBench loads every model into memory; pmakit reads one tensor (or row slice)
+      at a time from the safetensors files, so memory does not grow with the number of models.
+    - Which tensors ``backbone_only`` keeps: those matching ``backbone_patterns`` (by default the
+      embeddings, LM head and final norm, i.e. everything outside the decoder layers of a Llama);
+      FusionBench's config calls that part "the head".
+    - Card: pmakit writes its own model card (the recipe, the weights, and the model the kept
+      tensors come from, the first model when there is no base) and pushes it with the folder;
+      FusionBench writes a card only when given its algorithm config.
+    - ``weights`` may be omitted (equal weights); FusionBench requires them.
+
+    Without ``merged_model_save_path`` the merge goes to a temporary folder and only the loaded
+    model is returned.
     """
 
     def __init__(
@@ -47,13 +66,15 @@ class WeightedAverageForLLama:
         """Keep the settings; nothing is read until :meth:`run`.
 
         Args:
-            weights: one weight per averaged model (default: equal weights).
+            weights: one weight per model of :meth:`run` (default: equal weights).
             normalize: divide the weights by their sum.
-            backbone_only: keep embeddings, LM head and final norm of the base model.
+            backbone_only: average only the backbone; the other tensors (embeddings, LM head, final
+                norm by default) come unchanged from ``base_model``, else from the first model.
             merged_model_save_path: the output folder (default: a temporary one, removed after loading).
             save_tokenizer: copy the tokenizer files.
             push_to_hub: a repo id, or ``True`` for the save path's folder name.
-            base_model: the base model; when not given and ``backbone_only``, the first model of :meth:`run`.
+            base_model: a base model kept apart (not averaged): the donor of config, tokenizer and, with
+                ``backbone_only``, of the tensors outside the backbone.
             **merge_kwargs: further settings of :func:`pmakit.merge` (``accumulate_dtype``, ``out_dtype``, ...).
         """
         self.weights = list(weights) if weights is not None else None
@@ -75,33 +96,22 @@ class WeightedAverageForLLama:
             raise MergeError("push_to_hub=True needs merged_model_save_path (its name is the repo id) or a repo id.")
         return os.path.basename(os.path.normpath(self.merged_model_save_path))
 
-    def _split_base(self, models: list) -> tuple[str | os.PathLike | None, list]:
-        """``(base, models to average)``: the base is named apart and never averaged."""
-        if self.base_model is not None:
-            return self.base_model, models
-        if self.backbone_only and models:
-            return models[0], models[1:]
-        return None, models
-
-    def _check_counts(self, base, averaged: list) -> None:
-        """One weight per averaged model, and at least one such model; messages say which model is the base."""
-        besides = ""
-        if base is not None:
-            implied = self.base_model is None
-            besides = f" besides the base {str(base)!r}" + (
-                " (with backbone_only and no base_model the first model is the base; it is not averaged)"
-                if implied
-                else ""
-            )
-        if not averaged:
-            raise MergeError(f"WeightedAverageForLLama.run needs at least one model to average{besides}.")
-        if self.weights is not None and len(self.weights) != len(averaged):
+    def _check_counts(self, models: list) -> None:
+        """At least one model, and one weight per model of `run` (the base, if any, is not among them)."""
+        if not models:
+            raise MergeError("WeightedAverageForLLama.run needs at least one model to average.")
+        if self.weights is not None and len(self.weights) != len(models):
+            besides = f" (besides the base {str(self.base_model)!r})" if self.base_model is not None else ""
             raise MergeError(
-                f"Got {len(self.weights)} weights for {len(averaged)} models to average{besides}; "
-                "give one weight per averaged model."
+                f"Got {len(self.weights)} weights for {len(models)} models to average{besides}; "
+                "give one weight per model."
             )
 
-    def _merge_settings(self, base, averaged: list) -> dict:
+    def _merge_settings(self, models: list) -> dict:
+        """`merge` settings: without a base, the first model gives config, tokenizer and the kept tensors."""
+        base = self.base_model
+        if base is None and self.backbone_only:
+            base = models[0]  # also averaged: it only donates the tensors outside the backbone
         settings = dict(
             weights=self.weights,
             normalize=self.normalize,
@@ -110,7 +120,7 @@ class WeightedAverageForLLama:
             save_tokenizer=self.save_tokenizer,
             push_to_hub=self._repo_id(),
         )
-        if base is None:  # FusionBench takes config and tokenizer from the first model; merge() from the newest
+        if self.base_model is None:  # FusionBench's donor is the first model; merge()'s the newest
             settings["config_source"] = "first"
         return {**settings, **self.merge_kwargs}
 
@@ -118,7 +128,8 @@ class WeightedAverageForLLama:
         """Merge ``models`` (folders or Hub ids, oldest first).
 
         Args:
-            models: the models; with ``backbone_only`` and no ``base_model`` the first is the base.
+            models: the models to average; without ``base_model`` the first gives config, tokenizer and,
+                with ``backbone_only``, the tensors outside the backbone.
             load: with a save path, ``False`` returns the :class:`MergeResult` instead of the loaded model.
 
         Returns:
@@ -128,9 +139,9 @@ class WeightedAverageForLLama:
         Raises:
             MergeError: no model to average, a weight count that does not match, or any merge error.
         """
-        base, averaged = self._split_base(list(models))
-        self._check_counts(base, averaged)
-        settings = self._merge_settings(base, averaged)
+        averaged = list(models)
+        self._check_counts(averaged)
+        settings = self._merge_settings(averaged)
         if self.merged_model_save_path is None:
             with tempfile.TemporaryDirectory(prefix="pmakit-wa-") as tmp:
                 self.result = merge(averaged, os.path.join(tmp, "merged"), **settings)

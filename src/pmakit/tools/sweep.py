@@ -9,6 +9,11 @@ and CSV) and a plot of score against window, one line per rule. The best candida
 Scores come from a user function ``score(folder) -> float``, from a Trainer's ``evaluate`` (`trainer_scorer`)
 or from the causal-LM loss on a held-out text file (`text_loss_scorer`, what ``pmakit sweep --text`` uses).
 Lower is better unless ``higher_is_better``.
+
+Everything that can be checked is checked before the first merge: the rules, windows, inputs and merge
+settings (each candidate is planned from the headers), the output folder, and the scorer (`text_loss_scorer`
+reads and tokenises its text then). The scratch folder holds the same writer lock as the merger's temporary
+folders, so scratch left by a killed sweep is removed by the next one; an interrupt removes it at once.
 """
 
 from __future__ import annotations
@@ -19,15 +24,15 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import averaging
 from ..errors import InputError
-from ..io.folders import atomic_directory
+from ..io.folders import atomic_directory, output_lock, scratch_directory
 from ..io.hub_target import HubTarget
 
 
@@ -35,6 +40,7 @@ __all__ = [
     "Candidate",
     "SweepResult",
     "SweepRow",
+    "TextLossScorer",
     "parse_rule",
     "sweep",
     "sweep_inputs",
@@ -159,14 +165,50 @@ def _candidates(rules: Sequence[str], windows: Sequence[int], n_inputs: int) -> 
     return [Candidate(r, w) for r in dict.fromkeys(rules) for w in sorted(set(windows))]
 
 
-def _merge_candidate(inputs: list[Path], candidate: Candidate, output: Path, alpha: float, options: dict):
-    from ..merging import merge
-
-    window = inputs[-candidate.window :]
+def _candidate_settings(candidate: Candidate, alpha: float, options: dict) -> dict:
+    """The `pmakit.merge` settings of one candidate: the sweep's merge options and the candidate's rule."""
     kwargs = {**options, **parse_rule(candidate.rule)}
     if kwargs["algo"] in ("ema", "ema_corrected"):
         kwargs["alpha"] = alpha
-    return merge(window, output, overwrite=True, progress=False, **kwargs)
+    return kwargs
+
+
+def _merge_candidate(inputs: list[Path], candidate: Candidate, output: Path, alpha: float, options: dict):
+    from ..merging import merge
+
+    settings = _candidate_settings(candidate, alpha, options)
+    return merge(inputs[-candidate.window :], output, overwrite=True, progress=False, **settings)
+
+
+def _plan_candidates(inputs: list[Path], candidates: list[Candidate], alpha: float, options: dict) -> list:
+    """Plan every candidate from the headers: a bad setting or input fails before the first merge."""
+    from ..merging import plan_merge
+
+    return [plan_merge(inputs[-c.window :], **_candidate_settings(c, alpha, options)) for c in candidates]
+
+
+def _check_output_dir(out: Path, save_best: bool, overwrite: bool) -> None:
+    """``out`` can hold the reports and ``best/``: checked before the first merge, not after the last score."""
+    existing = next(p for p in [out.absolute(), *out.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        named = "" if existing == out.absolute() else f" ({existing} is a file)"
+        raise InputError(f"Sweep output {out} is not a folder{named}; give a folder for the reports and best/.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"Sweep output {out}: cannot write in {existing}.")
+    best = out / "best"
+    if save_best and best.exists() and not best.is_dir():
+        raise InputError(f"{best} exists and is not a folder; remove it or choose another output folder.")
+    if save_best and not overwrite and best.is_dir() and any(best.iterdir()):
+        raise InputError(f"{best} already exists; pass overwrite=True to replace it.")
+
+
+def _check_scorer(score: Scorer, first_donor: Path) -> None:
+    """A callable scorer; one with a ``check(folder)`` method checks itself against the first merge's files."""
+    if not callable(score):
+        raise InputError(f"`score` must be a function score(folder) -> float, got {type(score).__name__}.")
+    check = getattr(score, "check", None)
+    if callable(check):
+        check(first_donor)
 
 
 def _score_candidate(inputs, candidate, scratch: Path, score: Scorer, alpha: float, options: dict) -> SweepRow:
@@ -309,24 +351,30 @@ def sweep(
         A `SweepResult`.
 
     Raises:
-        InputError: bad rules, windows or inputs (checked before any merge), or no finite score.
+        InputError: bad rules, windows, inputs, merge settings, output folder or scorer input (all checked
+            before the first merge), or no finite score.
+        OutputBusyError: another sweep (or merge) is writing ``output_dir``.
     """
     folders = sweep_inputs(inputs, source)
     candidates = _candidates(rules, list(windows), len(folders))
     target = _hub_target(push_to_hub, private, token, output_dir, save_best)
     out = Path(output_dir) if output_dir is not None else None
-    if out is not None and save_best and not overwrite and (out / "best").exists() and any((out / "best").iterdir()):
-        raise InputError(f"{out / 'best'} already exists; pass overwrite=True to replace it.")
+    if out is not None:
+        _check_output_dir(out, save_best, overwrite)
     options = dict(merge_options or {})
-    scratch = Path(tempfile.mkdtemp(prefix="pmakit-sweep-"))
-    try:
+    plans = _plan_candidates(folders, candidates, alpha, options)
+    _check_scorer(score, plans[0].donor.path)
+    with output_lock(out) if out is not None else nullcontext(), scratch_directory("pmakit-sweep") as scratch:
         rows = [_score_candidate(folders, c, scratch, score, alpha, options) for c in candidates]
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    result = SweepResult(rows=rows, best=_best(rows, higher_is_better), higher_is_better=higher_is_better)
-    result.markdown = _markdown(rows, result.best, metric)
-    if out is None:
-        return result
+        result = SweepResult(rows=rows, best=_best(rows, higher_is_better), higher_is_better=higher_is_better)
+        result.markdown = _markdown(rows, result.best, metric)
+        if out is not None:
+            _finish(result, folders, out, alpha, options, metric, overwrite, save_best, target)
+    return result
+
+
+def _finish(result: SweepResult, folders, out: Path, alpha, options, metric, overwrite, save_best, target) -> None:
+    """Write the table and plot, merge the best again into ``out/best`` and push it when asked."""
     _write_reports(result, out, metric)
     if save_best:
         result.best_folder = _save_best(result, folders, out, alpha, options, metric, overwrite)
@@ -334,7 +382,6 @@ def sweep(
         from ..io.hub import push_folder_to_hub
 
         result.commit_url = push_folder_to_hub(result.best_folder, target)
-    return result
 
 
 def _hub_target(push_to_hub, private: bool, token, output_dir, save_best: bool) -> HubTarget | None:
@@ -411,8 +458,26 @@ def trainer_scorer(trainer, metric: str = "eval_loss") -> Scorer:
     return score
 
 
-def _token_blocks(text_file: Path, tokenizer, max_length: int) -> list[list[int]]:
-    text = text_file.read_text(encoding="utf-8")
+def _read_held_out(path: Path) -> str:
+    """The held-out text: an existing, non-empty UTF-8 text file (a binary file is refused by name)."""
+    if not path.is_file():
+        raise InputError(f"Held-out text file {path} does not exist.")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(
+            f"Held-out text file {path} is not UTF-8 text (byte {e.start}: {data[e.start : e.start + 1]!r}); "
+            "give a UTF-8 text file."
+        ) from None
+    if "\x00" in text:
+        raise InputError(f"Held-out text file {path} holds NUL bytes (offset {text.index(chr(0))}): it is binary.")
+    if not text.strip():
+        raise InputError(f"Held-out text file {path} is empty: nothing to score.")
+    return text
+
+
+def _token_blocks(text: str, text_file: Path, tokenizer, max_length: int) -> list[list[int]]:
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     blocks = [ids[i : i + max_length] for i in range(0, len(ids), max_length)]
     blocks = [b for b in blocks if len(b) >= 2]
@@ -441,6 +506,78 @@ def causal_lm_nats(model, blocks: list[list[int]], batch_size: int) -> tuple[flo
     return total, count
 
 
+class TextLossScorer:
+    """``score(folder)``: the causal-LM loss of a merged folder on a held-out text; see `text_loss_scorer`."""
+
+    def __init__(self, text_file, tokenizer, *, batch_size: int, max_length: int, per: str, device) -> None:
+        if per not in ("token", "byte"):
+            raise InputError(f"`per` must be token or byte, got {per!r}.")
+        if not all(isinstance(n, int) and not isinstance(n, bool) for n in (batch_size, max_length)):
+            raise InputError(f"batch_size and max_length must be integers, got {batch_size!r} and {max_length!r}.")
+        if batch_size < 1 or max_length < 2:
+            raise InputError(f"Need batch_size >= 1 and max_length >= 2, got {batch_size} and {max_length}.")
+        self.path = Path(text_file)
+        self.text = _read_held_out(self.path)
+        self.tokenizer, self.batch_size, self.max_length, self.per = tokenizer, batch_size, max_length, per
+        self.device = _checked_device(device)
+        self.blocks: list[list[int]] | None = None
+        self.bytes = 0
+
+    def check(self, folder: str | os.PathLike) -> None:
+        """Tokenise the text with the tokenizer (given, else ``folder``'s) and ``folder``'s position limit.
+
+        `sweep` calls this before the first merge with the folder whose config and tokenizer the merges
+        copy, so a text that gives no block fails at once.
+        """
+        from transformers import AutoConfig, AutoTokenizer
+
+        tok = self.tokenizer
+        if tok is None or isinstance(tok, (str, os.PathLike)):
+            source = tok if tok is not None else folder
+            try:
+                tok = AutoTokenizer.from_pretrained(source)
+            except (OSError, ValueError) as e:
+                raise InputError(
+                    f"Cannot load a tokenizer from {source} ({' '.join(str(e).split())[:200]}); "
+                    "pass the tokenizer (--tokenizer)."
+                ) from e
+        positions = getattr(AutoConfig.from_pretrained(folder), "max_position_embeddings", None)
+        self.blocks = _token_blocks(self.text, self.path, tok, min(self.max_length, positions or self.max_length))
+        self.bytes = sum(len(tok.decode(b[1:]).encode("utf-8")) for b in self.blocks)
+
+    def __call__(self, folder: Path) -> float:
+        from transformers import AutoModelForCausalLM
+
+        if self.blocks is None:
+            self.check(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder).float().eval()
+        if self.device is not None:
+            model.to(self.device)
+        rows, top = model.get_input_embeddings().num_embeddings, max(max(b) for b in self.blocks)
+        if top >= rows:
+            raise InputError(
+                f"The tokenizer gives token id {top}, but the model in {folder} embeds only {rows} ids: "
+                "the tokenizer does not belong to this model."
+            )
+        total, count = causal_lm_nats(model, self.blocks, self.batch_size)
+        return total / (count if self.per == "token" else self.bytes)
+
+
+def _checked_device(device: str | None) -> str | None:
+    """``device`` if torch knows it and it is present here (a CUDA device needs CUDA)."""
+    if device is None:
+        return None
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"Unknown torch device {device!r}: {e}.") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"Device {device!r}: CUDA is not available on this machine.")
+    return device
+
+
 def text_loss_scorer(
     text_file: str | os.PathLike,
     tokenizer=None,
@@ -449,13 +586,14 @@ def text_loss_scorer(
     max_length: int = 512,
     per: str = "token",
     device: str | None = None,
-) -> Scorer:
+) -> TextLossScorer:
     """A scorer: the causal-LM loss of a merged folder on a held-out UTF-8 text file (nats per token or byte).
 
     The text is split into blocks of ``max_length`` tokens, at most the model's ``max_position_embeddings``
     (each block's first token is context only).
     ``per="byte"`` divides the summed loss by the UTF-8 bytes of the predicted tokens, which compares
-    tokenizers. The text is tokenised once, at the first call.
+    tokenizers. The file and the options are checked here; the text is tokenised once, by ``check(folder)``
+    (which `sweep` calls before its first merge) or at the first call.
 
     Args:
         text_file: The held-out UTF-8 text.
@@ -469,42 +607,6 @@ def text_loss_scorer(
         ``score(folder) -> float``: the mean loss in nats for `sweep`.
 
     Raises:
-        InputError: a missing or empty text file, or a bad option.
+        InputError: a missing, empty, binary or non-UTF-8 text file, or a bad option.
     """
-    path = Path(text_file)
-    if not path.is_file():
-        raise InputError(f"Held-out text file {path} does not exist.")
-    if per not in ("token", "byte"):
-        raise InputError(f"`per` must be token or byte, got {per!r}.")
-    if batch_size < 1 or max_length < 2:
-        raise InputError(f"Need batch_size >= 1 and max_length >= 2, got {batch_size} and {max_length}.")
-    state: dict = {"tokenizer": tokenizer}
-
-    def prepare(folder: Path) -> None:
-        from transformers import AutoConfig, AutoTokenizer
-
-        tok = state["tokenizer"]
-        if tok is None or isinstance(tok, (str, os.PathLike)):
-            tok = AutoTokenizer.from_pretrained(tok if tok is not None else folder)
-        positions = getattr(AutoConfig.from_pretrained(folder), "max_position_embeddings", None)
-        state["blocks"] = _token_blocks(path, tok, min(max_length, positions or max_length))
-        state["bytes"] = sum(len(tok.decode(b[1:]).encode("utf-8")) for b in state["blocks"])
-
-    def score(folder: Path) -> float:
-        from transformers import AutoModelForCausalLM
-
-        if "blocks" not in state:
-            prepare(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder).float().eval()
-        if device is not None:
-            model.to(device)
-        rows, top = model.get_input_embeddings().num_embeddings, max(max(b) for b in state["blocks"])
-        if top >= rows:
-            raise InputError(
-                f"The tokenizer gives token id {top}, but the model in {folder} embeds only {rows} ids: "
-                "the tokenizer does not belong to this model."
-            )
-        total, count = causal_lm_nats(model, state["blocks"], batch_size)
-        return total / (count if per == "token" else state["bytes"])
-
-    return score
+    return TextLossScorer(text_file, tokenizer, batch_size=batch_size, max_length=max_length, per=per, device=device)
