@@ -51,8 +51,10 @@ $(VENV)/.deepspeed: $(STAMP)
 		a().create_op_builder('ShareMemCommBuilder').load()"
 	touch $(VENV)/.deepspeed
 
+# --timeout above the tests' own (400-500 s for a torchrun, then 60 s to stop it): pytest-timeout's 300 s
+# default fired first on a loaded machine and left the torchrun workers running, orphaned.
 test-deepspeed: $(VENV)/.deepspeed
-	$(DS_ENV) $(PY) -m pytest -q -p no:cacheprovider tests/distributed/test_deepspeed.py \
+	$(DS_ENV) $(PY) -m pytest -q -p no:cacheprovider --timeout=900 tests/distributed/test_deepspeed.py \
 		tests/distributed/test_zero_merge.py tests/distributed/test_trainer_backends.py -k "deepspeed or zero" \
 		$(PYTEST_ARGS)
 

@@ -88,10 +88,13 @@ def option_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _version() -> str:
-    """The package's version: what pyproject gives the distribution (``importlib.metadata`` costs 20 ms more)."""
-    from . import __version__
+    """The installed distribution's version (pyproject reads it from ``pmakit.__version__``)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return __version__
+    try:
+        return version("pmakit")
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
