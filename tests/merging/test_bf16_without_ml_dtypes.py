@@ -68,3 +68,23 @@ def test_bf16_merge_is_bitwise_and_imports_no_ml_dtypes(tmp_path, flags, weights
             expected = (x[0] + x[1] + x[2]) * torch.tensor(1 / 3, dtype=torch.float32)
         assert merged[name].dtype == torch.bfloat16
         assert torch.equal(merged[name].view(torch.int16), expected.to(torch.bfloat16).view(torch.int16)), name
+
+
+def test_fp64_values_round_once_to_bf16():
+    """fp64 accumulators: just above or below a bf16 tie, rounding through fp32 first would land on the tie."""
+    import ml_dtypes
+    import numpy as np
+
+    from pmakit.merging.convert import store_bf16
+
+    rng = np.random.default_rng(3)
+    low = (rng.standard_normal(20000).astype(np.float32).view(np.uint32) & 0xFFFF0000).view(np.float32)
+    high = (low.view(np.uint32) + 0x10000).view(np.float32)  # the next bf16 away from zero
+    tie = (low.astype(np.float64) + high.astype(np.float64)) / 2
+    nudge = np.abs(tie) * 2.0**-40 * rng.choice([-1.0, 1.0], tie.size)
+    values = np.concatenate([tie + nudge, tie, [np.nan, -np.inf, 1e300, 1e-300, 0.0]])
+    expected = values.astype(ml_dtypes.bfloat16).view(np.uint16)  # ml_dtypes: one rounding from fp64
+    twice = values.astype(np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
+    assert (twice != expected).sum() > 1000  # the inputs do tell one rounding from two
+    got = store_bf16(values.copy(), np.empty(values.size, np.uint16))
+    np.testing.assert_array_equal(got, expected)

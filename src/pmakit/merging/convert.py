@@ -156,7 +156,8 @@ def narrow_to_odd(values: np.ndarray) -> np.ndarray:
     (bf16 keeps 8 of fp32's 24) equals one rounding from fp64; plain fp32 rounding first would
     round twice and differ at ties.
     """
-    narrow = values.astype(np.float32)
+    with np.errstate(over="ignore"):  # beyond fp32's range is Inf, as in bf16: the fold reports it by name
+        narrow = values.astype(np.float32)
     bits = narrow.view(np.uint32)
     fix = (narrow != values) & ((bits & 1) == 0) & ~np.isnan(values)  # inexact and even: take the other one
     away = np.abs(narrow, dtype=np.float64) > np.abs(values)  # the even one lies beyond the value
