@@ -178,6 +178,25 @@ def export_rows(export: dict | None) -> list[Row]:
     ]
 
 
+def startup_rows(startup: dict | None) -> list[Row]:
+    """`pmakit --version` and `pmakit average --help`: what every command pays before any work."""
+    if startup is None:
+        return [("start-up, pmakit --version", "not measured", "<= 0.25 s", "-", "-", "-")]
+    env, goal = startup["env"], startup["goal_seconds"]
+    where = f"{env['cores']} cores, load {env['load_average']:.1f}; ml_dtypes {env['ml_dtypes']}"
+    return [
+        (
+            f"start-up, {r['command']} (median of {r['runs']})",
+            f"{r['seconds']:.3f} s wall ({r['cpu']:.3f} s CPU)",
+            f"<= {goal} s",
+            where,
+            _met(r["seconds"] <= goal),
+            "startup.json",
+        )
+        for r in startup["rows"]
+    ]
+
+
 def build_table(folder: Path) -> str:
     recorded = load("recorded.json", folder) or {}
     rows = [
@@ -185,6 +204,7 @@ def build_table(folder: Path) -> str:
         *update_rows(load("update_gpu.json", folder), recorded),
         *overhead_rows(folder),
         *export_rows(load("export.json", folder)),
+        *startup_rows(load("startup.json", folder)),
     ]
     lines = [
         "# Performance summary",

@@ -63,3 +63,21 @@ def test_missing_results_say_not_measured(tmp_path):
     table = _table_module().build_table(tmp_path)
     assert "offline merge / bound | not measured" in table
     assert "export pma-<step> / bound | not measured" in table
+
+
+def test_startup_rows_stand_beside_their_goal(tmp_path):
+    env = {"cores": 2, "load_average": 0.5, "ml_dtypes": "0.7.0"}
+    rows = [
+        {"command": "pmakit --version", "seconds": 0.12, "cpu": 0.1, "runs": 10},
+        {"command": "pmakit average --help", "seconds": 0.31, "cpu": 0.3, "runs": 10},
+    ]
+    _write(tmp_path, "startup.json", {"goal_seconds": 0.25, "env": env, "rows": rows})
+    table = _table_module().build_table(tmp_path)
+    assert "| start-up, pmakit --version (median of 10) | 0.120 s wall (0.100 s CPU) | <= 0.25 s |" in table
+    assert "pmakit average --help (median of 10) | 0.310 s wall (0.300 s CPU) | <= 0.25 s |" in table
+    assert "2 cores, load 0.5; ml_dtypes 0.7.0 | yes | startup.json" in table
+    assert "2 cores, load 0.5; ml_dtypes 0.7.0 | **no** | startup.json" in table
+
+
+def test_missing_startup_says_not_measured(tmp_path):
+    assert "start-up, pmakit --version | not measured | <= 0.25 s" in _table_module().build_table(tmp_path)

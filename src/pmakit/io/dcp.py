@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from .safetensors import DTYPES, Piece, TensorInfo
+from .safetensors import DTYPES, ITEMSIZES, Piece, TensorInfo
 from .torch_pickle import MetadataIndex, Record, TensorRef, TorchArchive, TorchDtype, read_pickle
 
 
@@ -120,7 +120,7 @@ class DcpCheckpoint:
             position += p.count
         if position != numel:
             raise InputError(f"The chunks of tensor {fqn!r} in {self.folder} cover {position} of {numel} elements.")
-        itemsize = DTYPES[tensor.dtype].itemsize
+        itemsize = ITEMSIZES[tensor.dtype]
         if not pieces:  # an empty tensor
             return TensorInfo(name, tensor.dtype, tensor.shape, self.folder / METADATA_FILE, 0, 0)
         return TensorInfo(

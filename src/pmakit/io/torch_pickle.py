@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from .safetensors import DTYPES, TensorInfo
+from .safetensors import DTYPES, ITEMSIZES, TensorInfo
 
 
 __all__ = [
@@ -385,7 +385,7 @@ class TorchArchive:
         if ref.storage.key not in self.records:
             raise InputError(f"Tensor {name!r} in {self.label} refers to a missing storage {ref.storage.key!r}.")
         begin, length = self.records[ref.storage.key]
-        itemsize = DTYPES[ref.dtype].itemsize
+        itemsize = ITEMSIZES[ref.dtype]
         nbytes = ref.numel * itemsize
         if ref.offset < 0 or any(d < 0 for d in ref.shape) or (ref.offset * itemsize + nbytes > length):
             raise InputError(

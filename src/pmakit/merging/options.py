@@ -30,10 +30,9 @@ from typing import Any
 
 from ..averaging import ALGORITHMS, AveragingRule
 from ..errors import InputError, MergeError
+from ..io.dtype_names import canonical_dtype, parse_size
 from ..io.hub_target import HubTarget, check_repo_id
-from ..io.safetensors import canonical_dtype, parse_size
 from .sources import KINDS
-from .stream import DEFAULT_BLOCK_ELEMENTS
 
 
 __all__ = ["CONFIG_SOURCES", "MergeOptions", "option_fields", "recipe_fields"]
@@ -41,6 +40,9 @@ __all__ = ["CONFIG_SOURCES", "MergeOptions", "option_fields", "recipe_fields"]
 CONFIG_SOURCES: tuple[str, ...] = ("base", "first", "newest")
 READERS: tuple[str, ...] = ("mmap", "pread")
 ACCUMULATE_DTYPES: tuple[str, ...] = ("float32", "float64")
+# The fold's block: 1 MiB of fp32 accumulator stays in cache while the inputs stream by. Declared here, not
+# in `stream`, so that the options (and the command line's parser) load without numpy.
+DEFAULT_BLOCK_ELEMENTS = 1 << 18
 
 
 def _opt(default: Any, help: str, **meta: Any) -> Any:

@@ -22,8 +22,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..io.safetensors import DTYPES, FLOAT_DTYPES, TensorInfo
+from ..io.safetensors import FLOAT_DTYPES, TensorInfo, storage_dtype
 from .checkpoints import read_checkpoint_tensors
+from .convert import widen_bf16_bits
 
 
 __all__ = [
@@ -83,12 +84,14 @@ def chunk_stats(values: np.ndarray) -> tuple[int, float, float]:
 
 def _stored_scope(maps: Mapping[Path, mmap.mmap], info: TensorInfo) -> Scope:
     """One tensor's scope, chunk by chunk, across the files its pieces lie in (sharded checkpoints)."""
-    dtype = DTYPES[info.dtype]
+    dtype = storage_dtype(info.dtype)
     stats = (0, 0.0, 0.0)
     for start in range(0, info.numel, CHUNK_ELEMENTS):
         end = min(info.numel, start + CHUNK_ELEMENTS)
         for file, byte, lo, hi in info.spans(start, end):
             chunk = np.frombuffer(maps[file], dtype, hi - lo, byte)
+            if info.dtype == "BF16":  # bit patterns: widened exactly, no ml_dtypes import
+                chunk = widen_bf16_bits(chunk, np.empty(chunk.size, np.float32))
             stats = welford_merge(stats, chunk_stats(chunk))
             del chunk
     n, mean, m2 = stats

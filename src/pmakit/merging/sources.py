@@ -14,10 +14,13 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import MergeError
-from ..io.safetensors import TensorInfo
-from .checkpoints import read_checkpoint_tensors
+
+
+if TYPE_CHECKING:
+    from ..io.safetensors import TensorInfo
 
 
 __all__ = [
@@ -76,6 +79,8 @@ class ModelSource:
     def load(self, allow_pickle: bool = False, scratch: Path | None = None) -> ModelSource:
         """Locate every tensor (safetensors, DCP or pickled ``.bin``; ``state="pma"``: the stored PMA
         average) and read ``config.json``. ``scratch`` is unused: nothing is converted any more."""
+        from .checkpoints import read_checkpoint_tensors  # numpy: not needed to build the command line's parser
+
         self.files, self.tensors = read_checkpoint_tensors(self.path, state=self.state, allow_pickle=allow_pickle)
         self.is_adapter = any(f.name.startswith("adapter_model") for f in self.files)
         config = self.path / ("adapter_config.json" if self.is_adapter else "config.json")

@@ -24,15 +24,15 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MergeError
-from ..io.safetensors import DTYPES, ShardWriter, read_into
+from ..io.safetensors import ITEMSIZES, ShardWriter, read_into, storage_dtype
 from . import convert
+from .options import DEFAULT_BLOCK_ELEMENTS
 from .plan import MergePlan, PlannedTensor
 
 
 __all__ = ["DEFAULT_BLOCK_ELEMENTS", "default_threads", "run_fold"]
 
 _RELEASE_MARGIN = 1 << 20
-DEFAULT_BLOCK_ELEMENTS = 1 << 18  # 1 MiB of fp32 accumulator: stays in cache while the inputs stream by
 
 
 def default_threads() -> int:
@@ -83,7 +83,7 @@ class _Fold:
 
     def _read(self, info, e0: int, e1: int, key: str = "in") -> np.ndarray:
         spans = info.spans(e0, e1)
-        dtype = DTYPES[info.dtype]
+        dtype = storage_dtype(info.dtype)
         if len(spans) == 1:
             file, start, _, _ = spans[0]
             if self.maps is not None:  # zero-copy view of the page cache; released by _release
@@ -101,6 +101,15 @@ class _Fold:
                 read_into(self.fds[file], memoryview(part), start, file)
         return raw.view(dtype)
 
+    def _float(self, x: np.ndarray, code: str, key: str) -> np.ndarray:
+        """``x`` as numbers numpy computes with: bf16 bit patterns are widened (exactly) into fp32."""
+        if code != "BF16":
+            return x
+        return convert.widen_bf16_bits(x, self.buffers.get(f"{key}_f32", x.size * 4).view(np.float32))
+
+    def _read_float(self, info, e0: int, e1: int, key: str = "in") -> np.ndarray:
+        return self._float(self._read(info, e0, e1, key), info.dtype, key)
+
     def _release(self, t: PlannedTensor, e0: int, e1: int) -> None:
         """Unmap the block's pages from this process (they stay in the page cache), so RSS stays bounded."""
         for info in t.inputs:
@@ -111,7 +120,7 @@ class _Fold:
             return
         # The kernel maps pages around each fault ("fault-around"), also just before and after the
         # block; a margin on both sides unmaps those too (a neighbour in use simply faults them back).
-        size = DTYPES[info.dtype].itemsize
+        size = ITEMSIZES[info.dtype]
         for file, start, lo, hi in info.spans(e0, e1):
             begin = max(0, start - _RELEASE_MARGIN) // mmap.PAGESIZE * mmap.PAGESIZE
             end = min(len(self.maps[file]), start + (hi - lo) * size + _RELEASE_MARGIN)
@@ -130,11 +139,17 @@ class _Fold:
             return True
         return bool(np.isfinite(self._as_acc(values, "probe_acc")).all())
 
+    def _stored_finite(self, x: np.ndarray, code: str) -> bool:
+        """All finite, for ``x`` as read or written (bf16: bit patterns, checked without widening them)."""
+        if code == "BF16":
+            return convert.bf16_bits_finite(x, self.buffers.get("probe_bits", x.nbytes).view(np.uint16))
+        return self._finite(x)
+
     def _check_finite(self, t: PlannedTensor, values: np.ndarray, e0: int, e1: int) -> None:
         if self.allow_nonfinite or self._finite(values):
             return
         for info in t.inputs:
-            x = self._as_acc(self._read(info, e0, e1, "probe"), "probe_acc")
+            x = self._as_acc(self._read_float(info, e0, e1, "probe"), "probe_acc")
             if not np.isfinite(x).all():
                 raise MergeError(
                     f"Tensor {t.out.name!r} holds NaN or Inf in {info.file}; "
@@ -147,7 +162,8 @@ class _Fold:
 
     def _check_cast(self, t: PlannedTensor, values: np.ndarray, out: np.ndarray) -> None:
         """A narrower output dtype (float16 over 7e4, an extrapolating merge) must not turn finite values into Inf."""
-        if self.allow_nonfinite or out.dtype.itemsize >= values.dtype.itemsize or self._finite(out):
+        narrower = out.dtype.itemsize < values.dtype.itemsize
+        if self.allow_nonfinite or not narrower or self._stored_finite(out, t.out.dtype):
             return
         raise MergeError(
             f"Tensor {t.out.name!r} overflows {t.out.dtype} when written: its merged values exceed the largest "
@@ -156,12 +172,16 @@ class _Fold:
 
     def _write(self, t: PlannedTensor, e0: int, values: np.ndarray, scale=None) -> None:
         """Write ``values`` (times ``scale``, computed in the accumulator dtype) in the output dtype."""
-        out_dtype = DTYPES[t.out.dtype]
+        out_dtype = storage_dtype(t.out.dtype)
         out = values
         if values.dtype != out_dtype:
             out = self.buffers.get("out", values.size * out_dtype.itemsize).view(out_dtype)
         with np.errstate(over="ignore"):  # an overflow is reported by name just below
-            stored = convert.store(values, out, scale)
+            if t.out.dtype == "BF16" and out is not values:
+                scratch = self.buffers.get("round", values.size * 4).view(np.uint32)
+                stored = convert.store_bf16(values, out, scale, scratch)
+            else:
+                stored = convert.store(values, out, scale)
         if stored is not values:
             self._check_cast(t, values, stored)
         self.writer.write(t.out, e0, stored)
@@ -187,17 +207,17 @@ class _Fold:
 
     def _sum_inputs(self, t: PlannedTensor, e0: int, e1: int, acc: np.ndarray) -> None:
         """Equal weights: add the inputs (the first two in one pass); the one scale is applied on writing."""
-        first = self._read(t.inputs[0], e0, e1)
+        first = self._read_float(t.inputs[0], e0, e1)
         if len(t.inputs) == 1:
             np.copyto(acc, first, casting="unsafe")
             return
-        second = self._read(t.inputs[1], e0, e1, "second")  # its own buffer: "in" still holds the first (pread)
+        second = self._read_float(t.inputs[1], e0, e1, "second")  # its own buffer: "in" still holds the first (pread)
         convert.sum_into(acc, first, second)
         del first, second
         self._release_one(t.inputs[0], e0, e1)
         self._release_one(t.inputs[1], e0, e1)
         for info in t.inputs[2:]:
-            convert.add_into(acc, self._read(info, e0, e1))
+            convert.add_into(acc, self._read_float(info, e0, e1))
             self._release_one(info, e0, e1)  # one input's block mapped at a time
 
     def _weighted_sum_inputs(self, t: PlannedTensor, e0: int, e1: int, acc: np.ndarray) -> None:
@@ -205,20 +225,20 @@ class _Fold:
         dt = self.acc_dtype
         for k, (info, w) in enumerate(zip(t.inputs, self.weights, strict=True)):
             if k == 0:
-                np.multiply(self._read(info, e0, e1), w, out=acc, dtype=dt, casting="unsafe")
+                np.multiply(self._read_float(info, e0, e1), w, out=acc, dtype=dt, casting="unsafe")
             else:
-                convert.add_into(acc, self._read(info, e0, e1), w, self.buffers.get("tmp", acc.nbytes).view(dt))
+                convert.add_into(acc, self._read_float(info, e0, e1), w, self.buffers.get("tmp", acc.nbytes).view(dt))
             self._release_one(info, e0, e1)  # one input's block mapped at a time
 
     def _copy_block(self, t: PlannedTensor, e0: int, e1: int) -> None:
         """Copy the block of the one input (the base, or the newest for integers); floats must be finite."""
         info = t.inputs[0]
         x = self._read(info, e0, e1)
-        if info.is_float and not self.allow_nonfinite and not self._finite(x):
+        if info.is_float and not self.allow_nonfinite and not self._stored_finite(x, info.dtype):
             raise MergeError(
                 f"Tensor {t.out.name!r} holds NaN or Inf in {info.file}; fix the input or pass allow_nonfinite=True."
             )
-        self._write(t, e0, x)
+        self._write(t, e0, x if info.dtype == t.out.dtype else self._float(x, info.dtype, "in"))
 
 
 def _check_fold_settings(block_elements: int, reader: str) -> None:

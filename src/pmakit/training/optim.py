@@ -200,7 +200,10 @@ def finish_pma(
     Args:
         optimizer: a `PmaAdamW` or an optimizer from `create_pma_optimizer` (Accelerate wrappers are fine).
         push_to_hub: upload ``pma/`` after writing it.
-        hub_model_id, token, private, revision: the Hub repo and how to write to it.
+        hub_model_id: the Hub repo to push to (default: the PMA settings' ``hub_model_id``).
+        token: the Hub token (default: ``HF_TOKEN``, else the stored login).
+        private: create the repo private (only when it does not exist yet).
+        revision: the branch to push to, created from main when missing.
 
     Returns:
         The ``pma`` folder on the main process (None elsewhere, or when no sample was taken).
