@@ -66,7 +66,7 @@ def scan_pickle(data: bytes, source: str) -> None:
                 raise InputError(f"{source}: its pickle has more than {MAX_PICKLE_OPS} opcodes.")
             if opcode.name in _MEMO_OPS and not 0 <= int(arg) <= ops:
                 raise InputError(
-                    f"{source}: its pickle uses memo index {brief(arg)} at byte {pos}, after {ops} opcodes; "
+                    f"{source}: its pickle uses memo index {brief(arg)} at byte {pos} (opcode {ops}); "
                     "a checkpoint's pickle numbers its memo in order (a large index only costs memory)."
                 )
             if opcode.name == "FRAME" and arg > len(data) - pos:

@@ -80,10 +80,10 @@ class DcpCheckpoint:
         storage = as_mapping(getattr(meta, "storage_data", None) or {}, f"{meta_file}: `storage_data`")
         paths = as_mapping(getattr(meta, "planner_data", None) or {}, f"{meta_file}: `planner_data`")
         for fqn, entry in meta.state_dict_metadata.items():
-            where = f"{meta_file}: `state_dict_metadata[{brief(fqn)}]`"
+            where = f"{meta_file}: `state_dict_metadata[{brief(fqn)}]"  # + the field's path and a closing `
             fqn = as_text(fqn, f"{meta_file}: a key of `state_dict_metadata`")
             if not isinstance(entry, Record):
-                raise InputError(f"{where} must be DCP storage metadata, got {brief(entry)}.")
+                raise InputError(f"{where}` must be DCP storage metadata, got {brief(entry)}.")
             if type(entry).qualname.endswith("TensorStorageMetadata"):
                 path = paths.get(fqn, (fqn,))
                 path = path if isinstance(path, (tuple, list)) else (path,)
@@ -93,26 +93,28 @@ class DcpCheckpoint:
         state = getattr(getattr(entry, "properties", None), "state", None)
         dtype = state[0] if isinstance(state, tuple) and state else None
         if not isinstance(dtype, TorchDtype) or dtype not in DTYPES:
-            raise InputError(f"{where}: `properties.dtype` is an unsupported dtype {brief(dtype)}.")
+            raise InputError(f"{where}.properties.dtype` is an unsupported dtype {brief(dtype)}.")
         chunks = []
-        for i, chunk in enumerate(as_list(getattr(entry, "chunks", None), f"{where}.chunks")):
-            offsets = as_counts(getattr(chunk, "offsets", None), f"{where}.chunks[{i}].offsets")
-            sizes = as_counts(getattr(chunk, "sizes", None), f"{where}.chunks[{i}].sizes")
+        for i, chunk in enumerate(as_list(getattr(entry, "chunks", None), f"{where}.chunks`")):
+            offsets = as_counts(getattr(chunk, "offsets", None), f"{where}.chunks[{i}].offsets`")
+            sizes = as_counts(getattr(chunk, "sizes", None), f"{where}.chunks[{i}].sizes`")
             info = storage.get(_index_key(fqn, offsets))
             if info is None:
                 raise InputError(f"{self.meta_file} has no storage entry for {brief(fqn)} at {brief(list(offsets))}.")
-            at = f"{self.meta_file}: `storage_data[{brief(fqn)} at {brief(list(offsets))}]`"
+            at = f"{self.meta_file}: `storage_data[{brief(fqn)} at {brief(list(offsets))}]"
             if getattr(info, "transform_descriptors", None):
                 raise InputError(
                     f"Tensor {brief(fqn)} of {self.folder} is stored with transforms "
                     f"{brief(info.transform_descriptors)} (e.g. compression); only plain DCP checkpoints are read."
                 )
-            file = self.folder / _plain_name(as_text(getattr(info, "relative_path", None), f"{at}.relative_path"), at)
-            start = as_count(getattr(info, "offset", None), f"{at}.offset")
-            chunks.append(_Chunk(offsets, sizes, file, start, as_count(getattr(info, "length", None), f"{at}.length")))
+            file = self.folder / _plain_name(as_text(getattr(info, "relative_path", None), f"{at}.relative_path`"), at)
+            start = as_count(getattr(info, "offset", None), f"{at}.offset`")
+            chunks.append(
+                _Chunk(offsets, sizes, file, start, as_count(getattr(info, "length", None), f"{at}.length`"))
+            )
         names = tuple(_key_name(p, f"{self.meta_file}: `planner_data[{brief(fqn)}]`") for p in as_list(path, ""))
         return DcpTensor(
-            fqn, names, str(dtype), as_counts(getattr(entry, "size", None), f"{where}.size"), tuple(chunks)
+            fqn, names, str(dtype), as_counts(getattr(entry, "size", None), f"{where}.size`"), tuple(chunks)
         )
 
     def tensor_info(self, fqn: str, name: str | None = None) -> TensorInfo:
@@ -186,5 +188,5 @@ def _key_name(key: object, where: str) -> str:
 def _plain_name(name: str, where: str) -> str:
     """A ``.distcp`` file named by the metadata: a plain file name inside the folder (no ``..``, no path)."""
     if not name or "/" in name or "\\" in name or name in (".", ".."):
-        raise InputError(f"{where}.relative_path names a data file {brief(name)} outside its folder.")
+        raise InputError(f"{where}.relative_path` names a data file {brief(name)} outside its folder.")
     return name
