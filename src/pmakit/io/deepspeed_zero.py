@@ -112,7 +112,8 @@ class ZeroCheckpoint:
         """``field`` of every rank's optimizer state, parsed and checked; all ranks must agree."""
         values = [parse(s.get(field), f"{a.label}: `{field}`") for a, s in zip(self.optim, self.states, strict=True)]
         if len(set(values)) > 1:
-            raise InputError(f"{self.folder}: the ranks disagree on `{field}` ({brief(values)}).")
+            each = ", ".join(f"{brief(v)} in {a.path.name}" for a, v in zip(self.optim, values, strict=True))
+            raise InputError(f"{self.folder}: the ranks disagree on `{field}` ({each}).")
         return values[0]
 
     def _param_shapes(self) -> list[dict[str, tuple[int, ...]]]:
