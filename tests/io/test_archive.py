@@ -20,7 +20,7 @@ import torch
 from pmakit.errors import InputError
 from pmakit.io.torch_pickle import read_state_dict
 from pmakit.merging import merge
-from tests.helpers.archives import memo_bomb_pickle, op_str, tensor_pickle, write_archive, write_bomb
+from tests.helpers.archives import memo_bomb_pickle, op_global, op_str, tensor_pickle, write_archive, write_bomb
 
 
 DATA = np.arange(12, dtype=np.float32).tobytes()
@@ -36,6 +36,14 @@ def test_the_honest_archive_is_what_torch_load_reads(tmp_path):
 
 # A BUILD right after the rebuilt tensor: sets its `shape` to a string (a frozen dataclass has no guard).
 _BUILD = b"}" + op_str("shape") + op_str("xyz") + b"sb"
+_STORAGE = op_global("torch", "FloatStorage")
+_HONEST = tensor_pickle([3, 4], [4, 1])
+# A BUILD on the storage class's stand-in (its dtype becomes a list), and one on the shared stand-in
+# of torch.nn.Parameter (slot state: setattr on the class, which would outlive this file's load).
+_STORAGE_BUILD = _HONEST.replace(_STORAGE, _STORAGE + b"}" + op_str("dtype") + b"]sb", 1)
+_CLASS_BUILD = (
+    _HONEST[:2] + op_global("torch.nn.parameter", "Parameter") + b"N}" + op_str("x") + b"Ns\x86b0" + _HONEST[2:]
+)
 
 
 @pytest.mark.parametrize(
@@ -46,8 +54,18 @@ _BUILD = b"}" + op_str("shape") + op_str("xyz") + b"sb"
         (tensor_pickle([3, 4], [4, 1], offset=-2), r"`storage_offset` must be a non-negative integer, got -2"),
         (tensor_pickle([3, 4], [4, 1], numel=-1), r"the `numel` of storage '0' must be a non-negative integer"),
         (tensor_pickle([3, 4], [4, 1], after=_BUILD), r"a BUILD opcode rewrites the fields of a rebuilt tensor"),
+        (_STORAGE_BUILD, r"a BUILD opcode rewrites a storage type"),
+        (_CLASS_BUILD, r"a BUILD opcode sets attribute 'x' of the class _TensorType"),
     ],
-    ids=["stride-rank", "negative-dimension", "negative-offset", "negative-numel", "build-rewrites-tensor"],
+    ids=[
+        "stride-rank",
+        "negative-dimension",
+        "negative-offset",
+        "negative-numel",
+        "build-rewrites-tensor",
+        "build-rewrites-storage-type",
+        "build-sets-a-class-attribute",
+    ],
 )
 def test_malformed_tensor_fields_are_named(tmp_path, pickle, message):
     path = write_archive(tmp_path / "w.bin", pickle, DATA)

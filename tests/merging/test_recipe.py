@@ -256,7 +256,7 @@ def test_yaml_aliases_are_refused_so_a_billion_laughs_recipe_ends_at_once(tmp_pa
     recipe.write_text(LAUGHS)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     out = subprocess.run(
-        [sys.executable, "-c", LOAD, str(recipe)], capture_output=True, text=True, env=env, timeout=60
+        [sys.executable, "-c", LOAD, str(recipe)], capture_output=True, text=True, env=env, timeout=240
     )
     assert out.returncode == 1 and "MergeError" in out.stderr
     assert f"Recipe {recipe} is not valid YAML (line 3, column 7): YAML aliases (*name) are not allowed" in out.stderr

@@ -123,7 +123,15 @@ class TorchDtype(str):
     """A pickled ``torch.<dtype>``: the safetensors code (``"BF16"``), or the torch name if unusual."""
 
 
-class Record:
+class _Sealed(type):
+    """The stand-in classes are shared by every load: a BUILD on the class itself (setting its
+    attributes) would change how later, unrelated files are read, so it is refused."""
+
+    def __setattr__(cls, name: str, value: Any) -> None:
+        raise _InPickle(f"a BUILD opcode sets attribute {brief(name)} of the class {cls.__name__}.")
+
+
+class Record(metaclass=_Sealed):
     """A stand-in for an allow-listed metadata class: keeps its constructor arguments and pickled state."""
 
     qualname = "Record"
@@ -196,7 +204,7 @@ def _rebuild_from_type(func, new_type, args, state=None):
     return func(*args)
 
 
-class _TensorType:
+class _TensorType(metaclass=_Sealed):
     """``torch.Tensor`` / ``torch.nn.Parameter`` as the target type of a rebuilt tensor: a name, never called."""
 
 
@@ -297,8 +305,15 @@ class AllowListUnpickler(pickle.Unpickler):
 
 
 class _StorageType:
+    """A pickled ``torch.<X>Storage`` class: its dtype code, fixed (a BUILD cannot change it)."""
+
+    __slots__ = ("dtype",)
+
     def __init__(self, dtype: str) -> None:
         self.dtype = dtype
+
+    def __setstate__(self, state: Any) -> None:
+        raise _InPickle("a BUILD opcode rewrites a storage type; torch never pickles that.")
 
     def __repr__(self) -> str:
         return f"storage<{self.dtype}>"
