@@ -6,8 +6,10 @@ prints it as is and exits with code 2.
 
 from __future__ import annotations
 
+import reprlib
 
-__all__ = ["InputError", "MergeError"]
+
+__all__ = ["InputError", "MergeError", "brief"]
 
 
 class InputError(ValueError):
@@ -22,3 +24,39 @@ class MergeError(InputError):
 
     A subclass of `InputError`, so ``except InputError`` catches both.
     """
+
+
+class _Brief(reprlib.Repr):
+    """A repr bounded in depth, items and length: an input value never makes a message big or slow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxdict, self.maxlist, self.maxtuple = 3, 4, 6, 6
+        self.maxset = self.maxfrozenset = self.maxdeque = self.maxarray = 6
+        self.maxstring, self.maxother, self.maxlong = 80, 80, 40
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 128:  # str() of a huge int is slow, and refused past 4300 digits
+            return f"<int of {x.bit_length()} bits>"
+        return super().repr_int(x, level)
+
+    def repr_instance(self, x: object, level: int) -> str:
+        if isinstance(x, BaseException):  # its str() is the repr of its arguments: unbounded
+            return f"{type(x).__name__}({', '.join(self.repr1(a, level - 1) for a in x.args[:3])})"
+        for base in (str, dict, list, tuple, set, frozenset):  # subclasses (OrderedDict...) bounded as their base
+            if isinstance(x, base):
+                return getattr(self, f"repr_{base.__name__}")(base(x), level)
+        return super().repr_instance(x, level)
+
+
+_BRIEF = _Brief()
+
+
+def brief(value: object, limit: int = 120) -> str:
+    """``repr(value)``, bounded (depth, items, length): how every message shows a value read from input.
+
+    A file or recipe can hold a huge value, or a small one that expands (YAML aliases, shared pickle
+    objects); a plain ``repr`` of it in an error message can take unbounded time and memory.
+    """
+    text = _BRIEF.repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."

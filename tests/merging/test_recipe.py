@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -239,3 +242,29 @@ def test_the_written_recipe_holds_what_shaped_the_result_not_where_it_went(tmp_p
     }
     loaded = load_recipe(tmp_path / "out" / "pmakit_recipe.yaml")
     assert loaded == {**written, "models": [str(tmp_path / "out" / "../m0"), str(tmp_path / "out" / "../m1")]}
+
+
+LAUGHS = "models:\n- &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"- &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi", strict=True)
+)
+LOAD = "import sys\nfrom pmakit.merging import load_recipe\nload_recipe(sys.argv[1])\n"
+
+
+def test_yaml_aliases_are_refused_so_a_billion_laughs_recipe_ends_at_once(tmp_path):
+    """About 1 KB of nested aliases names 9**9 values; a plain load then formats them into an error."""
+    recipe = tmp_path / "laughs.yaml"
+    recipe.write_text(LAUGHS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run(
+        [sys.executable, "-c", LOAD, str(recipe)], capture_output=True, text=True, env=env, timeout=240
+    )
+    assert out.returncode == 1 and "MergeError" in out.stderr
+    assert f"Recipe {recipe} is not valid YAML (line 3, column 7): YAML aliases (*name) are not allowed" in out.stderr
+
+
+def test_values_in_recipe_errors_are_bounded(tmp_path):
+    recipe = tmp_path / "long.yaml"
+    recipe.write_text(yaml.safe_dump({"models": [[f"{i}{j}" + "x" * 10_000 for j in range(10)] for i in range(10)]}))
+    with pytest.raises(MergeError, match=r"`models` must be a list of folders or Hub ids, got \[\[") as info:
+        load_recipe(recipe)
+    assert len(str(info.value)) < 400

@@ -10,15 +10,19 @@ Each chunk blob is read with :class:`~pmakit.io.torch_pickle.TorchArchive` into 
 its ``.distcp`` file, and a tensor becomes a :class:`~pmakit.io.safetensors.TensorInfo` whose
 ``pieces`` are those ranges in element order. FSDP shards along dimension 0, so every chunk is a
 run of whole rows; chunks cut along other dimensions (tensor parallelism) are refused by name.
+Every field of the metadata is checked (:mod:`pmakit.io.archive`): a wrong type or range is an
+:class:`~pmakit.errors.InputError` naming ``.metadata`` and the field.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, brief
+from .archive import as_count, as_counts, as_list, as_mapping, as_text
 from .safetensors import DTYPES, ITEMSIZES, Piece, TensorInfo
 from .torch_pickle import MetadataIndex, Record, TensorRef, TorchArchive, TorchDtype, read_pickle
 
@@ -71,33 +75,47 @@ class DcpCheckpoint:
         meta = read_pickle(raw, str(meta_file))
         if not isinstance(meta, Record) or not isinstance(getattr(meta, "state_dict_metadata", None), dict):
             raise InputError(f"{meta_file} is not DCP metadata (no `state_dict_metadata`).")
+        self.meta_file = meta_file
         self.tensors: dict[str, DcpTensor] = {}
-        storage = getattr(meta, "storage_data", None) or {}
-        paths = getattr(meta, "planner_data", None) or {}
+        storage = as_mapping(getattr(meta, "storage_data", None) or {}, f"{meta_file}: `storage_data`")
+        paths = as_mapping(getattr(meta, "planner_data", None) or {}, f"{meta_file}: `planner_data`")
         for fqn, entry in meta.state_dict_metadata.items():
-            if entry.qualname.endswith("TensorStorageMetadata"):
-                self.tensors[fqn] = self._tensor(fqn, entry, storage, paths.get(fqn, (fqn,)))
+            where = f"{meta_file}: `state_dict_metadata[{brief(fqn)}]"  # + the field's path and a closing `
+            fqn = as_text(fqn, f"{meta_file}: a key of `state_dict_metadata`")
+            if not isinstance(entry, Record):
+                raise InputError(f"{where}` must be DCP storage metadata, got {brief(entry)}.")
+            if type(entry).qualname.endswith("TensorStorageMetadata"):
+                path = paths.get(fqn, (fqn,))
+                path = path if isinstance(path, (tuple, list)) else (path,)
+                self.tensors[fqn] = self._tensor(fqn, entry, storage, path, where)
 
-    def _tensor(self, fqn: str, entry: Record, storage: dict, path) -> DcpTensor:
-        dtype = entry.properties.state[0] if isinstance(entry.properties.state, tuple) else None
+    def _tensor(self, fqn: str, entry: Record, storage: dict, path, where: str) -> DcpTensor:
+        state = getattr(getattr(entry, "properties", None), "state", None)
+        dtype = state[0] if isinstance(state, tuple) and state else None
         if not isinstance(dtype, TorchDtype) or dtype not in DTYPES:
-            raise InputError(f"Tensor {fqn!r} of {self.folder} has an unsupported dtype {dtype!r}.")
+            raise InputError(f"{where}.properties.dtype` is an unsupported dtype {brief(dtype)}.")
         chunks = []
-        for chunk in entry.chunks:
-            offsets = tuple(int(o) for o in chunk.offsets)
+        for i, chunk in enumerate(as_list(getattr(entry, "chunks", None), f"{where}.chunks`")):
+            offsets = as_counts(getattr(chunk, "offsets", None), f"{where}.chunks[{i}].offsets`")
+            sizes = as_counts(getattr(chunk, "sizes", None), f"{where}.chunks[{i}].sizes`")
             info = storage.get(_index_key(fqn, offsets))
             if info is None:
-                raise InputError(f"{self.folder}/{METADATA_FILE} has no storage entry for {fqn!r} at {list(offsets)}.")
+                raise InputError(f"{self.meta_file} has no storage entry for {brief(fqn)} at {brief(list(offsets))}.")
+            at = f"{self.meta_file}: `storage_data[{brief(fqn)} at {brief(list(offsets))}]"
             if getattr(info, "transform_descriptors", None):
                 raise InputError(
-                    f"Tensor {fqn!r} of {self.folder} is stored with transforms {list(info.transform_descriptors)} "
-                    "(e.g. compression); only plain DCP checkpoints are read."
+                    f"Tensor {brief(fqn)} of {self.folder} is stored with transforms "
+                    f"{brief(info.transform_descriptors)} (e.g. compression); only plain DCP checkpoints are read."
                 )
-            file = self.folder / _plain_name(str(info.relative_path), self.folder)
-            sizes = tuple(int(s) for s in chunk.sizes)
-            chunks.append(_Chunk(offsets, sizes, file, int(info.offset), int(info.length)))
-        names = tuple(str(p) for p in (path if isinstance(path, (tuple, list)) else (path,)))
-        return DcpTensor(fqn, names, str(dtype), tuple(int(s) for s in entry.size), tuple(chunks))
+            file = self.folder / _plain_name(as_text(getattr(info, "relative_path", None), f"{at}.relative_path`"), at)
+            start = as_count(getattr(info, "offset", None), f"{at}.offset`")
+            chunks.append(
+                _Chunk(offsets, sizes, file, start, as_count(getattr(info, "length", None), f"{at}.length`"))
+            )
+        names = tuple(_key_name(p, f"{self.meta_file}: `planner_data[{brief(fqn)}]`") for p in as_list(path, ""))
+        return DcpTensor(
+            fqn, names, str(dtype), as_counts(getattr(entry, "size", None), f"{where}.size`"), tuple(chunks)
+        )
 
     def tensor_info(self, fqn: str, name: str | None = None) -> TensorInfo:
         """Tensor ``fqn`` as pieces of its ``.distcp`` files, named ``name`` (default ``fqn``).
@@ -108,18 +126,20 @@ class DcpCheckpoint:
         """
         tensor = self.tensors[fqn]
         name = name or fqn
-        row = 1
-        for d in tensor.shape[1:]:
-            row *= d
+        row = math.prod(tensor.shape[1:])
         pieces = sorted((self._piece(tensor, chunk, row) for chunk in tensor.chunks), key=lambda p: p.first)
         numel = row * (tensor.shape[0] if tensor.shape else 1)
         position = 0
         for p in pieces:
             if p.first != position:
-                raise InputError(f"The chunks of tensor {fqn!r} in {self.folder} leave a gap or overlap at {p.first}.")
+                raise InputError(
+                    f"The chunks of tensor {brief(fqn)} in {self.folder} leave a gap or overlap at {p.first}."
+                )
             position += p.count
         if position != numel:
-            raise InputError(f"The chunks of tensor {fqn!r} in {self.folder} cover {position} of {numel} elements.")
+            raise InputError(
+                f"The chunks of tensor {brief(fqn)} in {self.folder} cover {position} of {numel} elements."
+            )
         itemsize = ITEMSIZES[tensor.dtype]
         if not pieces:  # an empty tensor
             return TensorInfo(name, tensor.dtype, tensor.shape, self.folder / METADATA_FILE, 0, 0)
@@ -128,17 +148,24 @@ class DcpCheckpoint:
         )
 
     def _piece(self, tensor: DcpTensor, chunk: _Chunk, row: int) -> Piece:
-        if chunk.offsets[1:] != (0,) * (len(chunk.offsets) - 1) or chunk.sizes[1:] != tensor.shape[1:]:
+        rank = len(tensor.shape)
+        if len(chunk.offsets) != rank or len(chunk.sizes) != rank:
             raise InputError(
-                f"Tensor {tensor.fqn!r} of {self.folder} is split along a dimension other than the first "
-                f"(chunk at {list(chunk.offsets)} of size {list(chunk.sizes)}); only FSDP-style row shards are read."
+                f"{self.meta_file}: a chunk of {brief(tensor.fqn)} has offsets {brief(list(chunk.offsets))} and "
+                f"sizes {brief(list(chunk.sizes))} for a tensor of shape {brief(list(tensor.shape))}."
+            )
+        if chunk.offsets[1:] != (0,) * (rank - 1) or chunk.sizes[1:] != tensor.shape[1:]:
+            raise InputError(
+                f"Tensor {brief(tensor.fqn)} of {self.folder} is split along a dimension other than the first "
+                f"(chunk at {brief(list(chunk.offsets))} of size {brief(list(chunk.sizes))}); only FSDP-style "
+                "row shards are read."
             )
         archive = TorchArchive(chunk.file, chunk.start, chunk.length)
         ref = archive.obj
         if not isinstance(ref, TensorRef) or ref.shape != chunk.sizes or ref.dtype != tensor.dtype:
             raise InputError(
-                f"The chunk of {tensor.fqn!r} at {list(chunk.offsets)} in {archive.label} does not hold a "
-                f"{tensor.dtype}{list(chunk.sizes)} tensor."
+                f"The chunk of {brief(tensor.fqn)} at {brief(list(chunk.offsets))} in {archive.label} does not hold a "
+                f"{tensor.dtype}{brief(list(chunk.sizes))} tensor."
             )
         info = archive.tensor_info(tensor.fqn, ref)
         first = chunk.offsets[0] * row if chunk.offsets else 0
@@ -151,8 +178,15 @@ def _index_key(fqn: str, offsets: tuple[int, ...]) -> MetadataIndex:
     return key
 
 
-def _plain_name(name: str, folder: Path) -> str:
+def _key_name(key: object, where: str) -> str:
+    """One key of a tensor's path in the saved state dict: a name, or a list index."""
+    if isinstance(key, bool) or not isinstance(key, (str, int)):
+        raise InputError(f"{where} must be a path of names, got {brief(key)}.")
+    return str(key)
+
+
+def _plain_name(name: str, where: str) -> str:
     """A ``.distcp`` file named by the metadata: a plain file name inside the folder (no ``..``, no path)."""
     if not name or "/" in name or "\\" in name or name in (".", ".."):
-        raise InputError(f"{folder}/{METADATA_FILE} names a data file {name!r} outside its folder.")
+        raise InputError(f"{where}.relative_path` names a data file {brief(name)} outside its folder.")
     return name

@@ -6,7 +6,7 @@ so that building the parser imports no numpy; ``pmakit.io.safetensors`` maps the
 
 from __future__ import annotations
 
-from ..errors import InputError
+from ..errors import InputError, brief
 
 
 __all__ = [
@@ -61,7 +61,7 @@ def canonical_dtype(name: str, field: str = "out_dtype") -> str:
     code = DTYPE_ALIASES.get(key.lower(), key.upper())
     if code not in FLOAT_DTYPES:
         valid = ", ".join(sorted(k for k in DTYPE_ALIASES if DTYPE_ALIASES[k] in CONFIG_DTYPE_NAMES))
-        raise InputError(f"`{field}` must be a floating dtype ({valid}), got {name!r}.")
+        raise InputError(f"`{field}` must be a floating dtype ({valid}), got {brief(name)}.")
     return code
 
 
@@ -88,11 +88,11 @@ def parse_size(size: int | str) -> int:
         number = text.rstrip("KMGTIB")
         unit = text[len(number) :]
         if unit not in _SIZE_UNITS or not number:
-            raise InputError(f"`max_shard_size` must be bytes or a size such as '5GB' or '500MiB', got {size!r}.")
+            raise InputError(f"`max_shard_size` must be bytes or a size such as '5GB' or '500MiB', got {brief(size)}.")
         try:
             value = int(float(number) * _SIZE_UNITS[unit])
         except ValueError as e:
-            raise InputError(f"`max_shard_size` must be bytes or a size such as '5GB', got {size!r}.") from e
+            raise InputError(f"`max_shard_size` must be bytes or a size such as '5GB', got {brief(size)}.") from e
     if value <= 0:
-        raise InputError(f"`max_shard_size` must be positive, got {size!r}.")
+        raise InputError(f"`max_shard_size` must be positive, got {brief(size)}.")
     return value

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from ..errors import brief
+
 
 __all__ = ["HubTarget", "check_repo_id"]
 
@@ -48,7 +50,8 @@ class HubTarget:
         check_repo_id(self.repo_id)
         if self.create_pr and self.revision not in (None, "main"):
             raise ValueError(
-                f"`create_pr=True` opens a pull request against main; do not also pass revision={self.revision!r}."
+                "`create_pr=True` opens a pull request against main; do not also pass "
+                f"revision={brief(self.revision)}."
             )
 
 
@@ -59,6 +62,6 @@ def check_repo_id(repo_id: object) -> str:
         _REPO_NAME.match(p) and ".." not in p and not p.endswith(".") for p in parts
     ):
         raise ValueError(
-            f"Hub repo id must be 'name' or 'namespace/name' (letters, digits, '-', '_', '.'); got {repo_id!r}."
+            f"Hub repo id must be 'name' or 'namespace/name' (letters, digits, '-', '_', '.'); got {brief(repo_id)}."
         )
     return repo_id

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, brief
 from .dtype_names import CONFIG_DTYPE_NAMES, DTYPE_ALIASES, FLOAT_DTYPES, ITEMSIZES, canonical_dtype, parse_size
 
 
@@ -205,21 +205,23 @@ class SafetensorsFile:
     def _tensor(self, name: str, entry: object, base: int, data_len: int) -> TensorInfo:
         """One header entry, checked field by field: dtype, shape (non-negative ints), offsets (two ints)."""
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
-            raise self._bad(f"tensor {name!r} has a malformed entry {entry!r}")
+            raise self._bad(f"tensor {brief(name)} has a malformed entry {brief(entry)}")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if dtype not in DTYPES:
-            raise self._bad(f"tensor {name!r} has an unsupported dtype {dtype!r}")
+            raise self._bad(f"tensor {brief(name)} has an unsupported dtype {brief(dtype)}")
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise self._bad(f"tensor {name!r} has shape {shape!r}; dimensions must be non-negative integers")
+            raise self._bad(f"tensor {brief(name)} has shape {brief(shape)}; dimensions must be non-negative integers")
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) and o >= 0 for o in offsets):
-            raise self._bad(f"tensor {name!r} has data_offsets {offsets!r}; they must be two non-negative integers")
+            raise self._bad(
+                f"tensor {brief(name)} has data_offsets {brief(offsets)}; they must be two non-negative integers"
+            )
         begin, end = offsets
         info = TensorInfo(name, dtype, tuple(shape), self.path, base + begin, end - begin)
         if info.nbytes != info.numel * info.itemsize:
             need = info.numel * info.itemsize
-            raise self._bad(f"tensor {name!r} spans {end - begin} bytes, but {dtype}{list(shape)} needs {need}")
+            raise self._bad(f"tensor {brief(name)} spans {end - begin} bytes, but {dtype}{list(shape)} needs {need}")
         if end > data_len:
-            raise self._bad(f"tensor {name!r} ends at byte {end} of a data section of only {data_len} bytes")
+            raise self._bad(f"tensor {brief(name)} ends at byte {end} of a data section of only {data_len} bytes")
         return info
 
     def _check_contiguous(self, spans: list[tuple[int, int]], data_len: int) -> None:

@@ -7,10 +7,12 @@ storage is a plain byte range of the file, and a contiguous tensor is a byte ran
 same :class:`~pmakit.io.safetensors.TensorInfo` the safetensors reader gives, read zero-copy by the
 merger's streaming fold. Nothing is converted or copied.
 
-The pickle is read by :class:`AllowListUnpickler`: ``find_class`` resolves only the names a state
-dict, a ``torch.distributed.checkpoint`` metadata file or a DeepSpeed checkpoint needs, each to a
-harmless stand-in defined here (nothing is imported, no user code runs); any other class or
-function is refused with :class:`~pmakit.errors.InputError` naming it.
+Every bound of :mod:`pmakit.io.archive` applies: members stored and inside the file, the pickle
+pre-scanned before it is unpickled, every field checked. The pickle is read by
+:class:`AllowListUnpickler`: ``find_class`` resolves only the names a state dict, a
+``torch.distributed.checkpoint`` metadata file or a DeepSpeed checkpoint needs, each to a harmless
+stand-in defined here (nothing is imported, no user code runs); any other class or function is refused
+with :class:`~pmakit.errors.InputError` naming it.
 """
 
 from __future__ import annotations
@@ -19,14 +21,13 @@ import io
 import math
 import os
 import pickle
-import struct
-import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..errors import InputError, brief
+from .archive import as_count, as_counts, as_text, read_member, scan_pickle, zip_members
 from .safetensors import DTYPES, ITEMSIZES, TensorInfo
 
 
@@ -83,6 +84,9 @@ class StorageRef:
     dtype: str
     numel: int
 
+    def __setstate__(self, state: Any) -> None:
+        raise _InPickle("a BUILD opcode rewrites the fields of a storage; torch never pickles that.")
+
 
 @dataclass(frozen=True)
 class TensorRef:
@@ -92,6 +96,9 @@ class TensorRef:
     offset: int
     shape: tuple[int, ...]
     stride: tuple[int, ...]
+
+    def __setstate__(self, state: Any) -> None:
+        raise _InPickle("a BUILD opcode rewrites the fields of a rebuilt tensor; torch never pickles that.")
 
     @property
     def dtype(self) -> str:
@@ -116,7 +123,15 @@ class TorchDtype(str):
     """A pickled ``torch.<dtype>``: the safetensors code (``"BF16"``), or the torch name if unusual."""
 
 
-class Record:
+class _Sealed(type):
+    """The stand-in classes are shared by every load: a BUILD on the class itself (setting its
+    attributes) would change how later, unrelated files are read, so it is refused."""
+
+    def __setattr__(cls, name: str, value: Any) -> None:
+        raise _InPickle(f"a BUILD opcode sets attribute {brief(name)} of the class {cls.__name__}.")
+
+
+class Record(metaclass=_Sealed):
     """A stand-in for an allow-listed metadata class: keeps its constructor arguments and pickled state."""
 
     qualname = "Record"
@@ -134,14 +149,19 @@ class Record:
             self.__dict__.update(state)
 
     def __repr__(self) -> str:
-        return f"<{self.qualname}>"
+        return f"<{type(self).qualname}>"
 
 
 class _HashableRecord(Record):
     """Records that pickles use as dict keys (DCP's ``MetadataIndex``): equal and hashed by their fields."""
 
     def _key(self) -> tuple:
-        return (getattr(self, "fqn", None), tuple(getattr(self, "offset", None) or ()))
+        """(fqn, offsets) when both are well-formed, else the object itself: a malformed key (or one
+        shaped to make hashing slow) matches nothing, and the reader reports the entry missing."""
+        fqn, offset = self.__dict__.get("fqn"), self.__dict__.get("offset")
+        if isinstance(fqn, str) and isinstance(offset, (tuple, list)) and all(type(o) is int for o in offset):
+            return (fqn, tuple(offset))
+        return (id(self),)
 
     def __hash__(self) -> int:
         return hash(self._key())
@@ -154,10 +174,25 @@ def _record_type(qualname: str, hashable: bool = False) -> type[Record]:
     return type(qualname.rsplit(".", 1)[-1], (_HashableRecord if hashable else Record,), {"qualname": qualname})
 
 
+class _InPickle(InputError):
+    """A malformed field met while unpickling, before the file is known: `read_pickle` names the file."""
+
+
 def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+    """``torch._utils._rebuild_tensor_v2``: every field checked (a storage, non-negative ints, equal ranks)."""
     if not isinstance(storage, StorageRef):
-        raise InputError("A pickled tensor does not refer to a storage of its archive.")
-    return TensorRef(storage, int(storage_offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
+        raise _InPickle("a pickled tensor does not refer to a storage of its archive.")
+    try:
+        offset = as_count(storage_offset, "a pickled tensor's `storage_offset`")
+        shape = as_counts(size, "a pickled tensor's `size`")
+        steps = as_counts(stride, "a pickled tensor's `stride`")
+    except InputError as e:
+        raise _InPickle(str(e)) from None
+    if len(shape) != len(steps):
+        raise _InPickle(
+            f"a pickled tensor has `size` {brief(list(shape))} but `stride` {brief(list(steps))} (another rank)."
+        )
+    return TensorRef(storage, offset, shape, steps)
 
 
 def _rebuild_parameter(data, requires_grad=False, hooks=None, state=None):
@@ -169,7 +204,7 @@ def _rebuild_from_type(func, new_type, args, state=None):
     return func(*args)
 
 
-class _TensorType:
+class _TensorType(metaclass=_Sealed):
     """``torch.Tensor`` / ``torch.nn.Parameter`` as the target type of a rebuilt tensor: a name, never called."""
 
 
@@ -184,9 +219,12 @@ def _path_text(*parts: str) -> str:
 
 def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
     """``_codecs.encode``: how protocol-2 pickles (``torch.save``'s) store ``bytes`` (latin-1 only)."""
-    if encoding not in ("latin1", "latin-1"):
-        raise InputError(f"A pickled bytes object uses the encoding {encoding!r}; only latin-1 is read.")
-    return text.encode("latin1")
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise _InPickle(f"a pickled bytes object uses the encoding {brief(encoding)}; only latin-1 text is read.")
+    try:
+        return text.encode("latin1")
+    except UnicodeEncodeError:
+        raise _InPickle("a pickled bytes object holds text that is not latin-1.") from None
 
 
 _DCP = "torch.distributed.checkpoint"
@@ -256,16 +294,26 @@ class AllowListUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> Any:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise InputError(f"{self.source} refers to an unknown persistent object {str(pid)[:80]!r}.")
+            raise InputError(f"{self.source} refers to an unknown persistent object {brief(pid)}.")
         _, storage_type, key, _location, numel = pid
         if not isinstance(storage_type, _StorageType):
-            raise InputError(f"{self.source} has a storage of unsupported type {storage_type!r}.")
-        return StorageRef(str(key), storage_type.dtype, int(numel))
+            raise InputError(f"{self.source} has a storage of unsupported type {brief(storage_type)}.")
+        key = as_text(key, f"{self.source}: a storage's key")
+        return StorageRef(
+            key, storage_type.dtype, as_count(numel, f"{self.source}: the `numel` of storage {brief(key)}")
+        )
 
 
 class _StorageType:
+    """A pickled ``torch.<X>Storage`` class: its dtype code, fixed (a BUILD cannot change it)."""
+
+    __slots__ = ("dtype",)
+
     def __init__(self, dtype: str) -> None:
         self.dtype = dtype
+
+    def __setstate__(self, state: Any) -> None:
+        raise _InPickle("a BUILD opcode rewrites a storage type; torch never pickles that.")
 
     def __repr__(self) -> str:
         return f"storage<{self.dtype}>"
@@ -276,42 +324,17 @@ def _storage_type(dtype: str) -> _StorageType:
 
 
 def read_pickle(data: bytes, source: str) -> Any:
-    """Unpickle ``data`` (from ``source``, named in errors) with the allow-list."""
+    """Unpickle ``data`` (from ``source``, named in errors) with the allow-list, once it passes
+    :func:`~pmakit.io.archive.scan_pickle`."""
+    scan_pickle(data, source)
     try:
         return AllowListUnpickler(io.BytesIO(data), source).load()
+    except _InPickle as e:
+        raise InputError(f"{source}: {e}") from None
     except InputError:
         raise
     except Exception as e:  # noqa: BLE001 - a corrupt pickle fails in many ways
-        raise InputError(f"{source} is not a readable checkpoint pickle: {e}.") from e
-
-
-class _FileSlice(io.RawIOBase):
-    """A read-only window ``[start, start + length)`` of a file, so an embedded zip reads as a file."""
-
-    def __init__(self, f, start: int, length: int) -> None:
-        super().__init__()
-        self._f, self._start, self._length, self._pos = f, start, length, 0
-
-    def seekable(self) -> bool:
-        return True
-
-    def readable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self._pos, 2: self._length}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def readinto(self, buffer) -> int:
-        want = min(len(buffer), max(0, self._length - self._pos))
-        self._f.seek(self._start + self._pos)
-        got = self._f.readinto(memoryview(buffer)[:want])
-        self._pos += got
-        return got
+        raise InputError(f"{source} is not a readable checkpoint pickle: {brief(e)}.") from None
 
 
 class TorchArchive:
@@ -333,41 +356,26 @@ class TorchArchive:
         self.records: dict[str, tuple[int, int]] = {}  # storage key -> (absolute start, nbytes)
         try:
             with open(self.path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size if length is None else length
-                self.obj = self._read(f, size)
+                size = os.fstat(f.fileno()).st_size
+                if length is not None and start + length > size:
+                    raise InputError(f"{self.label} runs past the end of the file ({size} bytes).")
+                self.obj = self._read(f, size if length is None else length)
         except OSError as e:
             raise InputError(f"Cannot read {self.label}: {e.strerror or e}.") from e
 
     def _read(self, f, size: int) -> Any:
-        window = _FileSlice(f, self.start, size)
-        try:
-            archive = zipfile.ZipFile(io.BufferedReader(window))
-        except zipfile.BadZipFile as e:
-            raise InputError(
-                f"{self.label} is not a torch zip archive ({e}); legacy (pre-1.6) torch.save files are not read."
-            ) from e
-        with archive:
-            names = archive.namelist()
-            pickles = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
-            if len(pickles) != 1:
-                raise InputError(f"{self.label} is not a torch.save archive: no single `<archive>/data.pkl`.")
-            prefix = pickles[0][: -len("data.pkl")]
-            if f"{prefix}byteorder" in names and archive.read(f"{prefix}byteorder") != b"little":
-                raise InputError(f"{self.label} was written on a big-endian machine; it is not read.")
-            for info in archive.infolist():
-                if info.filename.startswith(f"{prefix}data/"):
-                    self.records[info.filename[len(f"{prefix}data/") :]] = (self._data_start(f, info), info.file_size)
-            return read_pickle(archive.read(pickles[0]), self.label)
-
-    def _data_start(self, f, info: zipfile.ZipInfo) -> int:
-        if info.compress_type != zipfile.ZIP_STORED:
-            raise InputError(f"{self.label}: member {info.filename} is compressed; torch never writes that.")
-        f.seek(self.start + info.header_offset)
-        local = f.read(30)
-        if len(local) < 30 or local[:4] != b"PK\x03\x04":
-            raise InputError(f"{self.label}: member {info.filename} has a corrupt local header.")
-        name_len, extra_len = struct.unpack("<HH", local[26:30])
-        return self.start + info.header_offset + 30 + name_len + extra_len
+        members = zip_members(f, self.start, size, self.label)
+        pickles = [n for n in members if n.endswith("data.pkl") and n.count("/") == 1]
+        if len(pickles) != 1:
+            raise InputError(f"{self.label} is not a torch.save archive: no single `<archive>/data.pkl`.")
+        prefix = pickles[0][: -len("data.pkl")]
+        order = members.get(f"{prefix}byteorder")
+        if order is not None and read_member(f, self.start, order, self.label, limit=16) != b"little":
+            raise InputError(f"{self.label} was written on a big-endian machine; it is not read.")
+        for name, member in members.items():
+            if name.startswith(f"{prefix}data/"):
+                self.records[name[len(f"{prefix}data/") :]] = (self.start + member.start, member.size)
+        return read_pickle(read_member(f, self.start, members[pickles[0]], self.label), self.label)
 
     def tensor_info(self, name: str, ref: TensorRef) -> TensorInfo:
         """``ref`` as a byte range of the file, checked against its storage.
@@ -376,20 +384,22 @@ class TorchArchive:
             InputError: the tensor is a non-contiguous view, or lies outside its storage.
         """
         if ref.dtype not in DTYPES:
-            raise InputError(f"Tensor {name!r} in {self.label} has an unsupported dtype {ref.dtype}.")
+            raise InputError(f"Tensor {brief(name)} in {self.label} has an unsupported dtype {ref.dtype}.")
         if not ref.is_contiguous:
             raise InputError(
-                f"Tensor {name!r} in {self.label} is a non-contiguous view (shape {list(ref.shape)}, stride "
-                f"{list(ref.stride)}); save it with .contiguous() or as safetensors."
+                f"Tensor {brief(name)} in {self.label} is a non-contiguous view (shape {brief(list(ref.shape))}, "
+                f"stride {brief(list(ref.stride))}); save it with .contiguous() or as safetensors."
             )
         if ref.storage.key not in self.records:
-            raise InputError(f"Tensor {name!r} in {self.label} refers to a missing storage {ref.storage.key!r}.")
+            raise InputError(
+                f"Tensor {brief(name)} in {self.label} refers to a missing storage {brief(ref.storage.key)}."
+            )
         begin, length = self.records[ref.storage.key]
         itemsize = ITEMSIZES[ref.dtype]
         nbytes = ref.numel * itemsize
-        if ref.offset < 0 or any(d < 0 for d in ref.shape) or (ref.offset * itemsize + nbytes > length):
+        if ref.offset * itemsize + nbytes > length:
             raise InputError(
-                f"Tensor {name!r} in {self.label} ({ref.dtype}{list(ref.shape)} at element {ref.offset}) "
+                f"Tensor {brief(name)} in {self.label} ({ref.dtype}{brief(list(ref.shape))} at element {ref.offset}) "
                 f"does not fit in its storage of {length} bytes."
             )
         return TensorInfo(name, ref.dtype, ref.shape, self.path, begin + ref.offset * itemsize, nbytes)
@@ -410,6 +420,6 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, TensorInfo]:
     out = {}
     for name, ref in state.items():
         if not isinstance(ref, TensorRef):
-            raise InputError(f"Entry {name!r} of {path} is a {type(ref).__name__}, not a tensor.")
+            raise InputError(f"Entry {brief(name)} of {path} is a {type(ref).__name__}, not a tensor.")
         out[name] = archive.tensor_info(name, ref)
     return out

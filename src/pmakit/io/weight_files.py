@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path, PureWindowsPath
 
-from ..errors import InputError
+from ..errors import InputError, brief
 
 
 __all__ = ["PICKLE_PATTERNS", "WEIGHT_INDEXES", "find_pickle_files", "find_weight_files", "read_weight_map"]
@@ -40,7 +40,8 @@ def read_weight_map(index: Path) -> dict[str, str]:
     for tensor, shard in weight_map.items():
         if not _is_plain_file_name(shard):
             raise InputError(
-                f"{index}: tensor {tensor!r} maps to {shard!r}; shards must be plain file names inside {index.parent}."
+                f"{index}: tensor {brief(tensor)} maps to {brief(shard)}; shards must be plain file names "
+                f"inside {index.parent}."
             )
     return weight_map
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import MergeError
+from ..errors import MergeError, brief
 from ..io.dcp import DcpCheckpoint, is_dcp_folder
 from ..io.deepspeed_zero import ZeroCheckpoint, find_zero_folder
 from ..io.safetensors import SafetensorsFile, TensorInfo
@@ -46,7 +46,7 @@ def read_checkpoint_tensors(
         MergeError: nothing readable, a refused pickle, or pickles without ``allow_pickle``.
     """
     if state not in STATES:
-        raise MergeError(f"`state` must be one of {', '.join(STATES)}, got {state!r}.")
+        raise MergeError(f"`state` must be one of {', '.join(STATES)}, got {brief(state)}.")
     if not folder.is_dir():
         raise MergeError(f"Input {folder} does not exist." if not folder.exists() else f"{folder} is not a folder.")
     if state == "pma":
@@ -96,7 +96,8 @@ def _add(tensors: dict[str, TensorInfo], new: dict[str, TensorInfo], file: Path)
     for name, info in new.items():
         if name in tensors:
             raise MergeError(
-                f"Tensor {name!r} appears in two files of {file.parent}: {tensors[name].file.name} and {file.name}."
+                f"Tensor {brief(name)} appears in two files of {file.parent}: {tensors[name].file.name} "
+                f"and {file.name}."
             )
         tensors[name] = info
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..averaging import ALGORITHMS, AveragingRule
-from ..errors import InputError, MergeError
+from ..errors import InputError, MergeError, brief
 from ..io.dtype_names import canonical_dtype, parse_size
 from ..io.hub_target import HubTarget, check_repo_id
 from .sources import KINDS
@@ -226,7 +226,7 @@ class MergeOptions:
         if algo == "weights" and self.weights is None:
             raise MergeError("`algo='weights'` needs `weights`, one per input.")
         if self.weights is not None and algo != "weights":
-            raise MergeError(f"`weights` cannot be combined with `algo={self.algo!r}`.")
+            raise MergeError(f"`weights` cannot be combined with `algo={brief(self.algo)}`.")
         extra = {"decay_shape": self.decay_shape} if self.decay_shape is not None else {}
         try:
             return AveragingRule(algo, self.alpha, self.weights, self.normalize, **extra)
@@ -291,7 +291,7 @@ def _checked(name: str, value: Any, hint: Any) -> Any:
     """``value`` converted to the field's type (paths to str, lists to tuples, ints to float), else MergeError."""
     converted = _convert(value, hint)
     if converted is _MISMATCH:
-        raise MergeError(f"`{name}` must be {_type_name(hint)}, got {value!r} ({type(value).__name__}).")
+        raise MergeError(f"`{name}` must be {_type_name(hint)}, got {brief(value)} ({type(value).__name__}).")
     return converted
 
 
@@ -335,7 +335,7 @@ def _check_choices(options: MergeOptions) -> None:
         choices = f.metadata.get("choices")
         value = getattr(options, f.name)
         if choices is not None and value is not None and value not in choices:
-            raise MergeError(f"`{f.name}` must be one of {', '.join(choices)}; got {value!r}.")
+            raise MergeError(f"`{f.name}` must be one of {', '.join(choices)}; got {brief(value)}.")
     if options.config_source == "base" and options.base_model is None:
         raise MergeError("`config_source='base'` needs a `base_model`.")
     if options.backbone_only and options.base_model is None:
@@ -346,15 +346,15 @@ def _check_ranges(options: MergeOptions) -> None:
     for name in ("last", "every", "threads", "block_elements"):
         value = getattr(options, name)
         if value is not None and value < 1:
-            raise MergeError(f"`{name}` must be a positive integer, got {value!r}.")
+            raise MergeError(f"`{name}` must be a positive integer, got {brief(value)}.")
     for name in ("start", "end"):
         value = getattr(options, name)
         if value is not None and value < 0:
-            raise MergeError(f"`{name}` must be a step >= 0, got {value!r}.")
+            raise MergeError(f"`{name}` must be a step >= 0, got {brief(value)}.")
     if options.start is not None and options.end is not None and options.start > options.end:
         raise MergeError(f"The step range is empty: start={options.start} > end={options.end}.")
     if not options.scope_threshold > 0:
-        raise MergeError(f"`scope_threshold` must be positive, got {options.scope_threshold!r}.")
+        raise MergeError(f"`scope_threshold` must be positive, got {brief(options.scope_threshold)}.")
 
 
 def _check_formats(options: MergeOptions) -> None:

@@ -32,6 +32,9 @@ mergekit's linear recipes are read as they are, so a mergekit user points pmakit
     tokenizer_source: base         # base, or one of the models (the first or the last)
 
 Other merge methods (slerp, ties, dare...) and per-tensor or per-layer parameters are refused by name.
+
+YAML aliases (``*name``) are refused: a kilobyte of nested aliases expands to billions of values
+("billion laughs"), and no recipe needs them. Values shown in errors are bounded (:func:`~pmakit.errors.brief`).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import MergeError
+from ..errors import MergeError, brief
 from .options import MergeOptions, recipe_fields
 
 
@@ -110,13 +113,28 @@ def options_from_recipe(path: str | os.PathLike) -> tuple[dict[str, Any], MergeO
     return inputs, MergeOptions(**kwargs)
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` without aliases: each value is written out once, so its size is the file's."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(
+                None, None, "YAML aliases (*name) are not allowed in a recipe; write the value out", mark
+            )
+        return super().compose_node(parent, index)
+
+
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader
     except FileNotFoundError as e:
         raise MergeError(f"Recipe {path} does not exist.") from e
     except yaml.YAMLError as e:
-        raise MergeError(f"Recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        why = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise MergeError(f"Recipe {path} is not valid YAML{where}: {why}") from e
     if not isinstance(data, dict):
         raise MergeError(f"Recipe {path} must be a mapping of settings, got {type(data).__name__}.")
     return data
@@ -129,7 +147,9 @@ def _split(data: dict) -> tuple[dict, dict]:
     if isinstance(push, dict):
         unknown = sorted(set(push) - set(_PUSH_KEYS))
         if unknown or "repo_id" not in push:
-            raise MergeError(f"`push_to_hub` takes {', '.join(_PUSH_KEYS)} (repo_id required), got {sorted(push)}.")
+            raise MergeError(
+                f"`push_to_hub` takes {', '.join(_PUSH_KEYS)} (repo_id required), got {brief(sorted(map(str, push)))}."
+            )
         data.update({_PUSH_KEYS[k]: v for k, v in push.items()})
     unknown = sorted(set(data) - set(RECIPE_KEYS), key=str)
     if unknown:
@@ -151,10 +171,10 @@ def _check_inputs(inputs: dict) -> None:
         inputs["models"] = [inputs["models"]]
     models = inputs.get("models")
     if models is not None and not (isinstance(models, list) and all(isinstance(m, str) for m in models)):
-        raise MergeError(f"`models` must be a list of folders or Hub ids, got {models!r}.")
+        raise MergeError(f"`models` must be a list of folders or Hub ids, got {brief(models)}.")
     for key in ("run_dir", "output"):
         if key in inputs and inputs[key] is not None and not isinstance(inputs[key], str):
-            raise MergeError(f"`{key}` must be a folder path, got {inputs[key]!r}.")
+            raise MergeError(f"`{key}` must be a folder path, got {brief(inputs[key])}.")
 
 
 def _is_mergekit(data: dict) -> bool:
@@ -169,7 +189,7 @@ def _from_mergekit(data: dict) -> dict:
     method = data.pop("merge_method", "linear")
     if method != "linear":
         raise MergeError(
-            f"mergekit merge_method {method!r} is not supported; pmakit reads mergekit recipes with "
+            f"mergekit merge_method {brief(method)} is not supported; pmakit reads mergekit recipes with "
             "`merge_method: linear` (weighted averages) only."
         )
     for key in ("slices", "modules"):
@@ -193,7 +213,7 @@ def _from_mergekit(data: dict) -> dict:
 
 def _mapping(value: Any, key: str) -> dict:
     if not isinstance(value, dict):
-        raise MergeError(f"`{key}` must be a mapping, got {value!r}.")
+        raise MergeError(f"`{key}` must be a mapping, got {brief(value)}.")
     return dict(value)
 
 
@@ -214,7 +234,7 @@ def _mergekit_models(entries: Any, default_weight: Any) -> tuple[list[str], list
         entry = {"model": entry} if isinstance(entry, str) else _mapping(entry, f"models[{i}]")
         name = entry.pop("model", None)
         if not isinstance(name, str):
-            raise MergeError(f"`models[{i}].model` must be a folder or Hub id, got {name!r}.")
+            raise MergeError(f"`models[{i}].model` must be a folder or Hub id, got {brief(name)}.")
         parameters = _mapping(entry.pop("parameters", None) or {}, f"models[{i}].parameters")
         weight = parameters.pop("weight", default_weight)
         _refuse_parameters(parameters, f"models[{i}].parameters")
@@ -225,7 +245,7 @@ def _mergekit_models(entries: Any, default_weight: Any) -> tuple[list[str], list
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise MergeError(
                 f"`models[{i}].parameters.weight` ({name}) must be a number; per-tensor or per-layer "
-                f"weights are not supported, got {weight!r}."
+                f"weights are not supported, got {brief(weight)}."
             )
         models.append(name)
         weights.append(weight)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import MergeError
+from ..errors import MergeError, brief
 
 
 if TYPE_CHECKING:
@@ -111,7 +111,7 @@ def is_run_dir(folder: str | os.PathLike) -> bool:
 def list_checkpoints(run_dir: str | os.PathLike, kind: str = "checkpoint") -> list[CheckpointInfo]:
     """``checkpoint-N`` (``kind="checkpoint"``) or ``pma-N`` (``kind="pma"``) folders, oldest first."""
     if kind not in ("checkpoint", "pma"):
-        raise MergeError(f"`kind` must be 'checkpoint' or 'pma', got {kind!r}.")
+        raise MergeError(f"`kind` must be 'checkpoint' or 'pma', got {brief(kind)}.")
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise MergeError(f"Run folder {run_dir} does not exist.")
@@ -137,7 +137,7 @@ def select_checkpoints(
     """
     for name, value in (("last", last), ("every", every)):
         if value is not None and (not isinstance(value, int) or value < 1):
-            raise MergeError(f"`{name}` must be a positive integer, got {value!r}.")
+            raise MergeError(f"`{name}` must be a positive integer, got {brief(value)}.")
     if start is not None and end is not None and start > end:
         raise MergeError(f"The step range is empty: start={start} > end={end}.")
     found = list_checkpoints(run_dir, kind)
@@ -190,7 +190,7 @@ def resolve_source(
 def _state(kind: str) -> str:
     """What to read from each input: the weights, or (``kind="pma-state"``) the stored PMA average."""
     if kind not in KINDS:
-        raise MergeError(f"`kind` must be one of {', '.join(map(repr, KINDS))}, got {kind!r}.")
+        raise MergeError(f"`kind` must be one of {', '.join(map(repr, KINDS))}, got {brief(kind)}.")
     return "pma" if kind == PMA_STATE else "weights"
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import MergeError
+from ..errors import MergeError, brief
 from ..io.safetensors import ITEMSIZES, ShardWriter, read_into, storage_dtype
 from . import convert
 from .options import DEFAULT_BLOCK_ELEMENTS
@@ -152,11 +152,11 @@ class _Fold:
             x = self._as_acc(self._read_float(info, e0, e1, "probe"), "probe_acc")
             if not np.isfinite(x).all():
                 raise MergeError(
-                    f"Tensor {t.out.name!r} holds NaN or Inf in {info.file}; "
+                    f"Tensor {brief(t.out.name)} holds NaN or Inf in {info.file}; "
                     "fix the input or pass allow_nonfinite=True."
                 )
         raise MergeError(
-            f"Merging tensor {t.out.name!r} overflowed {self.plan.accumulate_dtype}; "
+            f"Merging tensor {brief(t.out.name)} overflowed {self.plan.accumulate_dtype}; "
             "try accumulate_dtype='float64' or check the weights."
         )
 
@@ -166,7 +166,7 @@ class _Fold:
         if self.allow_nonfinite or not narrower or self._stored_finite(out, t.out.dtype):
             return
         raise MergeError(
-            f"Tensor {t.out.name!r} overflows {t.out.dtype} when written: its merged values exceed the largest "
+            f"Tensor {brief(t.out.name)} overflows {t.out.dtype} when written: its merged values exceed the largest "
             f"{t.out.dtype} number; choose a wider out_dtype=... or check the weights."
         )
 
@@ -236,7 +236,8 @@ class _Fold:
         x = self._read(info, e0, e1)
         if info.is_float and not self.allow_nonfinite and not self._stored_finite(x, info.dtype):
             raise MergeError(
-                f"Tensor {t.out.name!r} holds NaN or Inf in {info.file}; fix the input or pass allow_nonfinite=True."
+                f"Tensor {brief(t.out.name)} holds NaN or Inf in {info.file}; fix the input or pass "
+                "allow_nonfinite=True."
             )
         self._write(t, e0, x if info.dtype == t.out.dtype else self._float(x, info.dtype, "in"))
 
@@ -245,7 +246,7 @@ def _check_fold_settings(block_elements: int, reader: str) -> None:
     if block_elements < 1:
         raise MergeError(f"`block_elements` must be positive, got {block_elements}.")
     if reader not in ("mmap", "pread"):
-        raise MergeError(f"`reader` must be 'mmap' or 'pread', got {reader!r}.")
+        raise MergeError(f"`reader` must be 'mmap' or 'pread', got {brief(reader)}.")
 
 
 def _open_inputs(plan: MergePlan, fds: dict[Path, int], maps: dict[Path, mmap.mmap] | None) -> None:
