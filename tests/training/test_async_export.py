@@ -1,6 +1,5 @@
 """Background exports (`pma_export="async"`) and streamed folders on one process, with a real Trainer."""
 
-import json
 import subprocess
 import sys
 import textwrap
@@ -16,23 +15,16 @@ from pmakit.training.background import BackgroundExportError, BackgroundWriter
 from pmakit.training.export import save_averaged_model
 from tests.distributed.launch import ROOT
 from tests.helpers.models import TokenDataset, tiny_llama
-from tests.helpers.training import load_folder, pma_args
-
-
-def _folder_facts(folder):
-    tensors = load_folder(folder)
-    jsons = {p.name: json.loads(p.read_text()) for p in folder.glob("*.json")}
-    return sorted(p.name for p in folder.iterdir()), tensors, jsons
+from tests.helpers.training import pma_args
 
 
 def _assert_same(left, right):
-    names_a, tensors_a, jsons_a = _folder_facts(left)
-    names_b, tensors_b, jsons_b = _folder_facts(right)
-    assert names_a == names_b
-    assert tensors_a.keys() == tensors_b.keys() and tensors_a
-    for name in tensors_a:
-        assert tensors_a[name].dtype == tensors_b[name].dtype and torch.equal(tensors_a[name], tensors_b[name]), name
-    assert jsons_a == jsons_b
+    """Byte-identical folders: same files, same safetensors headers (order, metadata), shards, index and JSON."""
+    names = sorted(p.name for p in left.iterdir())
+    assert names == sorted(p.name for p in right.iterdir())
+    assert "config.json" in names and any(n.endswith(".safetensors") for n in names), names
+    for name in names:
+        assert (left / name).read_bytes() == (right / name).read_bytes(), name
 
 
 def _train(tmp_path, name, export, callbacks=(), **overrides):
@@ -51,10 +43,16 @@ def _train(tmp_path, name, export, callbacks=(), **overrides):
 def test_streamed_folder_equals_save_pretrained(tmp_path, tie, dtype):
     model = tiny_llama(tie=tie, dtype=dtype)
     averages = {p: torch.randn(p.shape, dtype=torch.float64).float() for p in model.parameters()}
+    plain = tiny_llama(tie=tie, dtype=dtype)  # the same weights, saved by the model itself
+    with torch.no_grad():
+        for param, average in zip(plain.parameters(), averages.values(), strict=True):
+            param.copy_(average)
     for size in ("50GB", 20_000):  # one file, and several shards with an index
         sync = save_averaged_model(model, averages, tmp_path / f"sync-{size}", stream=False, max_shard_size=size)
         streamed = save_averaged_model(model, averages, tmp_path / f"stream-{size}", stream=True, max_shard_size=size)
+        plain.save_pretrained(tmp_path / f"plain-{size}", max_shard_size=size)
         _assert_same(streamed, sync)
+        _assert_same(streamed, tmp_path / f"plain-{size}")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "stream-20000", dtype=dtype)
     for param, average in zip(model.parameters(), averages.values(), strict=True):
         name = next(n for n, p in model.named_parameters() if p is param)
