@@ -14,10 +14,12 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..io.cards import build_model_card
-from ..io.folders import atomic_directory, copy_model_folder
+from ..io.folders import atomic_directory, copy_model_folder, reporting_disk_full
 from ..online.config import PmaConfig
 from ..online.distributed import is_dtensor, unwrap_model
 from ..online.engine import AVG_KEY, PmaEngine
@@ -83,7 +85,7 @@ def save_averaged_model(
         if not is_main_process:
             write_streamed(None, layout, entries, fetch)
             return None
-        with atomic_directory(path, overwrite=True) as tmp:
+        with _building(path) as tmp:
             write_streamed(tmp, layout, entries, fetch)
             write_side_files(model, tmp, processing_class, model_card)
         return Path(path)
@@ -110,10 +112,17 @@ def save_live_model(
     return save_averaged_model(model, {}, path, processing_class=processing_class, is_main_process=is_main_process)
 
 
+@contextmanager
+def _building(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder that replaces ``path`` when complete; a full disk is one line naming ``path``."""
+    with reporting_disk_full(path), atomic_directory(path, overwrite=True) as tmp:
+        yield tmp
+
+
 def _write_model_folder(
     model, state_dict: dict, path, processing_class, model_card: str | None, max_shard_size: int | str
 ) -> Path:
-    with atomic_directory(path, overwrite=True) as tmp:
+    with _building(path) as tmp:
         model.save_pretrained(tmp, state_dict=state_dict, max_shard_size=max_shard_size)
         if processing_class is not None and hasattr(processing_class, "save_pretrained"):
             processing_class.save_pretrained(tmp)
@@ -199,7 +208,9 @@ class PmaExporter:
         return folder
 
     def _publish_latest(self, folder: Path, steps: list[int]) -> None:
-        copy_model_folder(folder, self.output_dir / LATEST_DIR)
+        latest = self.output_dir / LATEST_DIR
+        with reporting_disk_full(latest):
+            copy_model_folder(folder, latest)
         self._rotate()
         logger.info("PMA: wrote the merge of steps %s to %s", steps, folder)
 
@@ -280,7 +291,7 @@ class PmaExporter:
             if not self.is_main_process:
                 write_streamed(None, layout, entries, fetch)
                 return
-            with atomic_directory(folder, overwrite=True) as tmp:
+            with _building(folder) as tmp:
                 write_streamed(tmp, layout, entries, fetch)
                 write_side_files(model, tmp, self.processing_class, card)
             if publish is not None:
