@@ -131,3 +131,17 @@ def test_sample_store_and_exports_draw_bars_only_when_the_trainer_does(tmp_path,
         assert "Writing model shards" not in err and "%|" not in err, err[-2000:]
     else:  # as transformers does: one bar per `save_pretrained` (3 samples, then the pma-6 export)
         assert err.count("Writing model shards: 100%") == 4, err[-2000:]
+
+
+def test_optimizer_route_exports_follow_the_trainer_arguments_disable_tqdm(tmp_path, capfd):
+    from transformers import Trainer
+
+    from pmakit import create_pma_optimizer
+    from tests.helpers.training import plain_args
+
+    model, args = tiny_llama(), plain_args(tmp_path)  # disable_tqdm=True
+    optimizers = create_pma_optimizer(model, {"interleave_step": 2, "fused_num": 3}, args=args)
+    capfd.readouterr()
+    Trainer(model=model, args=args, train_dataset=TokenDataset(), optimizers=optimizers).train()
+    assert (tmp_path / "pma-6" / "model.safetensors").is_file()
+    assert "Writing model shards" not in capfd.readouterr().err
