@@ -24,15 +24,12 @@ def export_run(tmp_path_factory):
 
 
 def _assert_same_folder(left, right):
+    """Byte-identical folders: same files, safetensors headers (order, metadata), shard split, index and JSON."""
     names = sorted(p.name for p in left.iterdir())
     assert names == sorted(p.name for p in right.iterdir())
-    a, b = load_folder(left), load_folder(right)
-    assert a.keys() == b.keys() and a
-    for name in a:
-        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+    assert "config.json" in names and any(n.endswith(".safetensors") for n in names), names
     for name in names:
-        if name.endswith(".json"):
-            assert json.loads((left / name).read_text()) == json.loads((right / name).read_text()), name
+        assert (left / name).read_bytes() == (right / name).read_bytes(), name
 
 
 def test_streamed_export_memory_stays_below_a_full_copy(export_run):

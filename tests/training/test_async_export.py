@@ -1,6 +1,8 @@
 """Background exports (`pma_export="async"`) and streamed folders on one process, with a real Trainer."""
 
-import json
+import errno
+import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -8,31 +10,27 @@ import time
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 import pmakit.training.streaming as streaming
 from pmakit import PmaConfig, PmaTrainer
+from pmakit.io.folders import DiskFullError
+from pmakit.io.safetensors import ShardWriter
 from pmakit.training.background import BackgroundExportError, BackgroundWriter
 from pmakit.training.export import save_averaged_model
 from tests.distributed.launch import ROOT
 from tests.helpers.models import TokenDataset, tiny_llama
-from tests.helpers.training import load_folder, pma_args
-
-
-def _folder_facts(folder):
-    tensors = load_folder(folder)
-    jsons = {p.name: json.loads(p.read_text()) for p in folder.glob("*.json")}
-    return sorted(p.name for p in folder.iterdir()), tensors, jsons
+from tests.helpers.training import pma_args
 
 
 def _assert_same(left, right):
-    names_a, tensors_a, jsons_a = _folder_facts(left)
-    names_b, tensors_b, jsons_b = _folder_facts(right)
-    assert names_a == names_b
-    assert tensors_a.keys() == tensors_b.keys() and tensors_a
-    for name in tensors_a:
-        assert tensors_a[name].dtype == tensors_b[name].dtype and torch.equal(tensors_a[name], tensors_b[name]), name
-    assert jsons_a == jsons_b
+    """Byte-identical folders: same files, same safetensors headers (order, metadata), shards, index and JSON."""
+    names = sorted(p.name for p in left.iterdir())
+    assert names == sorted(p.name for p in right.iterdir())
+    assert "config.json" in names and any(n.endswith(".safetensors") for n in names), names
+    for name in names:
+        assert (left / name).read_bytes() == (right / name).read_bytes(), name
 
 
 def _train(tmp_path, name, export, callbacks=(), **overrides):
@@ -51,10 +49,16 @@ def _train(tmp_path, name, export, callbacks=(), **overrides):
 def test_streamed_folder_equals_save_pretrained(tmp_path, tie, dtype):
     model = tiny_llama(tie=tie, dtype=dtype)
     averages = {p: torch.randn(p.shape, dtype=torch.float64).float() for p in model.parameters()}
+    plain = tiny_llama(tie=tie, dtype=dtype)  # the same weights, saved by the model itself
+    with torch.no_grad():
+        for param, average in zip(plain.parameters(), averages.values(), strict=True):
+            param.copy_(average)
     for size in ("50GB", 20_000):  # one file, and several shards with an index
         sync = save_averaged_model(model, averages, tmp_path / f"sync-{size}", stream=False, max_shard_size=size)
         streamed = save_averaged_model(model, averages, tmp_path / f"stream-{size}", stream=True, max_shard_size=size)
+        plain.save_pretrained(tmp_path / f"plain-{size}", max_shard_size=size)
         _assert_same(streamed, sync)
+        _assert_same(streamed, tmp_path / f"plain-{size}")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "stream-20000", dtype=dtype)
     for param, average in zip(model.parameters(), averages.values(), strict=True):
         name = next(n for n, p in model.named_parameters() if p is param)
@@ -210,3 +214,75 @@ def test_async_falls_back_to_sync_for_peft_adapters(tmp_path):
     folder = tmp_path / "pma-6"
     assert (folder / "adapter_model.safetensors").is_file() and not (folder / "model.safetensors").exists()
     assert not callback.exporter.background.busy
+
+
+# ---------------------------------------------------------------- a full disk: one line naming the folder
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _fill_safetensors_writer(monkeypatch):
+    """What safetensors' (Rust) writer raises on a full disk, where `save_pretrained` writes a shard."""
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("transformers.modeling_utils.safe_save_file", full)
+
+
+def _fill_shard_reservation(monkeypatch):
+    monkeypatch.setattr(os, "posix_fallocate", _no_space)  # the streamed writer claims each shard's space first
+
+
+def _fill_shard_write(monkeypatch):
+    monkeypatch.setattr(ShardWriter, "write", _no_space)  # a disk that fills up after the space was claimed
+
+
+def _fill_latest_copy(monkeypatch):
+    """`pma-N` is written, then copying it to `pma/` fills the disk at the weights (copytree's error list)."""
+    real = shutil.copyfile
+
+    def copyfile(src, dst, *args, **kwargs):
+        if os.fspath(src).endswith(".safetensors"):
+            _no_space()
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "copyfile", copyfile)
+
+
+@pytest.mark.parametrize(
+    "export, fill, folder",
+    [
+        ("sync", _fill_safetensors_writer, "pma-6"),
+        ("async", _fill_shard_reservation, "pma-6"),
+        ("async", _fill_shard_write, "pma-6"),
+        ("sync", _fill_latest_copy, "pma"),
+        ("async", _fill_latest_copy, "pma"),
+    ],
+    ids=["save_pretrained", "reserve", "write", "copy-sync", "copy-async"],
+)
+def test_full_disk_during_export_is_one_line_naming_the_folder(tmp_path, monkeypatch, export, fill, folder):
+    fill(monkeypatch)
+    run = tmp_path / "run"
+    with pytest.raises((OSError, BackgroundExportError)) as info:  # async: at the next join
+        _train(tmp_path, "run", export, max_steps=6)
+    err = info.value.__cause__ if isinstance(info.value, BackgroundExportError) else info.value
+    assert isinstance(err, DiskFullError) and err.errno == errno.ENOSPC, repr(info.value)
+    message = str(info.value)
+    assert "\n" not in message and f"to write {run / folder};" in message, message
+    assert not (run / folder).exists(), "nothing partial in place"
+    assert not [p.name for p in run.iterdir() if p.name.startswith("_")], "the temporary folder is removed"
+    if folder == "pma":  # the cycle's own folder was complete before the copy failed
+        assert (run / "pma-6" / "config.json").is_file()
+
+
+def test_full_disk_keeps_the_folder_it_would_replace(tmp_path, monkeypatch):
+    model = tiny_llama()
+    first = {p: torch.zeros_like(p) for p in model.parameters()}
+    folder = save_averaged_model(model, first, tmp_path / "pma", stream=True)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    _fill_shard_write(monkeypatch)
+    with pytest.raises(DiskFullError, match=r"^\[Errno 28\] No space left on device to write .*pma; it was left"):
+        save_averaged_model(model, {p: torch.ones_like(p) for p in model.parameters()}, folder, stream=True)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["pma"]

@@ -117,3 +117,31 @@ def test_config_takes_a_callable_shape_and_checks_its_running_form():
     assert config.rule.weights_for(4) == pytest.approx([7 / 16, 5 / 16, 3 / 16, 1 / 16])
     with pytest.raises(ValueError, match="`decay_shape`: The decay shape stays at 1"):
         PmaConfig(fused_algo="decay", decay_shape=lambda x: 1.0 if x < 0.5 else 2 - 2 * x, fused_num=4)
+
+
+@pytest.mark.parametrize(
+    "disable_tqdm, export", [(True, "sync"), (True, "async"), (False, "sync")], ids=["quiet", "quiet-async", "bars"]
+)
+def test_sample_store_and_exports_draw_bars_only_when_the_trainer_does(tmp_path, capfd, disable_tqdm, export):
+    capfd.readouterr()
+    train(tmp_path, max_steps=6, pma_sample_store=True, pma_export=export, disable_tqdm=disable_tqdm)
+    err = capfd.readouterr().err
+    assert len(stored_samples(tmp_path)) == 3 and (tmp_path / "pma-6").is_dir() and (tmp_path / "pma").is_dir()
+    if disable_tqdm:
+        assert "Writing model shards" not in err and "%|" not in err, err[-2000:]
+    else:  # as transformers does: one bar per `save_pretrained` (3 samples, then the pma-6 export)
+        assert err.count("Writing model shards: 100%") == 4, err[-2000:]
+
+
+def test_optimizer_route_exports_follow_the_trainer_arguments_disable_tqdm(tmp_path, capfd):
+    from transformers import Trainer
+
+    from pmakit import create_pma_optimizer
+    from tests.helpers.training import plain_args
+
+    model, args = tiny_llama(), plain_args(tmp_path)  # disable_tqdm=True
+    optimizers = create_pma_optimizer(model, {"interleave_step": 2, "fused_num": 3}, args=args)
+    capfd.readouterr()
+    Trainer(model=model, args=args, train_dataset=TokenDataset(), optimizers=optimizers).train()
+    assert (tmp_path / "pma-6" / "model.safetensors").is_file()
+    assert "Writing model shards" not in capfd.readouterr().err

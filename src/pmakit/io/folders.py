@@ -21,6 +21,7 @@ of ``mkdtemp``.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -40,6 +41,7 @@ except ImportError:  # pragma: no cover - Windows: no stale temporary is ever re
 
 
 __all__ = [
+    "DiskFullError",
     "OutputBusyError",
     "atomic_directory",
     "check_output_outside_inputs",
@@ -47,6 +49,7 @@ __all__ = [
     "output_lock",
     "publish_directory",
     "remove_stale_temporaries",
+    "reporting_disk_full",
 ]
 
 # `tempfile.mkdtemp` names: prefix `_<name>.`, 8 characters of [a-z0-9_], suffix `.tmp` or `.old`.
@@ -197,6 +200,47 @@ def _current_umask() -> int:
     mask = os.umask(0o022)  # elsewhere: read it by setting it, then put it back at once
     os.umask(mask)
     return mask
+
+
+class DiskFullError(OSError):
+    """The disk filled up while a folder was written (errno ``ENOSPC``); the one-line message names the folder."""
+
+
+_NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device"
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    """Whether ``err`` (or what caused it) is a full disk: an ENOSPC OSError, a `shutil.copytree` error list
+    with one, or a library error that only carries the text (safetensors' writer)."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        if isinstance(err, shutil.Error) and err.args and isinstance(err.args[0], list):
+            return any(_NO_SPACE in str(entry) for entry in err.args[0])
+        if _NO_SPACE in str(err) or "StorageFull" in str(err):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
+@contextmanager
+def reporting_disk_full(target: str | os.PathLike) -> Iterator[None]:
+    """Turn a full disk inside the block into one `DiskFullError` line naming ``target``.
+
+    Wrap `atomic_directory` (or a copy built with it) so that its temporary folder is removed
+    first: the message can then say that ``target`` was left as it was. Other errors pass through.
+    """
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as err:
+        if not _is_disk_full(err):
+            raise
+        raise DiskFullError(
+            errno.ENOSPC, f"No space left on device to write {Path(target)}; it was left as it was (free some space)"
+        ) from None
 
 
 def copy_model_folder(source: str | os.PathLike, path: str | os.PathLike) -> Path:

@@ -286,8 +286,26 @@ def plan_shards(tensors: list[OutputTensor], max_shard_size: int, stem: str = "m
     return [f"{stem}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
+# The order of safetensors' own writer (``safetensors.serialize``): by dtype, in this order, then by
+# name. Writing that order makes a file byte-identical to ``save_pretrained``'s of the same tensors.
+_DTYPE_ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E4M3", "F8_E5M2")
+_DTYPE_ORDER += ("I8", "U8", "BOOL")
+_DTYPE_RANK = {name: rank for rank, name in enumerate(_DTYPE_ORDER)}
+
+
+def _canonical_order(tensor: OutputTensor) -> tuple[int, bytes]:
+    """A tensor's place in its shard as safetensors writes it (names compare as UTF-8 bytes)."""
+    return _DTYPE_RANK.get(tensor.dtype, len(_DTYPE_RANK)), tensor.name.encode("utf-8")
+
+
 class ShardWriter:
-    """Writes planned shards: headers and file sizes first, then blocks at their offsets from any thread."""
+    """Writes planned shards: headers and file sizes first, then blocks at their offsets from any thread.
+
+    Each shard's header and data follow safetensors' own order and JSON form (metadata first,
+    then tensors by dtype and name, compact, space-padded to 8 bytes), so the same tensors give the
+    same bytes as ``safetensors.torch.save_file`` and ``save_pretrained``, whatever order they are
+    planned or written in.
+    """
 
     def __init__(
         self, folder: Path, tensors: list[OutputTensor], names: list[str], metadata: dict | None = None
@@ -298,7 +316,7 @@ class ShardWriter:
         self.fds: list[int] = []
         meta = {"format": "pt", **(metadata or {})}
         for index, name in enumerate(names):
-            members = [t for t in tensors if t.shard == index]
+            members = sorted((t for t in tensors if t.shard == index), key=_canonical_order)
             header: dict = {"__metadata__": meta}
             position = 0
             for t in members:
@@ -308,7 +326,7 @@ class ShardWriter:
                     "data_offsets": [position, position + t.nbytes],
                 }
                 position += t.nbytes
-            raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+            raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
             raw += b" " * (-len(raw) % 8)
             base = 8 + len(raw)
             for t in members:

@@ -7,8 +7,9 @@ asked, and finishes `pma/` at the end of training.
 When training starts (or resumes) it also: removes the temporaries of `pma`/`pma-<step>`
 folders whose writer died (`kill -9` mid-export; `pmakit.io.folders.remove_stale_temporaries`),
 counts optimizer steps from the Trainer's ``global_step`` when the checkpoint carried no PMA
-counters (a run resumed with PMA for the first time), and silences the "Writing model shards"
-bars of its exports when the Trainer's own bars are off (``disable_tqdm``).
+counters (a run resumed with PMA for the first time), and hands the Trainer's ``disable_tqdm`` to
+its exports and sample store, so they draw no "Writing model shards" bar when the Trainer's own
+bars are off.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.utils import logging as hf_logging
 
 from ..io.folders import remove_stale_temporaries
 from ..online.config import PmaConfig
@@ -38,19 +38,6 @@ _PMA_FOLDER_RE = re.compile(rf"^(?:{re.escape(LATEST_DIR)}|{re.escape(PMA_PREFIX
 def remove_stale_pma_temporaries(output_dir: str | Path) -> list[Path]:
     """Delete what dead writers left of ``pma``/``pma-<step>`` folders in ``output_dir`` (no other folder)."""
     return remove_stale_temporaries(output_dir, lambda name: _PMA_FOLDER_RE.match(name) is not None)
-
-
-@contextmanager
-def progress_bars(enabled: bool) -> Iterator[None]:
-    """Turn transformers' progress bars ("Writing model shards") off for the block unless ``enabled``."""
-    if enabled or not hf_logging.is_progress_bar_enabled():
-        yield
-        return
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.enable_progress_bar()
 
 
 @contextmanager
@@ -100,7 +87,6 @@ class PmaCallback(TrainerCallback):
         self.engine: PmaEngine | None = None
         self.exporter: PmaExporter | None = None
         self._in_pma_eval = False
-        self._quiet = False
 
     def attach(self, optimizer) -> PmaEngine:
         """Attach (once) the PMA engine to ``optimizer`` and return it."""
@@ -113,7 +99,6 @@ class PmaCallback(TrainerCallback):
             raise RuntimeError("PmaCallback needs the Trainer's optimizer, but the Trainer passed none.")
         engine = self.attach(optimizer)
         engine.start_counting_at(state.global_step)
-        self._quiet = bool(args.disable_tqdm)
         if args.should_save:
             remove_stale_pma_temporaries(args.output_dir)
         if self.config.eval and self.trainer is None:
@@ -127,6 +112,7 @@ class PmaCallback(TrainerCallback):
             self.config,
             processing_class=kwargs.get("processing_class"),
             is_main_process=args.should_save,
+            disable_tqdm=bool(args.disable_tqdm),
         )
         engine._handlers = [h for h in engine._handlers if not _is_export_handler(h)]
         engine.add_cycle_handler(self._export_cycle)
@@ -145,13 +131,13 @@ class PmaCallback(TrainerCallback):
                 self.config,
                 processing_class=kwargs.get("processing_class"),
                 is_main_process=args.should_save,
+                disable_tqdm=bool(args.disable_tqdm),
             )
             engine.add_sample_handler(store)
 
     def _export_cycle(self, engine: PmaEngine, step: int) -> None:
-        """The engine's cycle handler: the exporter, with the Trainer's progress-bar setting."""
-        with progress_bars(not self._quiet):
-            self.exporter(engine, step)
+        """The engine's cycle handler: the exporter (which has the Trainer's progress-bar setting)."""
+        self.exporter(engine, step)
 
     def _check_resumed_precision(self, engine: PmaEngine) -> None:
         state = engine.optimizer.state
@@ -205,8 +191,7 @@ class PmaCallback(TrainerCallback):
     def _finish_latest(self) -> None:
         """Make sure ``pma/`` holds the latest merge (an unfinished cycle's average if none completed)."""
         if self.engine is not None and self.exporter is not None:
-            with progress_bars(not self._quiet):
-                self.exporter.finish(self.engine)
+            self.exporter.finish(self.engine)
 
 
 def _is_export_handler(handler) -> bool:

@@ -14,10 +14,12 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..io.cards import build_model_card
-from ..io.folders import atomic_directory, copy_model_folder
+from ..io.folders import atomic_directory, copy_model_folder, reporting_disk_full
 from ..online.config import PmaConfig
 from ..online.distributed import is_dtensor, unwrap_model
 from ..online.engine import AVG_KEY, PmaEngine
@@ -33,7 +35,7 @@ from .background import BackgroundWriter, side_process_group
 from .streaming import DEFAULT_MAX_SHARD_SIZE, plan_layout, streamable, write_side_files, write_streamed
 
 
-__all__ = ["LATEST_DIR", "PMA_PREFIX", "PmaExporter", "save_averaged_model", "save_live_model"]
+__all__ = ["LATEST_DIR", "PMA_PREFIX", "PmaExporter", "progress_bars", "save_averaged_model", "save_live_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ def save_averaged_model(
         if not is_main_process:
             write_streamed(None, layout, entries, fetch)
             return None
-        with atomic_directory(path, overwrite=True) as tmp:
+        with _building(path) as tmp:
             write_streamed(tmp, layout, entries, fetch)
             write_side_files(model, tmp, processing_class, model_card)
         return Path(path)
@@ -110,10 +112,37 @@ def save_live_model(
     return save_averaged_model(model, {}, path, processing_class=processing_class, is_main_process=is_main_process)
 
 
+@contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """Turn transformers' progress bars ("Writing model shards") off for the block unless ``enabled``.
+
+    Exports pass their Trainer's ``not disable_tqdm``, so a run without bars prints none for its PMA
+    folders either, and one with bars shows ``save_pretrained``'s as the Trainer's own saves do.
+    Streamed and background exports draw no bar.
+    """
+    from transformers.utils import logging as hf_logging
+
+    if enabled or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
+@contextmanager
+def _building(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder that replaces ``path`` when complete; a full disk is one line naming ``path``."""
+    with reporting_disk_full(path), atomic_directory(path, overwrite=True) as tmp:
+        yield tmp
+
+
 def _write_model_folder(
     model, state_dict: dict, path, processing_class, model_card: str | None, max_shard_size: int | str
 ) -> Path:
-    with atomic_directory(path, overwrite=True) as tmp:
+    with _building(path) as tmp:
         model.save_pretrained(tmp, state_dict=state_dict, max_shard_size=max_shard_size)
         if processing_class is not None and hasattr(processing_class, "save_pretrained"):
             processing_class.save_pretrained(tmp)
@@ -153,6 +182,7 @@ class PmaExporter:
     With ``save`` on, each cycle end writes ``output_dir/pma-<step>`` and refreshes
     ``output_dir/pma`` (the latest merge); with ``save`` off only ``pma`` is kept.
     Only the main process writes; every process must call it (sharded exports gather).
+    ``disable_tqdm`` (the Trainer's setting) turns off ``save_pretrained``'s "Writing model shards" bar.
     With ``config.export == "async"`` the folder is written by a background thread (see
     `pmakit.training.background`); `join` waits for it, and the engine joins it before it touches
     the average again (next fold, checkpoint save, reads).
@@ -166,12 +196,14 @@ class PmaExporter:
         *,
         processing_class=None,
         is_main_process: bool = True,
+        disable_tqdm: bool = False,
     ) -> None:
         self.model = model
         self.output_dir = Path(output_dir)
         self.config = config
         self.processing_class = processing_class
         self.is_main_process = is_main_process
+        self.disable_tqdm = disable_tqdm
         self.background = BackgroundWriter()
         self._warned_sync = False
 
@@ -199,7 +231,9 @@ class PmaExporter:
         return folder
 
     def _publish_latest(self, folder: Path, steps: list[int]) -> None:
-        copy_model_folder(folder, self.output_dir / LATEST_DIR)
+        latest = self.output_dir / LATEST_DIR
+        with reporting_disk_full(latest):
+            copy_model_folder(folder, latest)
         self._rotate()
         logger.info("PMA: wrote the merge of steps %s to %s", steps, folder)
 
@@ -241,15 +275,16 @@ class PmaExporter:
         model = unwrap_model(self.model)
         card = self.model_card(model, step, steps) if self.is_main_process else None
         deepspeed = getattr(engine, "deepspeed", False)
-        return save_averaged_model(
-            model,
-            {} if deepspeed else engine.averages(),
-            folder,
-            processing_class=self.processing_class,
-            model_card=card,
-            is_main_process=self.is_main_process,
-            optimizer_state_key=AVG_KEY if deepspeed else None,
-        )
+        with progress_bars(not self.disable_tqdm):
+            return save_averaged_model(
+                model,
+                {} if deepspeed else engine.averages(),
+                folder,
+                processing_class=self.processing_class,
+                model_card=card,
+                is_main_process=self.is_main_process,
+                optimizer_state_key=AVG_KEY if deepspeed else None,
+            )
 
     def _start_background(self, engine: PmaEngine, folder: Path, step: int, steps: list[int], publish) -> bool:
         """Snapshot this rank's share of the average and start the writer thread; False: export synchronously.
@@ -280,7 +315,7 @@ class PmaExporter:
             if not self.is_main_process:
                 write_streamed(None, layout, entries, fetch)
                 return
-            with atomic_directory(folder, overwrite=True) as tmp:
+            with _building(folder) as tmp:
                 write_streamed(tmp, layout, entries, fetch)
                 write_side_files(model, tmp, self.processing_class, card)
             if publish is not None:

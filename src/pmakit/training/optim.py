@@ -35,7 +35,9 @@ def _as_config(pma: PmaConfig | dict | None) -> PmaConfig:
     raise TypeError(f"`pma` must be a PmaConfig or a dict of its fields, got {type(pma).__name__}.")
 
 
-def _attach(optimizer, config: PmaConfig, model, output_dir, processing_class) -> PmaEngine:
+def _attach(
+    optimizer, config: PmaConfig, model, output_dir, processing_class, disable_tqdm: bool = False
+) -> PmaEngine:
     engine = attach_engine(optimizer, config)
     if output_dir is not None:
         if is_main_process():
@@ -47,7 +49,12 @@ def _attach(optimizer, config: PmaConfig, model, output_dir, processing_class) -
             )
         engine.add_cycle_handler(
             PmaExporter(
-                model, output_dir, config, processing_class=processing_class, is_main_process=is_main_process()
+                model,
+                output_dir,
+                config,
+                processing_class=processing_class,
+                is_main_process=is_main_process(),
+                disable_tqdm=disable_tqdm,
             )
         )
     return engine
@@ -151,7 +158,8 @@ def create_pma_optimizer(
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kwargs = {**settings["optimizer_kwargs"], **optimizer_kwargs}
     optimizer = optimizer_cls([g for g in groups if g["params"]], lr=lr, **kwargs)
-    _attach(optimizer, _as_config(pma), model, output_dir, processing_class)
+    quiet = bool(args is not None and args.disable_tqdm)  # the Trainer's bar setting covers the PMA folders too
+    _attach(optimizer, _as_config(pma), model, output_dir, processing_class, disable_tqdm=quiet)
     scheduler = get_scheduler(
         lr_scheduler_type, optimizer, num_warmup_steps=num_warmup_steps, num_training_steps=num_training_steps,
         scheduler_specific_kwargs=settings["scheduler_kwargs"],

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..online.config import PmaConfig
 from ..online.distributed import unwrap_model
 from ..online.engine import PmaEngine
-from .export import save_live_model
+from .export import progress_bars, save_live_model
 
 
 __all__ = ["SAMPLES_DIR", "SAMPLE_PREFIX", "PmaSampleStore", "stored_samples"]
@@ -42,26 +42,36 @@ class PmaSampleStore:
     """Writes the live weights at each stored sample; an engine sample handler (`PmaEngine.add_sample_handler`).
 
     Every process must call it (sharded weights are gathered collectively); only the main process
-    writes and rotates.
+    writes and rotates. ``disable_tqdm`` (the Trainer's setting) turns off the "Writing model
+    shards" bar that ``save_pretrained`` would otherwise draw for every sample.
     """
 
     def __init__(
-        self, model, output_dir: str | Path, config: PmaConfig, *, processing_class=None, is_main_process: bool = True
+        self,
+        model,
+        output_dir: str | Path,
+        config: PmaConfig,
+        *,
+        processing_class=None,
+        is_main_process: bool = True,
+        disable_tqdm: bool = False,
     ) -> None:
         self.model = model
         self.root = Path(output_dir) / SAMPLES_DIR
         self.config = config
         self.processing_class = processing_class
         self.is_main_process = is_main_process
+        self.disable_tqdm = disable_tqdm
 
     def __call__(self, engine: PmaEngine, step: int) -> Path | None:
         folder = self.root / f"{SAMPLE_PREFIX}{step}"
-        written = save_live_model(
-            unwrap_model(self.model),
-            folder,
-            processing_class=self.processing_class,
-            is_main_process=self.is_main_process,
-        )
+        with progress_bars(not self.disable_tqdm):
+            written = save_live_model(
+                unwrap_model(self.model),
+                folder,
+                processing_class=self.processing_class,
+                is_main_process=self.is_main_process,
+            )
         if written is not None:
             self._rotate()
             logger.info("PMA: stored the sample of step %d in %s", step, folder)

@@ -4,8 +4,9 @@ A sharded export (FSDP2 DTensors, DeepSpeed ZeRO) must not collect the whole mod
 process. The output layout follows from the state dict's shapes alone, exactly as
 ``save_pretrained`` would choose it (its shard size default, `huggingface_hub`'s shard split, tied
 weights once under the name it keeps), so every shard's header is written first
-(`pmakit.io.safetensors.ShardWriter`) and each tensor goes to its final offset as soon as it is
-gathered. The main process holds one full tensor at a time.
+(`pmakit.io.safetensors.ShardWriter`, in safetensors' own order: the files are byte-identical to
+``save_pretrained``'s) and each tensor goes to its final offset as soon as it is gathered. The main
+process holds one full tensor at a time.
 
 The weights are written first and ``config.json`` last: a folder left behind by a crash has no
 config, so ``from_pretrained`` refuses it.
