@@ -135,7 +135,16 @@ class Rule:
 
     @classmethod
     def param_names(cls) -> tuple[str, ...]:
+        """The names of the parameters the rule declares, in order."""
         return tuple(p.name for p in cls.params)
+
+    @classmethod
+    def param(cls, name: str) -> Param:
+        """The declared parameter called ``name`` (`KeyError` if none)."""
+        for p in cls.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)
 
     def _check_interval(self, p: Param, value: Any) -> None:
         low, high = p.interval
@@ -238,7 +247,8 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
 def _spec_param(cls: type[Rule], params: list[Param], key: str | int) -> Param:
     if isinstance(key, int):
         if key >= len(params):
-            raise RuleError(f"The `{cls.name}` rule takes {len(params) or 'no'} parameter(s) in a spec.")
+            count = {0: "no parameters", 1: "one parameter"}.get(len(params), f"{len(params)} parameters")
+            raise RuleError(f"The `{cls.name}` rule takes {count} in a spec.")
         return params[key]
     for p in params:
         if p.name == key:

@@ -128,8 +128,8 @@ def _rule_message(err: RuleError, key: str, values: dict, name) -> str:
         users = " or ".join(f"{name('fused_algo')}={u!r}" for u in err.users)
         return f"{field_name} is only used with {users}; got {algo!r}."
     if isinstance(err, MissingParameterError):
-        param = next(p for p in rule_class(algo).params if p.name == err.param)
-        return f"{name('fused_algo')}={algo!r} needs {field_name}: {param.describe_value()}."
+        expects = rule_class(algo).param(err.param).describe_value()
+        return f"{name('fused_algo')}={algo!r} needs {field_name}: {expects}."
     return f"{field_name}: {err}"
 
 
