@@ -50,7 +50,8 @@ class AveragingRule:
     normalize: bool = True
     decay_shape: str | DecayShape | None = None
     params: Mapping[str, Any] | None = field(default=None, hash=False)
-    _rule: Rule = field(default=None, init=False, repr=False, compare=False, hash=False)
+    # the registry's rule object is set in __post_init__ as a plain attribute, not a field: code that walks
+    # the fields (the engine's cycle settings, asdict) sees only the settings
 
     def __post_init__(self) -> None:
         cls = rule_class(self.algo)
@@ -149,7 +150,7 @@ class AveragingRule:
         return name if n is None else f"{name} of {n} sample{'s' if n != 1 else ''}"
 
 
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(AveragingRule) if f.name not in ("algo", "params", "_rule")}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(AveragingRule) if f.name not in ("algo", "params")}
 _SETTING_FIELDS = tuple(_DEFAULTS)  # the settings held as fields, in field order
 
 

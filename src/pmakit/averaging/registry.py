@@ -133,6 +133,9 @@ class Rule:
                 self._check_interval(p, value)
         self.check()
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.settings().items())})"
+
     @classmethod
     def param_names(cls) -> tuple[str, ...]:
         """The names of the parameters the rule declares, in order."""
@@ -214,8 +217,12 @@ def users_of(param: str) -> tuple[str, ...]:
 def unused_parameter(param: str, rule: str) -> UnusedParameterError:
     """The error for a parameter given to a rule that does not use it."""
     users = users_of(param)
-    which = " or ".join(f"`{u}`" for u in users) or "no"
-    noun = "rule" if len(users) < 2 else "rules"
+    if not users:
+        takes = ", ".join(f"`{p}`" for p in rule_class(rule).param_names()) or "no parameters"
+        message = f"No averaging rule has a parameter `{param}`; the `{rule}` rule takes {takes}."
+        return UnusedParameterError(message, param, users)
+    which = " or ".join(f"`{u}`" for u in users)
+    noun = "rule" if len(users) == 1 else "rules"
     return UnusedParameterError(f"`{param}` is only used by the {which} {noun}, not by {rule!r}.", param, users)
 
 
