@@ -47,8 +47,7 @@ _STEP = re.compile(r"^(?:checkpoint|step)-(\d+)$")
 
 
 def parse_rule(spec: str) -> dict:
-    """The `pmakit.merge` keywords of a rule spec (`pmakit.averaging.parse_spec`): ``sma``, ``ema``, ``ema:0.1``,
-    ``ema_corrected``, ``wma``, ``decay:SHAPE``.
+    """The `pmakit.merge` keywords of a rule spec: ``ema``, ``ema:0.1``, ``decay:SHAPE``.
 
     Raises:
         InputError: the rule is unknown or cannot be swept (``weights``), or a parameter is refused (the
