@@ -49,6 +49,8 @@ _STEP = re.compile(r"^(?:checkpoint|step)-(\d+)$")
 def parse_rule(spec: str) -> dict:
     """The `pmakit.merge` keywords of a rule spec: ``ema``, ``ema:0.1``, ``decay:SHAPE``.
 
+    The spec is parsed by `pmakit.averaging.parse_spec` and its parameters checked by the rule.
+
     Raises:
         InputError: the rule is unknown or cannot be swept (``weights``), or a parameter is refused (the
             message lists the valid rules).
