@@ -1,6 +1,6 @@
 """The package's layers import one way, with no cycles: read from the source with `ast`, nothing is run.
 
-averaging, errors  the one averaging law and the error types: pure Python
+averaging, errors  the one averaging law (a package: the registry of rules) and the error types: pure Python
 io                 files and the Hub: no torch
 merging            the offline merger, on io and averaging: no torch
 online             the engine on the optimizer: torch, no transformers
@@ -19,8 +19,15 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "pmakit"
 
-LAYER_OF_PACKAGE = {"io": "io", "merging": "merging", "online": "online", "tools": "tools", "training": "training"}
-LAYER_OF_MODULE = {"averaging": "core", "errors": "core", "cli": "cli", "__init__": "api"}
+LAYER_OF_PACKAGE = {
+    "averaging": "core",
+    "io": "io",
+    "merging": "merging",
+    "online": "online",
+    "tools": "tools",
+    "training": "training",
+}
+LAYER_OF_MODULE = {"errors": "core", "cli": "cli", "__init__": "api"}
 MAY_IMPORT = {
     "core": {"core"},
     "io": {"core", "io"},
@@ -150,3 +157,7 @@ def test_the_checker_sees_lazy_and_relative_imports():
     assert "pmakit.io.hub" in internal  # imported inside a function
     assert {"pmakit.merging.options", "pmakit.merging.plan"} <= internal and "yaml" in external
     assert "torch" in GRAPH["pmakit.online.engine"][1] and "transformers" in GRAPH["pmakit.training.trainer"][1]
+    # the averaging package: each of its modules is checked, and the rules sit on the registry
+    assert {"pmakit.averaging.registry", "pmakit.averaging.rules"} <= GRAPH["pmakit.averaging"][0]
+    assert "pmakit.averaging.registry" in GRAPH["pmakit.averaging.rules"][0]
+    assert layer("pmakit.averaging.rules") == "core"

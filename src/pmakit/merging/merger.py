@@ -179,11 +179,7 @@ def _recipe(plan: MergePlan, options: MergeOptions) -> dict:
     if plan.sources[0].state == "pma":
         recipe["kind"] = "pma-state"  # the inputs' stored PMA averages, not their weights
     recipe["algo"] = rule.algo
-    if rule.algo == "ema":
-        recipe["alpha"] = rule.alpha
-    if rule.algo == "weights":
-        recipe["weights"] = list(rule.weights)
-        recipe["normalize"] = rule.normalize
+    recipe.update(rule.settings())  # every parameter the rule reads, so the recipe re-runs exactly
     settings = options.recipe_settings()
     recipe.update({k: v for k, v in settings.items() if k not in _RESOLVED_KEYS | _PLACEMENT_KEYS})
     if plan.base is not None:

@@ -28,7 +28,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..averaging import ALGORITHMS, AveragingRule
+from ..averaging import ALGORITHMS, AveragingRule, MissingParameterError, UnusedParameterError, rule_class
 from ..errors import InputError, MergeError, brief
 from ..io.dtype_names import canonical_dtype, parse_size
 from ..io.hub_target import HubTarget, check_repo_id
@@ -220,18 +220,14 @@ class MergeOptions:
         Raises:
             MergeError: the rule settings are inconsistent (e.g. ``alpha`` outside (0, 1)).
         """
-        algo = self.algo
-        if self.weights is not None and algo == "sma":
-            algo = "weights"
-        if algo == "weights" and self.weights is None:
-            raise MergeError("`algo='weights'` needs `weights`, one per input.")
-        if self.weights is not None and algo != "weights":
-            raise MergeError(f"`weights` cannot be combined with `algo={brief(self.algo)}`.")
-        extra = {"decay_shape": self.decay_shape} if self.decay_shape is not None else {}
+        algo = "weights" if self.weights is not None and self.algo == "sma" else self.algo
         try:
-            return AveragingRule(algo, self.alpha, self.weights, self.normalize, **extra)
-        except TypeError as e:
-            raise MergeError("`decay_shape` needs the `decay` rule, which this pmakit does not have.") from e
+            return AveragingRule(algo, self.alpha, self.weights, self.normalize, self.decay_shape)
+        except UnusedParameterError as e:
+            raise MergeError(f"`{e.param}` cannot be combined with `algo={self.algo!r}`.") from e
+        except MissingParameterError as e:
+            expects = rule_class(algo).param(e.param).describe_value()
+            raise MergeError(f"`algo={algo!r}` needs `{e.param}`: {expects}.") from e
         except ValueError as e:
             raise MergeError(str(e)) from e
 

@@ -10,12 +10,25 @@ from __future__ import annotations
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 
-from ..averaging import ALGORITHMS, DECAY_SHAPES, AveragingRule, DecayShape, fold_coefficients
+from ..averaging import (
+    ALGORITHMS,
+    DECAY_SHAPES,
+    AveragingRule,
+    DecayShape,
+    MissingParameterError,
+    RangeError,
+    RuleError,
+    UnusedParameterError,
+    fold_coefficients,
+    rule_class,
+)
 
 
 __all__ = ["EXPORT_CHOICES", "OFFLOAD_CHOICES", "PMA_FIELDS", "PMA_HELP", "PmaConfig", "validate_pma_settings"]
 
 OFFLOAD_CHOICES = ("none", "cpu")
+RULE_FIELDS = {"alpha": "ema_alpha", "weights": "fused_weights", "decay_shape": "decay_shape"}
+"""The field that holds each parameter of the averaging rules (online, weights are always normalised)."""
 EXPORT_CHOICES = ("sync", "async")
 
 PMA_HELP = {
@@ -67,23 +80,7 @@ def validate_pma_settings(values: dict, prefix: str = "") -> None:
             raise ValueError(f"{name(key)} must be a positive integer; got {values[key]!r}.")
     if isinstance(values["start_step"], bool) or not isinstance(values["start_step"], int) or values["start_step"] < 0:
         raise ValueError(f"{name('start_step')} must be a non-negative integer; got {values['start_step']!r}.")
-    if algo in ("ema", "ema_corrected") and not (0.0 < float(values["ema_alpha"]) < 1.0):
-        raise ValueError(f"{name('ema_alpha')} must lie in the open interval (0, 1); got {values['ema_alpha']!r}.")
-    _validate_decay_shape(values, name)
-    weights = values.get("fused_weights")
-    if algo == "weights":
-        if not weights or len(weights) != values["fused_num"]:
-            raise ValueError(
-                f"{name('fused_algo')}='weights' needs {name('fused_weights')} with one weight per sample "
-                f"({name('fused_num')}={values['fused_num']}); got {weights!r}."
-            )
-        try:
-            for k in range(1, len(weights) + 1):
-                AveragingRule("weights", weights=tuple(weights)).coefficient(k)
-        except ValueError as err:
-            raise ValueError(f"{name('fused_weights')}: {err}") from None
-    elif weights is not None:
-        raise ValueError(f"{name('fused_weights')} is only used with {name('fused_algo')}='weights'; got {algo!r}.")
+    _validate_rule(values, name)
     if values["offload"] not in OFFLOAD_CHOICES:
         raise ValueError(f"{name('offload')} must be one of {', '.join(OFFLOAD_CHOICES)}; got {values['offload']!r}.")
     export = values.get("export", "sync")
@@ -95,21 +92,45 @@ def validate_pma_settings(values: dict, prefix: str = "") -> None:
             raise ValueError(f"{name(key)} must be a positive integer or None; got {limit!r}.")
 
 
-def _validate_decay_shape(values: dict, name) -> None:
-    """`decay_shape` goes with `fused_algo='decay'` only, and its running form must exist over `fused_num`."""
-    algo, shape = values["fused_algo"], values.get("decay_shape")
-    if algo != "decay":
-        if shape is not None:
-            raise ValueError(f"{name('decay_shape')} is only used with {name('fused_algo')}='decay'; got {algo!r}.")
-        return
-    if shape is None:
-        raise ValueError(
-            f"{name('fused_algo')}='decay' needs {name('decay_shape')}: one of {', '.join(DECAY_SHAPES)}."
-        )
+def _rule_of(values: dict) -> AveragingRule:
+    """The rule the settings describe: each field the rule declares, and the optional ones that are set."""
+    declared = rule_class(values["fused_algo"]).param_names()
+    settings = {
+        param: values.get(key)
+        for param, key in RULE_FIELDS.items()
+        if param in declared or values.get(key) is not None
+    }
+    if settings.get("alpha") is not None:
+        settings["alpha"] = float(settings["alpha"])
+    if settings.get("weights") is not None:
+        settings["weights"] = tuple(settings["weights"])
+    return AveragingRule(values["fused_algo"], **settings)
+
+
+def _validate_rule(values: dict, name) -> None:
+    """The rule's own checks, and its weights and running form over a cycle of `fused_num`; errors name the field."""
     try:
-        fold_coefficients(AveragingRule("decay", decay_shape=shape), values["fused_num"])
-    except ValueError as err:
-        raise ValueError(f"{name('decay_shape')}: {err}") from None
+        rule = _rule_of(values)
+        rule.weights_for(values["fused_num"])
+        fold_coefficients(rule, values["fused_num"])
+    except RuleError as err:
+        raise ValueError(
+            _rule_message(err, RULE_FIELDS.get(err.param, err.param or "fused_algo"), values, name)
+        ) from None
+
+
+def _rule_message(err: RuleError, key: str, values: dict, name) -> str:
+    algo, field_name = values["fused_algo"], name(key)
+    if isinstance(err, RangeError):
+        value = values.get(key, err.value)
+        return f"{field_name} must lie in the open interval ({err.low:g}, {err.high:g}); got {value!r}."
+    if isinstance(err, UnusedParameterError):
+        users = " or ".join(f"{name('fused_algo')}={u!r}" for u in err.users)
+        return f"{field_name} is only used with {users}; got {algo!r}."
+    if isinstance(err, MissingParameterError):
+        expects = rule_class(algo).param(err.param).describe_value()
+        return f"{name('fused_algo')}={algo!r} needs {field_name}: {expects}."
+    return f"{field_name}: {err}"
 
 
 @dataclass
@@ -151,8 +172,11 @@ class PmaConfig:
     @property
     def rule(self) -> AveragingRule:
         """The averaging rule these settings describe."""
-        weights = tuple(self.fused_weights) if self.fused_weights is not None else None
-        return AveragingRule(self.fused_algo, float(self.ema_alpha), weights, decay_shape=self.decay_shape)
+        return _rule_of(vars(self))
+
+    def rule_card_settings(self) -> dict:
+        """The rule's parameters a model card records, under these settings' names (e.g. ``ema_alpha``)."""
+        return {RULE_FIELDS.get(k, k): v for k, v in self.rule.settings(card=True).items()}
 
     @property
     def cycle_steps(self) -> int:

@@ -412,8 +412,7 @@ def _card(method, rule, weights, adapters, base_name, library) -> str:
         "adapters": [str(a.path) for a in adapters],
         "weights": [round(x, 8) for x in weights],
     }
-    if rule.algo == "ema":
-        recipe["alpha"] = rule.alpha
+    recipe.update(rule.settings(card=True))  # e.g. alpha (the weights are listed above)
     return build_model_card(
         title=f"Averaged LoRA adapters ({method})",
         summary=f"The {rule.describe(len(adapters))} of {len(adapters)} LoRA adapters, by {what}",

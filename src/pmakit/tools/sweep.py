@@ -52,29 +52,23 @@ Scorer = Callable[[Path], float]
 _STEP = re.compile(r"^(?:checkpoint|step)-(\d+)$")
 
 
-def _decay_shapes() -> tuple[str, ...]:
-    return tuple(getattr(averaging, "DECAY_SHAPES", {}))
-
-
 def parse_rule(spec: str) -> dict:
-    """The `pmakit.merge` keywords of a rule spec: ``sma``, ``wma``, ``ema``, ``ema_corrected``, ``decay:SHAPE``.
+    """The `pmakit.merge` keywords of a rule spec: ``ema``, ``ema:0.1``, ``decay:SHAPE``.
+
+    The spec is parsed by `pmakit.averaging.parse_spec` and its parameters checked by the rule.
 
     Raises:
-        InputError: the rule or the decay shape is unknown (the message lists the valid ones).
+        InputError: the rule is unknown or cannot be swept (``weights``), or a parameter is refused (the
+            message lists the valid rules).
     """
-    name, _, shape = spec.partition(":")
-    rules = [a for a in averaging.ALGORITHMS if a not in ("weights", "decay")]
-    shapes = _decay_shapes()
-    valid = ", ".join([*rules, *(f"decay:{s}" for s in shapes)])
-    if name == "decay" and shapes:
-        if shape not in shapes:
-            raise InputError(
-                f"Rule {spec!r}: the decay shape must be one of {', '.join(shapes)}; valid rules: {valid}."
-            )
-        return {"algo": "decay", "decay_shape": shape}
-    if name not in rules or shape:
-        raise InputError(f"Unknown sweep rule {spec!r}; valid rules: {valid}.")
-    return {"algo": name}
+    valid = ", ".join(averaging.spec_forms())
+    try:
+        algo, params = averaging.parse_spec(spec)
+    except averaging.UnknownRuleError:
+        raise InputError(f"Unknown sweep rule {spec!r}; valid rules: {valid}.") from None
+    except averaging.RuleError as e:
+        raise InputError(f"Rule {spec!r}: {str(e).rstrip('.')}; valid rules: {valid}.") from None
+    return {"algo": algo, **params}
 
 
 @dataclass(frozen=True)
@@ -166,11 +160,10 @@ def _candidates(rules: Sequence[str], windows: Sequence[int], n_inputs: int) -> 
 
 
 def _candidate_settings(candidate: Candidate, alpha: float, options: dict) -> dict:
-    """The `pmakit.merge` settings of one candidate: the sweep's merge options and the candidate's rule."""
-    kwargs = {**options, **parse_rule(candidate.rule)}
-    if kwargs["algo"] in ("ema", "ema_corrected"):
-        kwargs["alpha"] = alpha
-    return kwargs
+    """The `pmakit.merge` settings of one candidate: the sweep's options, its alpha unless the spec gives one."""
+    rule = parse_rule(candidate.rule)
+    swept = {"alpha": alpha} if "alpha" in averaging.rule_class(rule["algo"]).param_names() else {}
+    return {**options, **swept, **rule}
 
 
 def _merge_candidate(inputs: list[Path], candidate: Candidate, output: Path, alpha: float, options: dict):

@@ -353,10 +353,7 @@ class PmaExporter:
             "sample_steps": steps,
             "weights": [round(w, 8) for w in weights],
         }
-        if config.fused_algo in ("ema", "ema_corrected"):
-            recipe["ema_alpha"] = config.ema_alpha
-        if config.fused_algo == "decay":
-            recipe["decay_shape"] = rule.shape_name
+        recipe.update(config.rule_card_settings())
         summary = (
             f"This model is the {rule.describe(len(steps))} of the weights taken during training at optimizer "
             f"steps {', '.join(map(str, steps))} (every {config.interleave_step} steps), written at step {step} "

@@ -1,0 +1,202 @@
+"""The averaging rules, one small class each; :func:`~pmakit.averaging.registry.register` lists them.
+
+The order of the classes is the order of ``ALGORITHMS``. A new rule is one more class here (or in
+any module that registers it when imported) and its tests.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from .registry import MissingParameterError, Param, Rule, RuleError, register
+from .shapes import DECAY_SHAPES, DecayShape, check_decay_shape, shape_name
+
+
+__all__ = ["Decay", "Ema", "EmaCorrected", "ExplicitWeights", "Sma", "Wma"]
+
+ALPHA = Param(
+    "alpha",
+    "EMA weight of the newest sample, in (0, 1).",
+    default=0.2,
+    interval=(0.0, 1.0),
+    parse=float,
+    expects="a number in (0, 1)",
+)
+
+
+@register
+class Sma(Rule):
+    """Equal weights ``1/n``; ``c_k = 1/k``."""
+
+    name, title = "sma", "SMA"
+
+    def weights_for(self, n: int, steps: Sequence[int] | None = None) -> list[float]:
+        return [1.0 / n] * n
+
+    def coefficient(self, k: int, n: int | None = None, steps: Sequence[int] | None = None) -> float:
+        return 1.0 / k
+
+
+@register
+class Ema(Rule):
+    """EMA started at the first sample: ``(1-a)^(n-1)`` for ``x_1``, ``a(1-a)^(n-i)`` after; ``c_k = a``."""
+
+    name, title, params = "ema", "EMA", (ALPHA,)
+
+    def weights_for(self, n: int, steps: Sequence[int] | None = None) -> list[float]:
+        a = self.alpha
+        return [(1 - a) ** (n - 1)] + [a * (1 - a) ** (n - i) for i in range(2, n + 1)]
+
+    def coefficient(self, k: int, n: int | None = None, steps: Sequence[int] | None = None) -> float:
+        return self.alpha
+
+    def words(self) -> str:
+        return f"EMA (alpha={self.alpha:g})"
+
+
+@register
+class EmaCorrected(Rule):
+    """Zero-start EMA divided by its total ``1-(1-a)^n``: ``a(1-a)^(n-i) / (1-(1-a)^n)``; ``c_k = a / (1-(1-a)^k)``."""
+
+    name, title, params = "ema_corrected", "bias-corrected EMA", (ALPHA,)
+
+    def weights_for(self, n: int, steps: Sequence[int] | None = None) -> list[float]:
+        a = self.alpha
+        total = -math.expm1(n * math.log1p(-a))  # 1 - (1-a)^n, accurate for tiny alpha
+        return [a * (1 - a) ** (n - i) / total for i in range(1, n + 1)]
+
+    def coefficient(self, k: int, n: int | None = None, steps: Sequence[int] | None = None) -> float:
+        return self.alpha / -math.expm1(k * math.log1p(-self.alpha))
+
+    def words(self) -> str:
+        return f"bias-corrected EMA (alpha={self.alpha:g})"
+
+
+@register
+class Wma(Rule):
+    """Linear weights ``i / (n(n+1)/2)`` (newest most); ``c_k = 2/(k+1)``."""
+
+    name, title = "wma", "WMA"
+
+    def weights_for(self, n: int, steps: Sequence[int] | None = None) -> list[float]:
+        total = n * (n + 1) / 2
+        return [i / total for i in range(1, n + 1)]
+
+    def coefficient(self, k: int, n: int | None = None, steps: Sequence[int] | None = None) -> float:
+        return 2.0 / (k + 1)
+
+
+@register
+class ExplicitWeights(Rule):
+    """Given weights ``w_i / sum(w)`` (or as given, without a running form); ``c_k = w_k / sum_{j<=k} w_j``."""
+
+    name, title = "weights", "weighted average"
+    params = (
+        Param(
+            "weights",
+            "Explicit per-sample weights, oldest first.",
+            required=True,
+            expects="one weight per sample",
+            card=False,
+        ),
+        Param("normalize", "Divide the weights by their sum (off: use them as given).", default=True, card=False),
+    )
+
+    def check(self) -> None:
+        if not self.weights:
+            raise MissingParameterError("The `weights` rule needs a non-empty list of weights.", "weights")
+        self.weights = tuple(float(w) for w in self.weights)
+        if not all(math.isfinite(w) for w in self.weights):
+            raise RuleError(f"Weights must be finite numbers, got {list(self.weights)}.", "weights")
+        if self.normalize and sum(self.weights) == 0:
+            raise RuleError(
+                f"Weights {list(self.weights)} sum to zero, so they cannot be normalised; "
+                "pass normalize=False to use them as given.",
+                "weights",
+            )
+
+    def weights_for(self, n: int, steps: Sequence[int] | None = None) -> list[float]:
+        if n != len(self.weights):
+            raise RuleError(f"Got {len(self.weights)} weights for {n} samples; give one weight per sample.", "weights")
+        if not self.normalize:
+            return list(self.weights)
+        total = sum(self.weights)
+        return [w / total for w in self.weights]
+
+    def coefficient(self, k: int, n: int | None = None, steps: Sequence[int] | None = None) -> float:
+        if not self.normalize:
+            message = "Unnormalised weights have no running form; use the closed form `weights_for`."
+            raise RuleError(message, "normalize")
+        if k > len(self.weights):
+            raise RuleError(f"Only {len(self.weights)} weights were given, but sample {k} arrived.", "weights")
+        partial = sum(self.weights[:k])
+        if partial == 0:
+            raise RuleError(
+                f"The first {k} weights sum to zero, so the running average is undefined there; "
+                "reorder the weights or merge offline with the closed form.",
+                "weights",
+            )
+        return self.weights[k - 1] / partial
+
+    def words(self) -> str:
+        return "weighted average" if self.normalize else "weighted sum"
+
+    def recorded(self, name: str) -> Any:
+        return list(self.weights) if name == "weights" else super().recorded(name)
+
+
+@register
+class Decay(Rule):
+    """A merge standing in for an LR decay ``d`` (WSM): ``d((i-1)/n) - d(i/n)``; ``c_k = w_k / (1 - d(k/n))``."""
+
+    name, title = "decay", "decay-shaped merge"
+    params = (
+        Param(
+            "decay_shape",
+            "Shape d of the decay: a name in DECAY_SHAPES, or from Python a callable with d(0) = 1 and d(1) = 0.",
+            required=True,
+            parse=str,
+            choices=tuple(DECAY_SHAPES),
+        ),
+    )
+
+    def check(self) -> None:
+        check_decay_shape(self.decay_shape)
+
+    @property
+    def shape(self) -> DecayShape:
+        """The decay shape as a function."""
+        return DECAY_SHAPES[self.decay_shape] if isinstance(self.decay_shape, str) else self.decay_shape
+
+    @property
+    def shape_name(self) -> str:
+        """The decay shape's name (a callable's ``__name__``)."""
+        return shape_name(self.decay_shape)
+
+    def weights_for(self, n: int, steps: Sequence[int] | None = None) -> list[float]:
+        d = self.shape
+        levels = [float(d(i / n)) for i in range(n + 1)]
+        levels[0], levels[n] = 1.0, 0.0  # the ends were checked to within tolerance: make them exact
+        return [levels[i - 1] - levels[i] for i in range(1, n + 1)]
+
+    def coefficient(self, k: int, n: int | None = None, steps: Sequence[int] | None = None) -> float:
+        if n is None:
+            raise RuleError("The `decay` rule's running form needs the window length n (online: `fused_num`).")
+        if k > n:
+            raise RuleError(f"The decay window holds {n} samples, but sample {k} arrived.")
+        done = 1.0 - (0.0 if k == n else float(self.shape(k / n)))  # weight given to samples 1..k
+        if done == 0:
+            raise RuleError(
+                f"The decay shape stays at 1 up to x={k}/{n}, so the first {k} samples weigh nothing and the "
+                "running average is undefined there; merge offline with the closed form instead.",
+                "decay_shape",
+            )
+        return self.weights_for(n)[k - 1] / done
+
+    def words(self) -> str:
+        return f"decay-shaped merge ({self.shape_name})"
+
+    def recorded(self, name: str) -> Any:
+        return self.shape_name if name == "decay_shape" else super().recorded(name)
