@@ -5,11 +5,11 @@
 
 * ``tiny``: a 19k-parameter model for 120 steps on 60 kB of the ``stdlib`` corpus (a high LR, so that the
   decays gain even this early): the CPU smoke test, about 15 s of one core;
-* ``cpu``: exactly the 19.6M-parameter CPU run of the scale trend (``docstrings`` corpus, 1500 steps of
+* ``cpu``: exactly the 16.0M-parameter CPU run of the scale trend (``docstrings`` corpus, 1000 steps of
   16 x 128 bytes, samples every 10 steps, windows 100 and 200, linear decays);
 * ``paper``: a 128.7M-parameter byte-level Llama (10 layers of width 1024) on the whole ``stdlib`` corpus
   (the standard library's source and docs, about 11 MB), 1500 steps of 32 x 512 bytes in bf16 autocast on a
-  GPU, the same schedule, windows and sampling as ``cpu``: sized for a 9-minute slot on one H100 or H200.
+  GPU, the same sampling and windows as ``cpu``: sized for a 9-minute slot on one H100 or H200.
 
 Each runs: a constant-LR (WSD stable phase) run that keeps its PMA samples (the sample store); the sweep of
 every merge rule over every window; real linear decays of each window length, forked from the constant
@@ -60,11 +60,11 @@ SIZES = {
         ),
         True,
     ),
-    # The coordinator's CPU run of 19.6M parameters, setting for setting (everything else is decay_merge's default).
+    # The CPU run of the scale trend (16.0M parameters), setting for setting (the rest is decay_merge's default).
     "cpu": Size(
         (
-            "--corpus", "docstrings", "--hidden_size", "448", "--num_layers", "8", "--num_heads", "7",
-            "--intermediate_size", "1216", "--max_steps", "1500", "--windows", "100,200", "--decay_shapes", "linear",
+            "--corpus", "docstrings", "--hidden_size", "384", "--num_layers", "9", "--num_heads", "6",
+            "--intermediate_size", "1024", "--max_steps", "1000", "--windows", "100,200", "--decay_shapes", "linear",
             "--logging_steps", "50",
         ),
         False,

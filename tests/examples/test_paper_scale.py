@@ -15,12 +15,12 @@ from pmakit import ALGORITHMS
 
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-# The coordinator's CPU run of the scale trend (19.6M parameters), as it was started.
+# The CPU run of the scale trend (16.0M parameters), as it was started.
 CPU_RUN = [
-    "--output_dir", "runs/scale_cpu20m", "--corpus", "docstrings", "--hidden_size", "448", "--num_layers", "8",
-    "--num_heads", "7", "--intermediate_size", "1216", "--max_steps", "1500", "--windows", "100,200",
-    "--decay_shapes", "linear", "--logging_steps", "50", "--report_md", "runs/scale_cpu20m/results.md",
-    "--plot", "runs/scale_cpu20m/decay_merge.png",
+    "--output_dir", "runs/scale_cpu16m", "--corpus", "docstrings", "--hidden_size", "384", "--num_layers", "9",
+    "--num_heads", "6", "--intermediate_size", "1024", "--max_steps", "1000", "--windows", "100,200",
+    "--decay_shapes", "linear", "--logging_steps", "50", "--report_md", "runs/scale_cpu16m/results.md",
+    "--plot", "runs/scale_cpu16m/decay_merge.png",
 ]  # fmt: skip
 
 
@@ -53,7 +53,7 @@ def test_size_presets():
     ref_args, ref_ex, ref_windows = decay_merge.parse_args(CPU_RUN)
     assert (args, ex, windows) == (ref_args, ref_ex, ref_windows)
     assert (args.learning_rate, args.per_device_train_batch_size, args.pma_interleave_step) == (3e-3, 16, 10)
-    assert module.count_params(module.model_config(ex)) == _llama_params(448, 8, 1216) == 19_620_608
+    assert module.count_params(module.model_config(ex)) == _llama_params(384, 9, 1024) == 16_032_000
 
     # tiny and paper store only the samples the longest window merges; nothing else changes
     args, ex, windows = module.settings("tiny", ["--pma_interleave_step", "10", "--windows", "20,40"])
