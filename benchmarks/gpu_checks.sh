@@ -103,9 +103,11 @@ if phase perf; then
 fi
 
 # Every CUDA-marked test of the suite (pytest -m cuda), in the time the slot has left; -v so that a run cut
-# by the timeout still shows which tests passed.
-phase cuda_tests && timed cuda_tests 420 "$PY" -m pytest -v -p no:cacheprovider -m cuda -rs tests \
-  > "$OUT/cuda_tests.log" 2>&1
+# by the timeout still shows which tests passed. The two files `perf` ran already are left out after it.
+SKIP_PERF_TESTS=()
+phase perf && SKIP_PERF_TESTS=(--ignore=tests/online/test_fused_upcast.py --ignore=tests/online/test_kernels.py)
+phase cuda_tests && timed cuda_tests 420 "$PY" -m pytest -v -p no:cacheprovider -m cuda -rs "${SKIP_PERF_TESTS[@]}" \
+  tests > "$OUT/cuda_tests.log" 2>&1
 
 # Scale (issue 4; about 5 min on an H200): CUDA offload tests (pinned-CPU average, side stream, GPU memory
 # added by PMA), PmaTrainer on FSDP2 and DeepSpeed ZeRO-1/2/3 (one process per GPU), step overhead on GPU.
