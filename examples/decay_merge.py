@@ -63,7 +63,9 @@ DEFAULTS = {
 class DecayArguments:
     """Data, model and experiment settings (the model is smaller than pretrain_pma's, to fit ~10 CPU minutes)."""
 
-    corpus: str = field(default="topics", metadata={"help": "'topics', 'docstrings', or a text file/folder."})
+    corpus: str = field(
+        default="topics", metadata={"help": "'topics', 'docstrings', 'stdlib', or a text file/folder."}
+    )
     max_corpus_bytes: int | None = field(default=None, metadata={"help": "Use at most this many corpus bytes."})
     val_fraction: float = field(default=0.1, metadata={"help": "Share of the corpus held out for validation."})
     block_size: int = field(default=128, metadata={"help": "Training sequence length in bytes."})
@@ -216,11 +218,14 @@ def write_plot(
     os.replace(tmp, path)
 
 
-def run_merges(run: Path, windows: list[int], interleave: int, alpha: float, val_ds) -> tuple[dict, object]:
-    """Every rule over every window, scored on the validation bytes, through `pmakit.sweep`."""
+def run_merges(
+    run: Path, windows: list[int], interleave: int, alpha: float, val_ds, evaluate=validation_loss
+) -> tuple[dict, object]:
+    """Every rule over every window, scored on the validation bytes by ``evaluate(model, val_ds)``, through
+    `pmakit.sweep`."""
 
     def score(folder: Path) -> float:
-        return validation_loss(AutoModelForCausalLM.from_pretrained(folder), val_ds)
+        return evaluate(AutoModelForCausalLM.from_pretrained(folder), val_ds)
 
     result = sweep(
         run,
@@ -236,44 +241,74 @@ def run_merges(run: Path, windows: list[int], interleave: int, alpha: float, val
     return {(r.rule, r.window * interleave): r.score for r in result.rows}, result
 
 
+def model_config(ex: DecayArguments):
+    """The Llama that the settings describe."""
+    return llama_config(ex.hidden_size, ex.num_layers, ex.num_heads, ex.intermediate_size, ex.block_size)
+
+
+def count_params(config) -> int:
+    """Parameters of the Llama of ``config`` (tied embeddings once), counted without allocating the weights."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+
+
 def main(argv: list[str] | None = None) -> dict:
     args, ex, windows = parse_args(argv)
+    return experiment(args, ex, windows, argv)
+
+
+def experiment(
+    args,
+    ex,
+    windows: list[int],
+    argv: list[str] | None,
+    *,
+    evaluate=validation_loss,
+    script: str = "examples/decay_merge.py",
+    plot_name: str = "decay_merge.png",
+) -> dict:
+    """The constant run, the sweep of merges and the decay forks, then the report, plot and ``results.json``.
+
+    ``evaluate(model, val_ds) -> loss`` scores every model (default: `validation_loss` where the model lies);
+    `paper_scale.py` passes one that moves the model to the GPU under bf16 autocast.
+    """
     started = time.perf_counter()
     data = load_corpus(ex.corpus, ex.max_corpus_bytes)
     train_bytes, val_bytes = split_corpus(data, ex.val_fraction)
     train_ds = ByteBlocks(train_bytes, ex.block_size, ex.train_stride)
     val_ds = ByteBlocks(val_bytes, ex.block_size).truncate(args.per_device_eval_batch_size)
-    config = llama_config(ex.hidden_size, ex.num_layers, ex.num_heads, ex.intermediate_size, ex.block_size)
+    config = model_config(ex)
     interleave, steps = args.pma_interleave_step, args.max_steps
+    print(f"corpus {ex.corpus!r}: {len(train_bytes)} training and {len(val_bytes)} validation bytes", flush=True)
 
     run = constant_run(args, ex, config, train_ds, windows)
     train_s = time.perf_counter() - started
-    live = validation_loss(AutoModelForCausalLM.from_pretrained(run / "pma-samples" / f"step-{steps}"), val_ds)
+    live = evaluate(AutoModelForCausalLM.from_pretrained(run / "pma-samples" / f"step-{steps}"), val_ds)
     t0 = time.perf_counter()
-    merges, result = run_merges(run, windows, interleave, ex.ema_alpha, val_ds)
+    merges, result = run_merges(run, windows, interleave, ex.ema_alpha, val_ds, evaluate)
     sweep_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     decays = {}
     shapes = tuple(ex.decay_shapes.split(","))
     for w in windows:
         for shape in shapes:
-            decays[shape, w] = validation_loss(decay_fork(args, config, train_ds, run, w, shape), val_ds)
+            decays[shape, w] = evaluate(decay_fork(args, config, train_ds, run, w, shape), val_ds)
             print(f"decay {shape} over the last {w} steps: {decays[shape, w]:.4f}", flush=True)
     forks_s = time.perf_counter() - t0
     total_s = time.perf_counter() - started
 
     text = tables(live, decays, merges, windows, interleave, shapes)
     print("\n" + text + "\n", flush=True)
-    n_params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+    n_params = count_params(config)
     title = (
         f"{n_params / 1e6:.1f}M-param Llama, byte-level '{ex.corpus}', {steps} steps, LR {args.learning_rate:g} "
         f"constant; samples every {interleave} steps"
     )
-    plot_path = Path(ex.plot) if ex.plot else run / "decay_merge.png"
+    plot_path = Path(ex.plot) if ex.plot else run / plot_name
     write_plot(plot_path, live, decays, merges, windows, title, shapes)
     timing = {"train_s": train_s, "sweep_s": sweep_s, "decay_forks_s": forks_s, "total_s": total_s}
     report_path = Path(ex.report_md) if ex.report_md else run / "results.md"
-    write_report(report_path, argv, text, title, timing, ex.ema_alpha, result)
+    write_report(report_path, argv, text, title, timing, ex.ema_alpha, result, script)
     summary = {
         "live": live,
         "decays": {f"{s}@{w}": v for (s, w), v in decays.items()},
@@ -287,12 +322,16 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
-def write_report(path: Path, argv, table: str, title: str, timing: dict, alpha: float, result) -> None:
+def write_report(
+    path: Path, argv, table: str, title: str, timing: dict, alpha: float, result, script="examples/decay_merge.py"
+) -> None:
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
     machine += f"{torch.get_num_threads()} torch threads"
+    if torch.cuda.is_available():
+        machine += f", GPU {torch.cuda.get_device_name()}"
     if hasattr(os, "getloadavg"):
         machine += f", load average {os.getloadavg()[2]:.1f} (15 min) at the end"
-    command = "python examples/decay_merge.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = f"python {script} " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
         "# Merging constant-LR samples against real LR decays: results",
         "",
