@@ -50,6 +50,7 @@ __all__ = [
     "publish_directory",
     "remove_stale_temporaries",
     "reporting_disk_full",
+    "scratch_directory",
 ]
 
 # `tempfile.mkdtemp` names: prefix `_<name>.`, 8 characters of [a-z0-9_], suffix `.tmp` or `.old`.
