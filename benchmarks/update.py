@@ -134,8 +134,6 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 @torch.no_grad()
 def check_correctness(model, engine, averaged, params, alpha: float) -> dict[str, float]:
     """Fold three perturbed samples into both averages; compare with the fp64 closed-form EMA."""
-    from pmakit.online.engine import AVG_KEY
-
     watched = sorted(range(len(params)), key=lambda i: params[i].numel())[-2:]  # the two largest tensors
     snapshots = []
     generator = torch.Generator(device=params[0].device).manual_seed(1)
@@ -147,14 +145,14 @@ def check_correctness(model, engine, averaged, params, alpha: float) -> dict[str
         averaged.update_parameters(model)
         snapshots.append([params[i].double().clone() for i in watched])
     weights = [(1 - alpha) ** 2, alpha * (1 - alpha), alpha]
-    state = engine.optimizer.state
+    state = engine.averages()  # the optimizer never steps here, so the averages sit beside its state
     averaged_params = list(averaged.module.parameters())
     pma, am = [], []
     for j, i in enumerate(watched):
         ref = sum(w * s[j] for w, s in zip(weights, snapshots, strict=True))
-        pma.append(rel_err(state[params[i]][AVG_KEY], ref))
+        pma.append(rel_err(state[params[i]], ref))
         am.append(rel_err(averaged_params[i], ref))
-    finite = all(bool(torch.isfinite(state[p][AVG_KEY]).all()) for p in params)
+    finite = all(bool(torch.isfinite(state[p]).all()) for p in params)
     if not finite or max(pma) > 1e-5:
         raise AssertionError(f"PMA average is wrong: relative errors {pma}, all finite: {finite}")
     return {"pma_rel_err": max(pma), "averaged_model_rel_err": max(am)}
@@ -184,7 +182,7 @@ def bench_dtype(model, dtype_name: str, device, timer: Timer, args) -> dict:
         }
         variants: dict[str, Callable[[], object]] = {}
         if args.variants:
-            scratch_avgs = [optimizer.state[p][AVG_KEY].clone() for p in params]
+            scratch_avgs = [avg.clone() for avg in engine.averages().values()]
             variants["mul_+add_"] = lambda: (
                 torch._foreach_mul_(scratch_avgs, 1.0 - alpha),
                 torch._foreach_add_(scratch_avgs, params, alpha=alpha),

@@ -135,3 +135,16 @@ def test_help_text_present():
     text = parser.format_help()
     for name in ("--pma_fused_algo", "--pma_interleave_step", "--pma_write_back", "--pma_offload"):
         assert name in text
+
+
+@pytest.mark.parametrize("algo", ["sma", "ema", "ema_corrected", "wma"])
+def test_a_huge_cycle_is_checked_without_expanding_its_weights(algo, monkeypatch):
+    """`fused_num=10**9` (an EMA that never ends a cycle, as benchmarks/update.py uses) must not build 10**9 weights."""
+    from pmakit.averaging import rule_class
+
+    def expanded(self, *args, **kwargs):
+        raise AssertionError(f"{algo}: the check expanded the whole cycle")
+
+    monkeypatch.setattr(rule_class(algo), "weights_for", expanded)
+    monkeypatch.setattr(rule_class(algo), "coefficient", expanded)
+    assert PmaConfig(fused_algo=algo, fused_num=10**12).fused_num == 10**12

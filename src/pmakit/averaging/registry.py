@@ -162,6 +162,10 @@ class Rule:
         """Closed-form weights of ``n >= 1`` samples, oldest first; ``steps``: their training steps."""
         raise NotImplementedError
 
+    #: True where the rule's weights can be undefined for some cycle lengths (explicit weights, decay
+    #: shapes): only those rules are checked over a whole cycle, an O(n) check (``fused_num`` may be huge).
+    depends_on_cycle: ClassVar[bool] = False
+
     def coefficient(self, k: int, n: int | None = None, steps: Sequence[int] | None = None) -> float:
         """``c_k`` of the running form for ``k >= 2``; ``n``: the window's length where known."""
         raise NotImplementedError

@@ -93,6 +93,7 @@ class ExplicitWeights(Rule):
     """Given weights ``w_i / sum(w)`` (or as given, without a running form); ``c_k = w_k / sum_{j<=k} w_j``."""
 
     name, title = "weights", "weighted average"
+    depends_on_cycle = True
     params = (
         Param(
             "weights",
@@ -152,6 +153,7 @@ class Decay(Rule):
     """A merge standing in for an LR decay ``d`` (WSM): ``d((i-1)/n) - d(i/n)``; ``c_k = w_k / (1 - d(k/n))``."""
 
     name, title = "decay", "decay-shaped merge"
+    depends_on_cycle = True
     params = (
         Param(
             "decay_shape",

@@ -111,8 +111,9 @@ def _validate_rule(values: dict, name) -> None:
     """The rule's own checks, and its weights and running form over a cycle of `fused_num`; errors name the field."""
     try:
         rule = _rule_of(values)
-        rule.weights_for(values["fused_num"])
-        fold_coefficients(rule, values["fused_num"])
+        if rule_class(values["fused_algo"]).depends_on_cycle:
+            rule.weights_for(values["fused_num"])
+            fold_coefficients(rule, values["fused_num"])
     except RuleError as err:
         raise ValueError(
             _rule_message(err, RULE_FIELDS.get(err.param, err.param or "fused_algo"), values, name)
