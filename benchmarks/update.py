@@ -162,7 +162,7 @@ def bench_dtype(model, dtype_name: str, device, timer: Timer, args) -> dict:
     """Correctness check, then interleaved timing of PMA, AveragedModel, the copy bound and fold variants."""
     from pmakit import PmaConfig
     from pmakit.online import fused_upcast
-    from pmakit.online.engine import AVG_KEY, attach_engine
+    from pmakit.online.engine import attach_engine
     from pmakit.online.kernels import fold_into
 
     params = [p for p in model.parameters() if p.requires_grad]

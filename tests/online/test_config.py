@@ -139,7 +139,7 @@ def test_help_text_present():
 
 @pytest.mark.parametrize("algo", ["sma", "ema", "ema_corrected", "wma"])
 def test_a_huge_cycle_is_checked_without_expanding_its_weights(algo, monkeypatch):
-    """`fused_num=10**9` (an EMA that never ends a cycle, as benchmarks/update.py uses) must not build 10**9 weights."""
+    """`fused_num=10**9` (an EMA that never ends a cycle, as in benchmarks/update.py) builds no 10**9 weights."""
     from pmakit.averaging import rule_class
 
     def expanded(self, *args, **kwargs):
