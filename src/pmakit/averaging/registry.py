@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from ..errors import InputError
+
 
 __all__ = [
     "MissingParameterError",
@@ -37,7 +39,7 @@ __all__ = [
 ]
 
 
-class RuleError(ValueError):
+class RuleError(InputError):
     """A rule, or one of its settings, is wrong; ``param`` names the setting at fault (``None``: the rule).
 
     Each surface (`AveragingRule`, `PmaConfig`, `MergeOptions`, the sweep) names the setting in its
@@ -182,7 +184,7 @@ class Rule:
 def register(cls: type[Rule]) -> type[Rule]:
     """Class decorator: add a rule to the registry under its ``name`` (a name may be taken once)."""
     if cls.name in _RULES and _RULES[cls.name] is not cls:
-        raise ValueError(f"An averaging rule named {cls.name!r} is already registered.")
+        raise InputError(f"An averaging rule named {cls.name!r} is already registered.")
     _RULES[cls.name] = cls
     return cls
 
