@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import InputError
+from ..errors import InputError, brief
 from .registry import Rule, RuleError, parse_spec, rule_class
 from .shapes import DecayShape
 
@@ -96,7 +96,7 @@ class AveragingRule:
 
     def _shaped(self) -> Rule:
         if not hasattr(self._rule, "shape"):
-            raise InputError(f"Only the `decay` rule has a decay shape, not {self.algo!r}.")
+            raise InputError(f"Only the `decay` rule has a decay shape, not {brief(self.algo)}.")
         return self._rule
 
     def weights_for(self, n: int, steps: Sequence[int] | None = None) -> list[float]:

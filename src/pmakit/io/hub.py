@@ -36,7 +36,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import get_token
 
-from ..errors import HubError, InputError
+from ..errors import HubError, InputError, brief
 from .hub_target import HubTarget
 
 
@@ -432,5 +432,6 @@ def download_model(
         raise exc from exc.__cause__  # fail() chose the cause: the error, unless a message in it shows a token
     folder = path / sub if sub else path
     if not folder.is_dir() or not any(p.is_file() for p in folder.rglob("*")):
-        raise fail(f"Nothing to download from {at}{f' in {sub}/' if sub else ''}: no file matches {patterns}.", None)
+        where = f"{at} in {sub}/" if sub else at
+        raise fail(f"Nothing to download from {where}: no file matches {brief(patterns)}.", None)
     return folder

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ..averaging import AveragingRule
-from ..errors import InputError
+from ..errors import InputError, brief
 from ..io.cards import build_model_card
 from ..io.folders import atomic_directory, check_output_outside_inputs
 from ..io.side_files import copy_side_files
@@ -104,11 +104,11 @@ def _check_keys(model_state: dict, candidates: Sequence[_Candidate]) -> list[str
     for cand in candidates[1:]:
         if set(cand.where) != set(keys):
             diff = sorted(set(cand.where) ^ set(keys))[:3]
-            raise InputError(f"{cand.folder} and {first.folder} hold different tensors (e.g. {diff}).")
+            raise InputError(f"{cand.folder} and {first.folder} hold different tensors (e.g. {brief(diff)}).")
     unknown = [k for k in keys if k not in model_state]
     if unknown:
         raise InputError(
-            f"Tensor {unknown[0]!r} of {first.folder} is not in the evaluation model "
+            f"Tensor {brief(unknown[0])} of {first.folder} is not in the evaluation model "
             f"({len(unknown)} such): a different architecture?"
         )
     return keys
@@ -121,7 +121,7 @@ def _load(model_state: dict, cand: _Candidate, keys: Sequence[str]) -> None:
         target = model_state[key]
         if value.shape != target.shape:
             raise InputError(
-                f"Tensor {key!r} has shape {tuple(value.shape)} in {cand.folder} but "
+                f"Tensor {brief(key)} has shape {tuple(value.shape)} in {cand.folder} but "
                 f"{tuple(target.shape)} in the evaluation model."
             )
         target.copy_(value)
@@ -146,7 +146,7 @@ def _make_scorer(evaluate, metric_key: str | None, greater_is_better: bool | Non
         def score(model) -> float:
             metrics = trainer.evaluate()
             if key not in metrics:
-                raise KeyError(f"The Trainer's evaluation has no metric {key!r}; it returned {sorted(metrics)}.")
+                raise KeyError(f"The Trainer's evaluation has no metric {brief(key)}; it returned {sorted(metrics)}.")
             return float(metrics[key])
 
         return score, key, greater_is_better, trainer.model

@@ -35,7 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..averaging import AveragingRule
-from ..errors import InputError
+from ..errors import InputError, brief
 from ..io.cards import build_model_card
 from ..io.folders import atomic_directory, check_output_outside_inputs
 from ..io.side_files import copy_side_files
@@ -71,7 +71,7 @@ class LoraAdapter:
                 found.setdefault(m["module"], {})["A" if m["kind"].endswith("A") else "B"] = key
         for module, pair in found.items():
             if set(pair) != {"A", "B"}:
-                raise InputError(f"{self.path}: LoRA module {module!r} has only its {next(iter(pair))} factor.")
+                raise InputError(f"{self.path}: LoRA module {brief(module)} has only its {next(iter(pair))} factor.")
         return found
 
     def extras(self) -> list[str]:
@@ -110,7 +110,7 @@ def load_lora_adapter(path: str | os.PathLike) -> LoraAdapter:
     config = json.loads(config_file.read_text(encoding="utf-8"))
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
-        raise InputError(f"{folder}: only LoRA adapters can be averaged here; this one is {peft_type}.")
+        raise InputError(f"{folder}: only LoRA adapters can be averaged here; this one is {brief(peft_type)}.")
     if config.get("use_dora"):
         raise InputError(
             f"{folder}: DoRA adapters (use_dora=true) have a magnitude vector that does not average "
@@ -169,7 +169,7 @@ def _average_extras(adapters: Sequence[LoraAdapter], weights: Sequence[float], a
         tensors = []
         for adapter in adapters:
             if key not in adapter.tensors:
-                raise InputError(f"Tensor {key!r} is in {adapters[-1].path} but missing from {adapter.path}.")
+                raise InputError(f"Tensor {brief(key)} is in {adapters[-1].path} but missing from {adapter.path}.")
             tensors.append(adapter.tensors[key])
         out[key] = _weighted(tensors, weights, acc, key, [a.path for a in adapters])
     return out
@@ -179,7 +179,7 @@ def _weighted(tensors, weights, acc, key, paths) -> torch.Tensor:
     """The weighted average of one tensor across adapters; integer tensors must agree and are copied."""
     if not tensors[0].is_floating_point():
         if any(t.shape != tensors[0].shape or not torch.equal(t, tensors[0]) for t in tensors):
-            raise InputError(f"Integer tensor {key!r} differs between adapters; it cannot be averaged.")
+            raise InputError(f"Integer tensor {brief(key)} differs between adapters; it cannot be averaged.")
         return tensors[0].clone()
     return weighted_sum(tensors, weights, name=key, sources=paths, accumulate_dtype=acc)
 
@@ -191,8 +191,8 @@ def _check_same_modules(adapters: Sequence[LoraAdapter]) -> list[str]:
         if set(modules) != set(reference):
             diff = sorted(set(modules) ^ set(reference))[:3]
             raise InputError(
-                f"{adapter.path} and {adapters[-1].path} adapt different modules (e.g. {diff}); factor averaging "
-                "needs the same modules in every adapter (exact averaging does not)."
+                f"{adapter.path} and {adapters[-1].path} adapt different modules (e.g. {brief(diff)}); "
+                "factor averaging needs the same modules in every adapter (exact averaging does not)."
             )
     return list(reference)
 
@@ -210,12 +210,12 @@ def _factor_average(adapters, weights, acc) -> tuple[dict, dict]:
                 or adapter.tensors[keys["B"]].shape != newest.tensors[newest.modules()[module]["B"]].shape
             ):
                 raise InputError(
-                    f"Module {module!r}: rank or shape differs between {adapter.path} and {newest.path}; factor "
+                    f"Module {brief(module)}: rank or shape differs between {adapter.path} and {newest.path}; factor "
                     "averaging needs adapters of the same rank (use method='concat' or 'merge')."
                 )
             if not math.isclose(adapter.scaling(module), s_ref, rel_tol=1e-12):
                 raise InputError(
-                    f"Module {module!r}: LoRA scaling (lora_alpha / r) is {adapter.scaling(module):g} in "
+                    f"Module {brief(module)}: LoRA scaling (lora_alpha / r) is {adapter.scaling(module):g} in "
                     f"{adapter.path} but {s_ref:g} in {newest.path}; factor averaging needs equal scalings "
                     "(use method='concat' or 'merge')."
                 )
@@ -242,7 +242,9 @@ def _concat_average(adapters, weights, acc) -> tuple[dict, dict]:
             out[keys["A"]] = torch.cat(entry["A"], dim=0)
             out[keys["B"]] = torch.cat(entry["B"], dim=1)
         except RuntimeError as err:
-            raise InputError(f"Module {module!r}: the adapters' factors have incompatible shapes ({err}).") from None
+            raise InputError(
+                f"Module {brief(module)}: the adapters' factors have incompatible shapes ({err})."
+            ) from None
         ranks[module[len(_PREFIX) :] if module.startswith(_PREFIX) else module] = out[keys["A"]].shape[0]
     config = dict(adapters[-1].config)
     rank = max(ranks.values())
@@ -283,7 +285,7 @@ def _merge_shard(shard: Path, targets: dict, acc, out: Path) -> set[str]:
             continue
         if change.shape != tensor.shape:
             raise InputError(
-                f"LoRA update for {key!r} has shape {tuple(change.shape)}, but the base weight in "
+                f"LoRA update for {brief(key)} has shape {tuple(change.shape)}, but the base weight in "
                 f"{shard} has {tuple(tensor.shape)}: the adapters were not trained on this base."
             )
         sources = [shard, "the averaged LoRA update"]
@@ -303,7 +305,7 @@ def _merge_into_base(adapters, weights, base: Path, tmp: Path, acc) -> None:
     missing = sorted(set(targets) - seen)
     if missing:
         raise InputError(
-            f"Base model {base} has no weight {missing[0]!r} that the adapters update "
+            f"Base model {base} has no weight {brief(missing[0])} that the adapters update "
             f"({len(missing)} missing): wrong base model?"
         )
     copy_side_files(base, tmp)
@@ -314,7 +316,7 @@ def _merge_into_base(adapters, weights, base: Path, tmp: Path, acc) -> None:
 
 def _check_method(method: str, adapters: Sequence, base_model) -> None:
     if method not in LORA_METHODS:
-        raise InputError(f"`method` must be one of {', '.join(LORA_METHODS)}; got {method!r}.")
+        raise InputError(f"`method` must be one of {', '.join(LORA_METHODS)}; got {brief(method)}.")
     if not adapters:
         raise InputError("Give at least one adapter folder to average.")
     if method == "merge" and base_model is None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, brief
 from ..merging.scopes import (
     CHUNK_ELEMENTS,
     DEFAULT_THRESHOLD,
@@ -120,7 +120,7 @@ def _normalised(weights: Sequence[float] | None, count: int) -> list[float]:
     if len(weights) != count:
         raise InputError(f"`weights` has {len(weights)} entries for {count} models.")
     if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
-        raise InputError(f"`weights` must be finite, non-negative and not all zero; got {weights}.")
+        raise InputError(f"`weights` must be finite, non-negative and not all zero; got {brief(weights)}.")
     total = sum(weights)
     return [w / total for w in weights]
 

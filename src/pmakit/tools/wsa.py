@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..errors import InputError
+from ..errors import InputError, brief
 from ..online.distributed import unwrap_model, unwrap_optimizer
 from .scope import Scope, compute_scopes, fuse_scopes
 
@@ -69,19 +69,19 @@ def validate_wsa_settings(values: Mapping, prefix: str = "") -> None:
 
     weight = values["weight"]
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-        raise InputError(f"{name('weight')} must be a finite number >= 0 (0 turns WSA off); got {weight!r}.")
+        raise InputError(f"{name('weight')} must be a finite number >= 0 (0 turns WSA off); got {brief(weight)}.")
     target = values["target"]
     if target not in WSA_TARGETS:
-        raise InputError(f"{name('target')} must be one of {', '.join(WSA_TARGETS)}; got {target!r}.")
+        raise InputError(f"{name('target')} must be one of {', '.join(WSA_TARGETS)}; got {brief(target)}.")
     reference = values.get("reference")
     if reference is not None and (isinstance(reference, (str, bytes)) or not isinstance(reference, Sequence)):
-        raise InputError(f"{name('reference')} must be a list of model folders; got {reference!r}.")
+        raise InputError(f"{name('reference')} must be a list of model folders; got {brief(reference)}.")
     reference = list(reference or [])
     if target == "init" and reference:
         raise InputError(f"{name('reference')} is only used with {name('target')}='reference' or 'fused'.")
     if target == "reference" and len(reference) != 1:
         raise InputError(
-            f"{name('target')}='reference' needs exactly one folder in {name('reference')}; got {reference}."
+            f"{name('target')}='reference' needs exactly one folder in {name('reference')}; got {brief(reference)}."
         )
     if target == "fused" and not reference:
         raise InputError(f"{name('target')}='fused' needs one or more folders in {name('reference')}.")
@@ -95,13 +95,15 @@ def validate_wsa_settings(values: Mapping, prefix: str = "") -> None:
                 f"{name('reference')} folders."
             )
         if any(not math.isfinite(float(w)) or float(w) < 0 for w in weights) or sum(map(float, weights)) <= 0:
-            raise InputError(f"{name('reference_weights')} must be finite, non-negative, not all zero; got {weights}.")
+            raise InputError(
+                f"{name('reference_weights')} must be finite, non-negative, not all zero; got {brief(weights)}."
+            )
     layers = values.get("layers")
     if layers is not None:
         try:
             re.compile(layers)
         except re.error as err:
-            raise InputError(f"{name('layers')} is not a valid regular expression ({err}): {layers!r}.") from None
+            raise InputError(f"{name('layers')} is not a valid regular expression ({err}): {brief(layers)}.") from None
 
 
 @dataclass
