@@ -28,8 +28,11 @@ _EXPORTS = {
     "merge": "merging",
     "plan_merge": "merging",
     "load_recipe": "merging",
-    "MergeError": "errors",
+    "PmakitError": "errors",
     "InputError": "errors",
+    "MergeError": "errors",
+    "HubError": "errors",
+    "TrainingError": "errors",
     "MergeResult": "merging",
     "MergeOptions": "merging",
     "WeightedAverageForLLama": "tools.fusionbench",
@@ -73,7 +76,9 @@ def __getattr__(name: str):
         value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
         globals()[name] = value
         return value
-    raise AttributeError(f"module 'pmakit' has no attribute {name!r}")
+    from .errors import brief
+
+    raise AttributeError(f"module 'pmakit' has no attribute {brief(name)}")
 
 
 def __dir__():
@@ -82,7 +87,7 @@ def __dir__():
 
 if TYPE_CHECKING:
     from .averaging import ALGORITHMS, AveragingRule, fold_coefficients, merge_weights
-    from .errors import InputError, MergeError
+    from .errors import HubError, InputError, MergeError, PmakitError, TrainingError
     from .io.hub import HubDownloadError, HubPushError, HubTarget, download_model, push_folder_to_hub
     from .merging import MergeOptions, MergeResult, load_recipe, merge, plan_merge
     from .online.config import PmaConfig

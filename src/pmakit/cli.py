@@ -1,8 +1,9 @@
 """The ``pmakit`` command: ``merge`` (YAML recipe), ``average`` (a run's checkpoints or models), ``inspect``,
 ``push`` (upload a finished folder).
 
-Bad input exits with code 2 and a one-line ``pmakit: error: ...`` message; a failed Hub push
-exits with code 1 and says where the merged folder was kept; SIGTERM (like Ctrl-C, 130) cleans
+Bad input (any `pmakit.errors.PmakitError`) exits with code 2 and a one-line ``pmakit: error: ...``
+message; a failed Hub push exits with code 1 and says where the merged folder was kept; an unexpected
+error exits with code 1 and one line (its traceback only with ``--debug``); SIGTERM (like Ctrl-C, 130) cleans
 up and exits with 143. Heavy imports (torch, transformers, huggingface_hub) happen only on the
 paths that need them.
 """
@@ -16,6 +17,7 @@ import re
 import signal
 import sys
 import threading
+import traceback
 import typing
 from collections.abc import Collection, Sequence
 from itertools import pairwise
@@ -27,6 +29,7 @@ __all__ = ["build_parser", "cli_wording", "main", "option_settings", "options_fr
 
 BAD_INPUT = 2
 PUSH_FAILED = 1
+UNEXPECTED = 1  # an error pmakit did not expect (a bug, or one from a library below it)
 TERMINATED = 128 + 15  # the shell's code for a process stopped by SIGTERM
 
 
@@ -150,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="flag a layer when max(std ratio - 1, mean spread / std) exceeds this (default 0.1)",
     )
     _add_sweep(sub)
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an unexpected error")
+    for command in sub.choices.values():  # `pmakit merge ... --debug` works too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -459,13 +465,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("pmakit: interrupted; no output was left behind", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - mapped to exit codes below, one line each
-        from .errors import InputError
+        return _report(e, debug=args.debug)
 
-        message = cli_wording(" ".join(str(e).split())) or type(e).__name__
-        if isinstance(e, (InputError, FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError)):
-            print(f"pmakit: error: {message}", file=sys.stderr)
-            return BAD_INPUT
-        raise
+
+def _report(e: Exception, debug: bool) -> int:
+    """One line on stderr for an error that ended a command, and its exit code: 2 for a pmakit error
+    (bad input, a failed Hub request) or a missing/unwritable file, 1 for anything else (a bug: its
+    traceback only with ``--debug``, so a user's terminal is not flooded)."""
+    from .errors import PmakitError
+
+    message = cli_wording(" ".join(str(e).split()))
+    if isinstance(e, (PmakitError, FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError)):
+        print(f"pmakit: error: {message or type(e).__name__}", file=sys.stderr)
+        return BAD_INPUT
+    if debug:
+        traceback.print_exc()
+    hint = "" if debug else " (run with --debug for the traceback)"
+    message = message if len(message) <= 300 else f"{message[:297]}..."
+    print(f"pmakit: internal error: {type(e).__name__}: {message}{hint}", file=sys.stderr)
+    return UNEXPECTED
 
 
 if __name__ == "__main__":  # pragma: no cover

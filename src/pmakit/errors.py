@@ -1,7 +1,16 @@
-"""pmakit's errors for bad input: one base type, so callers and the command line tell bad input from bugs.
+"""pmakit's errors: one tree under `PmakitError`, so callers and the command line tell bad input from bugs.
 
-Every message names what is wrong (tensor, file, field) in one line, so the ``pmakit`` command
-prints it as is and exits with code 2.
+- `InputError` (a `ValueError`): a file, tensor, folder or setting that cannot be used as given;
+  `MergeError` (a merge cannot proceed), `pmakit.averaging.RuleError` (a wrong averaging rule) and
+  `pmakit.io.folders.OutputBusyError` are kinds of it.
+- `HubError` (a `RuntimeError`): the Hub refused or failed; `pmakit.io.hub.HubPushError` and
+  `pmakit.io.hub.HubDownloadError`.
+- `TrainingError` (a `RuntimeError`): a training run cannot go on; `pmakit.training.BackgroundExportError`
+  and `pmakit.tools.spike.SpikeRecoveryError`.
+- `pmakit.io.folders.DiskFullError` (an `OSError`): the disk filled up while a folder was written.
+
+Every message names what is wrong (tensor, file, field) in one line, and shows input values through
+`brief`, so the ``pmakit`` command prints it as is and exits with code 2.
 """
 
 from __future__ import annotations
@@ -9,13 +18,21 @@ from __future__ import annotations
 import reprlib
 
 
-__all__ = ["InputError", "MergeError", "brief"]
+__all__ = ["HubError", "InputError", "MergeError", "PmakitError", "TrainingError", "brief"]
 
 
-class InputError(ValueError):
+class PmakitError(Exception):
+    """The base of every error pmakit raises on purpose: ``except PmakitError`` catches them all.
+
+    Anything else that escapes pmakit is a bug (or an error from a library below it).
+    """
+
+
+class InputError(PmakitError, ValueError):
     """Bad input: a file, tensor, folder or setting that cannot be used as given.
 
     Raised before anything is written; the message names the file, tensor or setting.
+    A `ValueError`, so ``except ValueError`` keeps working.
     """
 
 
@@ -24,6 +41,14 @@ class MergeError(InputError):
 
     A subclass of `InputError`, so ``except InputError`` catches both.
     """
+
+
+class HubError(PmakitError, RuntimeError):
+    """The Hub refused or failed a request (push, download); the message says what to retry or fix."""
+
+
+class TrainingError(PmakitError, RuntimeError):
+    """A training run cannot go on (a failed background export, a loss spike it cannot recover from)."""
 
 
 class _Brief(reprlib.Repr):

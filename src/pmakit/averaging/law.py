@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import InputError, brief
 from .registry import Rule, RuleError, parse_spec, rule_class
 from .shapes import DecayShape
 
@@ -95,7 +96,7 @@ class AveragingRule:
 
     def _shaped(self) -> Rule:
         if not hasattr(self._rule, "shape"):
-            raise ValueError(f"Only the `decay` rule has a decay shape, not {self.algo!r}.")
+            raise InputError(f"Only the `decay` rule has a decay shape, not {brief(self.algo)}.")
         return self._rule
 
     def weights_for(self, n: int, steps: Sequence[int] | None = None) -> list[float]:
@@ -110,7 +111,7 @@ class AveragingRule:
                 rule without ``n`` steps.
         """
         if n < 1:
-            raise ValueError(f"Need at least one sample to average, got n={n}.")
+            raise InputError(f"Need at least one sample to average, got n={n}.")
         self._check_steps(n, steps)
         return self._rule.weights_for(n, steps)
 
@@ -126,7 +127,7 @@ class AveragingRule:
             ValueError: ``k`` outside the window, ``decay`` without ``n``, or a running form that is undefined.
         """
         if k < 1:
-            raise ValueError(f"Samples are counted from 1, got k={k}.")
+            raise InputError(f"Samples are counted from 1, got k={k}.")
         if k == 1:
             return 1.0
         self._check_steps(k, steps, at_least=True)

@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from ..errors import InputError, brief
+
 
 __all__ = [
     "MissingParameterError",
@@ -37,7 +39,7 @@ __all__ = [
 ]
 
 
-class RuleError(ValueError):
+class RuleError(InputError):
     """A rule, or one of its settings, is wrong; ``param`` names the setting at fault (``None``: the rule).
 
     Each surface (`AveragingRule`, `PmaConfig`, `MergeOptions`, the sweep) names the setting in its
@@ -186,7 +188,7 @@ class Rule:
 def register(cls: type[Rule]) -> type[Rule]:
     """Class decorator: add a rule to the registry under its ``name`` (a name may be taken once)."""
     if cls.name in _RULES and _RULES[cls.name] is not cls:
-        raise ValueError(f"An averaging rule named {cls.name!r} is already registered.")
+        raise InputError(f"An averaging rule named {brief(cls.name)} is already registered.")
     _RULES[cls.name] = cls
     return cls
 
@@ -210,7 +212,7 @@ def rule_class(name: str) -> type[Rule]:
     try:
         return _RULES[name]
     except (KeyError, TypeError):
-        raise UnknownRuleError(f"Unknown averaging rule {name!r}; valid rules are {', '.join(_RULES)}.") from None
+        raise UnknownRuleError(f"Unknown averaging rule {brief(name)}; valid rules are {', '.join(_RULES)}.") from None
 
 
 def users_of(param: str) -> tuple[str, ...]:
@@ -265,7 +267,7 @@ def _spec_param(cls: type[Rule], params: list[Param], key: str | int) -> Param:
         if p.name == key:
             return p
     names = ", ".join(p.name for p in params) or "none"
-    raise RuleError(f"The `{cls.name}` rule has no spec parameter {key!r}; it has {names}.")
+    raise RuleError(f"The `{cls.name}` rule has no spec parameter {brief(key)}; it has {names}.")
 
 
 def _spec_value(param: Param, text: str) -> Any:
@@ -274,7 +276,7 @@ def _spec_value(param: Param, text: str) -> Any:
     try:
         return param.parse(text)
     except ValueError:
-        raise RuleError(f"`{param.name}` must be {param.describe_value()}, got {text!r}", param.name) from None
+        raise RuleError(f"`{param.name}` must be {param.describe_value()}, got {brief(text)}", param.name) from None
 
 
 def spec_forms() -> list[str]:

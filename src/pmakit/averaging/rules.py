@@ -10,6 +10,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from ..errors import brief
 from .registry import MissingParameterError, Param, Rule, RuleError, register
 from .shapes import DECAY_SHAPES, DecayShape, check_decay_shape, shape_name
 
@@ -110,10 +111,10 @@ class ExplicitWeights(Rule):
             raise MissingParameterError("The `weights` rule needs a non-empty list of weights.", "weights")
         self.weights = tuple(float(w) for w in self.weights)
         if not all(math.isfinite(w) for w in self.weights):
-            raise RuleError(f"Weights must be finite numbers, got {list(self.weights)}.", "weights")
+            raise RuleError(f"Weights must be finite numbers, got {brief(list(self.weights))}.", "weights")
         if self.normalize and sum(self.weights) == 0:
             raise RuleError(
-                f"Weights {list(self.weights)} sum to zero, so they cannot be normalised; "
+                f"Weights {brief(list(self.weights))} sum to zero, so they cannot be normalised; "
                 "pass normalize=False to use them as given.",
                 "weights",
             )

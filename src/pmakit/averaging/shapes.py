@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from ..errors import brief
 from .registry import MissingParameterError, RuleError
 
 
@@ -43,7 +44,7 @@ def check_decay_shape(shape: str | DecayShape | None) -> None:
     if isinstance(shape, str):
         if shape not in DECAY_SHAPES:
             raise RuleError(
-                f"Unknown `decay_shape` {shape!r}; valid shapes are {', '.join(DECAY_SHAPES)}.", "decay_shape"
+                f"Unknown `decay_shape` {brief(shape)}; valid shapes are {', '.join(DECAY_SHAPES)}.", "decay_shape"
             )
         return
     if not callable(shape):
@@ -53,7 +54,8 @@ def check_decay_shape(shape: str | DecayShape | None) -> None:
         got = float(shape(x))
         if not (math.isfinite(got) and abs(got - want) <= END_TOLERANCE):
             raise RuleError(
-                f"`decay_shape` must satisfy d({x:g}) = {want:g}; {shape_name(shape)} gives {got!r}.", "decay_shape"
+                f"`decay_shape` must satisfy d({x:g}) = {want:g}; {shape_name(shape)} gives {brief(got)}.",
+                "decay_shape",
             )
 
 

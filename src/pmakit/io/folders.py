@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, PmakitError
 
 
 try:  # POSIX: writer locks that die with their process
@@ -203,7 +203,7 @@ def _current_umask() -> int:
     return mask
 
 
-class DiskFullError(OSError):
+class DiskFullError(PmakitError, OSError):
     """The disk filled up while a folder was written (errno ``ENOSPC``); the one-line message names the folder."""
 
 

@@ -36,7 +36,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import get_token
 
-from ..errors import InputError
+from ..errors import HubError, InputError, brief
 from .hub_target import HubTarget
 
 
@@ -79,7 +79,7 @@ _sleep = time.sleep  # replaced by the test suite to keep retries fast
 T = TypeVar("T")
 
 
-class HubPushError(RuntimeError):
+class HubPushError(HubError):
     """A push to the Hub failed; the local folder is untouched (``folder``).
 
     Attributes:
@@ -95,7 +95,7 @@ class HubPushError(RuntimeError):
         self.status = status
 
 
-class HubDownloadError(RuntimeError):
+class HubDownloadError(HubError):
     """A download from the Hub failed: missing repo or revision, no access, or no reachable server.
 
     Attributes:
@@ -276,7 +276,7 @@ def push_folder_to_hub(
     if not folder.is_dir():
         raise FileNotFoundError(f"Cannot push {folder} to the Hub: it is not a folder.")
     if not any(p.is_file() for p in folder.rglob("*")):
-        raise ValueError(f"Cannot push {folder} to the Hub: the folder is empty.")
+        raise InputError(f"Cannot push {folder} to the Hub: the folder is empty.")
     _check_links_stay_inside(folder)
     try:
         info, repo = _upload(folder, target)
@@ -432,5 +432,6 @@ def download_model(
         raise exc from exc.__cause__  # fail() chose the cause: the error, unless a message in it shows a token
     folder = path / sub if sub else path
     if not folder.is_dir() or not any(p.is_file() for p in folder.rglob("*")):
-        raise fail(f"Nothing to download from {at}{f' in {sub}/' if sub else ''}: no file matches {patterns}.", None)
+        where = f"{at} in {sub}/" if sub else at
+        raise fail(f"Nothing to download from {where}: no file matches {brief(patterns)}.", None)
     return folder

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ..errors import brief
+from ..errors import InputError, brief
 
 
 __all__ = ["HubTarget", "check_repo_id"]
@@ -49,19 +49,19 @@ class HubTarget:
     def __post_init__(self) -> None:
         check_repo_id(self.repo_id)
         if self.create_pr and self.revision not in (None, "main"):
-            raise ValueError(
+            raise InputError(
                 "`create_pr=True` opens a pull request against main; do not also pass "
                 f"revision={brief(self.revision)}."
             )
 
 
 def check_repo_id(repo_id: object) -> str:
-    """Return ``repo_id`` if it is ``name`` or ``namespace/name`` as the Hub allows, else raise ValueError."""
+    """Return ``repo_id`` if it is ``name`` or ``namespace/name`` as the Hub allows, else raise InputError."""
     parts = repo_id.split("/") if isinstance(repo_id, str) else []
     if not 1 <= len(parts) <= 2 or not all(
         _REPO_NAME.match(p) and ".." not in p and not p.endswith(".") for p in parts
     ):
-        raise ValueError(
+        raise InputError(
             f"Hub repo id must be 'name' or 'namespace/name' (letters, digits, '-', '_', '.'); got {brief(repo_id)}."
         )
     return repo_id

@@ -57,7 +57,9 @@ def __getattr__(name: str):
         value = getattr(import_module(where if where.startswith("..") else f".{where}", __name__), name)
         globals()[name] = value
         return value
-    raise AttributeError(f"module 'pmakit.merging' has no attribute {name!r}")
+    from ..errors import brief
+
+    raise AttributeError(f"module 'pmakit.merging' has no attribute {brief(name)}")
 
 
 def __dir__():

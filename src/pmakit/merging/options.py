@@ -224,10 +224,10 @@ class MergeOptions:
         try:
             return AveragingRule(algo, self.alpha, self.weights, self.normalize, self.decay_shape)
         except UnusedParameterError as e:
-            raise MergeError(f"`{e.param}` cannot be combined with `algo={self.algo!r}`.") from e
+            raise MergeError(f"`{e.param}` cannot be combined with `algo={brief(self.algo)}`.") from e
         except MissingParameterError as e:
             expects = rule_class(algo).param(e.param).describe_value()
-            raise MergeError(f"`algo={algo!r}` needs `{e.param}`: {expects}.") from e
+            raise MergeError(f"`algo={brief(algo)}` needs `{e.param}`: {expects}.") from e
         except ValueError as e:
             raise MergeError(str(e)) from e
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..averaging import COPIED_FROM_NEWEST, AveragingRule, tensor_merge_action
-from ..errors import MergeError
+from ..errors import MergeError, brief
 from ..io.safetensors import OutputTensor, TensorInfo, canonical_dtype, parse_size, plan_shards
 from .sources import ModelSource
 
@@ -177,7 +177,7 @@ def _accumulate_dtype(name: str) -> str:
     """The numpy name of the accumulator dtype; only float32 and float64 accumulate safely."""
     code = canonical_dtype(name, "accumulate_dtype")
     if code not in ACCUMULATE_DTYPES:
-        raise MergeError(f"`accumulate_dtype` must be float32 or float64, got {name!r}.")
+        raise MergeError(f"`accumulate_dtype` must be float32 or float64, got {brief(name)}.")
     return ACCUMULATE_DTYPES[code]
 
 
@@ -197,7 +197,7 @@ def choose_donor(sources: Sequence[ModelSource], base: ModelSource | None, donor
         MergeError: ``donor`` is not one of :data:`DONORS`, or is ``"base"`` without a base.
     """
     if donor is not None and donor not in DONORS:
-        raise MergeError(f"`donor` must be one of {', '.join(DONORS)} (or None), got {donor!r}.")
+        raise MergeError(f"`donor` must be one of {', '.join(DONORS)} (or None), got {brief(donor)}.")
     if donor == "base" and base is None:
         raise MergeError("`donor='base'` needs a base model (`base_model`).")
     if donor == "first":
@@ -289,10 +289,10 @@ def _common_tensor_names(sources: list[ModelSource], tied: bool) -> list[str]:
         have = set(names_of(s))
         missing = sorted(wanted - have)
         if missing:
-            raise MergeError(f"Tensor {missing[0]!r} is missing from input {s.label} (present in {first.label}).")
+            raise MergeError(f"Tensor {brief(missing[0])} is missing from input {s.label} (present in {first.label}).")
         extra = sorted(have - wanted)
         if extra:
-            raise MergeError(f"Tensor {extra[0]!r} of input {s.label} is missing from input {first.label}.")
+            raise MergeError(f"Tensor {brief(extra[0])} of input {s.label} is missing from input {first.label}.")
     return order
 
 
@@ -322,7 +322,7 @@ def _check_backbone_matched(planned: list[PlannedTensor], backbone_only: bool, p
 def _from_base(name: str, base: ModelSource, out_code: str | None) -> PlannedTensor:
     """Backbone-only: the tensor is copied from the base model (cast when ``out_dtype`` is set)."""
     if name not in base.tensors:
-        raise MergeError(f"backbone_only: base model {base.label} has no tensor {name!r}.")
+        raise MergeError(f"backbone_only: base model {base.label} has no tensor {brief(name)}.")
     info = base.tensors[name]
     dtype = out_code if (out_code and info.is_float) else info.dtype
     return PlannedTensor(OutputTensor(name, dtype, info.shape), "base", [info])
@@ -334,11 +334,11 @@ def _check_alike(name: str, infos: list[TensorInfo]) -> None:
     for info in infos:
         if info.shape != ref.shape:
             raise MergeError(
-                f"Shape mismatch for tensor {name!r}: {list(info.shape)} in {info.file} "
+                f"Shape mismatch for tensor {brief(name)}: {list(info.shape)} in {info.file} "
                 f"but {list(ref.shape)} in {ref.file}."
             )
         if info.is_float != ref.is_float or (not ref.is_float and info.dtype != ref.dtype):
-            raise MergeError(f"Tensor {name!r} is {info.dtype} in {info.file} but {ref.dtype} in {ref.file}.")
+            raise MergeError(f"Tensor {brief(name)} is {info.dtype} in {info.file} but {ref.dtype} in {ref.file}.")
 
 
 def _tied_embedding(source: ModelSource, head: TensorInfo, owner: ModelSource) -> TensorInfo:
@@ -347,7 +347,7 @@ def _tied_embedding(source: ModelSource, head: TensorInfo, owner: ModelSource) -
     if len(found) != 1:
         raise MergeError(
             f"Input {source.label} ties its LM head to its embeddings (tie_word_embeddings) but input "
-            f"{owner.label} has its own {LM_HEAD!r} {list(head.shape)}, and no single embedding of "
+            f"{owner.label} has its own {brief(LM_HEAD)} {list(head.shape)}, and no single embedding of "
             f"{source.label} has that shape to stand in for its head; merge inputs with the same tying."
         )
     return found[0]
@@ -368,7 +368,7 @@ def _from_inputs(name: str, sources: list[ModelSource], out_code: str | None) ->
     odd = next((i for i in infos if i.dtype != newest.dtype), None)
     if odd is not None and out_code is None and newest.is_float:
         raise MergeError(
-            f"Tensor {name!r} is {odd.dtype} in {odd.file} but {newest.dtype} in {newest.file}; "
+            f"Tensor {brief(name)} is {odd.dtype} in {odd.file} but {newest.dtype} in {newest.file}; "
             "choose the output dtype with out_dtype=...."
         )
     if tensor_merge_action(newest.is_float) == COPIED_FROM_NEWEST:

@@ -22,6 +22,7 @@ from ..averaging import (
     fold_coefficients,
     rule_class,
 )
+from ..errors import InputError, brief
 
 
 __all__ = ["EXPORT_CHOICES", "OFFLOAD_CHOICES", "PMA_FIELDS", "PMA_HELP", "PmaConfig", "validate_pma_settings"]
@@ -74,22 +75,24 @@ def validate_pma_settings(values: dict, prefix: str = "") -> None:
 
     algo = values["fused_algo"]
     if algo not in ALGORITHMS:
-        raise ValueError(f"{name('fused_algo')} must be one of {', '.join(ALGORITHMS)}; got {algo!r}.")
+        raise InputError(f"{name('fused_algo')} must be one of {', '.join(ALGORITHMS)}; got {brief(algo)}.")
     for key in ("fused_num", "interleave_step"):
         if isinstance(values[key], bool) or not isinstance(values[key], int) or values[key] < 1:
-            raise ValueError(f"{name(key)} must be a positive integer; got {values[key]!r}.")
+            raise InputError(f"{name(key)} must be a positive integer; got {brief(values[key])}.")
     if isinstance(values["start_step"], bool) or not isinstance(values["start_step"], int) or values["start_step"] < 0:
-        raise ValueError(f"{name('start_step')} must be a non-negative integer; got {values['start_step']!r}.")
+        raise InputError(f"{name('start_step')} must be a non-negative integer; got {brief(values['start_step'])}.")
     _validate_rule(values, name)
     if values["offload"] not in OFFLOAD_CHOICES:
-        raise ValueError(f"{name('offload')} must be one of {', '.join(OFFLOAD_CHOICES)}; got {values['offload']!r}.")
+        raise InputError(
+            f"{name('offload')} must be one of {', '.join(OFFLOAD_CHOICES)}; got {brief(values['offload'])}."
+        )
     export = values.get("export", "sync")
     if export not in EXPORT_CHOICES:
-        raise ValueError(f"{name('export')} must be one of {', '.join(EXPORT_CHOICES)}; got {export!r}.")
+        raise InputError(f"{name('export')} must be one of {', '.join(EXPORT_CHOICES)}; got {brief(export)}.")
     for key in ("save_total_limit", "sample_store_limit"):
         limit = values.get(key)
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise ValueError(f"{name(key)} must be a positive integer or None; got {limit!r}.")
+            raise InputError(f"{name(key)} must be a positive integer or None; got {brief(limit)}.")
 
 
 def _rule_of(values: dict) -> AveragingRule:
@@ -115,7 +118,7 @@ def _validate_rule(values: dict, name) -> None:
             rule.weights_for(values["fused_num"])
             fold_coefficients(rule, values["fused_num"])
     except RuleError as err:
-        raise ValueError(
+        raise InputError(
             _rule_message(err, RULE_FIELDS.get(err.param, err.param or "fused_algo"), values, name)
         ) from None
 

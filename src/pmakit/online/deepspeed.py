@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..errors import InputError
+
 
 if TYPE_CHECKING:
     from .engine import PmaEngine
@@ -62,7 +64,7 @@ def attach_deepspeed(engine: PmaEngine, zero_optimizer) -> None:
     if getattr(zero_optimizer, "_pma_engine_driven", None) is engine:
         return
     if engine.config.write_back or engine.config.eval:
-        raise ValueError(
+        raise InputError(
             "PMA under DeepSpeed ZeRO keeps the average beside the fp32 master partitions; `write_back` and "
             "`eval` (which put the average into the live weights) are not supported there yet."
         )

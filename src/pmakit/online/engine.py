@@ -52,6 +52,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from ..errors import InputError
 from .config import PmaConfig
 from .deepspeed import attach_deepspeed, find_zero_optimizer
 from .distributed import is_dtensor, like_dtensor, local_shard, unwrap_optimizer
@@ -89,7 +90,7 @@ def attach_engine(optimizer: torch.optim.Optimizer, config: PmaConfig) -> PmaEng
     if engine is None:
         engine = PmaEngine(inner, config)
     elif engine.config != config:
-        raise ValueError("This optimizer already carries a PMA engine with different settings.")
+        raise InputError("This optimizer already carries a PMA engine with different settings.")
     zero = find_zero_optimizer(optimizer)
     if zero is not None:
         attach_deepspeed(engine, zero)
@@ -468,7 +469,7 @@ class PmaEngine:
         avg = self._stored_average(p)
         pinned = offload and local_shard(p).device.type == "cuda"
         if pinned and is_dtensor(p):
-            raise ValueError(
+            raise InputError(
                 "PMA `offload='cpu'` is not supported for FSDP2 (DTensor) parameters on GPU: the average is already "
                 "sharded (1/world per rank). To keep it in CPU memory, offload the shards with FSDP2 itself "
                 "(`fully_shard(..., offload_policy=CPUOffloadPolicy())`, Accelerate `fsdp_offload_params: true`): "

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..averaging import COPIED_FROM_NEWEST, merge_weights, tensor_merge_action
+from ..errors import InputError, brief
 from .weighted_sum import weighted_sum
 
 
@@ -61,7 +62,9 @@ def merge_buffers(
             weights.
     """
     if float_buffers not in FLOAT_BUFFER_POLICIES:
-        raise ValueError(f"`float_buffers` must be one of {', '.join(FLOAT_BUFFER_POLICIES)}; got {float_buffers!r}.")
+        raise InputError(
+            f"`float_buffers` must be one of {', '.join(FLOAT_BUFFER_POLICIES)}; got {brief(float_buffers)}."
+        )
     probs = _weights(weights, len(models))
     states = [m.state_dict() for m in models]
     names = _buffer_names(models[-1])
@@ -69,7 +72,7 @@ def merge_buffers(
     for name in names:
         missing = [k for k, s in enumerate(states) if name not in s]
         if missing:
-            raise ValueError(f"Buffer {name!r} is missing from model(s) {missing}.")
+            raise InputError(f"Buffer {brief(name)} is missing from model(s) {missing}.")
         newest = states[-1][name]
         if tensor_merge_action(newest.is_floating_point()) == COPIED_FROM_NEWEST or float_buffers == "newest":
             merged[name] = newest.detach().clone()
@@ -106,7 +109,7 @@ def average_models(
     params = [dict(m.named_parameters()) for m in models]
     for name, ref in params[-1].items():
         if any(name not in ps for ps in params):
-            raise ValueError(f"Parameter {name!r} is missing from one of the models.")
+            raise InputError(f"Parameter {brief(name)} is missing from one of the models.")
         merged[name] = weighted_sum(
             [ps[name] for ps in params], probs, name=name, sources=_model_names(len(params)), device=ref.device
         )
@@ -174,5 +177,5 @@ def update_bn(
             m.momentum = momentum
         model.train(was_training)
     if used == 0:
-        raise ValueError("update_bn got no batch from the loader: the BatchNorm statistics were reset.")
+        raise InputError("update_bn got no batch from the loader: the BatchNorm statistics were reset.")
     return used

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ..averaging import AveragingRule
+from ..errors import InputError, brief
 from ..io.cards import build_model_card
 from ..io.folders import atomic_directory, check_output_outside_inputs
 from ..io.side_files import copy_side_files
@@ -89,7 +90,7 @@ class _Candidate:
             try:
                 handle = stack.enter_context(safe_open(str(file), framework="pt"))
             except Exception as err:
-                raise ValueError(f"{file} cannot be read as safetensors: {err}") from err
+                raise InputError(f"{file} cannot be read as safetensors: {err}") from err
             for key in handle.keys():
                 self.where[key] = handle
 
@@ -103,11 +104,11 @@ def _check_keys(model_state: dict, candidates: Sequence[_Candidate]) -> list[str
     for cand in candidates[1:]:
         if set(cand.where) != set(keys):
             diff = sorted(set(cand.where) ^ set(keys))[:3]
-            raise ValueError(f"{cand.folder} and {first.folder} hold different tensors (e.g. {diff}).")
+            raise InputError(f"{cand.folder} and {first.folder} hold different tensors (e.g. {brief(diff)}).")
     unknown = [k for k in keys if k not in model_state]
     if unknown:
-        raise ValueError(
-            f"Tensor {unknown[0]!r} of {first.folder} is not in the evaluation model "
+        raise InputError(
+            f"Tensor {brief(unknown[0])} of {first.folder} is not in the evaluation model "
             f"({len(unknown)} such): a different architecture?"
         )
     return keys
@@ -119,8 +120,8 @@ def _load(model_state: dict, cand: _Candidate, keys: Sequence[str]) -> None:
         value = cand.get(key)
         target = model_state[key]
         if value.shape != target.shape:
-            raise ValueError(
-                f"Tensor {key!r} has shape {tuple(value.shape)} in {cand.folder} but "
+            raise InputError(
+                f"Tensor {brief(key)} has shape {tuple(value.shape)} in {cand.folder} but "
                 f"{tuple(target.shape)} in the evaluation model."
             )
         target.copy_(value)
@@ -140,19 +141,19 @@ def _make_scorer(evaluate, metric_key: str | None, greater_is_better: bool | Non
             else:
                 greater_is_better = not key.endswith("loss")
         if trainer.eval_dataset is None:
-            raise ValueError("The Trainer passed to greedy_soup needs an `eval_dataset` (the held-out set).")
+            raise InputError("The Trainer passed to greedy_soup needs an `eval_dataset` (the held-out set).")
 
         def score(model) -> float:
             metrics = trainer.evaluate()
             if key not in metrics:
-                raise KeyError(f"The Trainer's evaluation has no metric {key!r}; it returned {sorted(metrics)}.")
+                raise KeyError(f"The Trainer's evaluation has no metric {brief(key)}; it returned {sorted(metrics)}.")
             return float(metrics[key])
 
         return score, key, greater_is_better, trainer.model
     if not callable(evaluate):
         raise TypeError("`evaluate` must be a function model -> float or a transformers Trainer with an eval set.")
     if greater_is_better is None:
-        raise ValueError("With an evaluation function, say whether higher is better: greater_is_better=True or False.")
+        raise InputError("With an evaluation function, say whether higher is better: greater_is_better=True or False.")
     return (lambda model: float(evaluate(model))), metric_key or "score", greater_is_better, None
 
 
@@ -212,7 +213,7 @@ def greedy_soup(
     """
     folders = _candidate_folders(candidates, scores)
     if push_to_hub and output_dir is None:
-        raise ValueError("`push_to_hub` uploads the written soup: pass `output_dir` too.")
+        raise InputError("`push_to_hub` uploads the written soup: pass `output_dir` too.")
     score_fn, metric, higher, trainer_model = _make_scorer(evaluate, metric_key, greater_is_better)
     model = _evaluation_model(model, trainer_model, folders)
     with ExitStack() as stack:
@@ -230,15 +231,15 @@ def greedy_soup(
 def _candidate_folders(candidates: Sequence[str | os.PathLike], scores: Sequence[float] | None) -> list[Path]:
     """The candidate folders, checked: at least one, each an existing folder, none twice, one score each."""
     if not candidates:
-        raise ValueError("Give at least one candidate model folder.")
+        raise InputError("Give at least one candidate model folder.")
     folders = [Path(c) for c in candidates]
     for folder in folders:
         if not folder.is_dir():
             raise FileNotFoundError(f"Candidate {folder} is not a folder.")
     if len(set(map(os.path.abspath, folders))) != len(folders):
-        raise ValueError("A candidate is listed twice; each folder may enter the soup once.")
+        raise InputError("A candidate is listed twice; each folder may enter the soup once.")
     if scores is not None and len(scores) != len(folders):
-        raise ValueError(f"Got {len(scores)} scores for {len(folders)} candidates; give one score per candidate.")
+        raise InputError(f"Got {len(scores)} scores for {len(folders)} candidates; give one score per candidate.")
     return folders
 
 

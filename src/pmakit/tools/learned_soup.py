@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..errors import InputError
 from ..io.cards import build_model_card
 from ..io.folders import atomic_directory
 from ..io.weight_files import find_weight_files
@@ -207,9 +208,9 @@ def fit_learned_soup(
         FloatingPointError: the loss became non-finite during the fit.
     """
     if len(candidates) < 2:
-        raise ValueError(f"A soup needs at least 2 candidates; got {len(candidates)}.")
+        raise InputError(f"A soup needs at least 2 candidates; got {len(candidates)}.")
     if epochs < 1 or (max_steps is not None and max_steps < 1):
-        raise ValueError("`epochs` and `max_steps` must be positive.")
+        raise InputError("`epochs` and `max_steps` must be positive.")
     labels = _labels(candidates, labels)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     states = [_candidate_state(c) for c in candidates]
@@ -240,7 +241,7 @@ def _labels(candidates: Sequence, labels: Sequence[str] | None) -> list[str]:
             os.fspath(c) if isinstance(c, (str, os.PathLike)) else f"candidate-{i}" for i, c in enumerate(candidates)
         ]
     if len(labels) != len(candidates):
-        raise ValueError(f"`labels` has {len(labels)} entries for {len(candidates)} candidates.")
+        raise InputError(f"`labels` has {len(labels)} entries for {len(candidates)} candidates.")
     return list(labels)
 
 
@@ -250,7 +251,7 @@ def _check_parameters(model: nn.Module, states: Sequence[dict], labels: Sequence
     for label, state in zip(labels, states, strict=True):
         missing = [n for n in names if n not in state]
         if missing:
-            raise ValueError(f"Candidate {label} lacks parameter(s) {missing[:5]} of the template model.")
+            raise InputError(f"Candidate {label} lacks parameter(s) {missing[:5]} of the template model.")
     return names
 
 
@@ -281,7 +282,7 @@ class _SoupFit:
             self.model.train(was_training)
             self.stacks = {}  # k copies of the model: free them as soon as the fit ends
         if self.steps == 0:
-            raise ValueError("fit_learned_soup got no batch from `data`.")
+            raise InputError("fit_learned_soup got no batch from `data`.")
 
     def step(self, batch, loss_fn: Callable) -> None:
         weights = torch.softmax(self.mix_logits, dim=0)

@@ -35,6 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..averaging import AveragingRule
+from ..errors import InputError, brief
 from ..io.cards import build_model_card
 from ..io.folders import atomic_directory, check_output_outside_inputs
 from ..io.side_files import copy_side_files
@@ -70,7 +71,7 @@ class LoraAdapter:
                 found.setdefault(m["module"], {})["A" if m["kind"].endswith("A") else "B"] = key
         for module, pair in found.items():
             if set(pair) != {"A", "B"}:
-                raise ValueError(f"{self.path}: LoRA module {module!r} has only its {next(iter(pair))} factor.")
+                raise InputError(f"{self.path}: LoRA module {brief(module)} has only its {next(iter(pair))} factor.")
         return found
 
     def extras(self) -> list[str]:
@@ -109,21 +110,21 @@ def load_lora_adapter(path: str | os.PathLike) -> LoraAdapter:
     config = json.loads(config_file.read_text(encoding="utf-8"))
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
-        raise ValueError(f"{folder}: only LoRA adapters can be averaged here; this one is {peft_type}.")
+        raise InputError(f"{folder}: only LoRA adapters can be averaged here; this one is {brief(peft_type)}.")
     if config.get("use_dora"):
-        raise ValueError(
+        raise InputError(
             f"{folder}: DoRA adapters (use_dora=true) have a magnitude vector that does not average "
             "like B @ A; they are not supported."
         )
     if config.get("lora_bias"):
-        raise ValueError(f"{folder}: adapters with lora_bias=true are not supported.")
+        raise InputError(f"{folder}: adapters with lora_bias=true are not supported.")
     try:
         tensors = load_file(weights_file)
     except Exception as err:  # safetensors raises its own error types for corrupt files
-        raise ValueError(f"{weights_file} cannot be read as safetensors: {err}") from err
+        raise InputError(f"{weights_file} cannot be read as safetensors: {err}") from err
     adapter = LoraAdapter(folder, config, tensors)
     if not adapter.modules():
-        raise ValueError(f"{weights_file} holds no LoRA factors (lora_A / lora_B tensors).")
+        raise InputError(f"{weights_file} holds no LoRA factors (lora_A / lora_B tensors).")
     return adapter
 
 
@@ -168,7 +169,7 @@ def _average_extras(adapters: Sequence[LoraAdapter], weights: Sequence[float], a
         tensors = []
         for adapter in adapters:
             if key not in adapter.tensors:
-                raise ValueError(f"Tensor {key!r} is in {adapters[-1].path} but missing from {adapter.path}.")
+                raise InputError(f"Tensor {brief(key)} is in {adapters[-1].path} but missing from {adapter.path}.")
             tensors.append(adapter.tensors[key])
         out[key] = _weighted(tensors, weights, acc, key, [a.path for a in adapters])
     return out
@@ -178,7 +179,7 @@ def _weighted(tensors, weights, acc, key, paths) -> torch.Tensor:
     """The weighted average of one tensor across adapters; integer tensors must agree and are copied."""
     if not tensors[0].is_floating_point():
         if any(t.shape != tensors[0].shape or not torch.equal(t, tensors[0]) for t in tensors):
-            raise ValueError(f"Integer tensor {key!r} differs between adapters; it cannot be averaged.")
+            raise InputError(f"Integer tensor {brief(key)} differs between adapters; it cannot be averaged.")
         return tensors[0].clone()
     return weighted_sum(tensors, weights, name=key, sources=paths, accumulate_dtype=acc)
 
@@ -189,9 +190,9 @@ def _check_same_modules(adapters: Sequence[LoraAdapter]) -> list[str]:
         modules = adapter.modules()
         if set(modules) != set(reference):
             diff = sorted(set(modules) ^ set(reference))[:3]
-            raise ValueError(
-                f"{adapter.path} and {adapters[-1].path} adapt different modules (e.g. {diff}); factor averaging "
-                "needs the same modules in every adapter (exact averaging does not)."
+            raise InputError(
+                f"{adapter.path} and {adapters[-1].path} adapt different modules (e.g. {brief(diff)}); "
+                "factor averaging needs the same modules in every adapter (exact averaging does not)."
             )
     return list(reference)
 
@@ -208,13 +209,13 @@ def _factor_average(adapters, weights, acc) -> tuple[dict, dict]:
                 adapter.tensors[keys["A"]].shape != newest.tensors[newest.modules()[module]["A"]].shape
                 or adapter.tensors[keys["B"]].shape != newest.tensors[newest.modules()[module]["B"]].shape
             ):
-                raise ValueError(
-                    f"Module {module!r}: rank or shape differs between {adapter.path} and {newest.path}; factor "
+                raise InputError(
+                    f"Module {brief(module)}: rank or shape differs between {adapter.path} and {newest.path}; factor "
                     "averaging needs adapters of the same rank (use method='concat' or 'merge')."
                 )
             if not math.isclose(adapter.scaling(module), s_ref, rel_tol=1e-12):
-                raise ValueError(
-                    f"Module {module!r}: LoRA scaling (lora_alpha / r) is {adapter.scaling(module):g} in "
+                raise InputError(
+                    f"Module {brief(module)}: LoRA scaling (lora_alpha / r) is {adapter.scaling(module):g} in "
                     f"{adapter.path} but {s_ref:g} in {newest.path}; factor averaging needs equal scalings "
                     "(use method='concat' or 'merge')."
                 )
@@ -241,7 +242,9 @@ def _concat_average(adapters, weights, acc) -> tuple[dict, dict]:
             out[keys["A"]] = torch.cat(entry["A"], dim=0)
             out[keys["B"]] = torch.cat(entry["B"], dim=1)
         except RuntimeError as err:
-            raise ValueError(f"Module {module!r}: the adapters' factors have incompatible shapes ({err}).") from None
+            raise InputError(
+                f"Module {brief(module)}: the adapters' factors have incompatible shapes ({err})."
+            ) from None
         ranks[module[len(_PREFIX) :] if module.startswith(_PREFIX) else module] = out[keys["A"]].shape[0]
     config = dict(adapters[-1].config)
     rank = max(ranks.values())
@@ -281,8 +284,8 @@ def _merge_shard(shard: Path, targets: dict, acc, out: Path) -> set[str]:
             tensors[key] = change[1].to(tensor.dtype)
             continue
         if change.shape != tensor.shape:
-            raise ValueError(
-                f"LoRA update for {key!r} has shape {tuple(change.shape)}, but the base weight in "
+            raise InputError(
+                f"LoRA update for {brief(key)} has shape {tuple(change.shape)}, but the base weight in "
                 f"{shard} has {tuple(tensor.shape)}: the adapters were not trained on this base."
             )
         sources = [shard, "the averaged LoRA update"]
@@ -301,8 +304,8 @@ def _merge_into_base(adapters, weights, base: Path, tmp: Path, acc) -> None:
         seen |= _merge_shard(shard, targets, acc, tmp)
     missing = sorted(set(targets) - seen)
     if missing:
-        raise ValueError(
-            f"Base model {base} has no weight {missing[0]!r} that the adapters update "
+        raise InputError(
+            f"Base model {base} has no weight {brief(missing[0])} that the adapters update "
             f"({len(missing)} missing): wrong base model?"
         )
     copy_side_files(base, tmp)
@@ -313,15 +316,15 @@ def _merge_into_base(adapters, weights, base: Path, tmp: Path, acc) -> None:
 
 def _check_method(method: str, adapters: Sequence, base_model) -> None:
     if method not in LORA_METHODS:
-        raise ValueError(f"`method` must be one of {', '.join(LORA_METHODS)}; got {method!r}.")
+        raise InputError(f"`method` must be one of {', '.join(LORA_METHODS)}; got {brief(method)}.")
     if not adapters:
-        raise ValueError("Give at least one adapter folder to average.")
+        raise InputError("Give at least one adapter folder to average.")
     if method == "merge" and base_model is None:
-        raise ValueError(
+        raise InputError(
             "method='merge' adds the averaged update to a base model: pass `base_model` (a model folder)."
         )
     if base_model is not None and method != "merge":
-        raise ValueError("`base_model` is only used by method='merge'.")
+        raise InputError("`base_model` is only used by method='merge'.")
 
 
 def _write_adapter(loaded: Sequence[LoraAdapter], weights, method: str, acc, tmp: Path) -> None:

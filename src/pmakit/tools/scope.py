@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import InputError, brief
 from ..merging.scopes import (
     CHUNK_ELEMENTS,
     DEFAULT_THRESHOLD,
@@ -117,9 +118,9 @@ def _normalised(weights: Sequence[float] | None, count: int) -> list[float]:
         return [1.0 / count] * count
     weights = [float(w) for w in weights]
     if len(weights) != count:
-        raise ValueError(f"`weights` has {len(weights)} entries for {count} models.")
+        raise InputError(f"`weights` has {len(weights)} entries for {count} models.")
     if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"`weights` must be finite, non-negative and not all zero; got {weights}.")
+        raise InputError(f"`weights` must be finite, non-negative and not all zero; got {brief(weights)}.")
     total = sum(weights)
     return [w / total for w in weights]
 
@@ -145,14 +146,14 @@ def fuse_scopes(scopes: Sequence[Mapping[str, Scope]], weights: Sequence[float] 
         ValueError: no models, models with different layers, or bad weights.
     """
     if not scopes:
-        raise ValueError("fuse_scopes needs at least one model's scopes.")
+        raise InputError("fuse_scopes needs at least one model's scopes.")
     probs = _normalised(weights, len(scopes))
     names = list(scopes[0])
     for k, other in enumerate(scopes[1:], start=1):
         missing = [n for n in names if n not in other]
         extra = [n for n in other if n not in scopes[0]]
         if missing or extra:
-            raise ValueError(
+            raise InputError(
                 f"Model {k} does not have the same layers as model 0 (missing {missing[:3]}, extra {extra[:3]})."
             )
     fused: ScopeMap = {}

@@ -44,6 +44,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..averaging import AveragingRule
+from ..errors import InputError, TrainingError, brief
 from ..online.distributed import unwrap_optimizer
 from .weighted_sum import weighted_sum
 
@@ -78,7 +79,7 @@ SPIKE_HELP = {
 }
 
 
-class SpikeRecoveryError(RuntimeError):
+class SpikeRecoveryError(TrainingError):
     """Training cannot recover from a loss spike (no sample before it, or recoveries used up).
 
     The message says what to change (a lower learning rate, more samples, more recoveries).
@@ -99,30 +100,34 @@ def validate_spike_settings(values: dict, prefix: str = "") -> None:
         value = values[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-            raise ValueError(f"{name(key)} must be {kind}; got {value!r}.")
+            raise InputError(f"{name(key)} must be {kind}; got {brief(value)}.")
 
     factor = values["factor"]
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 1:
-        raise ValueError(f"{name('factor')} must be a finite number greater than 1; got {factor!r}.")
+        raise InputError(f"{name('factor')} must be a finite number greater than 1; got {brief(factor)}.")
     for key in ("patience", "window", "num_samples", "interval"):
         positive_int(key)
     for key in ("min_history", "rewarm_steps", "max_recoveries"):
         positive_int(key, minimum=0)
     if values["min_history"] > values["window"]:
-        raise ValueError(
+        raise InputError(
             f"{name('min_history')} ({values['min_history']}) cannot exceed {name('window')} ({values['window']})."
         )
     if values["fused_algo"] not in SPIKE_ALGORITHMS:
-        raise ValueError(
-            f"{name('fused_algo')} must be one of {', '.join(SPIKE_ALGORITHMS)}; got {values['fused_algo']!r}."
+        raise InputError(
+            f"{name('fused_algo')} must be one of {', '.join(SPIKE_ALGORITHMS)}; got {brief(values['fused_algo'])}."
         )
     if values["fused_algo"] == "ema" and not (0.0 < float(values["ema_alpha"]) < 1.0):
-        raise ValueError(f"{name('ema_alpha')} must lie in the open interval (0, 1); got {values['ema_alpha']!r}.")
+        raise InputError(
+            f"{name('ema_alpha')} must lie in the open interval (0, 1); got {brief(values['ema_alpha'])}."
+        )
     scale = values["lr_scale"]
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0.0 < scale <= 1.0):
-        raise ValueError(f"{name('lr_scale')} must lie in (0, 1]; got {scale!r}.")
+        raise InputError(f"{name('lr_scale')} must lie in (0, 1]; got {brief(scale)}.")
     if values["offload"] not in SPIKE_OFFLOAD:
-        raise ValueError(f"{name('offload')} must be one of {', '.join(SPIKE_OFFLOAD)}; got {values['offload']!r}.")
+        raise InputError(
+            f"{name('offload')} must be one of {', '.join(SPIKE_OFFLOAD)}; got {brief(values['offload'])}."
+        )
 
 
 @dataclass
@@ -198,7 +203,7 @@ class SpikeRecoveryCallback(TrainerCallback):
 
     def __init__(self, config: SpikeConfig | None = None, trainer=None, **settings) -> None:
         if config is not None and settings:
-            raise ValueError("Pass either a `SpikeConfig` or keyword settings, not both.")
+            raise InputError("Pass either a `SpikeConfig` or keyword settings, not both.")
         self.config = config if config is not None else SpikeConfig(**settings)
         self.trainer = trainer
         self.events: list[dict] = []

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import averaging
-from ..errors import InputError
+from ..errors import InputError, brief
 from ..io.folders import atomic_directory, output_lock, scratch_directory
 from ..io.hub_target import HubTarget
 
@@ -65,9 +65,9 @@ def parse_rule(spec: str) -> dict:
     try:
         algo, params = averaging.parse_spec(spec)
     except averaging.UnknownRuleError:
-        raise InputError(f"Unknown sweep rule {spec!r}; valid rules: {valid}.") from None
+        raise InputError(f"Unknown sweep rule {brief(spec)}; valid rules: {valid}.") from None
     except averaging.RuleError as e:
-        raise InputError(f"Rule {spec!r}: {str(e).rstrip('.')}; valid rules: {valid}.") from None
+        raise InputError(f"Rule {brief(spec)}: {str(e).rstrip('.')}; valid rules: {valid}.") from None
     return {"algo": algo, **params}
 
 
@@ -128,7 +128,7 @@ def sweep_inputs(inputs: Sequence[str | os.PathLike] | str | os.PathLike, source
         InputError: nothing to sweep, a missing folder or an unknown ``source``.
     """
     if source not in ("auto", "samples", "checkpoints"):
-        raise InputError(f"`source` must be auto, samples or checkpoints, got {source!r}.")
+        raise InputError(f"`source` must be auto, samples or checkpoints, got {brief(source)}.")
     paths = [Path(inputs)] if isinstance(inputs, (str, os.PathLike)) else [Path(p) for p in inputs]
     for path in paths:
         if not path.is_dir():
@@ -153,7 +153,7 @@ def _candidates(rules: Sequence[str], windows: Sequence[int], n_inputs: int) -> 
         parse_rule(rule)
     for window in windows:
         if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-            raise InputError(f"Window {window!r} must be a positive number of inputs.")
+            raise InputError(f"Window {brief(window)} must be a positive number of inputs.")
         if window > n_inputs:
             raise InputError(f"Window {window} is longer than the {n_inputs} inputs available.")
     return [Candidate(r, w) for r in dict.fromkeys(rules) for w in sorted(set(windows))]
@@ -445,7 +445,7 @@ def trainer_scorer(trainer, metric: str = "eval_loss") -> Scorer:
         finally:
             model.load_state_dict(saved)
         if metric not in metrics:
-            raise InputError(f"trainer.evaluate() returned no {metric!r}; it returned {sorted(metrics)}.")
+            raise InputError(f"trainer.evaluate() returned no {brief(metric)}; it returned {sorted(metrics)}.")
         return float(metrics[metric])
 
     return score
@@ -460,7 +460,7 @@ def _read_held_out(path: Path) -> str:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise InputError(
-            f"Held-out text file {path} is not UTF-8 text (byte {e.start}: {data[e.start : e.start + 1]!r}); "
+            f"Held-out text file {path} is not UTF-8 text (byte {e.start}: {brief(data[e.start : e.start + 1])}); "
             "give a UTF-8 text file."
         ) from None
     if "\x00" in text:
@@ -504,9 +504,11 @@ class TextLossScorer:
 
     def __init__(self, text_file, tokenizer, *, batch_size: int, max_length: int, per: str, device) -> None:
         if per not in ("token", "byte"):
-            raise InputError(f"`per` must be token or byte, got {per!r}.")
+            raise InputError(f"`per` must be token or byte, got {brief(per)}.")
         if not all(isinstance(n, int) and not isinstance(n, bool) for n in (batch_size, max_length)):
-            raise InputError(f"batch_size and max_length must be integers, got {batch_size!r} and {max_length!r}.")
+            raise InputError(
+                f"batch_size and max_length must be integers, got {brief(batch_size)} and {brief(max_length)}."
+            )
         if batch_size < 1 or max_length < 2:
             raise InputError(f"Need batch_size >= 1 and max_length >= 2, got {batch_size} and {max_length}.")
         self.path = Path(text_file)
@@ -565,9 +567,9 @@ def _checked_device(device: str | None) -> str | None:
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise InputError(f"Unknown torch device {device!r}: {e}.") from None
+        raise InputError(f"Unknown torch device {brief(device)}: {e}.") from None
     if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"Device {device!r}: CUDA is not available on this machine.")
+        raise InputError(f"Device {brief(device)}: CUDA is not available on this machine.")
     return device
 
 

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..errors import InputError, brief
+
 
 __all__ = ["ACCUMULATE_DTYPES", "weighted_sum"]
 
@@ -29,21 +31,21 @@ def _check_terms(
 ) -> None:
     """Raise a `ValueError` naming ``name`` unless the terms can be summed."""
     if not tensors:
-        raise ValueError(f"Tensor {name!r}: nothing to sum (no inputs).")
+        raise InputError(f"Tensor {brief(name)}: nothing to sum (no inputs).")
     if len(weights) != len(tensors):
-        raise ValueError(f"Tensor {name!r}: got {len(weights)} weights for {len(tensors)} inputs.")
+        raise InputError(f"Tensor {brief(name)}: got {len(weights)} weights for {len(tensors)} inputs.")
     if sources is not None and len(sources) != len(tensors):
-        raise ValueError(f"Tensor {name!r}: got {len(sources)} input names for {len(tensors)} inputs.")
+        raise InputError(f"Tensor {brief(name)}: got {len(sources)} input names for {len(tensors)} inputs.")
     shape = tensors[0].shape
     for index, tensor in enumerate(tensors):
         if not tensor.is_floating_point():
-            raise ValueError(
-                f"Tensor {name!r} is {tensor.dtype} in {_source(sources, index)}: only floating-point tensors "
+            raise InputError(
+                f"Tensor {brief(name)} is {tensor.dtype} in {_source(sources, index)}: only floating-point tensors "
                 "can be averaged."
             )
         if tensor.shape != shape:
-            raise ValueError(
-                f"Tensor {name!r} has shape {tuple(tensor.shape)} in {_source(sources, index)} but "
+            raise InputError(
+                f"Tensor {brief(name)} has shape {tuple(tensor.shape)} in {_source(sources, index)} but "
                 f"{tuple(shape)} in {_source(sources, 0)}."
             )
 
@@ -78,7 +80,7 @@ def weighted_sum(
             unsupported accumulation dtype; the message names the tensor and the input.
     """
     if accumulate_dtype not in ACCUMULATE_DTYPES:
-        raise ValueError(f"Tensor {name!r}: accumulate in float32 or float64, not {accumulate_dtype}.")
+        raise InputError(f"Tensor {brief(name)}: accumulate in float32 or float64, not {brief(accumulate_dtype)}.")
     _check_terms(tensors, weights, name, sources)
     newest = tensors[-1]
     device = newest.device if device is None else torch.device(device)

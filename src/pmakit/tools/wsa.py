@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ..errors import InputError, brief
 from ..online.distributed import unwrap_model, unwrap_optimizer
 from .scope import Scope, compute_scopes, fuse_scopes
 
@@ -68,39 +69,41 @@ def validate_wsa_settings(values: Mapping, prefix: str = "") -> None:
 
     weight = values["weight"]
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-        raise ValueError(f"{name('weight')} must be a finite number >= 0 (0 turns WSA off); got {weight!r}.")
+        raise InputError(f"{name('weight')} must be a finite number >= 0 (0 turns WSA off); got {brief(weight)}.")
     target = values["target"]
     if target not in WSA_TARGETS:
-        raise ValueError(f"{name('target')} must be one of {', '.join(WSA_TARGETS)}; got {target!r}.")
+        raise InputError(f"{name('target')} must be one of {', '.join(WSA_TARGETS)}; got {brief(target)}.")
     reference = values.get("reference")
     if reference is not None and (isinstance(reference, (str, bytes)) or not isinstance(reference, Sequence)):
-        raise ValueError(f"{name('reference')} must be a list of model folders; got {reference!r}.")
+        raise InputError(f"{name('reference')} must be a list of model folders; got {brief(reference)}.")
     reference = list(reference or [])
     if target == "init" and reference:
-        raise ValueError(f"{name('reference')} is only used with {name('target')}='reference' or 'fused'.")
+        raise InputError(f"{name('reference')} is only used with {name('target')}='reference' or 'fused'.")
     if target == "reference" and len(reference) != 1:
-        raise ValueError(
-            f"{name('target')}='reference' needs exactly one folder in {name('reference')}; got {reference}."
+        raise InputError(
+            f"{name('target')}='reference' needs exactly one folder in {name('reference')}; got {brief(reference)}."
         )
     if target == "fused" and not reference:
-        raise ValueError(f"{name('target')}='fused' needs one or more folders in {name('reference')}.")
+        raise InputError(f"{name('target')}='fused' needs one or more folders in {name('reference')}.")
     weights = values.get("reference_weights")
     if weights is not None:
         if target != "fused":
-            raise ValueError(f"{name('reference_weights')} is only used with {name('target')}='fused'.")
+            raise InputError(f"{name('reference_weights')} is only used with {name('target')}='fused'.")
         if len(weights) != len(reference):
-            raise ValueError(
+            raise InputError(
                 f"{name('reference_weights')} has {len(weights)} entries for {len(reference)} "
                 f"{name('reference')} folders."
             )
         if any(not math.isfinite(float(w)) or float(w) < 0 for w in weights) or sum(map(float, weights)) <= 0:
-            raise ValueError(f"{name('reference_weights')} must be finite, non-negative, not all zero; got {weights}.")
+            raise InputError(
+                f"{name('reference_weights')} must be finite, non-negative, not all zero; got {brief(weights)}."
+            )
     layers = values.get("layers")
     if layers is not None:
         try:
             re.compile(layers)
         except re.error as err:
-            raise ValueError(f"{name('layers')} is not a valid regular expression ({err}): {layers!r}.") from None
+            raise InputError(f"{name('layers')} is not a valid regular expression ({err}): {brief(layers)}.") from None
 
 
 @dataclass
@@ -148,7 +151,7 @@ def wsa_target_scopes(config: WsaConfig, model: torch.nn.Module | None = None) -
     """The target scopes ``config`` names: of ``model`` now ('init'), of a folder, or fused from folders."""
     if config.target == "init":
         if model is None:
-            raise ValueError("The 'init' WSA target is the model's own weights: pass the model.")
+            raise InputError("The 'init' WSA target is the model's own weights: pass the model.")
         return {name: Scope(*_scope_of(p)) for name, p in _aligned_parameters(model, config.layers)}
     scopes = [compute_scopes(folder, pattern=config.layers) for folder in config.reference]
     if config.target == "reference":
@@ -265,7 +268,7 @@ class WsaRegularizer:
             target = {name: Scope(*_scope_of(p)) for name, p in named}
         missing = [name for name, _ in named if name not in target]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"The WSA target has no scope for {len(missing)} aligned parameter(s), e.g. {missing[:5]}; "
                 "restrict the aligned layers with `layers` or use a target from the same architecture."
             )
@@ -274,7 +277,7 @@ class WsaRegularizer:
             logger.info("WSA: %d layer(s) with zero target std are not aligned: %s", len(zero), zero[:5])
         named = [(n, p) for n, p in named if target[n].std > 0]
         if not named:
-            raise ValueError("WSA found no layer to align (no trainable parameter with 2+ dims and a positive std).")
+            raise InputError("WSA found no layer to align (no trainable parameter with 2+ dims and a positive std).")
         named = [named[i] for idx in _plan([p for _, p in named]) for i in idx]  # layers reduced together adjacent
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
@@ -352,7 +355,7 @@ class WsaCallback(TrainerCallback):
 
     def __init__(self, config: WsaConfig | None = None, trainer=None, **settings) -> None:
         if config is not None and settings:
-            raise ValueError("Pass either a `WsaConfig` or keyword settings, not both.")
+            raise InputError("Pass either a `WsaConfig` or keyword settings, not both.")
         self.config = config if config is not None else WsaConfig(**settings)
         self.regularizer: WsaRegularizer | None = None
         self.trainer = None
@@ -364,7 +367,7 @@ class WsaCallback(TrainerCallback):
     def bind(self, trainer) -> None:
         """Wrap ``trainer.compute_loss`` and ``trainer.log`` (once)."""
         if getattr(trainer, "_wsa_callback", None) is not None:
-            raise ValueError("This trainer already has a WSA callback.")
+            raise InputError("This trainer already has a WSA callback.")
         self.trainer = trainer
         trainer._wsa_callback = self
         compute_loss, log = trainer.compute_loss, trainer.log

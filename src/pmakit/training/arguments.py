@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from ..errors import InputError
 from ..online.config import PMA_FIELDS, PMA_HELP, PmaConfig, validate_pma_settings
 from ..tools.spike import SPIKE_FIELDS, SPIKE_HELP, SpikeConfig, validate_spike_settings
 from ..tools.wsa import WSA_FIELDS, WSA_HELP, WsaConfig, validate_wsa_settings
@@ -114,7 +115,7 @@ class PmaArguments(TrainingArguments):
     def __post_init__(self) -> None:
         # Refuse before the DeepSpeed integration replaces our optimizer with its own (PMA silently lost).
         if self.deepspeed and _deepspeed_optimizer_section(self.deepspeed):
-            raise ValueError(
+            raise InputError(
                 "The DeepSpeed config has an `optimizer` section, so DeepSpeed would build its own optimizer and "
                 "PMA (which lives in the Trainer's optimizer) would be silently lost. Remove the `optimizer` "
                 "section and choose the optimizer with `optim` / `learning_rate` in the training arguments."

@@ -15,13 +15,15 @@ import logging
 import threading
 from collections.abc import Callable
 
+from ..errors import TrainingError
+
 
 __all__ = ["BackgroundExportError", "BackgroundWriter", "side_process_group"]
 
 logger = logging.getLogger(__name__)
 
 
-class BackgroundExportError(RuntimeError):
+class BackgroundExportError(TrainingError):
     """A background export failed; raised at the next join point (the cause is chained)."""
 
 

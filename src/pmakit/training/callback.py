@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ..errors import InputError
 from ..io.folders import remove_stale_temporaries
 from ..online.config import PmaConfig
 from ..online.engine import AVG_KEY, PmaEngine, attach_engine
@@ -81,7 +82,7 @@ class PmaCallback(TrainerCallback):
 
     def __init__(self, config: PmaConfig | None = None, trainer=None, **settings) -> None:
         if config is not None and settings:
-            raise ValueError("Pass either a `PmaConfig` or keyword settings, not both.")
+            raise InputError("Pass either a `PmaConfig` or keyword settings, not both.")
         self.config = config if config is not None else PmaConfig(**settings)
         self.trainer = trainer
         self.engine: PmaEngine | None = None
@@ -102,7 +103,7 @@ class PmaCallback(TrainerCallback):
         if args.should_save:
             remove_stale_pma_temporaries(args.output_dir)
         if self.config.eval and self.trainer is None:
-            raise ValueError(
+            raise InputError(
                 "PMA evaluation (`eval=True`) runs the Trainer's evaluation on the PMA weights, so the callback "
                 "needs the trainer: use `PmaCallback(config, trainer=trainer)` or `PmaTrainer`."
             )

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments, get_scheduler
 
+from ..errors import InputError
 from ..io.hub import push_folder_to_hub
 from ..io.hub_target import HubTarget
 from ..online.config import PmaConfig
@@ -43,7 +44,7 @@ def _attach(
         if is_main_process():
             remove_stale_pma_temporaries(output_dir)
         if model is None:
-            raise ValueError(
+            raise InputError(
                 "Writing `pma-<step>` folders needs the model: pass it (`pma_model=` for `PmaAdamW`) "
                 "with `output_dir=`."
             )
@@ -222,10 +223,10 @@ def finish_pma(
     engine: PmaEngine | None = getattr(unwrap_optimizer(optimizer), "_pma_engine", None)
     exporter = next((h for h in engine._handlers if isinstance(h, PmaExporter)), None) if engine else None
     if exporter is None:
-        raise ValueError("This optimizer writes no PMA folders: create it with `output_dir=` (and the model).")
+        raise InputError("This optimizer writes no PMA folders: create it with `output_dir=` (and the model).")
     repo_id = hub_model_id or exporter.config.hub_model_id
     if push_to_hub and not repo_id:
-        raise ValueError("`push_to_hub` needs `hub_model_id` (or `hub_model_id` in the PMA settings).")
+        raise InputError("`push_to_hub` needs `hub_model_id` (or `hub_model_id` in the PMA settings).")
     folder = exporter.finish(engine)
     if folder is None or not push_to_hub or not exporter.is_main_process:
         return folder

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import InputError, brief
 from ..io.safetensors import OutputTensor, ShardWriter
 from ..online.gather import ExportEntry
 
@@ -83,7 +84,7 @@ def plan_layout(model, entries: list[ExportEntry], max_shard_size: int | str = D
     }
     for name, tensor in meta.items():
         if tensor.dtype not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"Tensor {name!r} has dtype {tensor.dtype}, which a safetensors export cannot hold.")
+            raise InputError(f"Tensor {brief(name)} has dtype {tensor.dtype}, which a safetensors export cannot hold.")
     split = split_torch_state_dict_into_shards(meta, filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_size)
     files = list(split.filename_to_tensors)
     tensors: dict[str, OutputTensor] = {}
