@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -21,6 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pmakit import PmaConfig, PmaTrainer, lm_eval_scorer, merge  # noqa: E402
 from pmakit.cli import main  # noqa: E402
+from pmakit.tools.lm_eval_scorer import pma_lm_eval_metrics  # noqa: E402
 from pmakit.tools.sweep import sweep_inputs  # noqa: E402
 from tests.helpers.folders import make_tokenizer, save_models  # noqa: E402
 from tests.helpers.models import TokenDataset, tiny_llama  # noqa: E402
@@ -124,3 +126,6 @@ def test_pma_eval_logs_lm_eval_metrics_of_the_pma_weights(tmp_path):
     assert logged[f"eval_pma_{TASK}_acc"] == scorer(tmp_path / "out" / "pma")
     assert logged[f"eval_pma_{TASK}_acc_norm"] == scorer.last_results[TASK]["acc_norm,none"]
     assert not any("stderr" in key for key in logged)
+
+    rng = torch.random.get_rng_state()  # lm-eval seeds the global generators; training keeps its own
+    assert pma_lm_eval_metrics(trainer, args.pma_config) and torch.equal(torch.random.get_rng_state(), rng)

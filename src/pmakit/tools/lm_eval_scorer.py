@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -164,6 +165,24 @@ def _log_key(task: str, key: str) -> str:
     return f"eval_pma_{task}_{metric}" + (f"_{filter_name}" if filter_name not in ("", "none") else "")
 
 
+@contextmanager
+def _training_rng_kept() -> Iterator[None]:
+    """lm-eval seeds Python's, NumPy's and torch's global generators: give training its own states back."""
+    import random
+
+    import numpy as np
+    import torch
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
 def pma_lm_eval_metrics(trainer, config, dataset_name: str | None = None) -> dict[str, float]:
     """lm-eval's metrics of the trainer's model as it is now (PMA weights swapped in): ``eval_pma_<task>_<metric>``.
 
@@ -184,7 +203,8 @@ def pma_lm_eval_metrics(trainer, config, dataset_name: str | None = None) -> dic
     manager = _checked_task_manager(tasks, config.eval_lm_eval_include_path)
     model = HFLM(pretrained=trainer.model, tokenizer=tokenizer, batch_size=trainer.args.per_device_eval_batch_size)
     options = {"num_fewshot": config.eval_lm_eval_num_fewshot, "limit": config.eval_lm_eval_limit}
-    results = _evaluate(model, tasks, manager, **options)
+    with _training_rng_kept():
+        results = _evaluate(model, tasks, manager, **options)
     return {
         _log_key(task, key): float(value)
         for task, metrics in results.items()
