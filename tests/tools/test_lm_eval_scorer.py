@@ -120,7 +120,8 @@ def test_pma_eval_logs_lm_eval_metrics_of_the_pma_weights(tmp_path):
         processing_class=_tokenizer(),
     )  # fmt: skip
     trainer.train()
-    (logged,) = [e for e in trainer.state.log_history if "eval_pma_loss" in e]
+    assert any("eval_pma_loss" in e for e in trainer.state.log_history)
+    (logged,) = [e for e in trainer.state.log_history if f"eval_pma_{TASK}_acc" in e]
     # the evaluation at the last step saw the average of samples 2 and 4: what the final `pma/` folder holds
     scorer = lm_eval_scorer(TASK, include_path=DATA)
     assert logged[f"eval_pma_{TASK}_acc"] == scorer(tmp_path / "out" / "pma")

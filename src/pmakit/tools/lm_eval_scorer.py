@@ -186,8 +186,9 @@ def _training_rng_kept() -> Iterator[None]:
 def pma_lm_eval_metrics(trainer, config, dataset_name: str | None = None) -> dict[str, float]:
     """lm-eval's metrics of the trainer's model as it is now (PMA weights swapped in): ``eval_pma_<task>_<metric>``.
 
-    Runs once per evaluation: with several eval datasets, only for the first. The model is wrapped in memory
-    (``HFLM(pretrained=model)``) with the trainer's tokenizer and ``per_device_eval_batch_size``.
+    Logs them (``trainer.log``) and returns them. Runs once per evaluation: with several eval datasets, only for
+    the first. The model is wrapped in memory (``HFLM(pretrained=model)``) with the trainer's tokenizer and
+    ``per_device_eval_batch_size``.
     """
     if not config.eval_lm_eval_tasks:
         return {}
@@ -205,9 +206,11 @@ def pma_lm_eval_metrics(trainer, config, dataset_name: str | None = None) -> dic
     options = {"num_fewshot": config.eval_lm_eval_num_fewshot, "limit": config.eval_lm_eval_limit}
     with _training_rng_kept():
         results = _evaluate(model, tasks, manager, **options)
-    return {
+    metrics = {
         _log_key(task, key): float(value)
-        for task, metrics in results.items()
-        for key, value in metrics.items()
+        for task, values in results.items()
+        for key, value in values.items()
         if "," in key and "_stderr" not in key and isinstance(value, (int, float))
     }
+    trainer.log(metrics)  # the PMA evaluation logged its own metrics already; these join the run's logs here
+    return metrics
