@@ -66,6 +66,7 @@ _EXPORTS = {
     "SweepResult": "tools.sweep",
     "text_loss_scorer": "tools.sweep",
     "trainer_scorer": "tools.sweep",
+    "lm_eval_scorer": "tools.lm_eval_scorer",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -97,6 +98,7 @@ if TYPE_CHECKING:
     from .tools.fusionbench import WeightedAverageForLLama
     from .tools.greedy_soup import GreedySoupResult, greedy_soup
     from .tools.learned_soup import LearnedSoup, fit_learned_soup
+    from .tools.lm_eval_scorer import lm_eval_scorer
     from .tools.lora import average_lora_adapters
     from .tools.scope import (
         Scope,

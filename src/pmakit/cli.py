@@ -164,7 +164,14 @@ def _add_sweep(sub) -> None:
     s.add_argument("inputs", nargs="+", help="a run folder (pma-samples/step-N or checkpoint-N), or model folders")
     s.add_argument("--rules", nargs="+", required=True, help="sma wma ema ema_corrected decay:cosine decay:1-sqrt ...")
     s.add_argument("--windows", nargs="+", type=int, required=True, help="numbers of newest inputs to merge")
-    s.add_argument("--text", required=True, help="held-out UTF-8 text file scored by causal-LM loss")
+    scoring = s.add_mutually_exclusive_group(required=True)
+    scoring.add_argument("--text", help="held-out UTF-8 text file scored by causal-LM loss")
+    scoring.add_argument("--lm-eval-tasks", nargs="+", help="score by lm-evaluation-harness on these tasks")
+    s.add_argument("--lm-eval-include-path", help="folder of extra lm-eval task YAMLs (lm_eval --include_path)")
+    s.add_argument("--lm-eval-metric", default="acc", help="lm-eval metric to score by (metric or metric,filter)")
+    s.add_argument("--lm-eval-num-fewshot", type=int, help="lm-eval few-shot examples (default: each task's)")
+    s.add_argument("--lm-eval-limit", type=float, help="lm-eval examples per task (a fraction below 1)")
+    s.add_argument("--lm-eval-batch-size", type=int, default=1, help="lm-eval batch size (default 1, lm-eval's)")
     s.add_argument("--tokenizer", help="tokenizer folder or Hub id (default: the merged folder's, i.e. the run's)")
     s.add_argument("--per", choices=["token", "byte"], default="token", help="loss per token or per UTF-8 byte")
     s.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass")
@@ -215,14 +222,17 @@ def _run_sweep(args: argparse.Namespace) -> int:
 
     for rule in args.rules:
         parse_rule(rule)  # a bad rule exits 2 before torch is imported
-    scorer = text_loss_scorer(
-        args.text,
-        args.tokenizer,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        per=args.per,
-        device=args.device,
-    )
+    if args.lm_eval_tasks:
+        scorer = _lm_eval_scorer(args)
+    else:
+        scorer = text_loss_scorer(
+            args.text,
+            args.tokenizer,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            per=args.per,
+            device=args.device,
+        )
     try:
         result = sweep(
             args.inputs if len(args.inputs) > 1 else args.inputs[0],
@@ -230,7 +240,8 @@ def _run_sweep(args: argparse.Namespace) -> int:
             args.windows,
             score=scorer,
             output_dir=args.output_dir,
-            metric=f"loss per {args.per} (nats)",
+            metric=getattr(scorer, "metric_name", f"loss per {args.per} (nats)"),
+            higher_is_better=getattr(scorer, "higher_is_better", False),
             alpha=args.alpha,
             source=args.source,
             overwrite=args.overwrite,
@@ -250,6 +261,25 @@ def _run_sweep(args: argparse.Namespace) -> int:
     if result.commit_url:
         print(f"pushed: {result.commit_url}")
     return 0
+
+
+def _lm_eval_scorer(args: argparse.Namespace):
+    """The sweep's lm-eval scorer (lm-eval is imported here, not when the command line is parsed)."""
+    from .errors import InputError
+    from .tools.lm_eval_scorer import lm_eval_scorer
+
+    try:
+        return lm_eval_scorer(
+            args.lm_eval_tasks,
+            num_fewshot=args.lm_eval_num_fewshot,
+            limit=args.lm_eval_limit,
+            metric=args.lm_eval_metric,
+            include_path=args.lm_eval_include_path,
+            batch_size=args.lm_eval_batch_size,
+            device=args.device,
+        )
+    except ImportError as e:
+        raise InputError(str(e)) from None
 
 
 def _size(n: int) -> str:

@@ -48,6 +48,11 @@ PMA_HELP = {
     "write_back": "At each cycle end copy the merged weights into the live model and train on from them "
     "(MindSpore PmaAdamW semantics; optimizer moments are kept). Off: training is untouched.",
     "eval": "Also evaluate on the PMA weights at each evaluation and log `eval_pma_*` metrics.",
+    "eval_lm_eval_tasks": "lm-evaluation-harness tasks to also score the PMA weights on at each evaluation (with "
+    "`eval`; needs the `lm-eval` extra), logged as `eval_pma_<task>_<metric>`.",
+    "eval_lm_eval_include_path": "A folder of extra lm-eval task YAMLs for `eval_lm_eval_tasks` (`--include_path`).",
+    "eval_lm_eval_num_fewshot": "Few-shot examples per prompt for `eval_lm_eval_tasks` (None: each task's default).",
+    "eval_lm_eval_limit": "At most this many examples per lm-eval task, or a fraction of them below 1 (None: all).",
     "offload": f"Where the fp32 average lives: one of {', '.join(OFFLOAD_CHOICES)}. 'cpu' keeps it in "
     "(pinned) CPU memory and, on CUDA, updates it off the training stream.",
     "save": "Write a complete model folder `pma-<step>` at each cycle end (and `pma` at the end of training).",
@@ -93,6 +98,8 @@ def validate_pma_settings(values: dict, prefix: str = "") -> None:
         limit = values.get(key)
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise InputError(f"{name(key)} must be a positive integer or None; got {brief(limit)}.")
+    if values.get("eval_lm_eval_tasks") and not values["eval"]:
+        raise InputError(f"{name('eval_lm_eval_tasks')} runs in PMA evaluations: set {name('eval')}.")
 
 
 def _rule_of(values: dict) -> AveragingRule:
@@ -160,6 +167,10 @@ class PmaConfig:
     start_step: int = field(default=0, metadata=_meta("start_step"))
     write_back: bool = field(default=False, metadata=_meta("write_back"))
     eval: bool = field(default=False, metadata=_meta("eval"))
+    eval_lm_eval_tasks: list[str] | None = field(default=None, metadata=_meta("eval_lm_eval_tasks"))
+    eval_lm_eval_include_path: str | None = field(default=None, metadata=_meta("eval_lm_eval_include_path"))
+    eval_lm_eval_num_fewshot: int | None = field(default=None, metadata=_meta("eval_lm_eval_num_fewshot"))
+    eval_lm_eval_limit: float | None = field(default=None, metadata=_meta("eval_lm_eval_limit"))
     offload: str = field(default="none", metadata=_meta("offload"))
     save: bool = field(default=True, metadata=_meta("save"))
     save_total_limit: int | None = field(default=None, metadata=_meta("save_total_limit"))

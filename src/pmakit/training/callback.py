@@ -27,6 +27,7 @@ from ..errors import InputError
 from ..io.folders import remove_stale_temporaries
 from ..online.config import PmaConfig
 from ..online.engine import AVG_KEY, PmaEngine, attach_engine
+from ..tools.lm_eval_scorer import check_lm_eval_settings, pma_lm_eval_metrics
 from .export import LATEST_DIR, PMA_PREFIX, PmaExporter
 from .samples import PmaSampleStore
 
@@ -107,6 +108,7 @@ class PmaCallback(TrainerCallback):
                 "PMA evaluation (`eval=True`) runs the Trainer's evaluation on the PMA weights, so the callback "
                 "needs the trainer: use `PmaCallback(config, trainer=trainer)` or `PmaTrainer`."
             )
+        check_lm_eval_settings(self.config)
         self.exporter = PmaExporter(
             kwargs.get("model"),
             args.output_dir,
@@ -174,6 +176,7 @@ class PmaCallback(TrainerCallback):
         try:
             with engine.swapped(), _silent_on_evaluate(self.trainer):
                 pma_metrics = self.trainer.evaluate(eval_dataset=eval_dataset, metric_key_prefix=pma_prefix)
+                pma_metrics.update(pma_lm_eval_metrics(self.trainer, self.config, dataset_name))
         finally:
             self._in_pma_eval = False
         metrics.update(pma_metrics)
