@@ -56,7 +56,7 @@ def test_markers_are_replaced_and_bad_ones_fail_the_build():
     assert out.startswith("before\n| name | default | meaning |") and "`weight`" in out and out.endswith("after")
     for spec, cause in [
         ("pmakit.online.config.NoSuchClass", "cannot import"),
-        ("pmakit.online.config.validate_pma_settings", "not a dataclass"),
+        ("pmakit.online.config.RULE_FIELDS", "not a dataclass"),
         ("pmakit.online.config.PmaConfig zzz_", "selects no field"),
     ]:
         with pytest.raises(ValueError, match=cause):

@@ -1,5 +1,6 @@
 """Settings are validated when built, with messages naming the field and the allowed values."""
 
+import dataclasses
 import json
 import warnings
 
@@ -17,26 +18,12 @@ def test_defaults():
     assert config.save is True and config.save_total_limit is None
 
 
-def test_arguments_mirror_the_config_dataclasses():
-    """`PmaArguments` repeats each settings dataclass as prefixed fields: their defaults must not drift apart."""
-    import dataclasses
-
-    from pmakit.tools.spike import SpikeConfig
-    from pmakit.tools.wsa import WsaConfig
-
-    args = {f.name: f for f in dataclasses.fields(PmaArguments)}
-    for config, prefix, own_default in (
-        (PmaConfig, "pma_", ()),
-        (SpikeConfig, "pma_spike_", ()),
-        (WsaConfig, "pma_wsa_", ("weight",)),
-    ):  # WSA is off (0) in PmaArguments
-        for field in dataclasses.fields(config):
-            mirror = args[prefix + field.name]
-            if field.name not in own_default:
-                assert mirror.default == field.default, (
-                    f"{prefix}{field.name}: {mirror.default!r} != {field.default!r}"
-                )
-            assert mirror.metadata.get("help"), f"{prefix}{field.name} has no help"
+def test_config_is_frozen():
+    config = PmaConfig(fused_algo="weights", fused_num=2, fused_weights=[1, 3])
+    assert config.fused_weights == [1.0, 3.0] and all(type(w) is float for w in config.fused_weights)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.fused_num = 3
+    assert dataclasses.replace(config, interleave_step=7).interleave_step == 7
 
 
 def test_sample_steps():

@@ -8,7 +8,7 @@ messages that name the field and the allowed values.
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 from ..averaging import (
     ALGORITHMS,
@@ -23,83 +23,15 @@ from ..averaging import (
     rule_class,
 )
 from ..errors import InputError, brief
+from ..settings import at_least, one_of, setting, settle
 
 
-__all__ = ["EXPORT_CHOICES", "OFFLOAD_CHOICES", "PMA_FIELDS", "PMA_HELP", "PmaConfig", "validate_pma_settings"]
+__all__ = ["EXPORT_CHOICES", "OFFLOAD_CHOICES", "PmaConfig"]
 
 OFFLOAD_CHOICES = ("none", "cpu")
 RULE_FIELDS = {"alpha": "ema_alpha", "weights": "fused_weights", "decay_shape": "decay_shape"}
 """The field that holds each parameter of the averaging rules (online, weights are always normalised)."""
 EXPORT_CHOICES = ("sync", "async")
-
-PMA_HELP = {
-    "fused_algo": f"Averaging rule: one of {', '.join(ALGORITHMS)} ('weights' uses `fused_weights`, "
-    "'decay' uses `decay_shape`, 'ema' and 'ema_corrected' use `ema_alpha`).",
-    "fused_num": "Samples per cycle: after this many samples the merged model is written and the average restarts.",
-    "interleave_step": "Optimizer steps between samples: a sample is taken after every `interleave_step`-th step.",
-    "ema_alpha": "EMA weight of the newest sample, in (0, 1), for 'ema' and 'ema_corrected'. 'ema' starts at the "
-    "first sample of a cycle (with few samples the oldest weighs most); 'ema_corrected' is the zero-start EMA "
-    "divided by 1-(1-alpha)^n (weights rise toward the newest and sum to one: the form for short cycles).",
-    "decay_shape": f"Shape d of the 'decay' rule: one of {', '.join(DECAY_SHAPES)} (or, from Python, a callable "
-    "with d(0)=1, d(1)=0). Sample i of fused_num=n weighs d((i-1)/n)-d(i/n): the merge emulates that LR decay "
-    "over the cycle (WSM); 'linear' equals SMA.",
-    "fused_weights": "Explicit per-sample weights, oldest first, one per sample of a cycle (rule 'weights').",
-    "start_step": "No sample is taken at or before this optimizer step (skip the early, fast-moving phase).",
-    "write_back": "At each cycle end copy the merged weights into the live model and train on from them "
-    "(MindSpore PmaAdamW semantics; optimizer moments are kept). Off: training is untouched.",
-    "eval": "Also evaluate on the PMA weights at each evaluation and log `eval_pma_*` metrics.",
-    "eval_lm_eval_tasks": "lm-evaluation-harness tasks to also score the PMA weights on at each evaluation (with "
-    "`eval`; needs the `lm-eval` extra), logged as `eval_pma_<task>_<metric>`.",
-    "eval_lm_eval_include_path": "A folder of extra lm-eval task YAMLs for `eval_lm_eval_tasks` (`--include_path`).",
-    "eval_lm_eval_num_fewshot": "Few-shot examples per prompt for `eval_lm_eval_tasks` (None: each task's default).",
-    "eval_lm_eval_limit": "At most this many examples per lm-eval task, or a fraction of them below 1 (None: all).",
-    "offload": f"Where the fp32 average lives: one of {', '.join(OFFLOAD_CHOICES)}. 'cpu' keeps it in "
-    "(pinned) CPU memory and, on CUDA, updates it off the training stream.",
-    "save": "Write a complete model folder `pma-<step>` at each cycle end (and `pma` at the end of training).",
-    "export": f"How cycle-end exports run: one of {', '.join(EXPORT_CHOICES)}. 'async' snapshots the average "
-    "to the CPU and writes the folder from a background thread while training goes on (joined before the next "
-    "export, a checkpoint save and the end of training).",
-    "save_total_limit": "Keep at most this many `pma-<step>` folders, deleting the oldest (None keeps all).",
-    "sample_store": "Also keep every PMA sample as a model-only folder `pma-samples/step-<t>` (config, tokenizer, "
-    "weights; no optimizer state), so any rule and window can be merged after training with `pmakit.merge`.",
-    "sample_store_limit": "Keep at most this many sample folders, deleting the oldest (None keeps all).",
-    "hub_model_id": "Hub repo for the merged model when the run pushes to the Hub; default: the `pma` "
-    "subfolder of the run's own repo.",
-}
-
-
-def _meta(name: str) -> dict:
-    return {"help": PMA_HELP[name]}
-
-
-def validate_pma_settings(values: dict, prefix: str = "") -> None:
-    """Check PMA settings; `prefix` is how the fields are named to the user (`pma_` in `PmaArguments`)."""
-
-    def name(key: str) -> str:
-        return f"`{prefix}{key}`"
-
-    algo = values["fused_algo"]
-    if algo not in ALGORITHMS:
-        raise InputError(f"{name('fused_algo')} must be one of {', '.join(ALGORITHMS)}; got {brief(algo)}.")
-    for key in ("fused_num", "interleave_step"):
-        if isinstance(values[key], bool) or not isinstance(values[key], int) or values[key] < 1:
-            raise InputError(f"{name(key)} must be a positive integer; got {brief(values[key])}.")
-    if isinstance(values["start_step"], bool) or not isinstance(values["start_step"], int) or values["start_step"] < 0:
-        raise InputError(f"{name('start_step')} must be a non-negative integer; got {brief(values['start_step'])}.")
-    _validate_rule(values, name)
-    if values["offload"] not in OFFLOAD_CHOICES:
-        raise InputError(
-            f"{name('offload')} must be one of {', '.join(OFFLOAD_CHOICES)}; got {brief(values['offload'])}."
-        )
-    export = values.get("export", "sync")
-    if export not in EXPORT_CHOICES:
-        raise InputError(f"{name('export')} must be one of {', '.join(EXPORT_CHOICES)}; got {brief(export)}.")
-    for key in ("save_total_limit", "sample_store_limit"):
-        limit = values.get(key)
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise InputError(f"{name(key)} must be a positive integer or None; got {brief(limit)}.")
-    if values.get("eval_lm_eval_tasks") and not values["eval"]:
-        raise InputError(f"{name('eval_lm_eval_tasks')} runs in PMA evaluations: set {name('eval')}.")
 
 
 def _rule_of(values: dict) -> AveragingRule:
@@ -117,11 +49,11 @@ def _rule_of(values: dict) -> AveragingRule:
     return AveragingRule(values["fused_algo"], **settings)
 
 
-def _validate_rule(values: dict, name) -> None:
+def _check_rule(key: str, values: dict, name) -> None:  # noqa: ARG001 (a setting's check)
     """The rule's own checks, and its weights and running form over a cycle of `fused_num`; errors name the field."""
     try:
         rule = _rule_of(values)
-        if rule_class(values["fused_algo"]).depends_on_cycle:
+        if rule_class(values["fused_algo"]).depends_on_cycle:  # an O(fused_num) check, for these rules only
             rule.weights_for(values["fused_num"])
             fold_coefficients(rule, values["fused_num"])
     except RuleError as err:
@@ -130,21 +62,27 @@ def _validate_rule(values: dict, name) -> None:
         ) from None
 
 
+def _check_lm_eval_tasks(key: str, values: dict, name) -> None:
+    """lm-eval scores run inside the PMA evaluation, so they need it on."""
+    if values.get(key) and not values["eval"]:
+        raise InputError(f"{name(key)} runs in PMA evaluations: set {name('eval')}.")
+
+
 def _rule_message(err: RuleError, key: str, values: dict, name) -> str:
     algo, field_name = values["fused_algo"], name(key)
     if isinstance(err, RangeError):
         value = values.get(key, err.value)
-        return f"{field_name} must lie in the open interval ({err.low:g}, {err.high:g}); got {value!r}."
+        return f"{field_name} must lie in the open interval ({err.low:g}, {err.high:g}); got {brief(value)}."
     if isinstance(err, UnusedParameterError):
-        users = " or ".join(f"{name('fused_algo')}={u!r}" for u in err.users)
-        return f"{field_name} is only used with {users}; got {algo!r}."
+        users = " or ".join(f"{name('fused_algo')}={brief(u)}" for u in err.users)
+        return f"{field_name} is only used with {users}; got {brief(algo)}."
     if isinstance(err, MissingParameterError):
         expects = rule_class(algo).param(err.param).describe_value()
-        return f"{name('fused_algo')}={algo!r} needs {field_name}: {expects}."
+        return f"{name('fused_algo')}={brief(algo)} needs {field_name}: {expects}."
     return f"{field_name}: {err}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class PmaConfig:
     """PMA settings for the engine, `PmaCallback` and `create_pma_optimizer`.
 
@@ -158,31 +96,107 @@ class PmaConfig:
         ValueError: a setting is out of range; the message names the field and the allowed values.
     """
 
-    fused_algo: str = field(default="sma", metadata=_meta("fused_algo"))
-    fused_num: int = field(default=10, metadata=_meta("fused_num"))
-    interleave_step: int = field(default=1000, metadata=_meta("interleave_step"))
-    ema_alpha: float = field(default=0.2, metadata=_meta("ema_alpha"))
-    fused_weights: list[float] | None = field(default=None, metadata=_meta("fused_weights"))
-    decay_shape: str | DecayShape | None = field(default=None, metadata=_meta("decay_shape"))
-    start_step: int = field(default=0, metadata=_meta("start_step"))
-    write_back: bool = field(default=False, metadata=_meta("write_back"))
-    eval: bool = field(default=False, metadata=_meta("eval"))
-    eval_lm_eval_tasks: list[str] | None = field(default=None, metadata=_meta("eval_lm_eval_tasks"))
-    eval_lm_eval_include_path: str | None = field(default=None, metadata=_meta("eval_lm_eval_include_path"))
-    eval_lm_eval_num_fewshot: int | None = field(default=None, metadata=_meta("eval_lm_eval_num_fewshot"))
-    eval_lm_eval_limit: float | None = field(default=None, metadata=_meta("eval_lm_eval_limit"))
-    offload: str = field(default="none", metadata=_meta("offload"))
-    save: bool = field(default=True, metadata=_meta("save"))
-    save_total_limit: int | None = field(default=None, metadata=_meta("save_total_limit"))
-    export: str = field(default="sync", metadata=_meta("export"))
-    sample_store: bool = field(default=False, metadata=_meta("sample_store"))
-    sample_store_limit: int | None = field(default=None, metadata=_meta("sample_store_limit"))
-    hub_model_id: str | None = field(default=None, metadata=_meta("hub_model_id"))
+    fused_algo: str = setting(
+        "sma",
+        f"Averaging rule: one of {', '.join(ALGORITHMS)} ('weights' uses `fused_weights`, "
+        "'decay' uses `decay_shape`, 'ema' and 'ema_corrected' use `ema_alpha`).",
+        one_of(ALGORITHMS),
+    )
+    fused_num: int = setting(
+        10,
+        "Samples per cycle: after this many samples the merged model is written and the average restarts.",
+        at_least(1),
+    )
+    interleave_step: int = setting(
+        1000,
+        "Optimizer steps between samples: a sample is taken after every `interleave_step`-th step.",
+        at_least(1),
+    )
+    ema_alpha: float = setting(
+        0.2,
+        "EMA weight of the newest sample, in (0, 1), for 'ema' and 'ema_corrected'. 'ema' starts at the "
+        "first sample of a cycle (with few samples the oldest weighs most); 'ema_corrected' is the zero-start EMA "
+        "divided by 1-(1-alpha)^n (weights rise toward the newest and sum to one: the form for short cycles).",
+    )
+    fused_weights: list[float] | None = setting(
+        None,
+        "Explicit per-sample weights, oldest first, one per sample of a cycle (rule 'weights').",
+        convert=lambda weights: [float(w) for w in weights],
+    )
+    decay_shape: str | DecayShape | None = setting(
+        None,
+        f"Shape d of the 'decay' rule: one of {', '.join(DECAY_SHAPES)} (or, from Python, a callable "
+        "with d(0)=1, d(1)=0). Sample i of fused_num=n weighs d((i-1)/n)-d(i/n): the merge emulates that LR decay "
+        "over the cycle (WSM); 'linear' equals SMA.",
+        _check_rule,  # the rule's fields (RULE_FIELDS) are all set by here
+        arg_type=str | None,
+    )
+    start_step: int = setting(
+        0,
+        "No sample is taken at or before this optimizer step (skip the early, fast-moving phase).",
+        at_least(0, kind="a non-negative integer"),
+    )
+    write_back: bool = setting(
+        False,
+        "At each cycle end copy the merged weights into the live model and train on from them "
+        "(MindSpore PmaAdamW semantics; optimizer moments are kept). Off: training is untouched.",
+    )
+    eval: bool = setting(False, "Also evaluate on the PMA weights at each evaluation and log `eval_pma_*` metrics.")
+    eval_lm_eval_tasks: list[str] | None = setting(
+        None,
+        "lm-evaluation-harness tasks to also score the PMA weights on at each evaluation (with `eval`; needs the "
+        "`lm-eval` extra), logged as `eval_pma_<task>_<metric>`.",
+        _check_lm_eval_tasks,
+    )
+    eval_lm_eval_include_path: str | None = setting(
+        None, "A folder of extra lm-eval task YAMLs for `eval_lm_eval_tasks` (`--include_path`)."
+    )
+    eval_lm_eval_num_fewshot: int | None = setting(
+        None, "Few-shot examples per prompt for `eval_lm_eval_tasks` (None: each task's default)."
+    )
+    eval_lm_eval_limit: float | None = setting(
+        None, "At most this many examples per lm-eval task, or a fraction of them below 1 (None: all)."
+    )
+    offload: str = setting(
+        "none",
+        f"Where the fp32 average lives: one of {', '.join(OFFLOAD_CHOICES)}. 'cpu' keeps it in "
+        "(pinned) CPU memory and, on CUDA, updates it off the training stream.",
+        one_of(OFFLOAD_CHOICES),
+    )
+    save: bool = setting(
+        True, "Write a complete model folder `pma-<step>` at each cycle end (and `pma` at the end of training)."
+    )
+    save_total_limit: int | None = setting(
+        None,
+        "Keep at most this many `pma-<step>` folders, deleting the oldest (None keeps all).",
+        at_least(1, optional=True),
+    )
+    export: str = setting(
+        "sync",
+        f"How cycle-end exports run: one of {', '.join(EXPORT_CHOICES)}. 'async' snapshots the average "
+        "to the CPU and writes the folder from a background thread while training goes on (joined before the next "
+        "export, a checkpoint save and the end of training).",
+        one_of(EXPORT_CHOICES),
+    )
+    sample_store: bool = setting(
+        False,
+        "Also keep every PMA sample as a model-only folder `pma-samples/step-<t>` (config, tokenizer, "
+        "weights; no optimizer state), so any rule and window can be merged after training with `pmakit.merge`.",
+    )
+    sample_store_limit: int | None = setting(
+        None,
+        "Keep at most this many sample folders, deleting the oldest (None keeps all).",
+        at_least(1, optional=True),
+    )
+    hub_model_id: str | None = setting(
+        None,
+        "Hub repo for the merged model when the run pushes to the Hub; default: the `pma` "
+        "subfolder of the run's own repo.",
+    )
 
     def __post_init__(self) -> None:
-        if self.fused_weights is not None:
-            self.fused_weights = [float(w) for w in self.fused_weights]
-        validate_pma_settings(asdict(self))
+        for key, value in settle(PmaConfig, {f.name: getattr(self, f.name) for f in fields(self)}).items():
+            object.__setattr__(self, key, value)  # frozen: normalised once, here
 
     @property
     def rule(self) -> AveragingRule:
@@ -222,6 +236,3 @@ class PmaConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-PMA_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(PmaConfig))

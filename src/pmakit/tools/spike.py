@@ -38,7 +38,7 @@ import logging
 import math
 import statistics
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from transformers import TrainerCallback
@@ -46,37 +46,16 @@ from transformers import TrainerCallback
 from ..averaging import AveragingRule
 from ..errors import InputError, TrainingError, brief
 from ..online.distributed import unwrap_optimizer
+from ..settings import at_least, finite_number, one_of, setting, settle
 from .weighted_sum import weighted_sum
 
 
-__all__ = ["SPIKE_FIELDS", "SpikeConfig", "SpikeRecoveryCallback", "SpikeRecoveryError", "validate_spike_settings"]
+__all__ = ["SpikeConfig", "SpikeRecoveryCallback", "SpikeRecoveryError"]
 
 logger = logging.getLogger(__name__)
 
 SPIKE_ALGORITHMS = ("sma", "wma", "ema")
 SPIKE_OFFLOAD = ("cpu", "none")
-
-SPIKE_HELP = {
-    "factor": "A step is suspect when its loss exceeds this multiple of the median loss of the last "
-    "`window` normal steps (non-finite loss or gradient norm always triggers recovery at once).",
-    "patience": "Consecutive suspect steps that make a spike; the spike began at the first of them.",
-    "window": "Normal steps whose median loss is the reference for `factor`.",
-    "min_history": "Normal steps needed before the loss-ratio test starts (non-finite checks run from step 1).",
-    "num_samples": "Recovery samples kept in a ring: the merge of those taken before a spike replaces the "
-    "live weights. Memory: this many copies of the trainable weights.",
-    "interval": "Optimizer steps between two recovery samples.",
-    "fused_algo": f"How the pre-spike samples are merged: one of {', '.join(SPIKE_ALGORITHMS)} "
-    "(ema uses `ema_alpha`).",
-    "ema_alpha": "EMA weight of the newest sample, in (0, 1), when `fused_algo` is 'ema'.",
-    "reset_optimizer": "After a recovery reset the optimizer moments (they saw the spike's gradients); "
-    "off: keep them.",
-    "rewarm_steps": "After a recovery ramp the learning rate linearly from 0 back to its schedule over this "
-    "many optimizer steps (0: no re-warm).",
-    "lr_scale": "Multiply the learning rate by this factor for the rest of training after each recovery "
-    "(1.0: keep the schedule).",
-    "max_recoveries": "Recoveries allowed; the next spike stops training with a clear error.",
-    "offload": f"Where recovery samples live: one of {', '.join(SPIKE_OFFLOAD)} ('none': the parameters' device).",
-}
 
 
 class SpikeRecoveryError(TrainingError):
@@ -86,48 +65,26 @@ class SpikeRecoveryError(TrainingError):
     """
 
 
-def _meta(name: str) -> dict:
-    return {"help": SPIKE_HELP[name]}
+def _check_factor(key: str, values: dict, name) -> None:
+    if not finite_number(values[key]) or values[key] <= 1:
+        raise InputError(f"{name(key)} must be a finite number greater than 1; got {brief(values[key])}.")
 
 
-def validate_spike_settings(values: dict, prefix: str = "") -> None:
-    """Check spike-recovery settings; ``prefix`` is how the fields are named to the user (``pma_spike_``)."""
+def _check_min_history(key: str, values: dict, name) -> None:
+    at_least(0)(key, values, name)
+    if values[key] > values["window"]:
+        raise InputError(f"{name(key)} ({values[key]}) cannot exceed {name('window')} ({values['window']}).")
 
-    def name(key: str) -> str:
-        return f"`{prefix}{key}`"
 
-    def positive_int(key: str, minimum: int = 1) -> None:
-        value = values[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-            raise InputError(f"{name(key)} must be {kind}; got {brief(value)}.")
+def _check_ema_alpha(key: str, values: dict, name) -> None:
+    if values["fused_algo"] == "ema" and not (0.0 < float(values[key]) < 1.0):
+        raise InputError(f"{name(key)} must lie in the open interval (0, 1); got {brief(values[key])}.")
 
-    factor = values["factor"]
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 1:
-        raise InputError(f"{name('factor')} must be a finite number greater than 1; got {brief(factor)}.")
-    for key in ("patience", "window", "num_samples", "interval"):
-        positive_int(key)
-    for key in ("min_history", "rewarm_steps", "max_recoveries"):
-        positive_int(key, minimum=0)
-    if values["min_history"] > values["window"]:
-        raise InputError(
-            f"{name('min_history')} ({values['min_history']}) cannot exceed {name('window')} ({values['window']})."
-        )
-    if values["fused_algo"] not in SPIKE_ALGORITHMS:
-        raise InputError(
-            f"{name('fused_algo')} must be one of {', '.join(SPIKE_ALGORITHMS)}; got {brief(values['fused_algo'])}."
-        )
-    if values["fused_algo"] == "ema" and not (0.0 < float(values["ema_alpha"]) < 1.0):
-        raise InputError(
-            f"{name('ema_alpha')} must lie in the open interval (0, 1); got {brief(values['ema_alpha'])}."
-        )
-    scale = values["lr_scale"]
+
+def _check_lr_scale(key: str, values: dict, name) -> None:
+    scale = values[key]
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0.0 < scale <= 1.0):
-        raise InputError(f"{name('lr_scale')} must lie in (0, 1]; got {brief(scale)}.")
-    if values["offload"] not in SPIKE_OFFLOAD:
-        raise InputError(
-            f"{name('offload')} must be one of {', '.join(SPIKE_OFFLOAD)}; got {brief(values['offload'])}."
-        )
+        raise InputError(f"{name(key)} must lie in (0, 1]; got {brief(scale)}.")
 
 
 @dataclass
@@ -146,22 +103,62 @@ class SpikeConfig:
         ValueError: a setting is out of range; the message names the field.
     """
 
-    factor: float = field(default=2.0, metadata=_meta("factor"))
-    patience: int = field(default=3, metadata=_meta("patience"))
-    window: int = field(default=50, metadata=_meta("window"))
-    min_history: int = field(default=10, metadata=_meta("min_history"))
-    num_samples: int = field(default=3, metadata=_meta("num_samples"))
-    interval: int = field(default=100, metadata=_meta("interval"))
-    fused_algo: str = field(default="sma", metadata=_meta("fused_algo"))
-    ema_alpha: float = field(default=0.2, metadata=_meta("ema_alpha"))
-    reset_optimizer: bool = field(default=True, metadata=_meta("reset_optimizer"))
-    rewarm_steps: int = field(default=100, metadata=_meta("rewarm_steps"))
-    lr_scale: float = field(default=1.0, metadata=_meta("lr_scale"))
-    max_recoveries: int = field(default=3, metadata=_meta("max_recoveries"))
-    offload: str = field(default="cpu", metadata=_meta("offload"))
+    factor: float = setting(
+        2.0,
+        "A step is suspect when its loss exceeds this multiple of the median loss of the last "
+        "`window` normal steps (non-finite loss or gradient norm always triggers recovery at once).",
+        _check_factor,
+    )
+    patience: int = setting(
+        3, "Consecutive suspect steps that make a spike; the spike began at the first of them.", at_least(1)
+    )
+    window: int = setting(50, "Normal steps whose median loss is the reference for `factor`.", at_least(1))
+    min_history: int = setting(
+        10,
+        "Normal steps needed before the loss-ratio test starts (non-finite checks run from step 1).",
+        _check_min_history,
+    )
+    num_samples: int = setting(
+        3,
+        "Recovery samples kept in a ring: the merge of those taken before a spike replaces the "
+        "live weights. Memory: this many copies of the trainable weights.",
+        at_least(1),
+    )
+    interval: int = setting(100, "Optimizer steps between two recovery samples.", at_least(1))
+    fused_algo: str = setting(
+        "sma",
+        f"How the pre-spike samples are merged: one of {', '.join(SPIKE_ALGORITHMS)} (ema uses `ema_alpha`).",
+        one_of(SPIKE_ALGORITHMS),
+    )
+    ema_alpha: float = setting(
+        0.2, "EMA weight of the newest sample, in (0, 1), when `fused_algo` is 'ema'.", _check_ema_alpha
+    )
+    reset_optimizer: bool = setting(
+        True, "After a recovery reset the optimizer moments (they saw the spike's gradients); off: keep them."
+    )
+    rewarm_steps: int = setting(
+        100,
+        "After a recovery ramp the learning rate linearly from 0 back to its schedule over this "
+        "many optimizer steps (0: no re-warm).",
+        at_least(0),
+    )
+    lr_scale: float = setting(
+        1.0,
+        "Multiply the learning rate by this factor for the rest of training after each recovery "
+        "(1.0: keep the schedule).",
+        _check_lr_scale,
+    )
+    max_recoveries: int = setting(
+        3, "Recoveries allowed; the next spike stops training with a clear error.", at_least(0)
+    )
+    offload: str = setting(
+        "cpu",
+        f"Where recovery samples live: one of {', '.join(SPIKE_OFFLOAD)} ('none': the parameters' device).",
+        one_of(SPIKE_OFFLOAD),
+    )
 
     def __post_init__(self) -> None:
-        validate_spike_settings(asdict(self))
+        settle(SpikeConfig, asdict(self))
 
     @property
     def rule(self) -> AveragingRule:
@@ -169,9 +166,6 @@ class SpikeConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-SPIKE_FIELDS: tuple[str, ...] = tuple(SpikeConfig.__dataclass_fields__)
 
 
 @dataclass

@@ -26,17 +26,18 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..errors import InputError, brief
 from ..online.distributed import unwrap_model, unwrap_optimizer
+from ..settings import finite_number, one_of, setting, settle
 from .scope import Scope, compute_scopes, fuse_scopes
 
 
-__all__ = ["WSA_FIELDS", "WSA_TARGETS", "WsaCallback", "WsaConfig", "WsaRegularizer", "add_wsa", "wsa_target_scopes"]
+__all__ = ["WSA_TARGETS", "WsaCallback", "WsaConfig", "WsaRegularizer", "add_wsa", "wsa_target_scopes"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,66 +45,50 @@ WSA_TARGETS = ("init", "reference", "fused")
 STATE_KEY = "wsa_target"  # in optimizer.param_groups[0]: the target survives checkpoint/resume
 _STACK_ELEMENTS = 1 << 24  # at most this many elements are stacked for one reduction
 
-WSA_HELP = {
-    "weight": "Weight of the WSA loss (KL between each layer's Gaussian fit and the target's, averaged over "
-    "layers) added to the training loss; 0 turns WSA off. The paper does not fix it: 0.1-1 is our suggestion.",
-    "target": f"WSA target scope: one of {', '.join(WSA_TARGETS)}. 'init': the weights at the start of training "
-    "(our default; the paper does not fix the target); 'reference': the model folder in `reference`; "
-    "'fused': the fused scope of the folders in `reference` (weights `reference_weights`).",
-    "reference": "Model folder(s) giving the WSA target ('reference': exactly one; 'fused': one or more).",
-    "reference_weights": "Weights of the `reference` folders when fusing their scopes (default: equal).",
-    "layers": "Regex: only parameters whose name matches are aligned (default: every trainable parameter with "
-    "2 or more dimensions: weight matrices and embeddings).",
-}
+
+def _check_weight(key: str, values: Mapping, name) -> None:
+    if not finite_number(values[key]) or values[key] < 0:
+        raise InputError(f"{name(key)} must be a finite number >= 0 (0 turns WSA off); got {brief(values[key])}.")
 
 
-def _meta(name: str) -> dict:
-    return {"help": WSA_HELP[name]}
-
-
-def validate_wsa_settings(values: Mapping, prefix: str = "") -> None:
-    """Check WSA settings; ``prefix`` is how the fields are named to the user (``pma_wsa_`` in `PmaArguments`)."""
-
-    def name(key: str) -> str:
-        return f"`{prefix}{key}`"
-
-    weight = values["weight"]
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-        raise InputError(f"{name('weight')} must be a finite number >= 0 (0 turns WSA off); got {brief(weight)}.")
-    target = values["target"]
-    if target not in WSA_TARGETS:
-        raise InputError(f"{name('target')} must be one of {', '.join(WSA_TARGETS)}; got {brief(target)}.")
-    reference = values.get("reference")
+def _check_reference(key: str, values: Mapping, name) -> None:
+    reference, target = values[key], values["target"]
     if reference is not None and (isinstance(reference, (str, bytes)) or not isinstance(reference, Sequence)):
-        raise InputError(f"{name('reference')} must be a list of model folders; got {brief(reference)}.")
+        raise InputError(f"{name(key)} must be a list of model folders; got {brief(reference)}.")
     reference = list(reference or [])
     if target == "init" and reference:
-        raise InputError(f"{name('reference')} is only used with {name('target')}='reference' or 'fused'.")
+        raise InputError(f"{name(key)} is only used with {name('target')}='reference' or 'fused'.")
     if target == "reference" and len(reference) != 1:
-        raise InputError(
-            f"{name('target')}='reference' needs exactly one folder in {name('reference')}; got {brief(reference)}."
-        )
+        raise InputError(f"{name('target')}='reference' needs exactly one folder in {name(key)}; got {reference}.")
     if target == "fused" and not reference:
-        raise InputError(f"{name('target')}='fused' needs one or more folders in {name('reference')}.")
-    weights = values.get("reference_weights")
-    if weights is not None:
-        if target != "fused":
-            raise InputError(f"{name('reference_weights')} is only used with {name('target')}='fused'.")
-        if len(weights) != len(reference):
-            raise InputError(
-                f"{name('reference_weights')} has {len(weights)} entries for {len(reference)} "
-                f"{name('reference')} folders."
-            )
-        if any(not math.isfinite(float(w)) or float(w) < 0 for w in weights) or sum(map(float, weights)) <= 0:
-            raise InputError(
-                f"{name('reference_weights')} must be finite, non-negative, not all zero; got {brief(weights)}."
-            )
-    layers = values.get("layers")
-    if layers is not None:
+        raise InputError(f"{name('target')}='fused' needs one or more folders in {name(key)}.")
+
+
+def _check_reference_weights(key: str, values: Mapping, name) -> None:
+    weights, reference = values[key], list(values["reference"] or [])
+    if weights is None:
+        return
+    if values["target"] != "fused":
+        raise InputError(f"{name(key)} is only used with {name('target')}='fused'.")
+    if len(weights) != len(reference):
+        raise InputError(f"{name(key)} has {len(weights)} entries for {len(reference)} {name('reference')} folders.")
+    if any(not math.isfinite(float(w)) or float(w) < 0 for w in weights) or sum(map(float, weights)) <= 0:
+        raise InputError(f"{name(key)} must be finite, non-negative, not all zero; got {weights}.")
+
+
+def _check_layers(key: str, values: Mapping, name) -> None:
+    if values[key] is not None:
         try:
-            re.compile(layers)
+            re.compile(values[key])
         except re.error as err:
-            raise InputError(f"{name('layers')} is not a valid regular expression ({err}): {brief(layers)}.") from None
+            raise InputError(f"{name(key)} is not a valid regular expression ({err}): {brief(values[key])}.") from None
+
+
+def _folders(reference: object) -> object:
+    """Paths as strings (a lone string is left for the check to refuse)."""
+    if isinstance(reference, (str, bytes)) or not isinstance(reference, Sequence):
+        return reference
+    return [os.fspath(r) for r in reference]
 
 
 @dataclass
@@ -118,24 +103,43 @@ class WsaConfig:
             target that uses it); the message names the field.
     """
 
-    weight: float = field(default=0.5, metadata=_meta("weight"))
-    target: str = field(default="init", metadata=_meta("target"))
-    reference: list[str] | None = field(default=None, metadata=_meta("reference"))
-    reference_weights: list[float] | None = field(default=None, metadata=_meta("reference_weights"))
-    layers: str | None = field(default=None, metadata=_meta("layers"))
+    weight: float = setting(
+        0.5,
+        "Weight of the WSA loss (KL between each layer's Gaussian fit and the target's, averaged over "
+        "layers) added to the training loss; 0 turns WSA off. The paper does not fix it: 0.1-1 is our suggestion.",
+        _check_weight,
+    )
+    target: str = setting(
+        "init",
+        f"WSA target scope: one of {', '.join(WSA_TARGETS)}. 'init': the weights at the start of training "
+        "(our default; the paper does not fix the target); 'reference': the model folder in `reference`; "
+        "'fused': the fused scope of the folders in `reference` (weights `reference_weights`).",
+        one_of(WSA_TARGETS),
+    )
+    reference: list[str] | None = setting(
+        None,
+        "Model folder(s) giving the WSA target ('reference': exactly one; 'fused': one or more).",
+        _check_reference,
+        convert=_folders,
+    )
+    reference_weights: list[float] | None = setting(
+        None,
+        "Weights of the `reference` folders when fusing their scopes (default: equal).",
+        _check_reference_weights,
+        convert=lambda weights: [float(w) for w in weights],
+    )
+    layers: str | None = setting(
+        None,
+        "Regex: only parameters whose name matches are aligned (default: every trainable parameter with "
+        "2 or more dimensions: weight matrices and embeddings).",
+        _check_layers,
+    )
 
     def __post_init__(self) -> None:
-        if self.reference is not None and not isinstance(self.reference, (str, bytes)):
-            self.reference = [os.fspath(r) for r in self.reference]
-        if self.reference_weights is not None:
-            self.reference_weights = [float(w) for w in self.reference_weights]
-        validate_wsa_settings(asdict(self))
+        vars(self).update(settle(WsaConfig, asdict(self)))
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-WSA_FIELDS = [f.name for f in fields(WsaConfig)]
 
 
 def _aligned_parameters(model: torch.nn.Module, layers: str | None) -> list[tuple[str, torch.nn.Parameter]]:
