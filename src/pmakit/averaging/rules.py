@@ -14,7 +14,7 @@ from .registry import MissingParameterError, Param, Rule, RuleError, register
 from .shapes import DECAY_SHAPES, DecayShape, check_decay_shape, shape_name
 
 
-__all__ = ["Decay", "Ema", "EmaCorrected", "ExplicitWeights", "Sma", "Wma"]
+__all__ = ["Decay", "Ema", "EmaCorrected", "EmaHalfLife", "ExplicitWeights", "Sma", "Wma"]
 
 ALPHA = Param(
     "alpha",
@@ -200,3 +200,71 @@ class Decay(Rule):
 
     def recorded(self, name: str) -> Any:
         return self.shape_name if name == "decay_shape" else super().recorded(name)
+
+
+def chained_weights(coefficients: Sequence[float]) -> list[float]:
+    """The closed form of a running form: ``w_i = c_i * prod_{j>i} (1 - c_j)`` (``c_1 = 1``), oldest first."""
+    weights, keep = [0.0] * len(coefficients), 1.0
+    for i in range(len(coefficients) - 1, -1, -1):
+        c = 1.0 if i == 0 else coefficients[i]
+        weights[i] = c * keep
+        keep *= 1.0 - c
+    return weights
+
+
+@register
+class EmaHalfLife(Rule):
+    """Half-life EMA (torchtitan): the EMA's half-life is a fraction ``h`` of the steps so far, ``h (s + b)``.
+
+    The sample at step ``s_k`` enters with ``c_k = 1 - 2^(-(s_k - s_(k-1)) / (h (s_k + b)))``: the
+    decay over the steps since the previous sample. With a sample every step that is torchtitan's
+    per-update decay ``2^(-1/(h t))`` at ``t = s + step_bias``; with a sample every ``k`` steps it is
+    the decay at ``t = s/k`` updates. The EMA starts at the first sample (``c_1 = 1``); the weights
+    are that running form multiplied out.
+    """
+
+    name, title, step_aware = "ema_halflife", "half-life EMA", True
+    params = (
+        Param(
+            "half_life_fraction",
+            "The EMA's half-life as a fraction h of the training steps so far (torchtitan's `half_life_fraction`).",
+            default=0.05,
+            interval=(0.0, math.inf),
+            parse=float,
+            expects="a positive number",
+        ),
+        Param(
+            "step_bias",
+            "Steps added to the training step in the half-life h (step + step_bias) (torchtitan's `step_bias`).",
+            default=0.0,
+            parse=float,
+            expects="a number",
+        ),
+    )
+
+    def check(self) -> None:
+        self.half_life_fraction, self.step_bias = float(self.half_life_fraction), float(self.step_bias)
+        if not math.isfinite(self.step_bias) or not math.isfinite(self.half_life_fraction):
+            raise RuleError("`half_life_fraction` and `step_bias` must be finite numbers.", "step_bias")
+
+    def _coefficient_at(self, previous: int, step: int) -> float:
+        t = step + self.step_bias
+        if t <= 0:
+            raise RuleError(
+                f"The `ema_halflife` rule needs step + step_bias > 0; the sample at step {step} gives {t:g}.",
+                "step_bias",
+            )
+        if step <= previous:
+            raise RuleError(f"The `ema_halflife` rule needs rising steps; step {step} follows step {previous}.")
+        # 1 - 2^(-gap/(h t)), accurate when tiny
+        return -math.expm1(-math.log(2.0) * (step - previous) / (self.half_life_fraction * t))
+
+    def weights_for(self, n: int, steps: Sequence[int] | None = None) -> list[float]:
+        return chained_weights([1.0] + [self._coefficient_at(steps[k - 1], steps[k]) for k in range(1, n)])
+
+    def coefficient(self, k: int, n: int | None = None, steps: Sequence[int] | None = None) -> float:
+        return self._coefficient_at(steps[k - 2], steps[k - 1])
+
+    def words(self) -> str:
+        bias = f", step_bias={self.step_bias:g}" if self.step_bias else ""
+        return f"half-life EMA (h={self.half_life_fraction:g}{bias})"

@@ -20,6 +20,7 @@ from ..averaging import (
     RuleError,
     UnusedParameterError,
     fold_coefficients,
+    parse_spec,
     rule_class,
 )
 
@@ -73,7 +74,7 @@ def validate_pma_settings(values: dict, prefix: str = "") -> None:
         return f"`{prefix}{key}`"
 
     algo = values["fused_algo"]
-    if algo not in ALGORITHMS:
+    if not isinstance(algo, str) or algo.partition(":")[0] not in ALGORITHMS:
         raise ValueError(f"{name('fused_algo')} must be one of {', '.join(ALGORITHMS)}; got {algo!r}.")
     for key in ("fused_num", "interleave_step"):
         if isinstance(values[key], bool) or not isinstance(values[key], int) or values[key] < 1:
@@ -93,8 +94,12 @@ def validate_pma_settings(values: dict, prefix: str = "") -> None:
 
 
 def _rule_of(values: dict) -> AveragingRule:
-    """The rule the settings describe: each field the rule declares, and the optional ones that are set."""
-    declared = rule_class(values["fused_algo"]).param_names()
+    """The rule the settings describe: each field the rule declares, and the optional ones that are set.
+
+    ``fused_algo`` may be a spec whose parameters have no field of their own (``ema_halflife:0.05``).
+    """
+    algo, spec_params = _split_algo(values["fused_algo"])
+    declared = rule_class(algo).param_names()
     settings = {
         param: values.get(key)
         for param, key in RULE_FIELDS.items()
@@ -104,15 +109,34 @@ def _rule_of(values: dict) -> AveragingRule:
         settings["alpha"] = float(settings["alpha"])
     if settings.get("weights") is not None:
         settings["weights"] = tuple(settings["weights"])
-    return AveragingRule(values["fused_algo"], **settings)
+    return AveragingRule(algo, **settings, params=spec_params or None)
+
+
+def _split_algo(algo: str) -> tuple[str, dict]:
+    """``"ema_halflife:0.05"`` -> ``("ema_halflife", {"half_life_fraction": 0.05})``; a plain name has no params."""
+    if ":" not in algo:
+        return algo, {}
+    name, params = parse_spec(algo)
+    for param in params:
+        if param in RULE_FIELDS:
+            raise RuleError(f"give `{param}` in its own field, not in the `fused_algo` spec {algo!r}", param)
+    return name, params
+
+
+def sample_steps_of_first_cycle(values: dict) -> list[int]:
+    """The optimizer steps of the first cycle's samples: what a step-aware rule is checked against."""
+    every, n = values["interleave_step"], values["fused_num"]
+    first = (values["start_step"] // every + 1) * every
+    return [first + i * every for i in range(n)]
 
 
 def _validate_rule(values: dict, name) -> None:
     """The rule's own checks, and its weights and running form over a cycle of `fused_num`; errors name the field."""
     try:
         rule = _rule_of(values)
-        rule.weights_for(values["fused_num"])
-        fold_coefficients(rule, values["fused_num"])
+        steps = sample_steps_of_first_cycle(values) if rule.rule.step_aware else None
+        rule.weights_for(values["fused_num"], steps)
+        fold_coefficients(rule, values["fused_num"], steps)
     except RuleError as err:
         raise ValueError(
             _rule_message(err, RULE_FIELDS.get(err.param, err.param or "fused_algo"), values, name)
@@ -128,7 +152,7 @@ def _rule_message(err: RuleError, key: str, values: dict, name) -> str:
         users = " or ".join(f"{name('fused_algo')}={u!r}" for u in err.users)
         return f"{field_name} is only used with {users}; got {algo!r}."
     if isinstance(err, MissingParameterError):
-        expects = rule_class(algo).param(err.param).describe_value()
+        expects = rule_class(algo.partition(":")[0]).param(err.param).describe_value()
         return f"{name('fused_algo')}={algo!r} needs {field_name}: {expects}."
     return f"{field_name}: {err}"
 
