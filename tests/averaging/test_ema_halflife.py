@@ -130,3 +130,19 @@ def test_online_settings_are_checked_against_the_first_cycle():
         PmaConfig(fused_algo="ema_halflife:0.5,step_bias=-10", fused_num=2, interleave_step=3)
     with pytest.raises(ValueError, match="^`ema_alpha`: give `alpha` in its own field"):
         PmaConfig(fused_algo="ema:0.5", fused_num=2)
+
+
+def test_the_cli_takes_a_rule_spec_and_refuses_a_bad_one(tmp_path, capsys):
+    from pmakit.cli import main
+
+    steps = [100, 300]
+    folders = [str(f) for f in save_models(tmp_path, 2, names=[f"step-{s}" for s in steps])]
+    out = tmp_path / "out"
+    assert main(["average", *folders, "--algo", "ema_halflife:0.5,step_bias=10", "-o", str(out), "--no-progress"]) == 0
+    w = gap_ema_weights(steps, 0.5, 10.0)
+    ref, states = reference(folders, w), [read_folder(f) for f in folders]
+    for name, tensor in read_folder(out).items():  # an fp32 fold of 2 terms: within 3 u sum |w x|
+        bound = 3 * 2.0**-24 * sum(abs(wi) * s[name].double().abs() for wi, s in zip(w, states, strict=True))
+        assert ((tensor.double() - ref[name]).abs() <= bound + 1e-30).all(), name
+    assert main(["average", *folders, "--algo", "ema_halflife:-1", "-o", str(tmp_path / "bad")]) == 2
+    assert "half_life_fraction" in capsys.readouterr().err

@@ -49,7 +49,8 @@ def test_sample_steps():
     [
         (
             {"fused_algo": "median"},
-            "`fused_algo` must be one of sma, ema, ema_corrected, wma, weights, decay, ema_halflife; got 'median'",
+            "`fused_algo` must be one of sma, ema, ema_corrected, wma, weights, decay, ema_halflife, bema; "
+            "got 'median'",
         ),
         ({"fused_algo": "ema", "ema_alpha": 1.5}, r"`ema_alpha` must lie in the open interval \(0, 1\)"),
         ({"fused_algo": "ema", "ema_alpha": 0}, r"`ema_alpha` must lie in the open interval \(0, 1\)"),

@@ -14,7 +14,7 @@ from .registry import MissingParameterError, Param, Rule, RuleError, register
 from .shapes import DECAY_SHAPES, DecayShape, check_decay_shape, shape_name
 
 
-__all__ = ["Decay", "Ema", "EmaCorrected", "EmaHalfLife", "ExplicitWeights", "Sma", "Wma"]
+__all__ = ["Decay", "Ema", "EmaCorrected", "Bema", "EmaHalfLife", "ExplicitWeights", "Sma", "Wma"]
 
 ALPHA = Param(
     "alpha",
@@ -268,3 +268,69 @@ class EmaHalfLife(Rule):
     def words(self) -> str:
         bias = f", step_bias={self.step_bias:g}" if self.step_bias else ""
         return f"half-life EMA (h={self.half_life_fraction:g}{bias})"
+
+
+def _number(name: str, help: str, default: float) -> Param:
+    return Param(name, help, default=default, parse=float, expects="a number")
+
+
+@register
+class Bema(Rule):
+    """TRL's BEMA (arXiv 2508.00180): an EMA from a snapshot ``theta_0``, plus ``alpha_t (x_n - theta_0)``.
+
+    The first sample is ``theta_0`` (TRL takes it at ``update_after``). With ``r(s) = lag + multiplier s``
+    at a sample's step ``s``: the EMA starts at ``theta_0`` and folds sample ``k`` with
+    ``beta = max(r(s_k)^-ema_power, min_ema_multiplier)``; the output adds
+    ``alpha = r(s_n)^-bias_power`` times ``x_n - theta_0``. So ``theta_0`` weighs its EMA weight
+    minus ``alpha`` (negative at TRL's defaults), the newest sample its EMA weight plus ``alpha``;
+    the weights still sum to one. The output is not a running average of itself: online it would need
+    ``theta_0`` and the EMA kept apart, so there is no running form here (merge the samples offline).
+    """
+
+    name, title, step_aware = "bema", "BEMA", True
+    params = (
+        _number("ema_power", "TRL's `ema_power` (kappa): the EMA folds with (lag + multiplier s)^-ema_power.", 0.5),
+        _number("bias_power", "TRL's `bias_power` (eta): the correction is (lag + multiplier s)^-bias_power.", 0.2),
+        _number("lag", "TRL's `lag` (rho): the offset of the schedule, in steps.", 10.0),
+        _number("multiplier", "TRL's `multiplier` (gamma): the scale of the step in the schedule.", 1.0),
+        _number("min_ema_multiplier", "TRL's `min_ema_multiplier`: the smallest EMA coefficient.", 0.0),
+    )
+
+    def check(self) -> None:
+        for p in self.params:
+            value = float(getattr(self, p.name))
+            if not math.isfinite(value) or (value < 0 and p.name != "lag"):
+                raise RuleError(f"The `bema` rule's `{p.name}` must be a finite number >= 0, got {value!r}.", p.name)
+            setattr(self, p.name, value)
+
+    def _base(self, step: int) -> float:
+        r = self.lag + self.multiplier * step
+        if r <= 0:
+            raise RuleError(f"The `bema` rule needs lag + multiplier * step > 0; step {step} gives {r:g}.", "lag")
+        return r
+
+    def ema_coefficient(self, step: int) -> float:
+        """``beta`` of the EMA for a sample at ``step``."""
+        return max(self._base(step) ** -self.ema_power, self.min_ema_multiplier)
+
+    def correction(self, step: int) -> float:
+        """``alpha``: the weight of ``x_n - theta_0`` in the output when the newest sample is at ``step``."""
+        return self._base(step) ** -self.bias_power
+
+    def weights_for(self, n: int, steps: Sequence[int] | None = None) -> list[float]:
+        weights = chained_weights([1.0] + [self.ema_coefficient(s) for s in steps[1:n]])
+        if n > 1:
+            alpha = self.correction(steps[n - 1])
+            weights[0] -= alpha
+            weights[n - 1] += alpha
+        return weights
+
+    def coefficient(self, k: int, n: int | None = None, steps: Sequence[int] | None = None) -> float:
+        raise RuleError(
+            "The `bema` rule has no running form: its output is an EMA plus a correction against theta_0, not an "
+            "average folded sample by sample. Keep the samples (`pma_sample_store=True`) and merge them offline "
+            "with `--algo bema`."
+        )
+
+    def words(self) -> str:
+        return f"BEMA (ema_power={self.ema_power:g}, bias_power={self.bias_power:g}, lag={self.lag:g})"

@@ -100,8 +100,10 @@ class MergeOptions:
         "sma",
         "Averaging rule (`pmakit.AveragingRule`): sma equal weights, wma weights 1..n (newest most), ema "
         "with `alpha` (not always newest most: see `alpha`), weights with `weights`; the choices list every "
-        "rule of this pmakit. A dry run prints each input's weight.",
+        "rule of this pmakit. A dry run prints each input's weight. A rule spec gives parameters that have no "
+        "option of their own: `ema_halflife:0.1`, `bema:ema_power=0.5,lag=10`.",
         choices=ALGORITHMS,
+        spec=True,
     )
     alpha: float = _opt(
         0.2,
