@@ -129,6 +129,6 @@ def test_weight_count_must_match():
 
 
 def test_all_algorithms_listed():
-    assert set(ALGORITHMS) == {"sma", "ema", "ema_corrected", "wma", "weights", "decay"}
+    assert set(ALGORITHMS) == {"sma", "ema", "ema_corrected", "wma", "weights", "decay", "ema_halflife", "bema"}
     for algo, n in itertools.product(("sma", "ema", "wma"), (1, 7)):
         assert len(merge_weights(n, algo)) == n

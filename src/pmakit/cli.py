@@ -19,7 +19,7 @@ import sys
 import threading
 import traceback
 import typing
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,21 @@ BAD_INPUT = 2
 PUSH_FAILED = 1
 UNEXPECTED = 1  # an error pmakit did not expect (a bug, or one from a library below it)
 TERMINATED = 128 + 15  # the shell's code for a process stopped by SIGTERM
+
+
+def _spec_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    """An argparse type for a rule spec ``name[:params]`` whose name must be one of ``choices``."""
+
+    def check(text: str) -> str:
+        from .errors import brief
+
+        if text.partition(":")[0] not in choices:
+            raise argparse.ArgumentTypeError(
+                f"invalid choice: {brief(text)} (choose from {', '.join(choices)}, optionally with :PARAMS)"
+            )
+        return text
+
+    return check
 
 
 def _flag_kwargs(f: dataclasses.Field, flag: str, hint: Any) -> dict[str, Any]:
@@ -52,6 +67,8 @@ def _flag_kwargs(f: dataclasses.Field, flag: str, hint: Any) -> dict[str, Any]:
     if f.default is not None:
         kwargs["help"] += f" (default: {f.default})"
     choices = meta.get("choices")
+    if meta.get("spec"):  # a rule spec: argparse checks the rule's name, MergeOptions its parameters
+        return {**kwargs, "type": _spec_of(choices), "metavar": "{" + ",".join(choices) + "}[:PARAMS]"}
     return {**kwargs, "type": base, **({"choices": choices} if choices else {}), "metavar": meta.get("metavar")}
 
 

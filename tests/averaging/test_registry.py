@@ -30,12 +30,13 @@ from pmakit.averaging.registry import unregister
 
 
 def test_algorithms_are_the_registry_in_order():
-    assert ALGORITHMS == rule_names() == ("sma", "ema", "ema_corrected", "wma", "weights", "decay")
+    registered = ("sma", "ema", "ema_corrected", "wma", "weights", "decay", "ema_halflife", "bema")
+    assert ALGORITHMS == rule_names() == registered
     for name in ALGORITHMS:
         cls = rule_class(name)
         assert issubclass(cls, Rule) and cls.name == name and cls.title and cls.__doc__
         assert all(p.help for p in cls.params), name
-        assert not cls.step_aware
+        assert cls.step_aware == (name in ("ema_halflife", "bema"))
 
 
 @pytest.mark.parametrize(
@@ -92,7 +93,9 @@ def test_bad_specs_are_refused_by_the_rule(spec, error, param, message):
 
 
 def test_spec_forms_list_every_rule_a_spec_names_fully():
-    assert spec_forms() == ["sma", "ema", "ema_corrected", "wma", "decay:linear", "decay:cosine", "decay:1-sqrt"]
+    assert spec_forms() == [
+        *("sma", "ema", "ema_corrected", "wma", "decay:linear", "decay:cosine", "decay:1-sqrt", "ema_halflife", "bema")
+    ]
 
 
 def test_errors_name_the_setting_and_the_rules_that_use_it():

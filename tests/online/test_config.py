@@ -36,7 +36,8 @@ def test_sample_steps():
     [
         (
             {"fused_algo": "median"},
-            "`fused_algo` must be one of sma, ema, ema_corrected, wma, weights, decay; got 'median'",
+            "`fused_algo` must be one of sma, ema, ema_corrected, wma, weights, decay, ema_halflife, bema; "
+            "got 'median'",
         ),
         ({"fused_algo": "ema", "ema_alpha": 1.5}, r"`ema_alpha` must lie in the open interval \(0, 1\)"),
         ({"fused_algo": "ema", "ema_alpha": 0}, r"`ema_alpha` must lie in the open interval \(0, 1\)"),
@@ -129,9 +130,19 @@ def test_a_huge_cycle_is_checked_without_expanding_its_weights(algo, monkeypatch
     """`fused_num=10**9` (an EMA that never ends a cycle, as in benchmarks/update.py) builds no 10**9 weights."""
     from pmakit.averaging import rule_class
 
-    def expanded(self, *args, **kwargs):
-        raise AssertionError(f"{algo}: the check expanded the whole cycle")
+    cls = rule_class(algo)
+    weights_for, coefficient, seen = cls.weights_for, cls.coefficient, []
 
-    monkeypatch.setattr(rule_class(algo), "weights_for", expanded)
-    monkeypatch.setattr(rule_class(algo), "coefficient", expanded)
+    def small_weights(self, n, *args, **kwargs):
+        seen.append(n)
+        assert n <= 2, f"{algo}: the check expanded {n} weights"
+        return weights_for(self, n, *args, **kwargs)
+
+    def small_coefficient(self, k, *args, **kwargs):
+        assert k <= 2, f"{algo}: the check walked the running form to k={k}"
+        return coefficient(self, k, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "weights_for", small_weights)
+    monkeypatch.setattr(cls, "coefficient", small_coefficient)
     assert PmaConfig(fused_algo=algo, fused_num=10**12).fused_num == 10**12
+    assert seen, "the rule's weights are still checked (over a short cycle)"

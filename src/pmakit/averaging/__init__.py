@@ -18,6 +18,7 @@ ema            ``(1-a)^(n-1)`` for ``x_1``, ``a(1-a)^(n-i)``        ``a`` for ``
 ema_corrected  ``a(1-a)^(n-i) / (1-(1-a)^n)``                      ``a / (1-(1-a)^k)``
 weights        ``w_i / sum(w)``                                    ``w_k / sum_{j<=k} w_j``
 decay          ``d((i-1)/n) - d(i/n)``                             ``w_k / (1 - d(k/n))`` (needs ``n``)
+ema_halflife   the running form multiplied out (step-aware)         ``1 - 2^(-(s_k - s_(k-1)) / (h (s_k + b)))``
 =============  ==================================================  ==================================
 
 Two EMA forms, for two situations:
@@ -48,8 +49,8 @@ Each rule is one small class in :mod:`pmakit.averaging.rules`, listed by the reg
 (:mod:`pmakit.averaging.registry`): its name, its parameters with their help, both forms of its
 weights, its checks and its card words. ``ALGORITHMS`` lists the registered rules; specs such as
 ``decay:cosine`` or ``ema:0.1`` are parsed by :func:`parse_spec`. A rule may be step-aware: its
-weights then depend on the samples' training steps (``weights_for(n, steps)``); the rules above
-ignore the steps.
+weights then depend on the samples' training steps (``weights_for(n, steps)``): ``ema_halflife``, torchtitan's
+EMA whose half-life is a fraction ``h`` of the steps so far; the others ignore the steps.
 
 This package imports nothing heavy: the offline merger uses it without torch.
 """
@@ -101,4 +102,5 @@ __all__ = [
 ]
 
 ALGORITHMS: tuple[str, ...] = rule_names()
-"""The registered rules, in order: ``sma``, ``ema``, ``ema_corrected``, ``wma``, ``weights``, ``decay``."""
+"""The registered rules, in order: ``sma``, ``ema``, ``ema_corrected``, ``wma``, ``weights``, ``decay``,
+``ema_halflife``."""

@@ -15,7 +15,7 @@ from .registry import MissingParameterError, Param, Rule, RuleError, register
 from .shapes import DECAY_SHAPES, DecayShape, check_decay_shape, shape_name
 
 
-__all__ = ["Decay", "Ema", "EmaCorrected", "ExplicitWeights", "Sma", "Wma"]
+__all__ = ["Decay", "Ema", "EmaCorrected", "Bema", "EmaHalfLife", "ExplicitWeights", "Sma", "Wma"]
 
 ALPHA = Param(
     "alpha",
@@ -203,3 +203,139 @@ class Decay(Rule):
 
     def recorded(self, name: str) -> Any:
         return self.shape_name if name == "decay_shape" else super().recorded(name)
+
+
+def chained_weights(coefficients: Sequence[float]) -> list[float]:
+    """The closed form of a running form: ``w_i = c_i * prod_{j>i} (1 - c_j)`` (``c_1 = 1``), oldest first."""
+    weights, keep = [0.0] * len(coefficients), 1.0
+    for i in range(len(coefficients) - 1, -1, -1):
+        c = 1.0 if i == 0 else coefficients[i]
+        weights[i] = c * keep
+        keep *= 1.0 - c
+    return weights
+
+
+@register
+class EmaHalfLife(Rule):
+    """Half-life EMA (torchtitan): the EMA's half-life is a fraction ``h`` of the steps so far, ``h (s + b)``.
+
+    The sample at step ``s_k`` enters with ``c_k = 1 - 2^(-(s_k - s_(k-1)) / (h (s_k + b)))``: the
+    decay over the steps since the previous sample. With a sample every step that is torchtitan's
+    per-update decay ``2^(-1/(h t))`` at ``t = s + step_bias``; with a sample every ``k`` steps it is
+    the decay at ``t = s/k`` updates. The EMA starts at the first sample (``c_1 = 1``); the weights
+    are that running form multiplied out.
+    """
+
+    name, title, step_aware = "ema_halflife", "half-life EMA", True
+    params = (
+        Param(
+            "half_life_fraction",
+            "The EMA's half-life as a fraction h of the training steps so far (torchtitan's `half_life_fraction`).",
+            default=0.05,
+            interval=(0.0, math.inf),
+            parse=float,
+            expects="a positive number",
+        ),
+        Param(
+            "step_bias",
+            "Steps added to the training step in the half-life h (step + step_bias) (torchtitan's `step_bias`).",
+            default=0.0,
+            parse=float,
+            expects="a number",
+        ),
+    )
+
+    def check(self) -> None:
+        self.half_life_fraction, self.step_bias = float(self.half_life_fraction), float(self.step_bias)
+        if not math.isfinite(self.step_bias) or not math.isfinite(self.half_life_fraction):
+            raise RuleError("`half_life_fraction` and `step_bias` must be finite numbers.", "step_bias")
+
+    def _coefficient_at(self, previous: int, step: int) -> float:
+        t = step + self.step_bias
+        if t <= 0:
+            raise RuleError(
+                f"The `ema_halflife` rule needs step + step_bias > 0; the sample at step {step} gives {t:g}.",
+                "step_bias",
+            )
+        if step <= previous:
+            raise RuleError(f"The `ema_halflife` rule needs rising steps; step {step} follows step {previous}.")
+        # 1 - 2^(-gap/(h t)), accurate when tiny
+        return -math.expm1(-math.log(2.0) * (step - previous) / (self.half_life_fraction * t))
+
+    def weights_for(self, n: int, steps: Sequence[int] | None = None) -> list[float]:
+        return chained_weights([1.0] + [self._coefficient_at(steps[k - 1], steps[k]) for k in range(1, n)])
+
+    def coefficient(self, k: int, n: int | None = None, steps: Sequence[int] | None = None) -> float:
+        return self._coefficient_at(steps[k - 2], steps[k - 1])
+
+    def words(self) -> str:
+        bias = f", step_bias={self.step_bias:g}" if self.step_bias else ""
+        return f"half-life EMA (h={self.half_life_fraction:g}{bias})"
+
+
+def _number(name: str, help: str, default: float) -> Param:
+    return Param(name, help, default=default, parse=float, expects="a number")
+
+
+@register
+class Bema(Rule):
+    """TRL's BEMA (arXiv 2508.00180): an EMA from a snapshot ``theta_0``, plus ``alpha_t (x_n - theta_0)``.
+
+    The first sample is ``theta_0`` (TRL takes it at ``update_after``). With ``r(s) = lag + multiplier s``
+    at a sample's step ``s``: the EMA starts at ``theta_0`` and folds sample ``k`` with
+    ``beta = max(r(s_k)^-ema_power, min_ema_multiplier)``; the output adds
+    ``alpha = r(s_n)^-bias_power`` times ``x_n - theta_0``. So ``theta_0`` weighs its EMA weight
+    minus ``alpha`` (negative at TRL's defaults), the newest sample its EMA weight plus ``alpha``;
+    the weights still sum to one. The output is not a running average of itself: online it would need
+    ``theta_0`` and the EMA kept apart, so there is no running form here (merge the samples offline).
+    """
+
+    name, title, step_aware = "bema", "BEMA", True
+    params = (
+        _number("ema_power", "TRL's `ema_power` (kappa): the EMA folds with (lag + multiplier s)^-ema_power.", 0.5),
+        _number("bias_power", "TRL's `bias_power` (eta): the correction is (lag + multiplier s)^-bias_power.", 0.2),
+        _number("lag", "TRL's `lag` (rho): the offset of the schedule, in steps.", 10.0),
+        _number("multiplier", "TRL's `multiplier` (gamma): the scale of the step in the schedule.", 1.0),
+        _number("min_ema_multiplier", "TRL's `min_ema_multiplier`: the smallest EMA coefficient.", 0.0),
+    )
+
+    def check(self) -> None:
+        for p in self.params:
+            value = float(getattr(self, p.name))
+            if not math.isfinite(value) or (value < 0 and p.name != "lag"):
+                raise RuleError(
+                    f"The `bema` rule's `{p.name}` must be a finite number >= 0, got {brief(value)}.", p.name
+                )
+            setattr(self, p.name, value)
+
+    def _base(self, step: int) -> float:
+        r = self.lag + self.multiplier * step
+        if r <= 0:
+            raise RuleError(f"The `bema` rule needs lag + multiplier * step > 0; step {step} gives {r:g}.", "lag")
+        return r
+
+    def ema_coefficient(self, step: int) -> float:
+        """``beta`` of the EMA for a sample at ``step``."""
+        return max(self._base(step) ** -self.ema_power, self.min_ema_multiplier)
+
+    def correction(self, step: int) -> float:
+        """``alpha``: the weight of ``x_n - theta_0`` in the output when the newest sample is at ``step``."""
+        return self._base(step) ** -self.bias_power
+
+    def weights_for(self, n: int, steps: Sequence[int] | None = None) -> list[float]:
+        weights = chained_weights([1.0] + [self.ema_coefficient(s) for s in steps[1:n]])
+        if n > 1:
+            alpha = self.correction(steps[n - 1])
+            weights[0] -= alpha
+            weights[n - 1] += alpha
+        return weights
+
+    def coefficient(self, k: int, n: int | None = None, steps: Sequence[int] | None = None) -> float:
+        raise RuleError(
+            "The `bema` rule has no running form: its output is an EMA plus a correction against theta_0, not an "
+            "average folded sample by sample. Keep the samples (`pma_sample_store=True`) and merge them offline "
+            "with `--algo bema`."
+        )
+
+    def words(self) -> str:
+        return f"BEMA (ema_power={self.ema_power:g}, bias_power={self.bias_power:g}, lag={self.lag:g})"

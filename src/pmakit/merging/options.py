@@ -28,7 +28,14 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..averaging import ALGORITHMS, AveragingRule, MissingParameterError, UnusedParameterError, rule_class
+from ..averaging import (
+    ALGORITHMS,
+    AveragingRule,
+    MissingParameterError,
+    UnusedParameterError,
+    parse_spec,
+    rule_class,
+)
 from ..errors import InputError, MergeError, brief
 from ..io.dtype_names import canonical_dtype, parse_size
 from ..io.hub_target import HubTarget, check_repo_id
@@ -93,8 +100,10 @@ class MergeOptions:
         "sma",
         "Averaging rule (`pmakit.AveragingRule`): sma equal weights, wma weights 1..n (newest most), ema "
         "with `alpha` (not always newest most: see `alpha`), weights with `weights`; the choices list every "
-        "rule of this pmakit. A dry run prints each input's weight.",
+        "rule of this pmakit. A dry run prints each input's weight. A rule spec gives parameters that have no "
+        "option of their own: `ema_halflife:0.1`, `bema:ema_power=0.5,lag=10`.",
         choices=ALGORITHMS,
+        spec=True,
     )
     alpha: float = _opt(
         0.2,
@@ -222,7 +231,9 @@ class MergeOptions:
         """
         algo = "weights" if self.weights is not None and self.algo == "sma" else self.algo
         try:
-            return AveragingRule(algo, self.alpha, self.weights, self.normalize, self.decay_shape)
+            algo, params = parse_spec(algo) if ":" in algo else (algo, {})  # e.g. ema_halflife:0.05
+            params = params or None
+            return AveragingRule(algo, self.alpha, self.weights, self.normalize, self.decay_shape, params=params)
         except UnusedParameterError as e:
             raise MergeError(f"`{e.param}` cannot be combined with `algo={brief(self.algo)}`.") from e
         except MissingParameterError as e:
@@ -330,6 +341,8 @@ def _check_choices(options: MergeOptions) -> None:
     for f in option_fields():
         choices = f.metadata.get("choices")
         value = getattr(options, f.name)
+        if f.name == "algo" and isinstance(value, str):
+            value = value.partition(":")[0]  # a spec's rule name (its parameters are the rule's to check)
         if choices is not None and value is not None and value not in choices:
             raise MergeError(f"`{f.name}` must be one of {', '.join(choices)}; got {brief(value)}.")
     if options.config_source == "base" and options.base_model is None:

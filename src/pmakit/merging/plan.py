@@ -148,14 +148,31 @@ def _tied(config: dict) -> bool:
 EXTRAPOLATION_WARNING = 10.0
 
 
-def _rule_weights(rule: AveragingRule, count: int) -> list[float]:
+def _rule_weights(rule: AveragingRule, sources: Sequence[ModelSource]) -> list[float]:
     """The rule's closed-form weights; a count the rule cannot serve is a `MergeError` like every bad input."""
     try:
-        weights = rule.weights_for(count)
+        weights = rule.weights_for(len(sources), _input_steps(rule, sources))
     except ValueError as e:
         raise MergeError(str(e)) from e
     _warn_on_weights(rule, weights)
     return weights
+
+
+def _input_steps(rule: AveragingRule, sources: Sequence[ModelSource]) -> list[int] | None:
+    """The inputs' training steps, for a rule that weighs by them: each must be known (named ``step-N``,
+    ``checkpoint-N``, ``pma-N``, or from a run folder), and they must rise."""
+    if not rule.rule.step_aware:
+        return None
+    unknown = [s.label for s in sources if s.step is None]
+    if unknown:
+        raise MergeError(
+            f"The `{rule.algo}` rule weighs inputs by their training steps, but the step of {', '.join(unknown)} "
+            "is unknown: name the folders `step-N`, `checkpoint-N` or `pma-N`, or merge a run folder."
+        )
+    steps = [s.step for s in sources]
+    if any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+        raise MergeError(f"The `{rule.algo}` rule needs inputs in rising step order, oldest first; got steps {steps}.")
+    return steps
 
 
 def _warn_on_weights(rule: AveragingRule, weights: list[float]) -> None:
@@ -427,7 +444,7 @@ def build_plan(
     sources = list(sources)
     if not sources:
         raise MergeError("Nothing to merge: no inputs.")
-    weights = _rule_weights(rule, len(sources))
+    weights = _rule_weights(rule, sources)
     accumulate = _accumulate_dtype(accumulate_dtype)
     out_code = canonical_dtype(out_dtype) if out_dtype is not None else None
     shard_bytes = parse_size(max_shard_size)

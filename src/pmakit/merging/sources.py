@@ -39,6 +39,7 @@ __all__ = [
 PMA_STATE = "pma-state"  # checkpoint-N folders, read for the PMA average in their optimizer state
 KINDS = ("checkpoint", "pma", PMA_STATE)
 _STEP_DIR = re.compile(r"^(checkpoint|pma)-(\d+)$")
+_SAMPLE_DIR = re.compile(r"^(step)-(\d+)$")  # pma-samples/step-N: a step, but not a run folder's checkpoint
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
@@ -195,7 +196,8 @@ def _state(kind: str) -> str:
 
 
 def _step_of(path: Path) -> int | None:
-    m = _STEP_DIR.match(path.name)
+    """The training step a folder's name gives: ``checkpoint-N``, ``pma-N``, or a sample store's ``step-N``."""
+    m = _STEP_DIR.match(path.name) or _SAMPLE_DIR.match(path.name)
     return int(m.group(2)) if m else None
 
 

@@ -20,6 +20,7 @@ from ..averaging import (
     RuleError,
     UnusedParameterError,
     fold_coefficients,
+    parse_spec,
     rule_class,
 )
 from ..errors import InputError, brief
@@ -35,8 +36,12 @@ EXPORT_CHOICES = ("sync", "async")
 
 
 def _rule_of(values: dict) -> AveragingRule:
-    """The rule the settings describe: each field the rule declares, and the optional ones that are set."""
-    declared = rule_class(values["fused_algo"]).param_names()
+    """The rule the settings describe: each field the rule declares, and the optional ones that are set.
+
+    ``fused_algo`` may be a spec whose parameters have no field of their own (``ema_halflife:0.05``).
+    """
+    algo, spec_params = _split_algo(values["fused_algo"])
+    declared = rule_class(algo).param_names()
     settings = {
         param: values.get(key)
         for param, key in RULE_FIELDS.items()
@@ -46,16 +51,46 @@ def _rule_of(values: dict) -> AveragingRule:
         settings["alpha"] = float(settings["alpha"])
     if settings.get("weights") is not None:
         settings["weights"] = tuple(settings["weights"])
-    return AveragingRule(values["fused_algo"], **settings)
+    return AveragingRule(algo, **settings, params=spec_params or None)
+
+
+def _check_algo(key: str, values: dict, name) -> None:
+    """A rule name, or a spec ``name:params`` whose parameters the rule checks with the rest."""
+    algo = values[key]
+    if not isinstance(algo, str) or algo.partition(":")[0] not in ALGORITHMS:
+        raise InputError(
+            f"{name(key)} must be one of {', '.join(ALGORITHMS)}; got {brief(algo)} "
+            "(a rule spec such as 'ema_halflife:0.1' also works)."
+        )
+
+
+def _split_algo(algo: str) -> tuple[str, dict]:
+    """``"ema_halflife:0.05"`` -> ``("ema_halflife", {"half_life_fraction": 0.05})``; a plain name has no params."""
+    if ":" not in algo:
+        return algo, {}
+    name, params = parse_spec(algo)
+    for param in params:
+        if param in RULE_FIELDS:
+            raise RuleError(f"give `{param}` in its own field, not in the `fused_algo` spec {brief(algo)}", param)
+    return name, params
+
+
+def sample_steps_of_first_cycle(values: dict) -> list[int]:
+    """The optimizer steps of the first cycle's samples: what a step-aware rule is checked against."""
+    every, n = values["interleave_step"], values["fused_num"]
+    first = (values["start_step"] // every + 1) * every
+    return [first + i * every for i in range(n)]
 
 
 def _check_rule(key: str, values: dict, name) -> None:  # noqa: ARG001 (a setting's check)
     """The rule's own checks, and its weights and running form over a cycle of `fused_num`; errors name the field."""
     try:
         rule = _rule_of(values)
-        if rule_class(values["fused_algo"]).depends_on_cycle:  # an O(fused_num) check, for these rules only
-            rule.weights_for(values["fused_num"])
-            fold_coefficients(rule, values["fused_num"])
+        # A whole cycle only where the weights depend on its length: `fused_num` may be huge (10**9).
+        n = values["fused_num"] if rule.rule.depends_on_cycle else min(values["fused_num"], 2)
+        steps = sample_steps_of_first_cycle({**values, "fused_num": n}) if rule.rule.step_aware else None
+        rule.weights_for(n, steps)
+        fold_coefficients(rule, n, steps)
     except RuleError as err:
         raise InputError(
             _rule_message(err, RULE_FIELDS.get(err.param, err.param or "fused_algo"), values, name)
@@ -77,7 +112,7 @@ def _rule_message(err: RuleError, key: str, values: dict, name) -> str:
         users = " or ".join(f"{name('fused_algo')}={brief(u)}" for u in err.users)
         return f"{field_name} is only used with {users}; got {brief(algo)}."
     if isinstance(err, MissingParameterError):
-        expects = rule_class(algo).param(err.param).describe_value()
+        expects = rule_class(algo.partition(":")[0]).param(err.param).describe_value()
         return f"{name('fused_algo')}={brief(algo)} needs {field_name}: {expects}."
     return f"{field_name}: {err}"
 
@@ -99,8 +134,9 @@ class PmaConfig:
     fused_algo: str = setting(
         "sma",
         f"Averaging rule: one of {', '.join(ALGORITHMS)} ('weights' uses `fused_weights`, "
-        "'decay' uses `decay_shape`, 'ema' and 'ema_corrected' use `ema_alpha`).",
-        one_of(ALGORITHMS),
+        "'decay' uses `decay_shape`, 'ema' and 'ema_corrected' use `ema_alpha`), or a rule spec carrying the "
+        "rule's own parameters, e.g. 'ema_halflife:0.1,step_bias=100'.",
+        _check_algo,
     )
     fused_num: int = setting(
         10,

@@ -299,7 +299,8 @@ class PmaEngine:
         counters = self._raw_counters()
         step = counters["step"] if step is None else step
         k = counters["count"] + 1
-        coefficient = self.rule.coefficient(k, self.config.fused_num)
+        steps = [*_split_steps(counters["sample_steps"]), step] if self.rule.rule.step_aware else None
+        coefficient = self.rule.coefficient(k, self.config.fused_num, steps)
         self._adopt_stepped()
         self._fold(coefficient)
         counters["count"] = k

@@ -340,7 +340,7 @@ class PmaExporter:
     def model_card(self, model, step: int, steps: list[int]) -> str:
         config = self.config
         rule = config.rule
-        weights = rule.weights_for(len(steps)) if steps else []
+        weights = rule.weights_for(len(steps), steps) if steps else []
         name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", "")
         recipe = {
             "method": "pma",
