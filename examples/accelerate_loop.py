@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -28,11 +27,8 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from transformers import LlamaForCausalLM, get_scheduler
 
+from examples.bytelm import ByteBlocks, byte_tokenizer, llama_config, load_corpus, split_corpus
 from pmakit import PmaAdamW, finish_pma
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bytelm import ByteBlocks, byte_tokenizer, llama_config, load_corpus, split_corpus  # noqa: E402
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

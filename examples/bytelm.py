@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from examples import models
+
 
 __all__ = [
     "BYTE_OFFSET",
@@ -216,9 +218,7 @@ def llama_config(
     block_size: int = 128,
 ):
     """A small Llama (RoPE, RMSNorm, SwiGLU, tied embeddings) over the byte vocabulary."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
+    return models.llama_config(
         vocab_size=VOCAB_SIZE,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
@@ -226,7 +226,6 @@ def llama_config(
         num_attention_heads=num_heads,
         num_key_value_heads=num_heads,
         max_position_embeddings=block_size,
-        tie_word_embeddings=True,
         pad_token_id=PAD_ID,
         bos_token_id=None,
         eos_token_id=EOS_ID,

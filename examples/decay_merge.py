@@ -34,12 +34,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, HfArgumentParser, LlamaForCausalLM, Trainer, TrainerCallback, set_seed
 
+from examples.bytelm import ByteBlocks, byte_tokenizer, llama_config, load_corpus, split_corpus, validation_loss
+from examples.pretrain_pma import TRAINING_DEFAULTS
 from pmakit import PmaArguments, PmaTrainer, sweep
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bytelm import ByteBlocks, byte_tokenizer, llama_config, load_corpus, split_corpus, validation_loss  # noqa: E402
-from pretrain_pma import TRAINING_DEFAULTS  # noqa: E402
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -28,16 +28,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bytelm import load_corpus, validation_loss  # noqa: E402
-from decay_merge import MERGE_RULES, count_params, experiment, model_config, parse_args  # noqa: E402
+from examples.bytelm import load_corpus, validation_loss
+from examples.decay_merge import MERGE_RULES, count_params, experiment, model_config, parse_args
 
 
 @dataclass(frozen=True)

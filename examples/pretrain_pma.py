@@ -36,11 +36,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, HfArgumentParser, LlamaForCausalLM, Trainer, TrainerCallback, set_seed
 
+from examples.bytelm import ByteBlocks, byte_tokenizer, llama_config, load_corpus, split_corpus, validation_loss
 from pmakit import AveragingRule, PmaArguments, PmaConfig, PmaTrainer
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bytelm import ByteBlocks, byte_tokenizer, llama_config, load_corpus, split_corpus, validation_loss  # noqa: E402
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

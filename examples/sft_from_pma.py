@@ -29,9 +29,7 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments, set_seed
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bytelm import ByteBlocks, load_corpus, split_corpus, validation_loss  # noqa: E402
+from examples.bytelm import ByteBlocks, load_corpus, split_corpus, validation_loss
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -35,9 +35,7 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, HfArgumentParser, set_seed
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bytelm import ByteBlocks, byte_tokenizer, load_corpus, split_corpus, validation_loss  # noqa: E402
+from examples.bytelm import ByteBlocks, byte_tokenizer, load_corpus, split_corpus, validation_loss
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

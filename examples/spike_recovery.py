@@ -34,8 +34,9 @@ import warnings
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+from transformers import LlamaForCausalLM, TrainerCallback
 
+from examples.models import tiny_llama
 from pmakit import PmaArguments, PmaTrainer
 
 
@@ -106,8 +107,8 @@ class LrBurst(TrainerCallback):
 
 
 def build_model(seed: int, width: int, layers: int, seq: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    return tiny_llama(
+        seed=seed,
         vocab_size=256,
         hidden_size=width,
         intermediate_size=width * 2,
@@ -115,12 +116,9 @@ def build_model(seed: int, width: int, layers: int, seq: int) -> LlamaForCausalL
         num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=seq,
-        tie_word_embeddings=True,
-        pad_token_id=0,
         bos_token_id=None,
         eos_token_id=None,
     )
-    return LlamaForCausalLM(config)
 
 
 @torch.no_grad()

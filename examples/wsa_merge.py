@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,12 +28,9 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bytelm import ByteBlocks, llama_config, load_corpus, split_corpus, validation_loss  # noqa: E402
-
-from pmakit.tools.scope import compare_scopes, compute_scopes  # noqa: E402
-from pmakit.tools.wsa import WsaConfig, add_wsa  # noqa: E402
+from examples.bytelm import ByteBlocks, llama_config, load_corpus, split_corpus, validation_loss
+from pmakit.tools.scope import compare_scopes, compute_scopes
+from pmakit.tools.wsa import WsaConfig, add_wsa
 
 
 def parse_args(argv=None) -> argparse.Namespace:
