@@ -16,7 +16,7 @@ The report gives each merge's share of each decay's gain, (live - merge) / (live
 (markdown) and a plot. `sma` is the merge dual to the linear decay, `decay:cosine` to the cosine one and
 `decay:1-sqrt` to the 1-sqrt one.
 
-    python examples/decay_merge.py --output_dir runs/decay_merge --report_md docs/decay_merge.md \\
+    python -m examples.decay_merge --output_dir runs/decay_merge --report_md docs/decay_merge.md \\
         --plot docs/decay_merge.png
 """
 

@@ -17,9 +17,9 @@ run at step T - L so that every decay and every merge ends at the same step T; t
 on the same held-out bytes. It writes one report (``results.md``: the losses, then each merge's share of
 each decay's gain per rule and window), a plot (``paper_scale.png``) and ``results.json``.
 
-    python examples/paper_scale.py --size tiny --output_dir runs/paper_tiny
-    python examples/paper_scale.py --size paper --output_dir /tmp/paper_scale   # on a GPU
-    python examples/paper_scale.py --size paper --estimate 250   # time estimate at 250 TFLOP/s, runs nothing
+    python -m examples.paper_scale --size tiny --output_dir runs/paper_tiny
+    python -m examples.paper_scale --size paper --output_dir /tmp/paper_scale   # on a GPU
+    python -m examples.paper_scale --size paper --estimate 250   # time estimate at 250 TFLOP/s, runs nothing
 
 Any further argument is a `decay_merge.py` setting and overrides the preset (``--max_steps 800``).
 """

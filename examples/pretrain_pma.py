@@ -14,8 +14,8 @@ the same validation bytes:
 
 and prints the share of the decay's gain that PMA recovers for free: (live - PMA) / (live - annealed).
 
-    python examples/pretrain_pma.py --output_dir runs/pretrain_pma
-    python examples/pretrain_pma.py --output_dir runs/x --max_steps 400 --pma_interleave_step 10 --learning_rate 1e-3
+    python -m examples.pretrain_pma --output_dir runs/pretrain_pma
+    python -m examples.pretrain_pma --output_dir runs/x --max_steps 400 --pma_interleave_step 10 --learning_rate 1e-3
 
 Every `PmaArguments` / `TrainingArguments` flag works, plus the `ExampleArguments` below
 (``--help`` lists them all).
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if hasattr(os, "getloadavg"):  # other processes slow a CPU run down: say how busy the machine was
         machine += f", load average {os.getloadavg()[2]:.1f} over the last 15 min at the end"
-    command = "python examples/pretrain_pma.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m examples.pretrain_pma " + " ".join(argv if argv is not None else sys.argv[1:])
     report = [
         "# PMA pre-training example: results",
         "",

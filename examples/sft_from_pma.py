@@ -9,8 +9,8 @@ It prints the validation loss of both side by side during training, the loss on 
 pre-training data at the end (forgetting), and the gradient norms (the paper reports a steadier
 GradNorm under PMA-init).
 
-    python examples/pretrain_pma.py --output_dir runs/pretrain_pma
-    python examples/sft_from_pma.py --run_dir runs/pretrain_pma --output_dir runs/sft_from_pma
+    python -m examples.pretrain_pma --output_dir runs/pretrain_pma
+    python -m examples.sft_from_pma --run_dir runs/pretrain_pma --output_dir runs/sft_from_pma
 
 Every `TrainingArguments` flag works, plus the `InitArguments` below (``--help`` lists them).
 """
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python examples/sft_from_pma.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m examples.sft_from_pma " + " ".join(argv if argv is not None else sys.argv[1:])
     settings = (
         f"{args.max_steps} steps, batch {args.per_device_train_batch_size} x {block_size} bytes, "
         f"{getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)} LR {args.learning_rate:g} "

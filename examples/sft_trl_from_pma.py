@@ -14,8 +14,8 @@ The chats are built locally from the Python language reference that CPython ship
 the assistant quotes it. Topics are split between training and held-out chats. The byte-level
 tokenizer gets a small chat template (``CHAT_TEMPLATE``), so TRL formats the conversations itself.
 
-    python examples/pretrain_pma.py --output_dir runs/pretrain_pma
-    python examples/sft_trl_from_pma.py --run_dir runs/pretrain_pma --output_dir runs/sft_trl_from_pma
+    python -m examples.pretrain_pma --output_dir runs/pretrain_pma
+    python -m examples.sft_trl_from_pma --run_dir runs/pretrain_pma --output_dir runs/sft_trl_from_pma
 
 Every `SFTConfig` / `TrainingArguments` flag works, plus the `ChatSftArguments` below (``--help``).
 """
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
 def write_report(args, ca: ChatSftArguments, argv, runs: dict, table: str, seeds: list[int]) -> None:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python examples/sft_trl_from_pma.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m examples.sft_trl_from_pma " + " ".join(argv if argv is not None else sys.argv[1:])
     settings = (
         f"TRL SFTTrainer, {args.max_steps} steps, batch {args.per_device_train_batch_size}, max_length "
         f"{args.max_length}, {getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)} LR "

@@ -13,8 +13,8 @@ pma_spike_recovery=True)``) sees the spike, restores the SMA of the last weights
 it, resets the Adam moments and re-warms the learning rate, and ends with a much lower loss.
 Both runs see the same data in the same order and are identical until the burst.
 
-    python examples/spike_recovery.py             # about 40 s on 2 CPU cores
-    python examples/spike_recovery.py --plot docs/spike_recovery.png
+    python -m examples.spike_recovery             # about 40 s on 2 CPU cores
+    python -m examples.spike_recovery --plot docs/spike_recovery.png
 
 It prints both final losses (mean training loss over the last steps, and held-out loss) and
 can save a PNG of the two loss curves with the burst and the recoveries marked.

@@ -10,8 +10,8 @@ For both pairs the script prints the validation loss of each run and of the aver
 spread between the two runs, and the loss along the line ``(1 - alpha) A + alpha B`` for alpha in
 [0, 1], saved as a PNG. Every model is scored on the same held-out blocks (paired).
 
-    python examples/wsa_merge.py                               # about 2 minutes on 2 CPU cores
-    python examples/wsa_merge.py --plot docs/wsa_interpolation.png --json runs/wsa_merge.json
+    python -m examples.wsa_merge                               # about 2 minutes on 2 CPU cores
+    python -m examples.wsa_merge --plot docs/wsa_interpolation.png --json runs/wsa_merge.json
 
 The outcome is reported as measured, whichever way it goes.
 """
