@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, HfArgumentParser, LlamaForCausalLM, Trainer, TrainerCallback, set_seed
 
-from examples.bytelm import ByteBlocks, byte_tokenizer, llama_config, load_corpus, split_corpus, validation_loss
+from examples.bytelm import ByteBlocks, byte_tokenizer, load_corpus, split_corpus, validation_loss
+from examples.common import ByteModelArguments
 from examples.pretrain_pma import TRAINING_DEFAULTS
 from pmakit import PmaArguments, PmaTrainer, sweep
 
@@ -57,19 +58,10 @@ DEFAULTS = {
 
 
 @dataclass
-class DecayArguments:
+class DecayArguments(ByteModelArguments):
     """Data, model and experiment settings (the model is smaller than pretrain_pma's, to fit ~10 CPU minutes)."""
 
-    corpus: str = field(
-        default="topics", metadata={"help": "'topics', 'docstrings', 'stdlib', or a text file/folder."}
-    )
-    max_corpus_bytes: int | None = field(default=None, metadata={"help": "Use at most this many corpus bytes."})
-    val_fraction: float = field(default=0.1, metadata={"help": "Share of the corpus held out for validation."})
-    block_size: int = field(default=128, metadata={"help": "Training sequence length in bytes."})
-    train_stride: int = field(default=64, metadata={"help": "Bytes between the starts of training windows."})
     hidden_size: int = field(default=128, metadata={"help": "Model width."})
-    num_layers: int = field(default=4, metadata={"help": "Transformer layers."})
-    num_heads: int = field(default=4, metadata={"help": "Attention heads."})
     intermediate_size: int = field(default=384, metadata={"help": "SwiGLU width."})
     windows: str = field(
         default="50,100,200", metadata={"help": "Window lengths L in steps (multiples of interleave)."}
@@ -240,7 +232,7 @@ def run_merges(
 
 def model_config(ex: DecayArguments):
     """The Llama that the settings describe."""
-    return llama_config(ex.hidden_size, ex.num_layers, ex.num_heads, ex.intermediate_size, ex.block_size)
+    return ex.model_config()
 
 
 def count_params(config) -> int:

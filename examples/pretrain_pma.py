@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, HfArgumentParser, LlamaForCausalLM, Trainer, TrainerCallback, set_seed
 
-from examples.bytelm import ByteBlocks, byte_tokenizer, llama_config, load_corpus, split_corpus, validation_loss
+from examples.bytelm import ByteBlocks, byte_tokenizer, load_corpus, split_corpus, validation_loss
+from examples.common import TRAINER_DEFAULTS, ByteModelArguments
 from pmakit import AveragingRule, PmaArguments, PmaConfig, PmaTrainer
 
 
@@ -44,23 +45,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # The example's defaults for the Trainer and PMA settings (any of them can be changed on the command line).
 TRAINING_DEFAULTS = dict(
+    TRAINER_DEFAULTS,
     output_dir="runs/pretrain_pma",
     max_steps=800,
-    per_device_train_batch_size=16,
-    per_device_eval_batch_size=32,
     learning_rate=3e-3,
     warmup_steps=100,
     lr_scheduler_type="constant_with_warmup",
-    weight_decay=0.1,
-    adam_beta2=0.95,
-    max_grad_norm=1.0,
     logging_steps=50,
     eval_strategy="steps",
     eval_steps=100,
-    report_to="none",
-    seed=0,
-    dataloader_num_workers=0,
-    disable_tqdm=True,
     pma_fused_algo="sma",
     pma_interleave_step=20,
     pma_fused_num=10,
@@ -70,20 +63,9 @@ TRAINING_DEFAULTS = dict(
 
 
 @dataclass
-class ExampleArguments:
+class ExampleArguments(ByteModelArguments):
     """Data, model and comparison settings of the example."""
 
-    corpus: str = field(
-        default="topics", metadata={"help": "'topics', 'docstrings', or a text file/folder (bytelm.py)."}
-    )
-    max_corpus_bytes: int | None = field(default=None, metadata={"help": "Use at most this many bytes of the corpus."})
-    val_fraction: float = field(default=0.1, metadata={"help": "Share of the corpus held out for validation."})
-    block_size: int = field(default=128, metadata={"help": "Training sequence length in bytes."})
-    train_stride: int = field(default=64, metadata={"help": "Bytes between the starts of training windows."})
-    hidden_size: int = field(default=192, metadata={"help": "Model width."})
-    num_layers: int = field(default=4, metadata={"help": "Transformer layers."})
-    num_heads: int = field(default=4, metadata={"help": "Attention heads."})
-    intermediate_size: int = field(default=512, metadata={"help": "SwiGLU width."})
     compare_algos: str = field(
         default="ema,wma",
         metadata={
@@ -219,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = byte_tokenizer()
 
     set_seed(args.seed)
-    config = llama_config(ex.hidden_size, ex.num_layers, ex.num_heads, ex.intermediate_size, ex.block_size)
+    config = ex.model_config()
     model = LlamaForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
     print(
