@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from examples import models
+from pmakit.tools.sweep import causal_lm_nats
 
 
 __all__ = [
@@ -240,17 +241,8 @@ def validation_loss(model, dataset: ByteBlocks, batch_size: int = 32) -> float:
     """
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(dataset), batch_size):
-        ids = torch.stack([dataset[i]["input_ids"] for i in range(start, min(start + batch_size, len(dataset)))])
-        ids = ids.to(device)
-        logits = model(input_ids=ids).logits[:, :-1].double()
-        targets = ids[:, 1:]
-        total += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum"
-        ).item()
-        count += targets.numel()
+    blocks = [dataset[i]["input_ids"].tolist() for i in range(len(dataset))]
+    total, count = causal_lm_nats(model, blocks, batch_size)  # the sweep's scorer: the same sum, in fp64
     model.train(was_training)
     if not math.isfinite(total):
         raise FloatingPointError("The validation loss is not finite.")

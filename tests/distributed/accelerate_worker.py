@@ -5,21 +5,8 @@ import os
 import sys
 from pathlib import Path
 
-import pmakit.io.folders
-import pmakit.training.export
 from examples import accelerate_loop
-
-
-def log_writes(out: Path, rank: int) -> None:
-    original = pmakit.io.folders.atomic_directory
-
-    def logged(path, *args, **kwargs):
-        with open(out / f"writes_rank{rank}.txt", "a") as fh:
-            fh.write(f"{Path(path).name}\n")
-        return original(path, *args, **kwargs)
-
-    pmakit.training.export.atomic_directory = logged  # pma-<step> folders
-    pmakit.io.folders.atomic_directory = logged  # the copy into `pma`
+from tests.distributed.ddp_worker import log_writes
 
 
 def main() -> None:
