@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,3 +64,11 @@ def newest_checkpoint(run_dir: Path) -> Path:
     if not found:
         raise FileNotFoundError(f"No checkpoint-N folder in {run_dir}; pass --live_dir or run pretrain_pma.py first.")
     return found[-1][1]
+
+
+def write_summary(folder: Path, summary: dict, report: Path, plot: Path, note: str) -> dict:
+    """Write ``folder/results.json`` (``summary`` with the report's and the plot's paths) and say where all is."""
+    summary = {**summary, "report": str(report), "plot": str(plot)}
+    (folder / "results.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    print(f"report: {report}\nplot: {plot}\n{note}", flush=True)
+    return summary

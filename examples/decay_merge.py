@@ -23,7 +23,6 @@ The report gives each merge's share of each decay's gain, (live - merge) / (live
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -35,7 +34,7 @@ import torch
 from transformers import AutoModelForCausalLM, HfArgumentParser, LlamaForCausalLM, Trainer, TrainerCallback, set_seed
 
 from examples.bytelm import ByteBlocks, byte_tokenizer, load_corpus, split_corpus, validation_loss
-from examples.common import ByteModelArguments
+from examples.common import ByteModelArguments, write_summary
 from examples.pretrain_pma import TRAINING_DEFAULTS
 from pmakit import PmaArguments, PmaTrainer, sweep
 
@@ -253,7 +252,7 @@ def experiment(
     argv: list[str] | None,
     *,
     evaluate=validation_loss,
-    script: str = "examples/decay_merge.py",
+    script: str = "examples.decay_merge",
     plot_name: str = "decay_merge.png",
 ) -> dict:
     """The constant run, the sweep of merges and the decay forks, then the report, plot and ``results.json``.
@@ -303,16 +302,12 @@ def experiment(
         "decays": {f"{s}@{w}": v for (s, w), v in decays.items()},
         "merges": {f"{r}@{w}": v for (r, w), v in merges.items()},
         "timing": timing,
-        "report": str(report_path),
-        "plot": str(plot_path),
     }
-    (run / "results.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    print(f"report: {report_path}\nplot: {plot_path}\ntotal {total_s:.0f} s", flush=True)
-    return summary
+    return write_summary(run, summary, report_path, plot_path, f"total {total_s:.0f} s")
 
 
 def write_report(
-    path: Path, argv, table: str, title: str, timing: dict, alpha: float, result, script="examples/decay_merge.py"
+    path: Path, argv, table: str, title: str, timing: dict, alpha: float, result, script="examples.decay_merge"
 ) -> None:
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
     machine += f"{torch.get_num_threads()} torch threads"
@@ -320,7 +315,7 @@ def write_report(
         machine += f", GPU {torch.cuda.get_device_name()}"
     if hasattr(os, "getloadavg"):
         machine += f", load average {os.getloadavg()[2]:.1f} (15 min) at the end"
-    command = f"python {script} " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = f"python -m {script} " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
         "# Merging constant-LR samples against real LR decays: results",
         "",

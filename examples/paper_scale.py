@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
         windows,
         argv,
         evaluate=gpu_evaluate(args),
-        script="examples/paper_scale.py",
+        script="examples.paper_scale",
         plot_name="paper_scale.png",
     )
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -37,7 +36,7 @@ import torch
 from transformers import AutoModelForCausalLM, HfArgumentParser, LlamaForCausalLM, Trainer, TrainerCallback, set_seed
 
 from examples.bytelm import ByteBlocks, byte_tokenizer, load_corpus, split_corpus, validation_loss
-from examples.common import TRAINER_DEFAULTS, ByteModelArguments
+from examples.common import TRAINER_DEFAULTS, ByteModelArguments, write_summary
 from pmakit import AveragingRule, PmaArguments, PmaConfig, PmaTrainer
 
 
@@ -358,12 +357,8 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": settings,
         "timing": timing,
         "pma_check_max_abs_diff": check,
-        "report": str(report_path),
-        "plot": str(plot_path),
     }
-    (out / "results.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    print(f"report: {report_path}\nplot: {plot_path}\ntotal {total_s:.0f} s (training {train_s:.0f} s)", flush=True)
-    return summary
+    return write_summary(out, summary, report_path, plot_path, f"total {total_s:.0f} s (training {train_s:.0f} s)")
 
 
 if __name__ == "__main__":

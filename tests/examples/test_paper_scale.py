@@ -94,7 +94,7 @@ def test_paper_scale_tiny(tmp_path):
             cell = f"{(live - summary['merges'][f'{rule}@{w}']) / gain:.0%}" if gain > 0 else "n/a"
             assert f"| {w} | {rule} | {'**' + cell + '**' if rule == 'sma' else cell} |" in report
     assert gains == 2  # the tiny preset's LR makes both decays gain, so the shares are numbers
-    assert "examples/paper_scale.py --size tiny" in report
+    assert "python -m examples.paper_scale --size tiny" in report
     assert set(summary["merges"]) == {f"{r}@{w}" for r in paper_scale.MERGE_RULES for w in (10, 20)}
 
 
