@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,3 +73,16 @@ def write_summary(folder: Path, summary: dict, report: Path, plot: Path, note: s
     (folder / "results.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     print(f"report: {report}\nplot: {plot}\n{note}", flush=True)
     return summary
+
+
+def save_figure(fig, path: str | Path) -> None:
+    """Write ``fig`` to ``path`` (drawn beside it, then renamed: no half-written PNG is ever seen) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)

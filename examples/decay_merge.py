@@ -34,7 +34,7 @@ import torch
 from transformers import AutoModelForCausalLM, HfArgumentParser, LlamaForCausalLM, Trainer, TrainerCallback, set_seed
 
 from examples.bytelm import ByteBlocks, byte_tokenizer, load_corpus, split_corpus, validation_loss
-from examples.common import ByteModelArguments, write_summary
+from examples.common import ByteModelArguments, save_figure, write_summary
 from examples.pretrain_pma import TRAINING_DEFAULTS
 from pmakit import PmaArguments, PmaTrainer, sweep
 
@@ -198,12 +198,7 @@ def write_plot(
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def run_merges(

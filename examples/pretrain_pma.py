@@ -36,7 +36,7 @@ import torch
 from transformers import AutoModelForCausalLM, HfArgumentParser, LlamaForCausalLM, Trainer, TrainerCallback, set_seed
 
 from examples.bytelm import ByteBlocks, byte_tokenizer, load_corpus, split_corpus, validation_loss
-from examples.common import TRAINER_DEFAULTS, ByteModelArguments, write_summary
+from examples.common import TRAINER_DEFAULTS, ByteModelArguments, save_figure, write_summary
 from pmakit import AveragingRule, PmaArguments, PmaConfig, PmaTrainer
 
 
@@ -174,12 +174,7 @@ def write_plot(path: Path, live, pma, forks, cycle_steps: int, title: str) -> No
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM, TrainerCallback
 
+from examples.common import save_figure
 from examples.models import tiny_llama
 from pmakit import PmaArguments, PmaTrainer
 
@@ -207,10 +208,7 @@ def plot(results: dict, path: str, opts) -> None:
     ax.set_title(f"Loss-spike recovery (AdamW LR {opts.lr:g}, byte-level Llama {opts.width}x{opts.layers})")
     ax.legend(loc="upper right")
     ax.set_ylim(bottom=0)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def parse(argv=None):

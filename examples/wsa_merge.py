@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
 from examples.bytelm import ByteBlocks, llama_config, load_corpus, split_corpus, validation_loss
+from examples.common import save_figure
 from pmakit.tools.scope import compare_scopes, compute_scopes
 from pmakit.tools.wsa import WsaConfig, add_wsa
 
@@ -226,12 +226,7 @@ def plot(results: dict, path: str) -> None:
     ax.set_title("Loss along the line between two non-IID runs")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":
