@@ -59,19 +59,19 @@ test-deepspeed: $(VENV)/.deepspeed
 		$(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(PY) examples/pretrain_pma.py --output_dir runs/pretrain_pma
+	$(PY) -m examples.pretrain_pma --output_dir runs/pretrain_pma
 
 $(VENV)/.bench: $(STAMP)
 	$(PIPI) -e ".[bench]" "$(TORCH)"
 	touch $(VENV)/.bench
 
 bench: $(VENV)/.bench
-	$(PY) benchmarks/update.py
-	$(PY) benchmarks/overhead.py
-	$(PY) benchmarks/merge.py --mergekit $(VENV)/bin/mergekit-yaml
-	$(PY) benchmarks/export.py
-	$(PY) benchmarks/startup.py
-	$(PY) benchmarks/table.py
+	$(PY) -m benchmarks.update
+	$(PY) -m benchmarks.overhead
+	$(PY) -m benchmarks.merge --mergekit $(VENV)/bin/mergekit-yaml
+	$(PY) -m benchmarks.export
+	$(PY) -m benchmarks.startup
+	$(PY) -m benchmarks.table
 
 $(VENV)/.quality: pyproject.toml Makefile $(PINS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

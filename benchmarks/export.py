@@ -12,7 +12,7 @@ Folders are removed and the page cache's dirty pages flushed (``os.sync``) befor
 the timed region, and the two alternate in going first, so neither pays for the other's writeback.
 The table gives the median over rounds and the spread; the goal is export <= 1.25x the bound.
 
-    python benchmarks/export.py [--rounds 10] [--dtype fp32|bf16] [--workdir DIR]
+    python -m benchmarks.export [--rounds 10] [--dtype fp32|bf16] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import os
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,29 +30,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-sys.path.insert(0, str(ROOT / "src"))
 GOAL = 1.25
 
 
 def build(dtype_name: str):
     """The model, an engine with one sample folded in, and the exporter of a run folder."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
+    from examples.models import tiny_llama
     from pmakit import PmaConfig
     from pmakit.online.engine import attach_engine
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        num_key_value_heads=12,
-        vocab_size=32000,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(config).to(torch.bfloat16 if dtype_name == "bf16" else torch.float32)
+    model = tiny_llama("110m", dtype=torch.bfloat16 if dtype_name == "bf16" else torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     pma = PmaConfig(fused_algo="sma", fused_num=10, interleave_step=1)
     engine = attach_engine(optimizer, pma)
@@ -134,7 +122,7 @@ def render(r: dict) -> str:
         [
             "# Export benchmark",
             "",
-            f"`python benchmarks/export.py`: a {r['params'] / 1e6:.0f}M-parameter Llama ({r['dtype']} weights) "
+            f"`python -m benchmarks.export`: a {r['params'] / 1e6:.0f}M-parameter Llama ({r['dtype']} weights) "
             f"exported as `pma-<step>` by `PmaExporter` ({r['bytes'] / 1e6:.0f} MB in {r['files']} files) "
             f"against writing the same bytes to the same disk, {r['rounds']} interleaved rounds in one process "
             f"on {r['cores']} CPU cores; medians, min..max of the per-round ratio in brackets.",

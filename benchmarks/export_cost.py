@@ -10,8 +10,8 @@ on a shared 2-core machine it drowns in noise.)
 gathering a full state dict first, for models of growing depth (the largest tensor stays the same);
 rank 0's RSS rise is sampled in a thread (after ``malloc_trim``).
 
-    python benchmarks/export_cost.py stall [--repeats 3]
-    python benchmarks/export_cost.py memory [--layers 4 8 16]
+    python -m benchmarks.export_cost stall [--repeats 3]
+    python -m benchmarks.export_cost memory [--layers 4 8 16]
 """
 
 from __future__ import annotations
@@ -26,20 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.rss import PeakRss
+from examples.models import tiny_llama
+
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _llama(hidden: int, layers: int, inter: int, vocab: int, heads: int, kv: int, tie: bool):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=128, tie_word_embeddings=tie, pad_token_id=0,
-    )  # fmt: skip
-    return LlamaForCausalLM(config)
 
 
 def stall(args: argparse.Namespace) -> dict:
@@ -54,7 +45,7 @@ def stall(args: argparse.Namespace) -> dict:
     from pmakit.online.engine import attach_engine
     from pmakit.training.export import PmaExporter
 
-    model = _llama(768, 12, 2048, 32000, 12, 4, True)
+    model = tiny_llama("110m", num_key_value_heads=4, max_position_embeddings=128, pad_token_id=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     engine = attach_engine(optimizer, PmaConfig(interleave_step=1, fused_num=1000))
     generator = torch.Generator().manual_seed(0)
@@ -93,7 +84,7 @@ def memory(args: argparse.Namespace) -> dict:
             env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
             env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")])
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-            command += [__file__, "memory-worker", "--out", out, "--layers", str(layers)]
+            command += ["-m", "benchmarks.export_cost", "memory-worker", "--out", out, "--layers", str(layers)]
             subprocess.run(command, env=env, check=True, capture_output=True, text=True, timeout=1200)
             results[layers] = json.loads((Path(out) / "facts.json").read_text())
         print(layers, json.dumps(results[layers]), flush=True)
@@ -105,16 +96,14 @@ def memory_worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    sys.path.insert(0, str(ROOT))
     from pmakit import PmaConfig
     from pmakit.online.engine import attach_engine
     from pmakit.online.gather import gather_averaged_state_dict
     from pmakit.training.export import save_averaged_model
-    from tests.distributed.export_worker import PeakRss
 
     dist.init_process_group("gloo")
     main = dist.get_rank() == 0
-    model = _llama(512, args.layers[0], 1024, 4096, 8, 2, False)
+    model = tiny_llama("22m", num_hidden_layers=args.layers[0])
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)

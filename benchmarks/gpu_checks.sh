@@ -57,17 +57,17 @@ fi
 "$PY" -c "import pmakit.training, torch; print('pmakit', pmakit.__version__, 'torch', torch.__version__)" > "$OUT/import.txt" 2>&1
 
 # Per-sample update time vs AveragedModel and the HBM bound (issue 2 item 13; < 1 min on an H100/H200)
-phase update && timeout 240 "$PY" benchmarks/update.py --device cuda --out "$OUT/update_gpu.md" --json "$OUT/update_gpu.json" > "$OUT/update_gpu.log" 2>&1
+phase update && timeout 240 "$PY" -m benchmarks.update --device cuda --out "$OUT/update_gpu.md" --json "$OUT/update_gpu.json" > "$OUT/update_gpu.log" 2>&1
 phase update && timeout 120 "$PY" -m pytest -q -p no:cacheprovider -m cuda -rs tests/benchmarks/test_update_smoke.py tests/online/test_kernels.py > "$OUT/update_cuda_tests.log" 2>&1
 
 # The paper-scale experiment (issue 20): a 128.7M-parameter byte-level Llama on the standard library, a
 # constant-LR run with its samples, the sweep of merge rules and windows, real linear decays over the last
 # 100 and 200 steps; the share of each decay's gain per rule and window. Estimated 4.2 min on a GPU that
-# sustains 250 bf16 TFLOP/s, 5.5 min at 150 (`python examples/paper_scale.py --size paper --estimate 250`).
+# sustains 250 bf16 TFLOP/s, 5.5 min at 150 (`python -m examples.paper_scale --size paper --estimate 250`).
 # Its ~12 GB of samples and checkpoints stay outside the repository and $OUT.
 if phase paper; then
   PAPER_RUN="${PAPER_RUN:-${TMPDIR:-/tmp}/pmakit_paper_scale}"
-  PYTHONUNBUFFERED=1 timed paper 400 "$PY" examples/paper_scale.py --size paper --output_dir "$PAPER_RUN" \
+  PYTHONUNBUFFERED=1 timed paper 400 "$PY" -m examples.paper_scale --size paper --output_dir "$PAPER_RUN" \
     > "$OUT/paper_scale.log" 2>&1
   for f in results.md results.json paper_scale.png; do
     [[ -f "$PAPER_RUN/$f" ]] || continue
@@ -83,13 +83,13 @@ fi
 # 1/10/100 with the average on the GPU and 1/100 offloaded to pinned CPU memory, fp32 and bf16 weights.
 phase perf && timed perf_tests 90 "$PY" -m pytest -q -p no:cacheprovider -m cuda -rs -s tests/online/test_fused_upcast.py \
   tests/online/test_kernels.py > "$OUT/perf_cuda_tests.log" 2>&1
-phase perf && timed perf_update 70 "$PY" benchmarks/update.py --device cuda --reps 30 --out "$OUT/update_gpu.md" \
+phase perf && timed perf_update 70 "$PY" -m benchmarks.update --device cuda --reps 30 --out "$OUT/update_gpu.md" \
   --json "$OUT/update_gpu.json" > "$OUT/update_gpu.log" 2>&1
 # about 18 runs of ~5 s (fp32 weights: 6 variants x 3 rounds), then 12 (bf16 weights: 4 variants x 3 rounds)
-phase perf && timed perf_overhead_fp32 130 "$PY" benchmarks/overhead.py --device cuda --size 100m --steps 40 --warmup 5 --rounds 3 \
+phase perf && timed perf_overhead_fp32 130 "$PY" -m benchmarks.overhead --device cuda --size 100m --steps 40 --warmup 5 --rounds 3 \
   --weights fp32 --interleave 1 10 100 --offload-interleave 1 100 \
   --out "$OUT/overhead_gpu_fp32.md" --json "$OUT/overhead_gpu_fp32.json" > "$OUT/overhead_gpu_fp32.log" 2>&1
-phase perf && timed perf_overhead_bf16 90 "$PY" benchmarks/overhead.py --device cuda --size 100m --steps 40 --warmup 5 --rounds 3 \
+phase perf && timed perf_overhead_bf16 90 "$PY" -m benchmarks.overhead --device cuda --size 100m --steps 40 --warmup 5 --rounds 3 \
   --weights bf16 --interleave 1 100 --offload-interleave 100 \
   --out "$OUT/overhead_gpu_bf16.md" --json "$OUT/overhead_gpu_bf16.json" > "$OUT/overhead_gpu_bf16.log" 2>&1
 # The summary table with these GPU figures in; the JSON files go into benchmarks/results/ under their usual
@@ -98,7 +98,7 @@ if phase perf; then
   for f in "$OUT"/update_gpu.json "$OUT"/overhead_gpu_fp32.json "$OUT"/overhead_gpu_bf16.json; do
     [[ -f "$f" ]] && cp "$f" benchmarks/results/ && cp "$f" "benchmarks/results/$(basename "$f" .json)_$CARD.json"
   done
-  "$PY" benchmarks/table.py --no-write > "$OUT/summary.md" 2>&1
+  "$PY" -m benchmarks.table --no-write > "$OUT/summary.md" 2>&1
   cp "$OUT/summary.md" "benchmarks/results/summary_gpu_$CARD.md"
 fi
 
@@ -125,9 +125,9 @@ fi
 phase tests && timeout 420 "$PY" -m pytest -q -p no:cacheprovider -m cuda -rs -s tests/online/test_offload_cuda.py \
   tests/online/test_engine.py tests/distributed/test_fsdp2.py tests/distributed/test_trainer_backends.py \
   tests/tools/test_spike.py tests/tools/test_wsa.py > "$OUT/scale_cuda_tests.log" 2>&1
-phase overhead && timeout 300 "$PY" benchmarks/overhead.py --device cuda --size 100m --steps 200 --rounds 3 \
+phase overhead && timeout 300 "$PY" -m benchmarks.overhead --device cuda --size 100m --steps 200 --rounds 3 \
   --out "$OUT/overhead_gpu.md" --json "$OUT/overhead_gpu.json" > "$OUT/overhead_gpu.log" 2>&1
-phase overhead && timeout 120 "$PY" benchmarks/wsa_overhead.py --device cuda --dtype bfloat16 --hidden_size 1024 --num_layers 8 \
+phase overhead && timeout 120 "$PY" -m benchmarks.wsa_overhead --device cuda --dtype bfloat16 --hidden_size 1024 --num_layers 8 \
   --vocab_size 32000 --batch_size 8 --seq 512 --steps 40 --json "$OUT/wsa_overhead_cuda.json" > "$OUT/wsa_overhead_cuda.log" 2>&1
 
 # Pack $OUT and benchmarks/results into one file when BUNDLE names it (the device tool returns 8 files at most).

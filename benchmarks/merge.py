@@ -13,7 +13,7 @@ N = 2, 8, 16 and times, in child processes (peak RSS is the child's ``ru_maxrss`
 mergekit runs from its own virtual environment when ``--mergekit`` points at one (its pins may
 conflict with transformers 5), else from this one.
 
-    python benchmarks/merge.py [--sizes 2 8 16] [--mergekit .venv-mergekit/bin/mergekit-yaml] [--cold]
+    python -m benchmarks.merge [--sizes 2 8 16] [--mergekit .venv-mergekit/bin/mergekit-yaml] [--cold]
 """
 
 from __future__ import annotations
@@ -123,18 +123,11 @@ def drop_cache(files: list[Path]) -> None:
 def build_checkpoints(root: Path, n: int) -> list[Path]:
     """``n`` checkpoint folders of one ~110M-parameter Llama with different (random) weights."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        num_key_value_heads=12,
-        vocab_size=32000,
-        tie_word_embeddings=True,
-        dtype="bfloat16",
-    )
+    from examples.models import llama_config
+
+    config = llama_config("110m", dtype="bfloat16")
     folders = []
     model = None
     for i in range(n):
@@ -235,7 +228,6 @@ def main() -> None:
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="pmakit-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(ROOT / "src"))
     from pmakit.merging.stream import default_threads
 
     threads = args.threads or default_threads()
@@ -273,7 +265,6 @@ def check_same(ours: Path, theirs: Path) -> None:
     """Both tools computed the same average (bf16 outputs within one rounding of each other)."""
     import numpy as np
 
-    sys.path.insert(0, str(ROOT / "src"))
     from pmakit.io.safetensors import SafetensorsFile
 
     def tensors(folder):
@@ -318,7 +309,7 @@ def render(result: dict) -> str:
     lines = [
         "# Offline merge benchmark",
         "",
-        f"`python benchmarks/merge.py` on {result['cores']} CPU cores ({platform.machine()}), Python "
+        f"`python -m benchmarks.merge` on {result['cores']} CPU cores ({platform.machine()}), Python "
         f"{platform.python_version()}; {result['params'] / 1e6:.0f}M-parameter Llama checkpoints in bf16, 100 MB "
         f"shards; SMA of the N newest; fp32 accumulation, bf16 output; {rows[0]['threads']} threads. Times are "
         "wall seconds of a child process, interpreter start and imports included (median of interleaved rounds); "

@@ -20,8 +20,8 @@ On CUDA the sample is also timed against the HBM bandwidth bound: the bytes a fo
 (read the fp32 average, read the parameter, write the average: 12 B/param for fp32 weights, 10 B
 for bf16) at the bandwidth ``torch._foreach_copy_`` reaches on the same tensors.
 
-    python benchmarks/overhead.py                                   # CPU, small Llama
-    python benchmarks/overhead.py --device cuda --size 100m --out benchmarks/results/overhead_gpu.md
+    python -m benchmarks.overhead                                   # CPU, small Llama
+    python -m benchmarks.overhead --device cuda --size 100m --out benchmarks/results/overhead_gpu.md
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ from itertools import pairwise
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
+from examples.models import tiny_llama
 from pmakit import PmaArguments, PmaTrainer
 from pmakit.online.engine import PmaEngine
 
@@ -87,18 +88,16 @@ class Batches(torch.utils.data.Dataset):
 
 def build_model(size: str, dtype: torch.dtype) -> LlamaForCausalLM:
     hidden, inter, layers, heads, vocab, _, _ = SIZES[size]
-    torch.manual_seed(0)
-    config = LlamaConfig(
+    return tiny_llama(
+        None,
+        dtype=dtype,
         hidden_size=hidden,
         intermediate_size=inter,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=heads,
         vocab_size=vocab,
         max_position_embeddings=1024,
-        tie_word_embeddings=True,
     )
-    return LlamaForCausalLM(config).to(dtype)
 
 
 def run_variant(variant: str, opts, dataset, out: Path) -> tuple[list[float], list[float], object]:

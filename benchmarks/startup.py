@@ -5,7 +5,7 @@ here (ml_dtypes 0.7 took 0.6 s to import, against 0.08 s for 0.6, and the parser
 for `pmakit --version`). Goal: at most 0.25 s each on 2 cores. `tests/test_cli_startup.py` pins the
 cause structurally (no heavy module is imported while parsing); this measures the effect.
 
-    python benchmarks/startup.py [--runs 10]     # writes benchmarks/results/startup.json
+    python -m benchmarks.startup [--runs 10]     # writes benchmarks/results/startup.json
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ whether the goal is met, and where the figure comes from. Figures that exist onl
 earlier run (``recorded.json``) are marked so; GPU rows say "not measured" until a GPU run wrote
 its JSON (``gpu_out/`` of ``benchmarks/gpu_checks.sh perf``, copied into ``benchmarks/results/``).
 
-    python benchmarks/table.py            # print, and write benchmarks/results/summary.md
+    python -m benchmarks.table            # print, and write benchmarks/results/summary.md
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ def build_table(folder: Path) -> str:
     lines = [
         "# Performance summary",
         "",
-        "Written by `python benchmarks/table.py` (`make bench`) from `benchmarks/results/*.json`. "
+        "Written by `python -m benchmarks.table` (`make bench`) from `benchmarks/results/*.json`. "
         "Ratios below 1 beat the bound. Rows marked CPU only were not measured on a GPU.",
         "",
         "| figure | measured | goal | peer or bound | met | source |",

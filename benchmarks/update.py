@@ -28,8 +28,8 @@ inflate by preempting it; ``--clock wall --threads N`` measures wall time instea
 Before timing, a correctness check folds three perturbed samples and compares the average with the
 closed-form EMA in fp64 (relative L2 error), for pmakit and for AveragedModel.
 
-    python benchmarks/update.py                          # CPU, ~100M parameters
-    python benchmarks/update.py --device cuda --out benchmarks/results/update_gpu.md
+    python -m benchmarks.update                          # CPU, ~100M parameters
+    python -m benchmarks.update --device cuda --out benchmarks/results/update_gpu.md
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ from pathlib import Path
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from examples.models import tiny_llama
+
 
 DECAY = 0.999  # AveragedModel's EMA decay; PMA's ema_alpha is 1 - DECAY, the same rule
 SIZES = {
@@ -62,23 +64,18 @@ AM_BYTES = {"fp32": 12, "bf16": 6}  # AveragedModel: its average is in the model
 
 def build_model(size: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """A Llama-style causal LM built locally (nothing downloaded), random init, on ``device``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     hidden, inter, layers, heads, vocab = SIZES[size]
-    config = LlamaConfig(
+    return tiny_llama(
+        None,
+        dtype=dtype,
+        device=device,
         hidden_size=hidden,
         intermediate_size=inter,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=heads,
         vocab_size=vocab,
         max_position_embeddings=512,
-        tie_word_embeddings=True,
     )
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config)
-    return model.to(dtype)
 
 
 class Timer:

@@ -5,8 +5,8 @@ batches, alternating "without" and "with" WSA in blocks so that machine noise hi
 and reports the median step time of each and their ratio. The WSA loss covers every weight
 matrix and the embedding (the default), with a reference target so its gradient is not zero.
 
-    python benchmarks/wsa_overhead.py                       # CPU, a few tens of seconds
-    python benchmarks/wsa_overhead.py --device cuda --hidden_size 1024 --num_layers 8 --batch_size 8 --seq 512
+    python -m benchmarks.wsa_overhead                       # CPU, a few tens of seconds
+    python -m benchmarks.wsa_overhead --device cuda --hidden_size 1024 --num_layers 8 --batch_size 8 --seq 512
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from examples.models import tiny_llama
 from pmakit.tools.wsa import WsaRegularizer
 
 
@@ -47,10 +47,10 @@ def _sync(device: torch.device) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
-    config = LlamaConfig(
+    model = tiny_llama(
+        None,
+        dtype=getattr(torch, args.dtype),
         vocab_size=args.vocab_size,
         hidden_size=args.hidden_size,
         intermediate_size=4 * args.hidden_size,
@@ -58,8 +58,7 @@ def main(argv=None) -> dict:
         num_attention_heads=max(1, args.hidden_size // 32),
         max_position_embeddings=args.seq,
         tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    ).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     reg = WsaRegularizer(model, weight=0.5)
     # a target 10% wider than the init so that the WSA gradient is not zero

@@ -9,8 +9,8 @@ to ``output_dir/pma-<step>`` (main process only; a sharded model is gathered one
 time). `finish_pma` ends the run: it writes a final partial cycle to ``output_dir/pma`` and pushes
 it when asked.
 
-    python examples/accelerate_loop.py --output_dir runs/acc
-    accelerate launch --num_processes 2 examples/accelerate_loop.py --output_dir runs/acc_ddp      # 2 GPUs
+    python -m examples.accelerate_loop --output_dir runs/acc
+    accelerate launch --num_processes 2 -m examples.accelerate_loop --output_dir runs/acc_ddp      # 2 GPUs
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 \\
         examples/accelerate_loop.py --output_dir runs/acc --resume_from_checkpoint runs/acc/step_100  # 2 CPU processes
 """
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -28,11 +27,8 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from transformers import LlamaForCausalLM, get_scheduler
 
+from examples.bytelm import ByteBlocks, byte_tokenizer, llama_config, load_corpus, split_corpus
 from pmakit import PmaAdamW, finish_pma
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bytelm import ByteBlocks, byte_tokenizer, llama_config, load_corpus, split_corpus  # noqa: E402
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -28,6 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from examples import models
+from pmakit.tools.sweep import causal_lm_nats
+
 
 __all__ = [
     "BYTE_OFFSET",
@@ -216,9 +219,7 @@ def llama_config(
     block_size: int = 128,
 ):
     """A small Llama (RoPE, RMSNorm, SwiGLU, tied embeddings) over the byte vocabulary."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
+    return models.llama_config(
         vocab_size=VOCAB_SIZE,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
@@ -226,7 +227,6 @@ def llama_config(
         num_attention_heads=num_heads,
         num_key_value_heads=num_heads,
         max_position_embeddings=block_size,
-        tie_word_embeddings=True,
         pad_token_id=PAD_ID,
         bos_token_id=None,
         eos_token_id=EOS_ID,
@@ -241,17 +241,8 @@ def validation_loss(model, dataset: ByteBlocks, batch_size: int = 32) -> float:
     """
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(dataset), batch_size):
-        ids = torch.stack([dataset[i]["input_ids"] for i in range(start, min(start + batch_size, len(dataset)))])
-        ids = ids.to(device)
-        logits = model(input_ids=ids).logits[:, :-1].double()
-        targets = ids[:, 1:]
-        total += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum"
-        ).item()
-        count += targets.numel()
+    blocks = [dataset[i]["input_ids"].tolist() for i in range(len(dataset))]
+    total, count = causal_lm_nats(model, blocks, batch_size)  # the sweep's scorer: the same sum, in fp64
     model.train(was_training)
     if not math.isfinite(total):
         raise FloatingPointError("The validation loss is not finite.")

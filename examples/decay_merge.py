@@ -16,14 +16,13 @@ The report gives each merge's share of each decay's gain, (live - merge) / (live
 (markdown) and a plot. `sma` is the merge dual to the linear decay, `decay:cosine` to the cosine one and
 `decay:1-sqrt` to the 1-sqrt one.
 
-    python examples/decay_merge.py --output_dir runs/decay_merge --report_md docs/decay_merge.md \\
+    python -m examples.decay_merge --output_dir runs/decay_merge --report_md docs/decay_merge.md \\
         --plot docs/decay_merge.png
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -34,12 +33,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, HfArgumentParser, LlamaForCausalLM, Trainer, TrainerCallback, set_seed
 
+from examples.bytelm import ByteBlocks, byte_tokenizer, load_corpus, split_corpus, validation_loss
+from examples.common import ByteModelArguments, save_figure, write_summary
+from examples.pretrain_pma import TRAINING_DEFAULTS
 from pmakit import PmaArguments, PmaTrainer, sweep
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bytelm import ByteBlocks, byte_tokenizer, llama_config, load_corpus, split_corpus, validation_loss  # noqa: E402
-from pretrain_pma import TRAINING_DEFAULTS  # noqa: E402
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -60,19 +57,10 @@ DEFAULTS = {
 
 
 @dataclass
-class DecayArguments:
+class DecayArguments(ByteModelArguments):
     """Data, model and experiment settings (the model is smaller than pretrain_pma's, to fit ~10 CPU minutes)."""
 
-    corpus: str = field(
-        default="topics", metadata={"help": "'topics', 'docstrings', 'stdlib', or a text file/folder."}
-    )
-    max_corpus_bytes: int | None = field(default=None, metadata={"help": "Use at most this many corpus bytes."})
-    val_fraction: float = field(default=0.1, metadata={"help": "Share of the corpus held out for validation."})
-    block_size: int = field(default=128, metadata={"help": "Training sequence length in bytes."})
-    train_stride: int = field(default=64, metadata={"help": "Bytes between the starts of training windows."})
     hidden_size: int = field(default=128, metadata={"help": "Model width."})
-    num_layers: int = field(default=4, metadata={"help": "Transformer layers."})
-    num_heads: int = field(default=4, metadata={"help": "Attention heads."})
     intermediate_size: int = field(default=384, metadata={"help": "SwiGLU width."})
     windows: str = field(
         default="50,100,200", metadata={"help": "Window lengths L in steps (multiples of interleave)."}
@@ -210,12 +198,7 @@ def write_plot(
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def run_merges(
@@ -243,7 +226,7 @@ def run_merges(
 
 def model_config(ex: DecayArguments):
     """The Llama that the settings describe."""
-    return llama_config(ex.hidden_size, ex.num_layers, ex.num_heads, ex.intermediate_size, ex.block_size)
+    return ex.model_config()
 
 
 def count_params(config) -> int:
@@ -264,7 +247,7 @@ def experiment(
     argv: list[str] | None,
     *,
     evaluate=validation_loss,
-    script: str = "examples/decay_merge.py",
+    script: str = "examples.decay_merge",
     plot_name: str = "decay_merge.png",
 ) -> dict:
     """The constant run, the sweep of merges and the decay forks, then the report, plot and ``results.json``.
@@ -314,16 +297,12 @@ def experiment(
         "decays": {f"{s}@{w}": v for (s, w), v in decays.items()},
         "merges": {f"{r}@{w}": v for (r, w), v in merges.items()},
         "timing": timing,
-        "report": str(report_path),
-        "plot": str(plot_path),
     }
-    (run / "results.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    print(f"report: {report_path}\nplot: {plot_path}\ntotal {total_s:.0f} s", flush=True)
-    return summary
+    return write_summary(run, summary, report_path, plot_path, f"total {total_s:.0f} s")
 
 
 def write_report(
-    path: Path, argv, table: str, title: str, timing: dict, alpha: float, result, script="examples/decay_merge.py"
+    path: Path, argv, table: str, title: str, timing: dict, alpha: float, result, script="examples.decay_merge"
 ) -> None:
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
     machine += f"{torch.get_num_threads()} torch threads"
@@ -331,7 +310,7 @@ def write_report(
         machine += f", GPU {torch.cuda.get_device_name()}"
     if hasattr(os, "getloadavg"):
         machine += f", load average {os.getloadavg()[2]:.1f} (15 min) at the end"
-    command = f"python {script} " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = f"python -m {script} " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
         "# Merging constant-LR samples against real LR decays: results",
         "",

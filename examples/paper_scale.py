@@ -17,9 +17,9 @@ run at step T - L so that every decay and every merge ends at the same step T; t
 on the same held-out bytes. It writes one report (``results.md``: the losses, then each merge's share of
 each decay's gain per rule and window), a plot (``paper_scale.png``) and ``results.json``.
 
-    python examples/paper_scale.py --size tiny --output_dir runs/paper_tiny
-    python examples/paper_scale.py --size paper --output_dir /tmp/paper_scale   # on a GPU
-    python examples/paper_scale.py --size paper --estimate 250   # time estimate at 250 TFLOP/s, runs nothing
+    python -m examples.paper_scale --size tiny --output_dir runs/paper_tiny
+    python -m examples.paper_scale --size paper --output_dir /tmp/paper_scale   # on a GPU
+    python -m examples.paper_scale --size paper --estimate 250   # time estimate at 250 TFLOP/s, runs nothing
 
 Any further argument is a `decay_merge.py` setting and overrides the preset (``--max_steps 800``).
 """
@@ -28,16 +28,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bytelm import load_corpus, validation_loss  # noqa: E402
-from decay_merge import MERGE_RULES, count_params, experiment, model_config, parse_args  # noqa: E402
+from examples.bytelm import load_corpus, validation_loss
+from examples.decay_merge import MERGE_RULES, count_params, experiment, model_config, parse_args
 
 
 @dataclass(frozen=True)
@@ -153,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
         windows,
         argv,
         evaluate=gpu_evaluate(args),
-        script="examples/paper_scale.py",
+        script="examples.paper_scale",
         plot_name="paper_scale.png",
     )
 

@@ -14,8 +14,8 @@ the same validation bytes:
 
 and prints the share of the decay's gain that PMA recovers for free: (live - PMA) / (live - annealed).
 
-    python examples/pretrain_pma.py --output_dir runs/pretrain_pma
-    python examples/pretrain_pma.py --output_dir runs/x --max_steps 400 --pma_interleave_step 10 --learning_rate 1e-3
+    python -m examples.pretrain_pma --output_dir runs/pretrain_pma
+    python -m examples.pretrain_pma --output_dir runs/x --max_steps 400 --pma_interleave_step 10 --learning_rate 1e-3
 
 Every `PmaArguments` / `TrainingArguments` flag works, plus the `ExampleArguments` below
 (``--help`` lists them all).
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -36,34 +35,24 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, HfArgumentParser, LlamaForCausalLM, Trainer, TrainerCallback, set_seed
 
+from examples.bytelm import ByteBlocks, byte_tokenizer, load_corpus, split_corpus, validation_loss
+from examples.common import TRAINER_DEFAULTS, ByteModelArguments, save_figure, write_summary
 from pmakit import AveragingRule, PmaArguments, PmaConfig, PmaTrainer
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bytelm import ByteBlocks, byte_tokenizer, llama_config, load_corpus, split_corpus, validation_loss  # noqa: E402
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # The example's defaults for the Trainer and PMA settings (any of them can be changed on the command line).
 TRAINING_DEFAULTS = dict(
+    TRAINER_DEFAULTS,
     output_dir="runs/pretrain_pma",
     max_steps=800,
-    per_device_train_batch_size=16,
-    per_device_eval_batch_size=32,
     learning_rate=3e-3,
     warmup_steps=100,
     lr_scheduler_type="constant_with_warmup",
-    weight_decay=0.1,
-    adam_beta2=0.95,
-    max_grad_norm=1.0,
     logging_steps=50,
     eval_strategy="steps",
     eval_steps=100,
-    report_to="none",
-    seed=0,
-    dataloader_num_workers=0,
-    disable_tqdm=True,
     pma_fused_algo="sma",
     pma_interleave_step=20,
     pma_fused_num=10,
@@ -73,20 +62,9 @@ TRAINING_DEFAULTS = dict(
 
 
 @dataclass
-class ExampleArguments:
+class ExampleArguments(ByteModelArguments):
     """Data, model and comparison settings of the example."""
 
-    corpus: str = field(
-        default="topics", metadata={"help": "'topics', 'docstrings', or a text file/folder (bytelm.py)."}
-    )
-    max_corpus_bytes: int | None = field(default=None, metadata={"help": "Use at most this many bytes of the corpus."})
-    val_fraction: float = field(default=0.1, metadata={"help": "Share of the corpus held out for validation."})
-    block_size: int = field(default=128, metadata={"help": "Training sequence length in bytes."})
-    train_stride: int = field(default=64, metadata={"help": "Bytes between the starts of training windows."})
-    hidden_size: int = field(default=192, metadata={"help": "Model width."})
-    num_layers: int = field(default=4, metadata={"help": "Transformer layers."})
-    num_heads: int = field(default=4, metadata={"help": "Attention heads."})
-    intermediate_size: int = field(default=512, metadata={"help": "SwiGLU width."})
     compare_algos: str = field(
         default="ema,wma",
         metadata={
@@ -196,12 +174,7 @@ def write_plot(path: Path, live, pma, forks, cycle_steps: int, title: str) -> No
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -222,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = byte_tokenizer()
 
     set_seed(args.seed)
-    config = llama_config(ex.hidden_size, ex.num_layers, ex.num_heads, ex.intermediate_size, ex.block_size)
+    config = ex.model_config()
     model = LlamaForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
     print(
@@ -340,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if hasattr(os, "getloadavg"):  # other processes slow a CPU run down: say how busy the machine was
         machine += f", load average {os.getloadavg()[2]:.1f} over the last 15 min at the end"
-    command = "python examples/pretrain_pma.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m examples.pretrain_pma " + " ".join(argv if argv is not None else sys.argv[1:])
     report = [
         "# PMA pre-training example: results",
         "",
@@ -379,12 +352,8 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": settings,
         "timing": timing,
         "pma_check_max_abs_diff": check,
-        "report": str(report_path),
-        "plot": str(plot_path),
     }
-    (out / "results.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    print(f"report: {report_path}\nplot: {plot_path}\ntotal {total_s:.0f} s (training {train_s:.0f} s)", flush=True)
-    return summary
+    return write_summary(out, summary, report_path, plot_path, f"total {total_s:.0f} s (training {train_s:.0f} s)")
 
 
 if __name__ == "__main__":

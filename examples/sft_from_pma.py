@@ -9,8 +9,8 @@ It prints the validation loss of both side by side during training, the loss on 
 pre-training data at the end (forgetting), and the gradient norms (the paper reports a steadier
 GradNorm under PMA-init).
 
-    python examples/pretrain_pma.py --output_dir runs/pretrain_pma
-    python examples/sft_from_pma.py --run_dir runs/pretrain_pma --output_dir runs/sft_from_pma
+    python -m examples.pretrain_pma --output_dir runs/pretrain_pma
+    python -m examples.sft_from_pma --run_dir runs/pretrain_pma --output_dir runs/sft_from_pma
 
 Every `TrainingArguments` flag works, plus the `InitArguments` below (``--help`` lists them).
 """
@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import statistics
 import sys
 import time
@@ -29,44 +28,30 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments, set_seed
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bytelm import ByteBlocks, load_corpus, split_corpus, validation_loss  # noqa: E402
+from examples.bytelm import ByteBlocks, load_corpus, split_corpus, validation_loss
+from examples.common import TRAINER_DEFAULTS, StartingPoints, newest_checkpoint
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TRAINING_DEFAULTS = dict(
+    TRAINER_DEFAULTS,
     output_dir="runs/sft_from_pma",
     max_steps=200,
-    per_device_train_batch_size=16,
-    per_device_eval_batch_size=32,
     learning_rate=1e-3,
     warmup_steps=20,
     lr_scheduler_type="cosine",
-    weight_decay=0.1,
-    adam_beta2=0.95,
-    max_grad_norm=1.0,
     logging_steps=5,
     eval_strategy="steps",
     eval_steps=25,
     save_strategy="no",
-    report_to="none",
-    seed=0,
-    dataloader_num_workers=0,
-    disable_tqdm=True,
 )
 
 
 @dataclass
-class InitArguments:
+class InitArguments(StartingPoints):
     """Where the two starting points come from, and the continued-training data."""
 
-    run_dir: str = field(default="runs/pretrain_pma", metadata={"help": "Output folder of pretrain_pma.py."})
-    pma_dir: str | None = field(default=None, metadata={"help": "PMA model folder (default: run_dir/pma)."})
-    live_dir: str | None = field(
-        default=None, metadata={"help": "Live model folder (default: the newest run_dir/checkpoint-N)."}
-    )
     corpus: str = field(default="docstrings", metadata={"help": "Continued-training corpus (see bytelm.py)."})
     max_corpus_bytes: int | None = field(default=400_000, metadata={"help": "Use at most this many corpus bytes."})
     pretrain_corpus: str = field(
@@ -79,15 +64,6 @@ class InitArguments:
     report_md: str | None = field(
         default=None, metadata={"help": "Markdown report path (default: output_dir/results.md)."}
     )
-
-
-def newest_checkpoint(run_dir: Path) -> Path:
-    found = sorted(
-        (int(m.group(1)), p) for p in run_dir.glob("checkpoint-*") if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))
-    )
-    if not found:
-        raise FileNotFoundError(f"No checkpoint-N folder in {run_dir}; pass --live_dir or run pretrain_pma.py first.")
-    return found[-1][1]
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainingArguments, InitArguments]:
@@ -188,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python examples/sft_from_pma.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m examples.sft_from_pma " + " ".join(argv if argv is not None else sys.argv[1:])
     settings = (
         f"{args.max_steps} steps, batch {args.per_device_train_batch_size} x {block_size} bytes, "
         f"{getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)} LR {args.learning_rate:g} "

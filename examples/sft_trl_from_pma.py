@@ -14,8 +14,8 @@ The chats are built locally from the Python language reference that CPython ship
 the assistant quotes it. Topics are split between training and held-out chats. The byte-level
 tokenizer gets a small chat template (``CHAT_TEMPLATE``), so TRL formats the conversations itself.
 
-    python examples/pretrain_pma.py --output_dir runs/pretrain_pma
-    python examples/sft_trl_from_pma.py --run_dir runs/pretrain_pma --output_dir runs/sft_trl_from_pma
+    python -m examples.pretrain_pma --output_dir runs/pretrain_pma
+    python -m examples.sft_trl_from_pma --run_dir runs/pretrain_pma --output_dir runs/sft_trl_from_pma
 
 Every `SFTConfig` / `TrainingArguments` flag works, plus the `ChatSftArguments` below (``--help``).
 """
@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import statistics
 import sys
 import time
@@ -35,9 +34,8 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, HfArgumentParser, set_seed
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bytelm import ByteBlocks, byte_tokenizer, load_corpus, split_corpus, validation_loss  # noqa: E402
+from examples.bytelm import ByteBlocks, byte_tokenizer, load_corpus, split_corpus, validation_loss
+from examples.common import TRAINER_DEFAULTS, StartingPoints, newest_checkpoint
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -51,36 +49,23 @@ CHAT_TEMPLATE = (
 )
 
 TRAINING_DEFAULTS = dict(
+    TRAINER_DEFAULTS,
     output_dir="runs/sft_trl_from_pma",
     max_steps=150,
-    per_device_train_batch_size=16,
-    per_device_eval_batch_size=32,
     learning_rate=1e-3,
     warmup_steps=10,
     lr_scheduler_type="cosine",
-    weight_decay=0.1,
-    adam_beta2=0.95,
-    max_grad_norm=1.0,
     logging_steps=1,
     eval_strategy="no",
     save_strategy="no",
-    report_to="none",
-    seed=0,
-    dataloader_num_workers=0,
-    disable_tqdm=True,
     bf16=False,  # a tiny fp32 model (SFTConfig would otherwise ask for bf16)
 )
 
 
 @dataclass
-class ChatSftArguments:
+class ChatSftArguments(StartingPoints):
     """Where the two starting points come from, the chat data and the comparison."""
 
-    run_dir: str = field(default="runs/pretrain_pma", metadata={"help": "Output folder of pretrain_pma.py."})
-    pma_dir: str | None = field(default=None, metadata={"help": "PMA model folder (default: run_dir/pma)."})
-    live_dir: str | None = field(
-        default=None, metadata={"help": "Live model folder (default: the newest run_dir/checkpoint-N)."}
-    )
     seeds: str = field(default="0,1,2", metadata={"help": "Comma-separated seeds (data order); at least one."})
     max_answer_bytes: int = field(
         default=48, metadata={"help": "Answers are cut at a word before this many bytes (prompt + answer fit 128)."}
@@ -100,15 +85,6 @@ def parse_args(argv: list[str] | None = None):
     parser = HfArgumentParser((SFTConfig, ChatSftArguments))
     parser.set_defaults(**TRAINING_DEFAULTS)
     return parser.parse_args_into_dataclasses(args=argv)
-
-
-def newest_checkpoint(run_dir: Path) -> Path:
-    found = sorted(
-        (int(m.group(1)), p) for p in run_dir.glob("checkpoint-*") if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))
-    )
-    if not found:
-        raise FileNotFoundError(f"No checkpoint-N folder in {run_dir}; pass --live_dir or run pretrain_pma.py first.")
-    return found[-1][1]
 
 
 def chat_tokenizer():
@@ -262,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
 def write_report(args, ca: ChatSftArguments, argv, runs: dict, table: str, seeds: list[int]) -> None:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python examples/sft_trl_from_pma.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m examples.sft_trl_from_pma " + " ".join(argv if argv is not None else sys.argv[1:])
     settings = (
         f"TRL SFTTrainer, {args.max_steps} steps, batch {args.per_device_train_batch_size}, max_length "
         f"{args.max_length}, {getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)} LR "

@@ -13,8 +13,8 @@ pma_spike_recovery=True)``) sees the spike, restores the SMA of the last weights
 it, resets the Adam moments and re-warms the learning rate, and ends with a much lower loss.
 Both runs see the same data in the same order and are identical until the burst.
 
-    python examples/spike_recovery.py             # about 40 s on 2 CPU cores
-    python examples/spike_recovery.py --plot docs/spike_recovery.png
+    python -m examples.spike_recovery             # about 40 s on 2 CPU cores
+    python -m examples.spike_recovery --plot docs/spike_recovery.png
 
 It prints both final losses (mean training loss over the last steps, and held-out loss) and
 can save a PNG of the two loss curves with the burst and the recoveries marked.
@@ -34,8 +34,10 @@ import warnings
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+from transformers import LlamaForCausalLM, TrainerCallback
 
+from examples.common import save_figure
+from examples.models import tiny_llama
 from pmakit import PmaArguments, PmaTrainer
 
 
@@ -106,8 +108,8 @@ class LrBurst(TrainerCallback):
 
 
 def build_model(seed: int, width: int, layers: int, seq: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    return tiny_llama(
+        seed=seed,
         vocab_size=256,
         hidden_size=width,
         intermediate_size=width * 2,
@@ -115,12 +117,9 @@ def build_model(seed: int, width: int, layers: int, seq: int) -> LlamaForCausalL
         num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=seq,
-        tie_word_embeddings=True,
-        pad_token_id=0,
         bos_token_id=None,
         eos_token_id=None,
     )
-    return LlamaForCausalLM(config)
 
 
 @torch.no_grad()
@@ -209,10 +208,7 @@ def plot(results: dict, path: str, opts) -> None:
     ax.set_title(f"Loss-spike recovery (AdamW LR {opts.lr:g}, byte-level Llama {opts.width}x{opts.layers})")
     ax.legend(loc="upper right")
     ax.set_ylim(bottom=0)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def parse(argv=None):

@@ -10,8 +10,8 @@ For both pairs the script prints the validation loss of each run and of the aver
 spread between the two runs, and the loss along the line ``(1 - alpha) A + alpha B`` for alpha in
 [0, 1], saved as a PNG. Every model is scored on the same held-out blocks (paired).
 
-    python examples/wsa_merge.py                               # about 2 minutes on 2 CPU cores
-    python examples/wsa_merge.py --plot docs/wsa_interpolation.png --json runs/wsa_merge.json
+    python -m examples.wsa_merge                               # about 2 minutes on 2 CPU cores
+    python -m examples.wsa_merge --plot docs/wsa_interpolation.png --json runs/wsa_merge.json
 
 The outcome is reported as measured, whichever way it goes.
 """
@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,12 +27,10 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bytelm import ByteBlocks, llama_config, load_corpus, split_corpus, validation_loss  # noqa: E402
-
-from pmakit.tools.scope import compare_scopes, compute_scopes  # noqa: E402
-from pmakit.tools.wsa import WsaConfig, add_wsa  # noqa: E402
+from examples.bytelm import ByteBlocks, llama_config, load_corpus, split_corpus, validation_loss
+from examples.common import save_figure
+from pmakit.tools.scope import compare_scopes, compute_scopes
+from pmakit.tools.wsa import WsaConfig, add_wsa
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -230,12 +226,7 @@ def plot(results: dict, path: str) -> None:
     ax.set_title("Loss along the line between two non-IID runs")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -1,39 +1,19 @@
 """Runs `examples/accelerate_loop.py` in this process (under `accelerate launch` or alone), logging which
 process builds model folders (``writes_rank<r>.txt`` in the first argument's folder)."""
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
 
-import pmakit.io.folders
-import pmakit.training.export
-
-
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "accelerate_loop.py"
-
-
-def log_writes(out: Path, rank: int) -> None:
-    original = pmakit.io.folders.atomic_directory
-
-    def logged(path, *args, **kwargs):
-        with open(out / f"writes_rank{rank}.txt", "a") as fh:
-            fh.write(f"{Path(path).name}\n")
-        return original(path, *args, **kwargs)
-
-    pmakit.training.export.atomic_directory = logged  # pma-<step> folders
-    pmakit.io.folders.atomic_directory = logged  # the copy into `pma`
+from examples import accelerate_loop
+from tests.distributed.ddp_worker import log_writes
 
 
 def main() -> None:
     log_dir, argv = Path(sys.argv[1]), sys.argv[2:]
     log_dir.mkdir(parents=True, exist_ok=True)
     log_writes(log_dir, int(os.environ.get("RANK", "0")))
-    sys.path.insert(0, str(EXAMPLE.parent))
-    spec = importlib.util.spec_from_file_location("accelerate_loop", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main(argv)
+    accelerate_loop.main(argv)
 
 
 if __name__ == "__main__":

@@ -23,10 +23,8 @@ from tests.distributed.reference import CONFIG, STEPS, batch
 from tests.helpers.models import tiny_llama
 
 
-def build(stage: int):
-    model = tiny_llama()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    pma = attach_engine(optimizer, CONFIG)
+def zero_initialize(model, optimizer, stage: int):
+    """`deepspeed.initialize` with ZeRO ``stage``, 4 sequences a rank and step: the engine and its ZeRO optimizer."""
     config = {
         "train_micro_batch_size_per_gpu": 4,
         "gradient_accumulation_steps": 1,
@@ -35,6 +33,24 @@ def build(stage: int):
         "steps_per_print": 10**9,
     }
     engine, zero_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine, zero_optimizer
+
+
+def run_stages(work) -> None:
+    """``work(out / "zero<stage>", stage, rank)`` for each stage of ``argv[2]`` (``out`` is ``argv[1]``), on gloo."""
+    out = Path(sys.argv[1])
+    deepspeed.init_distributed(dist_backend="gloo")
+    for stage in map(int, sys.argv[2].split(",")):
+        work(out / f"zero{stage}", stage, dist.get_rank())
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def build(stage: int):
+    model = tiny_llama()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    pma = attach_engine(optimizer, CONFIG)
+    engine, zero_optimizer = zero_initialize(model, optimizer, stage)
     assert attach_engine(zero_optimizer, CONFIG) is pma and pma.deepspeed
     return engine, zero_optimizer, pma
 
@@ -80,14 +96,5 @@ def check(out: Path, stage: int, rank: int) -> None:
     (out / f"facts_rank{rank}.json").write_text(json.dumps(facts))
 
 
-def main() -> None:
-    out = Path(sys.argv[1])
-    deepspeed.init_distributed(dist_backend="gloo")
-    for stage in map(int, sys.argv[2].split(",")):
-        check(out / f"zero{stage}", stage, dist.get_rank())
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main()
+    run_stages(check)

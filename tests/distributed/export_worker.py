@@ -12,20 +12,19 @@ few steps, then on every rank:
 Facts (peaks, stalls, sizes) go to ``facts_rank<r>.json`` for the test.
 """
 
-import ctypes
 import json
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
+from benchmarks.rss import PeakRss
+from examples.models import tiny_llama
 from pmakit import PmaConfig
 from pmakit.online.engine import attach_engine
 from pmakit.online.gather import gather_averaged_state_dict
@@ -33,42 +32,11 @@ from pmakit.training.export import PmaExporter, save_averaged_model
 
 
 def big_llama():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
-        vocab_size=4096, max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0,
-    )  # fmt: skip
-    model = LlamaForCausalLM(config)
+    model = tiny_llama("22m")
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)
     return model
-
-
-class PeakRss:
-    """Samples this process's RSS in a thread; ``peak`` is the largest rise above the start."""
-
-    def __init__(self) -> None:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so reuse cannot hide a new copy
-        self.process = psutil.Process()
-        self.start = self.process.memory_info().rss
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.process.memory_info().rss - self.start)
-            time.sleep(0.0005)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.process.memory_info().rss - self.start)
 
 
 def train(model, optimizer, steps: int, rank: int) -> None:

@@ -7,19 +7,17 @@ live weights of each run and the fp64 live weights at the sample steps; every ra
 about its own fp32 partition (the average restored bit for bit, no average alone as optimizer state).
 """
 
-import json
 import os
 import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
 from pmakit import PmaTrainer
 from pmakit.online.distributed import unwrap_optimizer
 from pmakit.online.engine import AVG_KEY
-from tests.distributed.trainer_worker import backend_args
+from tests.distributed.trainer_worker import backend_args, finish
 from tests.helpers.gated import StepGate, gated_llama
 from tests.helpers.models import TokenDataset
 from tests.helpers.training import plain_args, pma_args
@@ -87,10 +85,7 @@ def main() -> None:
     if rank == 0:
         torch.save({"plain": live(plain), "pma": live(first), "resumed": live(resumed)}, out / "live.pt")
         torch.save(sampled.weights, out / "samples.pt")
-    (out / f"facts_rank{rank}.json").write_text(json.dumps(facts))
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    finish(out, rank, facts)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,14 @@ from tests.helpers.models import TokenDataset, tiny_llama
 from tests.helpers.training import pma_args
 
 
+def finish(out: Path, rank: int, facts: dict) -> None:
+    """Write this rank's facts for the test, then leave the process group (where the Trainer made one)."""
+    (out / f"facts_rank{rank}.json").write_text(json.dumps(facts))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def backend_args(mode: str, on_cpu: bool) -> dict:
     common = dict(
         use_cpu=on_cpu, bf16=not on_cpu, max_steps=6, save_strategy="steps", save_steps=3, pma_sample_store=True
@@ -79,10 +87,7 @@ def main() -> None:
         if rank == 0:
             torch.save(full, out / "averages.pt")
             torch.save(live, out / "live.pt")
-    (out / f"facts_rank{rank}.json").write_text(json.dumps(facts))
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    finish(out, rank, facts)
 
 
 if __name__ == "__main__":

@@ -7,16 +7,14 @@ master weights gathered by DeepSpeed itself (`ref/weights-N.pt`) and the fp64 cl
 the PMA average over the samples so far (`ref/pma-N.pt`).
 """
 
-import sys
 from pathlib import Path
 
-import deepspeed
 import torch
-import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param
 
 from pmakit.online.config import PmaConfig
 from pmakit.online.engine import attach_engine
+from tests.distributed.ds_worker import run_stages, zero_initialize
 from tests.distributed.reference import batch
 from tests.helpers.models import tiny_llama
 
@@ -34,14 +32,7 @@ def build(stage: int):
     groups = [{"params": matrices, "weight_decay": 0.1}, {"params": vectors, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=1e-2)
     attach_engine(optimizer, CONFIG)
-    config = {
-        "train_micro_batch_size_per_gpu": 4,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": stage},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-    }
-    engine, zero_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    engine, zero_optimizer = zero_initialize(model, optimizer, stage)
     attach_engine(zero_optimizer, CONFIG)
     return engine
 
@@ -66,14 +57,5 @@ def run(out: Path, stage: int, rank: int) -> None:
             torch.save(average, out / "ref" / f"pma-{step}.pt")
 
 
-def main() -> None:
-    out = Path(sys.argv[1])
-    deepspeed.init_distributed(dist_backend="gloo")
-    for stage in map(int, sys.argv[2].split(",")):
-        run(out / f"zero{stage}", stage, dist.get_rank())
-        dist.barrier()
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main()
+    run_stages(run)

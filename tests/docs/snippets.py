@@ -78,8 +78,18 @@ def _training_fields() -> set[str]:
     return {field.name for field in dataclasses.fields(PmaArguments)}
 
 
+def _module_as_path(words: list[str]) -> list[str]:
+    """``-m examples.name ...`` as ``examples/name.py ...`` (the words from ``-m`` on; others unchanged)."""
+    if "-m" not in words or words.index("-m") + 1 >= len(words):
+        return words
+    at = words.index("-m")
+    return [*words[:at], words[at + 1].replace(".", "/") + ".py", *words[at + 2 :]]
+
+
 def _check_script(words: list[str], where: str) -> None:
-    """``python script.py --flag ...``: the script exists and takes each flag (its own or PmaArguments')."""
+    """``python script.py --flag ...`` or ``python -m examples.name --flag ...`` (a module of this repository):
+    the script exists and takes each flag (its own or PmaArguments')."""
+    words = _module_as_path(words)
     script = ROOT / words[0]
     assert script.is_file(), f"{where}: {words[0]} does not exist"
     source = script.read_text()
@@ -92,6 +102,7 @@ def _check_script(words: list[str], where: str) -> None:
 
 def _check_launcher(words: list[str], where: str) -> None:
     """``torchrun/deepspeed/accelerate launch ... train.py --flag ...``: every script flag is a PmaArguments field."""
+    words = [*words[:1], *_module_as_path(words[1:])] if "-m" in words else words
     script_at = next((i for i, w in enumerate(words) if w.endswith(".py")), None)
     assert script_at is not None, f"{where}: launcher without a script: {shlex.join(words)}"
     fields = _training_fields()

@@ -181,3 +181,12 @@ def test_page_snippets_run(page: Path, workdir: Path):
             _run_shell(block)
         elif block.lang in ("yaml", "json"):
             _check_data(block, workdir)
+
+
+def test_module_commands_are_checked_as_the_scripts_they_run():
+    check_command(["python", "-m", "examples.pretrain_pma", "--output_dir", "x", "--pma_fused_num", "5"], "here")
+    check_command(["accelerate", "launch", "--num_processes", "2", "-m", "examples.accelerate_loop"], "here")
+    with pytest.raises(AssertionError, match="has no flag --no_such_flag"):
+        check_command(["python", "-m", "examples.pretrain_pma", "--no_such_flag", "1"], "here")
+    with pytest.raises(AssertionError, match="examples/no_such_example.py does not exist"):
+        check_command(["python", "-m", "examples.no_such_example"], "here")

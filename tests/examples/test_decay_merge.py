@@ -2,34 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from examples import bytelm, decay_merge
 from pmakit import ALGORITHMS
 
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 TINY = [
     "--max_steps", "40", "--warmup_steps", "10", "--windows", "10,20", "--pma_interleave_step", "5",
     "--max_corpus_bytes", "60000", "--hidden_size", "32", "--num_layers", "1", "--intermediate_size", "64",
     "--num_heads", "2", "--logging_steps", "1000", "--use_cpu", "--per_device_eval_batch_size", "8",
 ]  # fmt: skip
-
-
-def _load():
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    spec = importlib.util.spec_from_file_location("_pmakit_example_decay_merge", EXAMPLES / "decay_merge.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
 
 
 def _cosine_weights(n: int) -> list[float]:
@@ -40,24 +27,22 @@ def _cosine_weights(n: int) -> list[float]:
 
 @pytest.mark.skipif("decay" not in ALGORITHMS, reason="needs the decay rule and the sample store")
 def test_decay_merge_tiny(tmp_path):
-    module = _load()
     threads = torch.get_num_threads()
     out = tmp_path / "run"
     argv = [*TINY, "--output_dir", str(out), "--report_md", str(tmp_path / "r.md"), "--plot", str(tmp_path / "p.png")]
     try:
         torch.set_num_threads(1)  # a tiny model on a shared machine: more threads only add contention
-        summary = module.main(argv)
+        summary = decay_merge.main(argv)
     finally:
         torch.set_num_threads(threads)
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(summary["decays"]) == {f"{s}@{w}" for s in ("linear", "cosine", "1-sqrt") for w in (10, 20)}
-    assert set(summary["merges"]) == {f"{r}@{w}" for r in module.MERGE_RULES for w in (10, 20)}
+    assert set(summary["merges"]) == {f"{r}@{w}" for r in decay_merge.MERGE_RULES for w in (10, 20)}
     # the samples of the last 20 steps were kept, and the fork checkpoints at T - L
     assert sorted(p.name for p in (out / "pma-samples").iterdir()) == [f"step-{s}" for s in (25, 30, 35, 40)]
     assert (out / "checkpoint-30" / "optimizer.pt").is_file() and (out / "checkpoint-20").is_dir()
 
     # an independent score of the decay:cosine merge of the last 4 samples: fp64 closed form, same validation bytes
-    bytelm = sys.modules["bytelm"]
     data = bytelm.load_corpus("topics", 60000)
     val = bytelm.ByteBlocks(bytelm.split_corpus(data, 0.1)[1], 128).truncate(8)
     folders = [out / "pma-samples" / f"step-{s}" for s in (25, 30, 35, 40)]
@@ -73,7 +58,7 @@ def test_decay_merge_tiny(tmp_path):
     # the report's shares are (live - merge) / (live - decay), or n/a where the decay did not gain
     report = (tmp_path / "r.md").read_text()
     live = summary["live"]
-    for rule in module.MERGE_RULES:
+    for rule in decay_merge.MERGE_RULES:
         gain = live - summary["decays"]["linear@20"]
         cell = f"{(live - summary['merges'][f'{rule}@20']) / gain:.0%}" if gain > 0 else "n/a"
         assert f"| 20 | {rule} | {'**' + cell + '**' if rule == 'sma' else cell} |" in report

@@ -6,26 +6,12 @@ runs, real files); the checks read what they wrote back from disk.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-def _load(name: str):
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    key = f"_pmakit_example_{name}"
-    if key not in sys.modules:  # registered before running it: its dataclasses look their module up
-        spec = importlib.util.spec_from_file_location(key, EXAMPLES / f"{name}.py")
-        sys.modules[key] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[key])
-    return sys.modules[key]
+from examples import bytelm, pretrain_pma, sft_from_pma
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +37,11 @@ def pretrain_run(tmp_path_factory, one_thread):
         "--use_cpu", "True",
         *TINY_MODEL,
     ]  # fmt: skip
-    summary = _load("pretrain_pma").main(argv)
+    summary = pretrain_pma.main(argv)
     return out, summary
 
 
 def test_bytes_match_the_saved_tokenizer():
-    bytelm = _load("bytelm")
     text = "PMA: average the weights, then decay? é ∑ \n"
     ids = bytelm.encode(text.encode("utf-8")).tolist()
     assert ids == bytelm.byte_tokenizer()(text, add_special_tokens=False)["input_ids"]
@@ -64,7 +49,6 @@ def test_bytes_match_the_saved_tokenizer():
 
 
 def test_split_is_deterministic_disjoint_and_complete():
-    bytelm = _load("bytelm")
     data = bytelm.load_corpus("topics", max_bytes=50_000)
     train, val = bytelm.split_corpus(data, 0.1)
     assert (train, val) == bytelm.split_corpus(data, 0.1)
@@ -82,7 +66,6 @@ def test_split_is_deterministic_disjoint_and_complete():
 def test_pretrain_example_writes_table_plot_and_loadable_pma(pretrain_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    bytelm = _load("bytelm")
     out, summary = pretrain_run
     names = [row["model"] for row in summary["rows"]]
     assert names[0] == "live weights" and names[1].startswith("PMA SMA")
@@ -128,7 +111,6 @@ def test_pretrain_example_writes_table_plot_and_loadable_pma(pretrain_run):
 def test_pma_init_continues_from_both_folders(pretrain_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    bytelm = _load("bytelm")
     run, _ = pretrain_run
     out = tmp_path / "sft"
     argv = [
@@ -137,7 +119,7 @@ def test_pma_init_continues_from_both_folders(pretrain_run, tmp_path):
         "--max_corpus_bytes", "16000", "--pretrain_max_corpus_bytes", "24000", "--train_stride", "32",
         "--use_cpu", "True",
     ]  # fmt: skip
-    results = _load("sft_from_pma").main(argv)
+    results = sft_from_pma.main(argv)
     live, pma = results["live-init"], results["pma-init"]
     assert Path(live["init"]).name == "checkpoint-16" and Path(pma["init"]).name == "pma"
     assert [s for s, _ in live["curve"]] == [s for s, _ in pma["curve"]] == [0, 3, 6]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import sysconfig
 from pathlib import Path
 
@@ -11,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from examples import bytelm, decay_merge, paper_scale
 from pmakit import ALGORITHMS
 
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 # The CPU run of the scale trend (16.0M parameters), as it was started.
 CPU_RUN = [
     "--output_dir", "runs/scale_cpu16m", "--corpus", "docstrings", "--hidden_size", "384", "--num_layers", "9",
@@ -24,47 +22,33 @@ CPU_RUN = [
 ]  # fmt: skip
 
 
-def _load():
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    spec = importlib.util.spec_from_file_location("_pmakit_example_paper_scale", EXAMPLES / "paper_scale.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def _llama_params(hidden: int, layers: int, intermediate: int, vocab: int = 259) -> int:
     """Closed form: per layer q/k/v/o (4 d^2), SwiGLU (3 d i) and two RMSNorms; tied embedding; final norm."""
     return layers * (4 * hidden * hidden + 3 * hidden * intermediate + 2 * hidden) + vocab * hidden + hidden
 
 
 def test_size_presets():
-    module = _load()
-    decay_merge = sys.modules["decay_merge"]
-    _, paper, _ = module.settings("paper", [])
+    _, paper, _ = paper_scale.settings("paper", [])
     assert 100e6 <= _llama_params(paper.hidden_size, paper.num_layers, paper.intermediate_size) <= 150e6
-    assert module.count_params(module.model_config(paper)) == _llama_params(1024, 10, 2816) == 128_737_280
+    assert paper_scale.count_params(paper_scale.model_config(paper)) == _llama_params(1024, 10, 2816) == 128_737_280
     assert (paper.corpus, paper.block_size, paper.decay_shapes) == ("stdlib", 512, "linear")
 
     # `--size cpu` is the running CPU configuration, setting for setting
     keep = CPU_RUN[CPU_RUN.index("--report_md") :] + CPU_RUN[:2]
-    args, ex, windows = module.settings("cpu", keep)
+    args, ex, windows = paper_scale.settings("cpu", keep)
     ref_args, ref_ex, ref_windows = decay_merge.parse_args(CPU_RUN)
     assert (args, ex, windows) == (ref_args, ref_ex, ref_windows)
     assert (args.learning_rate, args.per_device_train_batch_size, args.pma_interleave_step) == (3e-3, 16, 10)
-    assert module.count_params(module.model_config(ex)) == _llama_params(384, 9, 1024) == 16_032_000
+    assert paper_scale.count_params(paper_scale.model_config(ex)) == _llama_params(384, 9, 1024) == 16_032_000
 
     # tiny and paper store only the samples the longest window merges; nothing else changes
-    args, ex, windows = module.settings("tiny", ["--pma_interleave_step", "10", "--windows", "20,40"])
+    args, ex, windows = paper_scale.settings("tiny", ["--pma_interleave_step", "10", "--windows", "20,40"])
     assert (args.pma_start_step, args.pma_save, args.pma_sample_store_limit) == (80, False, 4)
     with pytest.raises(ValueError, match="--windows"):
-        module.settings("tiny", ["--windows", "7"])
+        paper_scale.settings("tiny", ["--windows", "7"])
 
 
 def test_stdlib_corpus():
-    _load()
-    bytelm = sys.modules["bytelm"]
     root = Path(sysconfig.get_paths()["stdlib"])
     data = bytelm.load_corpus("stdlib")
     assert len(data) > 5_000_000  # about 11 MB with CPython 3.11
@@ -81,13 +65,11 @@ def test_stdlib_corpus():
 
 @pytest.mark.skipif("decay" not in ALGORITHMS, reason="needs the decay rule and the sample store")
 def test_paper_scale_tiny(tmp_path):
-    module = _load()
-    bytelm = sys.modules["bytelm"]
     threads = torch.get_num_threads()
     out = tmp_path / "run"
     try:
         torch.set_num_threads(1)  # a tiny model on a shared machine: more threads only add contention
-        summary = module.main(["--size", "tiny", "--output_dir", str(out), "--use_cpu"])
+        summary = paper_scale.main(["--size", "tiny", "--output_dir", str(out), "--use_cpu"])
     finally:
         torch.set_num_threads(threads)
     assert (out / "paper_scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -108,19 +90,18 @@ def test_paper_scale_tiny(tmp_path):
     for w in (10, 20):
         gain = live - summary["decays"][f"linear@{w}"]
         gains += gain > 0
-        for rule in module.MERGE_RULES:
+        for rule in paper_scale.MERGE_RULES:
             cell = f"{(live - summary['merges'][f'{rule}@{w}']) / gain:.0%}" if gain > 0 else "n/a"
             assert f"| {w} | {rule} | {'**' + cell + '**' if rule == 'sma' else cell} |" in report
     assert gains == 2  # the tiny preset's LR makes both decays gain, so the shares are numbers
-    assert "examples/paper_scale.py --size tiny" in report
-    assert set(summary["merges"]) == {f"{r}@{w}" for r in module.MERGE_RULES for w in (10, 20)}
+    assert "python -m examples.paper_scale --size tiny" in report
+    assert set(summary["merges"]) == {f"{r}@{w}" for r in paper_scale.MERGE_RULES for w in (10, 20)}
 
 
 def test_estimate_fits_the_slot():
     """The paper size's documented estimate: under 6 minutes at 150 TFLOP/s, from its FLOPs and bytes."""
-    module = _load()
-    args, ex, windows = module.settings("paper", [])
-    found = module.estimate(args, ex, windows, 150.0, 11_000_000)
+    args, ex, windows = paper_scale.settings("paper", [])
+    found = paper_scale.estimate(args, ex, windows, 150.0, 11_000_000)
     tokens = 1500 + 300
     per_token = 6 * 128_737_280 + 12 * 10 * 512 * 1024
     assert found["train_s"] == pytest.approx(tokens * (per_token * 32 * 512 / 150e12 + 0.015))

@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.examples.test_examples import TINY_MODEL, _load
+from examples import pretrain_pma, sft_trl_from_pma
+from tests.examples.test_examples import TINY_MODEL
 
 
 pytest.importorskip("trl")
@@ -34,8 +35,8 @@ def sft_results(tmp_path_factory):
         "--use_cpu", "True",
     ]  # fmt: skip
     try:
-        _load("pretrain_pma").main(pretrain)
-        summary = _load("sft_trl_from_pma").main(sft)
+        pretrain_pma.main(pretrain)
+        summary = sft_trl_from_pma.main(sft)
     finally:
         torch.set_num_threads(threads)
     return root, summary
@@ -60,10 +61,9 @@ def test_report_has_every_metric_for_both_starts(sft_results):
 def test_initial_sft_loss_is_the_completion_token_loss(sft_results):
     """Recompute the held-out SFT loss of the PMA start by hand: cross-entropy on answer bytes only."""
     root, _ = sft_results
-    example = _load("sft_trl_from_pma")
-    args, ca = example.parse_args(["--max_chats", "48", "--max_length", "128"])
-    _, heldout = example.chat_datasets(ca)
-    tokenizer = example.chat_tokenizer()
+    args, ca = sft_trl_from_pma.parse_args(["--max_chats", "48", "--max_length", "128"])
+    _, heldout = sft_trl_from_pma.chat_datasets(ca)
+    tokenizer = sft_trl_from_pma.chat_tokenizer()
     model = AutoModelForCausalLM.from_pretrained(root / "run" / "pma").eval()
     total, count = 0.0, 0
     for chat in heldout:

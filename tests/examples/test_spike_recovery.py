@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-def _load():
-    key = "_pmakit_example_spike_recovery"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, EXAMPLES / "spike_recovery.py")
-        sys.modules[key] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[key])
-    return sys.modules[key]
+from examples import spike_recovery
 
 
 @pytest.mark.filterwarnings("ignore:PMA")
 def test_guarded_run_recovers_and_ends_far_below_the_unguarded_one(tmp_path, capsys):
-    example = _load()
     plot, numbers = tmp_path / "curves.png", tmp_path / "numbers.json"
     tiny = [
         "--steps",
@@ -49,7 +35,7 @@ def test_guarded_run_recovers_and_ends_far_below_the_unguarded_one(tmp_path, cap
         "--threads",
         "1",
     ]
-    results = example.main([*tiny, "--plot", str(plot), "--json", str(numbers)])
+    results = spike_recovery.main([*tiny, "--plot", str(plot), "--json", str(numbers)])
     unguarded, guarded = results["unguarded"], results["guarded"]
     assert unguarded["events"] == [] and len(guarded["events"]) >= 1
     # Every recovery merged only samples taken before its spike began.

@@ -2,31 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-def _load():
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    spec = importlib.util.spec_from_file_location("_pmakit_example_wsa_merge", EXAMPLES / "wsa_merge.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from examples import wsa_merge
 
 
 def test_wsa_merge_tiny(tmp_path):
     threads = torch.get_num_threads()
     try:
-        results = _load().main(
+        results = wsa_merge.main(
             [
                 "--max_bytes",
                 "120000",

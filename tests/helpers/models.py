@@ -4,28 +4,17 @@ from __future__ import annotations
 
 import torch
 
+from examples.models import SIZES
+from examples.models import tiny_llama as build_llama
 
-VOCAB = 64
+
+VOCAB = SIZES["tiny"]["vocab_size"]
 SEQ = 16
 
 
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, tie: bool = True):
-    """A 2-layer Llama of ~40k parameters, built locally."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(config).to(dtype)
+    """The shared builder's ``"tiny"`` size (2 layers, ~40k parameters), in the tests' call shape."""
+    return build_llama("tiny", seed=seed, dtype=dtype, tie_word_embeddings=tie)
 
 
 class TokenDataset(torch.utils.data.Dataset):
