@@ -16,6 +16,7 @@ their declared order, or name them.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -109,7 +110,7 @@ class Param:
 _RULES: dict[str, type[Rule]] = {}
 
 
-class Rule:
+class Rule(abc.ABC):
     """An averaging rule over samples ``x_1..x_n`` (oldest first): closed form and running form.
 
     Subclasses set ``name``, ``title`` (card words) and ``params``, and write :meth:`weights_for` and
@@ -158,19 +159,23 @@ class Rule:
             raise RangeError(message, p.name, value, low, high)
 
     def check(self) -> None:
-        """Refuse settings the parameters' declarations cannot judge alone (raise `RuleError`)."""
+        """Refuse settings the parameters' declarations cannot judge alone (raise `RuleError`).
 
-    def weights_for(self, n: int, steps: Sequence[int] | None = None) -> list[float]:
-        """Closed-form weights of ``n >= 1`` samples, oldest first; ``steps``: their training steps."""
-        raise NotImplementedError
+        Most rules need nothing beyond their parameters' declarations.
+        """
+        return None
 
     #: True where the rule's weights can be undefined for some cycle lengths (explicit weights, decay
     #: shapes): only those rules are checked over a whole cycle, an O(n) check (``fused_num`` may be huge).
     depends_on_cycle: ClassVar[bool] = False
 
+    @abc.abstractmethod
+    def weights_for(self, n: int, steps: Sequence[int] | None = None) -> list[float]:
+        """Closed-form weights of ``n >= 1`` samples, oldest first; ``steps``: their training steps."""
+
+    @abc.abstractmethod
     def coefficient(self, k: int, n: int | None = None, steps: Sequence[int] | None = None) -> float:
         """``c_k`` of the running form for ``k >= 2``; ``n``: the window's length where known."""
-        raise NotImplementedError
 
     def words(self) -> str:
         """How a model card names the rule, e.g. ``EMA (alpha=0.2)``."""
