@@ -12,9 +12,9 @@ from pmakit import PmaConfig
 from pmakit.averaging import AveragingRule, RuleError, fold_coefficients, parse_spec
 from pmakit.errors import MergeError
 from pmakit.merging import merge
-from pmakit.online.engine import attach_engine
+from tests.helpers.engine import train_and_sample, weighted_sum
 from tests.helpers.folders import read_folder, reference, save_models
-from tests.online.test_engine import make_model, snapshot, train_step, weighted_sum
+from tests.helpers.references import gap_ema_weights
 
 
 def torchtitan_ema(samples, h, bias):
@@ -23,16 +23,6 @@ def torchtitan_ema(samples, h, bias):
     for step, x in enumerate(samples[1:], start=2):
         decay = 2.0 ** (-1.0 / (h * (step + bias)))
         ema = decay * ema + (1.0 - decay) * x
-    return ema
-
-
-def gap_ema_weights(steps, h, bias):
-    """Weights of an EMA sampled at ``steps``: each gap decays by 2^(-gap/(h (step + bias))), fed unit samples."""
-    n = len(steps)
-    ema = [1.0] + [0.0] * (n - 1)
-    for k in range(1, n):
-        decay = 2.0 ** (-(steps[k] - steps[k - 1]) / (h * (steps[k] + bias)))
-        ema = [decay * e + (1.0 - decay) * (1.0 if i == k else 0.0) for i, e in enumerate(ema)]
     return ema
 
 
@@ -107,15 +97,7 @@ def test_offline_merge_refuses_inputs_whose_steps_are_unknown(tmp_path):
 
 def test_online_engine_weighs_samples_by_their_optimizer_steps():
     config = PmaConfig(fused_algo="ema_halflife:0.5,step_bias=2", fused_num=4, interleave_step=3, start_step=2)
-    model = make_model()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    engine = attach_engine(optimizer, config)
-    snapshots, sample_steps = [], []
-    for t in range(1, 12):
-        train_step(model, optimizer, seed=t)
-        if config.is_sample_step(t):
-            snapshots.append(snapshot(model))
-            sample_steps.append(t)
+    model, engine, snapshots, sample_steps = train_and_sample(config)
     assert sample_steps == [3, 6, 9] and engine.counters["sample_steps"] == sample_steps
     expected = weighted_sum(snapshots, gap_ema_weights(sample_steps, 0.5, 2.0))
     u32 = torch.finfo(torch.float32).eps / 2

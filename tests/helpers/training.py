@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainingArguments
 
@@ -65,3 +67,44 @@ def load_folder(folder: Path) -> dict[str, torch.Tensor]:
     for file in sorted(Path(folder).glob("*.safetensors")):
         tensors.update(load_file(file))
     return tensors
+
+
+class StopAt(TrainerCallback):
+    """Stop training at ``step`` (a checkpoint saved there is a mid-run resume point)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def trainer_for(output_dir, callbacks=(), **overrides):
+    """A `PmaTrainer` on the tiny Llama with `pma_args` (``overrides`` on top) and an evaluation set."""
+    from pmakit import PmaTrainer
+
+    from .models import TokenDataset, tiny_llama
+
+    return PmaTrainer(
+        model=tiny_llama(),
+        args=pma_args(output_dir, **overrides),
+        train_dataset=TokenDataset(),
+        eval_dataset=TokenDataset(16, seed=9),
+        callbacks=list(callbacks),
+    )
+
+
+def pma_folders(output_dir: Path) -> list[str]:
+    return sorted((p.name for p in output_dir.iterdir() if re.fullmatch(r"pma-\d+", p.name)), key=lambda n: int(n[4:]))
+
+
+def card_recipe(folder: Path) -> dict:
+    text = (folder / "README.md").read_text()
+    return yaml.safe_load(text.split("```yaml", 1)[1].split("```", 1)[0])
+
+
+def assert_folder_is(folder: Path, snapshots: dict, steps: list[int], weights: list[float]) -> None:
+    saved = load_folder(folder)
+    for name, ref in weighted(snapshots, steps, weights).items():
+        torch.testing.assert_close(saved[name].double(), ref, rtol=2e-6, atol=2e-6)

@@ -8,29 +8,7 @@ import torch
 from pmakit import PmaConfig
 from pmakit.averaging import AveragingRule
 from pmakit.online.engine import AVG_KEY, attach_engine
-
-
-def make_model(dtype=torch.float32, seed=0):
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).to(dtype)
-    return model
-
-
-def train_step(model, optimizer, seed):
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(5, 8, generator=generator).to(next(model.parameters()).dtype)
-    loss = model(x).float().pow(2).mean()
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
-
-
-def snapshot(model):
-    return [p.detach().to(torch.float64).clone() for p in model.parameters()]
-
-
-def weighted_sum(snapshots, weights):
-    return [sum(w * s[i] for w, s in zip(weights, snapshots, strict=True)) for i in range(len(snapshots[0]))]
+from tests.helpers.engine import make_model, snapshot, train_and_sample, train_step, weighted_sum
 
 
 @pytest.mark.parametrize("algo", ["sma", "ema", "wma", "weights"])
@@ -40,15 +18,7 @@ def test_average_matches_fp64_closed_form(algo, dtype):
     config = PmaConfig(
         fused_algo=algo, ema_alpha=0.3, fused_num=4, interleave_step=3, start_step=2, fused_weights=weights
     )
-    model = make_model(dtype)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    engine = attach_engine(optimizer, config)
-    snapshots, sample_steps = [], []
-    for t in range(1, 12):
-        train_step(model, optimizer, seed=t)
-        if config.is_sample_step(t):
-            snapshots.append(snapshot(model))
-            sample_steps.append(t)
+    model, engine, snapshots, sample_steps = train_and_sample(config, dtype)
     assert sample_steps == [3, 6, 9] and engine.step == 11 and engine.num_samples == 3
     expected = weighted_sum(
         snapshots, AveragingRule(algo, 0.3, tuple(weights[:3]) if weights else None).weights_for(3)

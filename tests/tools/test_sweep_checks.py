@@ -16,7 +16,6 @@ from pmakit.cli import main
 from pmakit.errors import InputError
 from pmakit.io.folders import OutputBusyError, output_lock, scratch_directory
 from pmakit.tools.sweep import sweep, text_loss_scorer
-from tests.tools.test_sweep import held_out, run_dir  # noqa: F401 - the real tiny run and its held-out text
 
 
 @pytest.fixture
@@ -39,7 +38,7 @@ BAD_TEXTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_TEXTS))
-def test_a_bad_held_out_text_exits_2_before_the_first_merge(run_dir, tmp_path, capsys, no_merge, case):  # noqa: F811
+def test_a_bad_held_out_text_exits_2_before_the_first_merge(run_dir, tmp_path, capsys, no_merge, case):
     data, expected = BAD_TEXTS[case]
     text = tmp_path / "held_out.txt"
     text.write_bytes(data)
@@ -52,7 +51,7 @@ def test_a_bad_held_out_text_exits_2_before_the_first_merge(run_dir, tmp_path, c
     assert not out.exists()
 
 
-def test_an_output_that_is_a_file_exits_2_before_the_first_merge(run_dir, held_out, tmp_path, capsys, no_merge):  # noqa: F811
+def test_an_output_that_is_a_file_exits_2_before_the_first_merge(run_dir, held_out, tmp_path, capsys, no_merge):
     cases = [(tmp_path / "report.txt", "report.txt is not a folder"), (tmp_path / "report.txt" / "x", "is a file")]
     for out, named in cases:
         (tmp_path / "report.txt").write_text("keep me")
@@ -66,7 +65,7 @@ def test_an_output_that_is_a_file_exits_2_before_the_first_merge(run_dir, held_o
         sweep(run_dir, ["sma"], [2], score=lambda f: 0.0, output_dir=tmp_path / "o")
 
 
-def test_bad_settings_and_scorers_fail_before_the_first_merge(run_dir, held_out, tmp_path, no_merge):  # noqa: F811
+def test_bad_settings_and_scorers_fail_before_the_first_merge(run_dir, held_out, tmp_path, no_merge):
     with pytest.raises(InputError, match=r"alpha"):
         sweep(run_dir, ["sma", "ema"], [2], score=lambda f: 0.0, alpha=1.5)
     with pytest.raises(InputError, match=r"Unknown merge setting\(s\) acumulate_dtype"):
@@ -89,7 +88,7 @@ def _scratch(folder):
     return sorted(p.name for p in folder.iterdir() if "pmakit-sweep" in p.name)
 
 
-def _start_sweep(run_dir, held_out, tmp_path, tmpdir):  # noqa: F811
+def _start_sweep(run_dir, held_out, tmp_path, tmpdir):
     """A long CLI sweep in a child process, once its scratch folder exists in ``tmpdir``."""
     env = {**os.environ, "TMPDIR": str(tmpdir)}
     argv = ["sweep", str(run_dir), "--rules", "sma", "wma", "ema", "--windows", "1", "2", "3", "4", "5", "6"]
@@ -107,7 +106,7 @@ def _start_sweep(run_dir, held_out, tmp_path, tmpdir):  # noqa: F811
     return child
 
 
-def test_sigint_exits_130_and_removes_the_scratch(run_dir, held_out, tmp_path):  # noqa: F811
+def test_sigint_exits_130_and_removes_the_scratch(run_dir, held_out, tmp_path):
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
     child = _start_sweep(run_dir, held_out, tmp_path, tmpdir)
@@ -123,7 +122,7 @@ def test_sigint_exits_130_and_removes_the_scratch(run_dir, held_out, tmp_path): 
     assert not (tmp_path / "out" / "best").exists() and not list(tmp_path.glob(".out.lock"))
 
 
-def test_scratch_of_a_killed_sweep_is_removed_by_the_next(run_dir, held_out, tmp_path, monkeypatch):  # noqa: F811
+def test_scratch_of_a_killed_sweep_is_removed_by_the_next(run_dir, held_out, tmp_path, monkeypatch):
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
     child = _start_sweep(run_dir, held_out, tmp_path, tmpdir)

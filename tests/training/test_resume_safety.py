@@ -18,46 +18,19 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
 
-from pmakit import PmaConfig, PmaTrainer, create_pma_optimizer
+from pmakit import PmaConfig, create_pma_optimizer
 from tests.helpers.models import TokenDataset, tiny_llama
-from tests.helpers.training import SnapshotCallback, load_folder, plain_args, pma_args, weighted
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-
-
-def trainer_for(output_dir, callbacks=(), **overrides) -> PmaTrainer:
-    return PmaTrainer(
-        model=tiny_llama(),
-        args=pma_args(output_dir, **overrides),
-        train_dataset=TokenDataset(),
-        eval_dataset=TokenDataset(16, seed=9),
-        callbacks=list(callbacks),
-    )
-
-
-def pma_folders(output_dir: Path) -> list[str]:
-    return sorted((p.name for p in output_dir.iterdir() if re.fullmatch(r"pma-\d+", p.name)), key=lambda n: int(n[4:]))
-
-
-def card_recipe(folder: Path) -> dict:
-    text = (folder / "README.md").read_text()
-    return yaml.safe_load(text.split("```yaml", 1)[1].split("```", 1)[0])
-
-
-def assert_folder_is(folder: Path, snapshots: dict, steps: list[int], weights: list[float]) -> None:
-    saved = load_folder(folder)
-    for name, ref in weighted(snapshots, steps, weights).items():
-        torch.testing.assert_close(saved[name].double(), ref, rtol=2e-6, atol=2e-6)
+from tests.helpers.training import (
+    SnapshotCallback,
+    StopAt,
+    assert_folder_is,
+    card_recipe,
+    plain_args,
+    pma_folders,
+    trainer_for,
+)
 
 
 # ---------------------------------------------------------------- item 1: settings changed on resume

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.averaging.test_ema_halflife import gap_ema_weights
-from tests.helpers.training import SnapshotCallback
-from tests.training.test_resume_safety import StopAt, assert_folder_is, card_recipe, pma_folders, trainer_for
+from tests.helpers.references import gap_ema_weights
+from tests.helpers.training import SnapshotCallback, StopAt, assert_folder_is, card_recipe, pma_folders, trainer_for
 
 
 SPEC = "ema_halflife:0.5,step_bias=1"

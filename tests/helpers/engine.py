@@ -1,0 +1,44 @@
+"""A small model on a bare optimizer for engine tests: train, sample, and fp64 references of the samples."""
+
+from __future__ import annotations
+
+import torch
+
+from pmakit.online.engine import attach_engine
+
+
+def make_model(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).to(dtype)
+    return model
+
+
+def train_step(model, optimizer, seed):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(5, 8, generator=generator).to(next(model.parameters()).dtype)
+    loss = model(x).float().pow(2).mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def snapshot(model):
+    return [p.detach().to(torch.float64).clone() for p in model.parameters()]
+
+
+def weighted_sum(snapshots, weights):
+    return [sum(w * s[i] for w, s in zip(weights, snapshots, strict=True)) for i in range(len(snapshots[0]))]
+
+
+def train_and_sample(config, dtype=torch.float32, steps: int = 11):
+    """AdamW with an engine for ``steps`` steps; the fp64 snapshot and step of every sample the config takes."""
+    model = make_model(dtype)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    engine = attach_engine(optimizer, config)
+    snapshots, sample_steps = [], []
+    for t in range(1, steps + 1):
+        train_step(model, optimizer, seed=t)
+        if config.is_sample_step(t):
+            snapshots.append(snapshot(model))
+            sample_steps.append(t)
+    return model, engine, snapshots, sample_steps
