@@ -298,7 +298,7 @@ class SpikeRecoveryCallback(TrainerCallback):
 
     @torch.no_grad()
     def _restore_merge(self, usable: list[_Sample]) -> None:
-        """Live weights <- the merge of the usable samples (the one averaging law, the tools' weighted sum)."""
+        """Live weights <- the merge of the usable samples (the one averaging law, the soups' weighted sum)."""
         weights = self.config.rule.weights_for(len(usable))
         steps = [f"step {s.step}" for s in usable]
         for i, p in enumerate(self._params):
