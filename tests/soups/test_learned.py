@@ -7,7 +7,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from pmakit.tools.learned_soup import fit_learned_soup, soup_loss
+from pmakit.soups.learned import fit_learned_soup, soup_loss
 from tests.helpers.models import TokenDataset, tiny_llama
 
 
