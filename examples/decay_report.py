@@ -116,7 +116,7 @@ def aggregate(runs: dict[int, dict], windows: list[int], shapes, rules) -> dict:
     records = list(runs.values())
 
     def stats(kind: str) -> tuple[dict, dict]:
-        keys = records[0][kind]
+        keys = [k for k in records[0][kind] if all(k in r[kind] for r in records)]
         pairs = {k: mean_std([r[kind][k] for r in records]) for k in keys}
         return {k: m for k, (m, _) in pairs.items()}, {k: s for k, (_, s) in pairs.items()}
 
