@@ -40,7 +40,18 @@ from transformers import AutoModelForCausalLM, HfArgumentParser, LlamaForCausalL
 
 from examples.bytelm import ByteBlocks, byte_tokenizer, load_corpus, split_corpus, validation_loss
 from examples.common import ByteModelArguments, write_summary
-from examples.decay_report import DUAL, aggregate, share, tables, winners, winners_table, write_plot
+from examples.decay_report import (
+    DUAL,
+    aggregate,
+    gap_table,
+    loss_table,
+    share,
+    share_matrix,
+    tables,
+    winners,
+    winners_table,
+    write_plot,
+)
 from examples.pretrain_pma import TRAINING_DEFAULTS
 from pmakit import PmaArguments, PmaTrainer, sweep
 from pmakit.tools.sweep import parse_rule
@@ -358,7 +369,8 @@ def experiment(
     runs = {seed: run_seed(args, ex, windows, seed, data, evaluate) for seed in seed_list(args, ex)}
     shapes = tuple(ex.decay_shapes.split(","))
     summary = aggregate(runs, windows, shapes, ex.merge_rules)
-    summary["timing"] = {"wall_s": time.perf_counter() - started} | _timing_sums(runs)
+    summary["timing"] = {"wall_s (this call; reused stages cost nothing)": time.perf_counter() - started}
+    summary["timing"] |= _timing_sums(runs)
     title = (
         f"{count_params(data.config) / 1e6:.1f}M-param Llama, byte-level '{ex.corpus}', {args.max_steps} steps, "
         f"LR {args.learning_rate:g} constant; samples every {args.pma_interleave_step} steps"
@@ -370,7 +382,7 @@ def experiment(
     text = report(list(runs.values()), args, ex, windows, title, summary["timing"])
     print("\n" + text, flush=True)
     write_report(report_path, argv, text, script)
-    summary = write_summary(out, summary, report_path, plot_path, f"wall {summary['timing']['wall_s']:.0f} s")
+    summary = write_summary(out, summary, report_path, plot_path, f"wall {time.perf_counter() - started:.0f} s")
     if report_path.parent.resolve() != out.resolve():  # the raw numbers beside a report kept elsewhere
         report_path.with_suffix(".json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
@@ -400,9 +412,15 @@ def report(runs: list[dict], args, ex: DecayArguments, windows: list[int], title
         "Best merge per window (lowest mean loss); differences are paired per seed, then mean ± std:",
         "",
         winners_table(runs, found),
+        "",
+        "Each model's loss minus the best merge's at that window, paired per seed (negative: better than the best "
+        "merge):",
+        "",
+        gap_table(runs, windows, shapes, ex.merge_rules),
     ]
     if grid:
-        lines += ["", "## Alpha grid", "", tables(runs, windows, interleave, shapes[:1], grid)]
+        lines += ["", "## Alpha grid", "", loss_table(runs, windows, interleave, shapes[:1], grid), ""]
+        lines += [f"Share of the {shapes[0]} decay's gain:", "", share_matrix(runs, windows, shapes[0], grid)]
     return "\n".join([*lines, "", "## Run time", "", *_run_time(runs, timing), ""])
 
 
@@ -412,7 +430,7 @@ def _run_time(runs: list[dict], timing: dict) -> list[str]:
     if torch.cuda.is_available():
         machine += f", GPU {torch.cuda.get_device_name()}"
     if hasattr(os, "getloadavg"):
-        machine += f", load average {os.getloadavg()[2]:.1f} (15 min) at the end"
+        machine += f", load average {os.getloadavg()[2]:.1f} (15 min) at the end of this call"
     per_seed = [", ".join(f"{k} {v:.0f}" for k, v in r["timing"].items()) for r in runs]
     lines = [f"- machine: {machine}", *[f"- {k}: {v:.1f}" for k, v in timing.items()]]
     return lines + [f"- seed {r['settings']['seed']}: {t}" for r, t in zip(runs, per_seed, strict=True)]

@@ -7,6 +7,7 @@ deviation over seeds (n - 1).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from examples.common import mean_std, save_figure
@@ -25,9 +26,10 @@ def share(live: float, merged: float, decayed: float) -> float | None:
     return (live - merged) / gain if gain > 0 else None
 
 
-def shares(runs: list[dict], rule: str, window: int, shape: str) -> list[float | None]:
-    """The share of the ``shape`` decay's gain that ``rule`` recovers over ``window`` steps, per seed."""
-    return [share(r["live"], r["merges"][f"{rule}@{window}"], r["decays"][f"{shape}@{window}"]) for r in runs]
+def shares(runs: list[dict], rule: str, window: int, shape: str, kind: str = "merges") -> list[float | None]:
+    """The share of the ``shape`` decay's gain that ``rule`` (a merge, or a decay of ``kind="decays"``) recovers
+    over ``window`` steps, per seed."""
+    return [share(r["live"], r[kind][f"{rule}@{window}"], r["decays"][f"{shape}@{window}"]) for r in runs]
 
 
 def cell(values: list[float | None], fmt: str = "{:.4f}") -> str:
@@ -62,6 +64,25 @@ def share_table(runs: list[dict], windows: list[int], shapes, rules) -> str:
             cells = [cell(shares(runs, rule, w, s), "{:.0%}") for s in shapes]
             cells = [f"**{c}**" if DUAL.get(rule) == s else c for c, s in zip(cells, shapes, strict=True)]
             lines.append(f"| {w} | {rule} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def share_matrix(runs: list[dict], windows: list[int], shape: str, rules) -> str:
+    """Each merge's share of the ``shape`` decay's gain, one row per merge and one column per window."""
+    lines = ["| merge | " + " | ".join(f"{w} steps" for w in windows) + " |", "|---|" + "---|" * len(windows)]
+    for rule in rules:
+        lines.append(f"| {rule} | " + " | ".join(cell(shares(runs, rule, w, shape), "{:.0%}") for w in windows) + " |")
+    return "\n".join(lines)
+
+
+def gap_table(runs: list[dict], windows: list[int], shapes, rules) -> str:
+    """Each merge's and decay's loss minus the best merge's at that window: per seed (paired), then mean ± std."""
+    best = {w: ("merges", f"{_by_mean(runs, 'merges', rules, w)[0]}@{w}") for w in windows}
+    lines = ["| model | " + " | ".join(f"{w} steps" for w in windows) + " |", "|---|" + "---|" * len(windows)]
+    for kind, names in (("merges", rules), ("decays", shapes)):
+        for name in names:
+            cells = [cell(_gaps(runs, best[w], (kind, f"{name}@{w}")), "{:+.4f}") for w in windows]
+            lines.append(f"| {kind[:-1]} {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -145,26 +166,44 @@ def _share_stats(values: list[float | None]) -> dict:
     return {"mean": mean, "std": std, "per_seed": values}
 
 
+def _share_points(runs: list[dict], kind: str, name: str, windows: list[int], shape: str) -> tuple[list, list]:
+    """Mean and std over seeds of the share of the ``shape`` decay's gain per window (NaN where none)."""
+    points = [shares(runs, name, w, shape, kind) for w in windows]
+    stats = [mean_std(p) if None not in p else (math.nan, math.nan) for p in points]
+    return [m for m, _ in stats], [s for _, s in stats]
+
+
 def write_plot(path: Path, runs: list[dict], windows: list[int], title: str, shapes, rules) -> None:
-    """Loss against window: the live weights, each decay (dashed) and merge (solid), mean with ± std bars."""
+    """Left: mean loss against window, decays dashed, merges solid. Right: the share of the first decay shape's
+    gain, paired per seed, mean ± std: the seeds' common offset cancels there, not in the left panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
 
-    fig, ax = plt.subplots(figsize=(7, 4.6), dpi=120)
-    ax.axhline(mean_std([r["live"] for r in runs])[0], color="black", lw=1, label="live, constant LR")
+    fig, (loss_ax, share_ax) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=110)
+    loss_ax.axhline(mean_std([r["live"] for r in runs])[0], color="black", lw=1, label="live, constant LR")
     for kind, names, style in (("decays", shapes, "s--"), ("merges", rules, "o-")):
         for name in names:
-            points = [mean_std([r[kind][f"{name}@{w}"] for r in runs]) for w in windows]
-            mean, std = zip(*points, strict=True)
-            label = f"{kind[:-1]} {name}"
-            ax.errorbar(windows, mean, yerr=std, fmt=style, capsize=3, color=COLORS.get(name), label=label)
-    ax.set_xlabel("window L (steps): decay length = merge span")
-    ax.set_ylabel("validation loss (nats/byte)")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(windows, [str(w) for w in windows])
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+            color, label = COLORS.get(name), f"{kind[:-1]} {name}"
+            loss_ax.plot(
+                windows,
+                [mean_std([r[kind][f"{name}@{w}"] for r in runs])[0] for w in windows],
+                style,
+                color=color,
+                label=label,
+            )
+            mean, std = _share_points(runs, kind, name, windows, shapes[0])
+            share_ax.errorbar(windows, mean, yerr=std, fmt=style, capsize=3, color=color)
+    loss_ax.set_ylabel("validation loss (nats/byte), mean over seeds")
+    share_ax.set_ylabel(f"share of the {shapes[0]} decay's gain, mean ± std")
+    share_ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    for ax in (loss_ax, share_ax):
+        ax.set_xlabel("window L (steps): decay length = merge span")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(windows, [str(w) for w in windows])
+        ax.grid(alpha=0.3)
+    loss_ax.legend(fontsize=7, ncol=2)
+    fig.suptitle(f"{title}; {len(runs)} seed{'s' if len(runs) > 1 else ''}", fontsize=9)
     save_figure(fig, path)

@@ -160,6 +160,8 @@ def test_report_cells_and_winners():
     assert "| 50 | sma | 1 of 2 | ema | +0.0200 ± 0.0424 | linear | +0.0500 ± 0.0000 |" in (
         decay_report.winners_table(runs, {50: found})
     )
+    gaps = decay_report.gap_table(runs, [50], ("linear",), ["sma", "ema"])  # against sma, the best by mean
+    assert "| merge ema | +0.0200 ± 0.0424 |" in gaps and "| decay linear | -0.0500 ± 0.0000 |" in gaps
     runs[1]["decays"]["linear@50"] = 1.3  # no gain in one seed: no share
     assert "| 50 | sma | **n/a** |" in decay_report.share_table(runs, [50], ("linear",), ["sma"])
 
