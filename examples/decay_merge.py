@@ -15,13 +15,14 @@ trains with warm-up then a constant learning rate to step T, keeping every PMA s
 
 With ``--seeds 0,1,2`` each seed runs in ``output_dir/seed-N`` and the report gives mean ± std over seeds.
 Each seed's results are saved in its folder after every stage (``seed_results.json``), so a rerun of the
-same command reuses what is done (a crashed seed resumes at the stage it stopped in; new rules are only
+same command reuses what is done (a crashed seed restarts the stage it stopped in; new rules are only
 merged). The report gives each merge's share of each decay's gain, (live - merge) / (live - decay), as
 tables (markdown), the best merge per window, and a plot. `sma` is the merge dual to the linear decay,
 `decay:cosine` to the cosine one and `decay:1-sqrt` to the 1-sqrt one.
 
     python -m examples.decay_merge --output_dir runs/decay_merge --seeds 0,1,2 \\
-        --alpha_grid ema:0.05,0.1,0.2,0.3,0.5 ema_corrected:0.05,0.1,0.2,0.3,0.5 ema_halflife:0.025,0.1,0.25
+        --alpha_grid ema:0.05,0.1,0.2,0.3,0.5 ema_corrected:0.05,0.1,0.2,0.3,0.5 ema_halflife:0.025,0.1,0.25 \\
+        --report_md runs/decay_merge/results.md --plot runs/decay_merge/decay_merge.png
 """
 
 from __future__ import annotations
@@ -41,11 +42,9 @@ from transformers import AutoModelForCausalLM, HfArgumentParser, LlamaForCausalL
 from examples.bytelm import ByteBlocks, byte_tokenizer, load_corpus, split_corpus, validation_loss
 from examples.common import ByteModelArguments, write_summary
 from examples.decay_report import (
-    DUAL,
     aggregate,
     gap_table,
     loss_table,
-    share,
     share_matrix,
     tables,
     winners,
@@ -56,8 +55,6 @@ from examples.pretrain_pma import TRAINING_DEFAULTS
 from pmakit import PmaArguments, PmaTrainer, sweep
 from pmakit.tools.sweep import parse_rule
 
-
-__all__ = ["DUAL", "share", "tables", "write_plot"]  # the report's functions, importable from here as before
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

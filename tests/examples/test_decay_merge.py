@@ -120,7 +120,7 @@ def test_decay_merge_seeds_and_reuse(tmp_path, monkeypatch):
     report = (out / "results.md").read_text()
     live = [per_seed[s]["live"] for s in ("3", "4")]
     assert f"| live, constant LR (step T) | {statistics.fmean(live):.4f} ± {statistics.stdev(live):.4f} |" in report
-    assert "## Alpha grid" in report and "| merge ema:0.5 |" in report and "| 20 | ema:0.1 |" in report
+    assert "## Alpha grid" in report and "| merge ema:0.5 |" in report and "\n| ema:0.1 | " in report
     assert json.loads((out / "results.json").read_text())["per_seed"] == per_seed
 
     # the rerun trains nothing and merges only the spec no seed has scored yet
