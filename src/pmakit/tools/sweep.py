@@ -55,7 +55,9 @@ _STEP = re.compile(r"^(?:checkpoint|step)-(\d+)$")
 def parse_rule(spec: str) -> dict:
     """The `pmakit.merge` keywords of a rule spec: ``ema``, ``ema:0.1``, ``decay:SHAPE``.
 
-    The spec is parsed by `pmakit.averaging.parse_spec` and its parameters checked by the rule.
+    The spec is parsed by `pmakit.averaging.parse_spec` and its parameters checked by the rule. Parameters
+    that are merge settings (``alpha``, ``decay_shape``) become keywords; a spec with others
+    (``ema_halflife:0.25``, ``bema:lag=20``) is passed whole as ``algo``, which the merge parses again.
 
     Raises:
         InputError: the rule is unknown or cannot be swept (``weights``), or a parameter is refused (the
@@ -68,6 +70,10 @@ def parse_rule(spec: str) -> dict:
         raise InputError(f"Unknown sweep rule {brief(spec)}; valid rules: {valid}.") from None
     except averaging.RuleError as e:
         raise InputError(f"Rule {brief(spec)}: {str(e).rstrip('.')}; valid rules: {valid}.") from None
+    from ..merging.options import option_fields
+
+    if set(params) - {f.name for f in option_fields()}:
+        return {"algo": spec}
     return {"algo": algo, **params}
 
 
@@ -162,7 +168,8 @@ def _candidates(rules: Sequence[str], windows: Sequence[int], n_inputs: int) -> 
 def _candidate_settings(candidate: Candidate, alpha: float, options: dict) -> dict:
     """The `pmakit.merge` settings of one candidate: the sweep's options, its alpha unless the spec gives one."""
     rule = parse_rule(candidate.rule)
-    swept = {"alpha": alpha} if "alpha" in averaging.rule_class(rule["algo"]).param_names() else {}
+    name = averaging.parse_spec(candidate.rule)[0]
+    swept = {"alpha": alpha} if "alpha" in averaging.rule_class(name).param_names() else {}
     return {**options, **swept, **rule}
 
 
