@@ -6,6 +6,7 @@ import pytest
 import yaml
 from huggingface_hub import HfApi, snapshot_download
 
+from pmakit import HubTarget
 from pmakit.cli import main
 from pmakit.merging import MergeError, merge
 from tests.helpers.folders import read_folder, save_models
@@ -32,9 +33,7 @@ def test_merge_hub_models_push_and_download_back(local_hub, tmp_path, monkeypatc
         tmp_path / "out",
         algo="wma",
         max_shard_size="30KB",
-        push_to_hub="alice/merged",
-        private=True,
-        commit_message="PMA merge",
+        push_to_hub=HubTarget("alice/merged", private=True, commit_message="PMA merge"),
         cache_dir=tmp_path / "cache",
     )
     # the merge read the Hub copies: the same weights as the local folders, m1 from branch `dev`

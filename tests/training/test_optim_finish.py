@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pmakit import PmaAdamW, create_pma_optimizer, finish_pma
+from pmakit import HubTarget, PmaAdamW, create_pma_optimizer, finish_pma
 from tests.helpers.models import TokenDataset, tiny_llama
 from tests.helpers.training import load_folder
 
@@ -58,7 +58,7 @@ def test_finish_pushes_when_asked(local_hub, tmp_path):
     )
     _loop(model, optimizer, 2)
     with pytest.warns(UserWarning, match="no cycle completed"):
-        folder = finish_pma(optimizer, push_to_hub=True, hub_model_id="alice/loop-pma", token=local_hub.write_token)
+        folder = finish_pma(optimizer, push_to_hub=HubTarget("alice/loop-pma", token=local_hub.write_token))
     remote = local_hub.files("alice/loop-pma")
     local = {p.relative_to(folder).as_posix(): p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
     assert {k: v for k, v in remote.items() if k != ".gitattributes"} == local  # the Hub adds .gitattributes
@@ -71,7 +71,10 @@ def test_finish_needs_an_exporter_and_a_repo(tmp_path):
     with pytest.raises(ValueError, match="writes no PMA folders"):
         bare.pma_finish()
     exporting = PmaAdamW(model.parameters(), lr=1e-2, pma_model=model, output_dir=tmp_path)
-    with pytest.raises(ValueError, match="needs `hub_model_id`"):
+    with (
+        pytest.raises(ValueError, match="needs `hub_model_id`"),
+        pytest.warns(FutureWarning, match="push_to_hub=True"),
+    ):
         exporting.pma_finish(push_to_hub=True)
     with pytest.raises(ValueError, match="writes no PMA folders"):
         finish_pma(torch.optim.SGD(model.parameters(), lr=0.1))
