@@ -8,7 +8,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from pmakit import HubTarget
-from pmakit.tools.learned_soup import fit_learned_soup, soup_loss
+from pmakit.soups.learned import fit_learned_soup, soup_loss
 from tests.helpers.models import TokenDataset, tiny_llama
 
 

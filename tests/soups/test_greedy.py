@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from pmakit import HubTarget
-from pmakit.tools.greedy_soup import greedy_soup
+from pmakit.soups.greedy import greedy_soup
 from tests.helpers.models import TokenDataset, tiny_llama
 
 
