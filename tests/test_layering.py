@@ -32,7 +32,7 @@ LAYER_OF_PACKAGE = {
     "tools": "tools",
     "training": "training",
 }
-LAYER_OF_MODULE = {"errors": "core", "settings": "core", "cli": "cli", "__init__": "api"}
+LAYER_OF_MODULE = {"errors": "core", "settings": "core", "deprecation": "core", "cli": "cli", "__init__": "api"}
 MAY_IMPORT = {
     "core": {"core"},
     "io": {"core", "io"},
