@@ -226,3 +226,44 @@ def test_cuda_offload_is_the_on_device_merge():
         results.append([averages[p].cpu() for p in model.parameters()])
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+class ZeroLike:
+    """What the engine reads of a DeepSpeed ZeRO-1/2 optimizer: flat fp32 partitions a torch optimizer steps."""
+
+    def __init__(self, flats: list[torch.Tensor]) -> None:
+        self.single_partition_of_fp32_groups = flats
+        self.optimizer = torch.optim.AdamW([{"params": [flat]} for flat in flats], lr=1e-2)
+        self.overflow = False
+
+    def step(self) -> None:
+        for i, flat in enumerate(self.single_partition_of_fp32_groups):
+            flat.grad = torch.sin(flat.detach() * (i + 1))
+        self.optimizer.step()
+
+
+def test_zero_partitions_keep_theta0_in_their_state_and_resume_it():
+    """The engine driven from a ZeRO-like optimizer (`attach_deepspeed`): theta_0 sits beside each partition's
+    average in its state and resumes through the torch optimizer's state dict (what DeepSpeed's checkpoints save)."""
+    config = PmaConfig(fused_algo="bema", interleave_step=2, fused_num=3)
+    zero = ZeroLike([torch.linspace(-1, 1, 40).requires_grad_(), torch.linspace(0, 2, 24).requires_grad_()])
+    flats = zero.single_partition_of_fp32_groups
+    engine, samples = attach_engine(zero, config), []
+    for t in range(1, 7):
+        zero.step()
+        samples += [[flat.detach().double().clone() for flat in flats]] if t % 2 == 0 else []
+        if t == 3:
+            state, weights = saved(zero.optimizer), [flat.detach().clone() for flat in flats]
+    assert engine.deepspeed and all(THETA0 in zero.optimizer.state[flat] for flat in flats)
+    for i, flat in enumerate(flats):
+        reference = bema_reference([s[i] for s in samples], [2, 4, 6])[0]
+        check_close(engine.averages()[flat], [s[i] for s in samples], reference, 16**-0.2)
+
+    zero2 = ZeroLike([w.requires_grad_() for w in weights])
+    engine2 = attach_engine(zero2, config)
+    zero2.optimizer.load_state_dict(state)
+    assert all(zero2.optimizer.state[f][THETA0].dtype == torch.float32 for f in zero2.single_partition_of_fp32_groups)
+    for _ in range(4, 7):
+        zero2.step()
+    for flat, flat2 in zip(flats, zero2.single_partition_of_fp32_groups, strict=True):
+        assert torch.equal(engine.averages()[flat], engine2.averages()[flat2])
