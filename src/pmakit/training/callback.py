@@ -26,7 +26,8 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from ..errors import InputError
 from ..io.folders import remove_stale_temporaries
 from ..online.config import PmaConfig
-from ..online.engine import AVG_KEY, PmaEngine, attach_engine
+from ..online.engine import PmaEngine, attach_engine
+from ..online.slots import is_slot_key
 from ..tools.lm_eval_scorer import check_lm_eval_settings, pma_lm_eval_metrics
 from .export import LATEST_DIR, PMA_PREFIX, PmaExporter
 from .samples import PmaSampleStore
@@ -145,10 +146,12 @@ class PmaCallback(TrainerCallback):
     def _check_resumed_precision(self, engine: PmaEngine) -> None:
         state = engine.optimizer.state
         cast = {
-            entry[AVG_KEY].dtype
+            value.dtype
             for entry in state.values()
-            if isinstance(entry, dict) and AVG_KEY in entry and entry[AVG_KEY].dtype != torch.float32
-        }
+            if isinstance(entry, dict)
+            for key, value in entry.items()
+            if is_slot_key(key) and value.dtype != torch.float32
+        }  # the average, and anchors such as bema's theta_0
         if cast:
             warnings.warn(
                 f"PMA: the resumed average was cast to {', '.join(map(str, cast))} by `Optimizer.load_state_dict` "
