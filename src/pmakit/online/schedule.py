@@ -73,6 +73,7 @@ class MergeWindows:
         self.settings = f"{plan.describe()}; {cycle_settings(config)}"  # what the saved windows were taken under
         self.open: dict[int, _Window] = {}
         self.ready: list[Merge] = []
+        self.skipped: set[int] = set()  # merges whose window missed samples
         self._hooks = [
             optimizer.register_state_dict_post_hook(self._after_save),
             optimizer.register_load_state_dict_post_hook(self._after_load),
@@ -94,6 +95,8 @@ class MergeWindows:
     @torch.no_grad()
     def _fold(self, end: int, step: int) -> None:
         k, window = self.plan.position(end, step), self.open.get(end)
+        if end in self.skipped:
+            return
         if k == 1:
             window = self.open[end] = self._new_window()
         elif window is None or window.count != k - 1:
@@ -110,6 +113,7 @@ class MergeWindows:
     def _drop(self, end: int, step: int, count: int, k: int) -> None:
         """A window that missed samples (resumed from a checkpoint without it) would be a wrong merge: skip it."""
         self.open.pop(end, None)
+        self.skipped.add(end)
         warnings.warn(
             f"PMA: the window of the merge at step {end} holds {count} sample(s) where the sample at step {step} "
             f"should be number {k} (a checkpoint without its window was resumed?); that merge is skipped.",
