@@ -38,7 +38,10 @@ STEPS = dict(interleave_step=100, merge_window=200)
     "settings, message",
     [
         (dict(merge_steps=[250], **STEPS), r"`merge_steps` must be multiples of `interleave_step`=100 .*got \[250\]"),
-        (dict(merge_steps=[400, 200], **STEPS), "`merge_steps` must be sorted and unique; got step 200 after step 400"),
+        (
+            dict(merge_steps=[400, 200], **STEPS),
+            "`merge_steps` must be sorted and unique; got step 200 after step 400",
+        ),
         (dict(merge_steps=[400, 400], **STEPS), "sorted and unique; got step 400 after step 400"),
         (dict(merge_steps=[0], **STEPS), r"`merge_steps` must hold positive integers \(optimizer steps\); got 0"),
         (dict(merge_steps=["late"], **STEPS), "must hold positive integers .*got 'late'"),

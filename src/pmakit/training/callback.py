@@ -176,7 +176,7 @@ class PmaCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.schedule is not None:
-            self.schedule.flush()
+            self.schedule.flush(control)
         if control.should_save and self.exporter is not None:
             self.exporter.join()  # a checkpoint save must not race with a background export
 

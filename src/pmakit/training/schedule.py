@@ -134,25 +134,31 @@ class ScheduledMerges:
         if self.windows is not None:
             self.windows(engine, step)
 
-    def flush(self) -> None:
-        """Write (and evaluate) the merges finished since the last step end."""
+    def flush(self, control=None) -> None:
+        """Write (and evaluate) the merges finished since the last step end; ``control``: the Trainer's, kept."""
         if self.windows is None:
             return
         for merge in self.windows.take_ready():
             self.exporter.export_merge(merge.averages, merge.step, merge.sample_steps)
             self.written.append(merge.step)
             if self.config.eval:
-                self._evaluate(merge)
+                self._evaluate(merge, control)
 
-    def _evaluate(self, merge: Merge) -> None:
-        """The Trainer's evaluation on the merged weights, logged as ``eval_pma_<step>[_<dataset>]_*``."""
+    def _evaluate(self, merge: Merge, control) -> None:
+        """The Trainer's evaluation on the merged weights, logged as ``eval_pma_<step>[_<dataset>]_*``.
+
+        Its log must not cancel the step's own: logging resets ``control.should_log``, so it is put back.
+        """
         trainer, prefix = self.trainer, f"eval_pma_{merge.step}"
         datasets = trainer.eval_dataset
         named = datasets.items() if isinstance(datasets, dict) else [(None, None)]
+        should_log = getattr(control, "should_log", False)
         with self.windows.swapped(merge), silent_on_evaluate(trainer):
             for dataset_name, dataset in named:
                 key = f"{prefix}_{dataset_name}" if dataset_name is not None else prefix
                 trainer.evaluate(eval_dataset=dataset, metric_key_prefix=key)
+        if control is not None:
+            control.should_log = should_log
 
     def finish(self, step: int) -> None:
         """End of training: write what finished last, and say so when no merge was written."""
