@@ -121,7 +121,7 @@ class ScheduledMerges:
         if self.windows is not None:
             self.windows.detach()
         self.windows = MergeWindows(engine.optimizer, plan, config)
-        self.exporter, self.trainer = exporter, trainer
+        self.exporter, self.trainer, self.written = exporter, trainer, []
         engine.add_fold_handler(self.fold)
         params = sum(p.numel() for group in engine.optimizer.param_groups for p in group["params"] if p.requires_grad)
         logger.info(
