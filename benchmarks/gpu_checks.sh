@@ -124,7 +124,7 @@ fi
 "$PY" -c "import deepspeed; print('deepspeed', deepspeed.__version__)" > "$OUT/deepspeed_version.txt" 2>&1
 phase tests && timeout 420 "$PY" -m pytest -q -p no:cacheprovider -m cuda -rs -s tests/online/test_offload_cuda.py \
   tests/online/test_engine.py tests/distributed/test_fsdp2.py tests/distributed/test_trainer_backends.py \
-  tests/tools/test_spike.py tests/tools/test_wsa.py > "$OUT/scale_cuda_tests.log" 2>&1
+  tests/training/test_spike.py tests/training/test_wsa.py > "$OUT/scale_cuda_tests.log" 2>&1
 phase overhead && timeout 300 "$PY" -m benchmarks.overhead --device cuda --size 100m --steps 200 --rounds 3 \
   --out "$OUT/overhead_gpu.md" --json "$OUT/overhead_gpu.json" > "$OUT/overhead_gpu.log" 2>&1
 phase overhead && timeout 120 "$PY" -m benchmarks.wsa_overhead --device cuda --dtype bfloat16 --hidden_size 1024 --num_layers 8 \

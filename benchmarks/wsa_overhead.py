@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from examples.models import tiny_llama
-from pmakit.tools.wsa import WsaRegularizer
+from pmakit.training.wsa import WsaRegularizer
 
 
 def parse_args(argv=None):

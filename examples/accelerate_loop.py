@@ -60,7 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--pma_export", default="sync", choices=["sync", "async"])
     add("--push_to_hub", action="store_true", help="Push the final `pma/` to --hub_model_id.")
     add("--hub_model_id", default=None)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.push_to_hub and not args.hub_model_id:
+        parser.error("--push_to_hub needs --hub_model_id (the repo the final `pma/` goes to)")
+    return args
 
 
 def build(args: argparse.Namespace, accelerator: Accelerator):
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     losses = train(args, accelerator, model, optimizer, loader, scheduler)
     # The end of training for the optimizer route: wait for a background export, write a partial last
     # cycle to `pma/`, push it when asked. Every process calls it (a sharded model is gathered).
-    pma = finish_pma(optimizer, push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id)
+    pma = finish_pma(optimizer, push_to_hub=args.hub_model_id if args.push_to_hub else None)
     accelerator.wait_for_everyone()
     engine = optimizer.optimizer._pma_engine
     summary = {

@@ -1,28 +1,34 @@
 #!/usr/bin/env python
 """Does a merge of constant-LR samples reach a real LR decay? Merges of several rules and windows against decays.
 
-One run of the small byte-level Llama of `pretrain_pma.py` (same corpus, optimizer and data) trains with warm-up
-then a constant learning rate to step T, keeping every PMA sample as a model-only folder
+For each seed, one run of the small byte-level Llama of `pretrain_pma.py` (same corpus, optimizer and data)
+trains with warm-up then a constant learning rate to step T, keeping every PMA sample as a model-only folder
 (``pma-samples/step-N``, the sample store) and a full checkpoint at each fork step T - L. Then:
 
 * real decays: for each window length L and each shape (linear, cosine, 1-sqrt), a fork resumes the
   step T-L checkpoint (same optimizer state, same data order) and decays the LR to 0 over its last L
   steps, ending at step T: the same steps and data as the constant run;
-* merges: `pmakit.sweep` merges the samples of the last L steps with SMA, EMA (pmakit's, starting at the
-  first sample), the bias-corrected EMA, WMA, decay-cosine and decay-1-sqrt (WSM: the merge dual to a
-  decay of that shape), and scores each on the same validation bytes.
+* merges: `pmakit.sweep` merges the samples of the last L steps with each rule of ``--merge_rules`` (SMA,
+  EMA from the first sample, the bias-corrected EMA, WMA, decay-cosine and decay-1-sqrt (WSM: the merge
+  dual to a decay of that shape), TRL's BEMA, torchtitan's half-life EMA) and each spec of ``--alpha_grid``,
+  and scores each on the same validation bytes.
 
-The report gives each merge's share of each decay's gain, (live - merge) / (live - decay), as a table
-(markdown) and a plot. `sma` is the merge dual to the linear decay, `decay:cosine` to the cosine one and
-`decay:1-sqrt` to the 1-sqrt one.
+With ``--seeds 0,1,2`` each seed runs in ``output_dir/seed-N`` and the report gives mean ± std over seeds.
+Each seed's results are saved in its folder after every stage (``seed_results.json``), so a rerun of the
+same command reuses what is done (a crashed seed restarts the stage it stopped in; new rules are only
+merged). The report gives each merge's share of each decay's gain, (live - merge) / (live - decay), as
+tables (markdown), the best merge per window, and a plot. `sma` is the merge dual to the linear decay,
+`decay:cosine` to the cosine one and `decay:1-sqrt` to the 1-sqrt one.
 
-    python -m examples.decay_merge --output_dir runs/decay_merge --report_md docs/decay_merge.md \\
-        --plot docs/decay_merge.png
+    python -m examples.decay_merge --output_dir runs/decay_merge --seeds 0,1,2 \\
+        --alpha_grid ema:0.05,0.1,0.2,0.3,0.5 ema_corrected:0.05,0.1,0.2,0.3,0.5 ema_halflife:0.025,0.1,0.25 \\
+        --report_md runs/decay_merge/results.md --plot runs/decay_merge/decay_merge.png
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import sys
@@ -34,16 +40,27 @@ import torch
 from transformers import AutoModelForCausalLM, HfArgumentParser, LlamaForCausalLM, Trainer, TrainerCallback, set_seed
 
 from examples.bytelm import ByteBlocks, byte_tokenizer, load_corpus, split_corpus, validation_loss
-from examples.common import ByteModelArguments, save_figure, write_summary
+from examples.common import ByteModelArguments, write_summary
+from examples.decay_report import (
+    aggregate,
+    gap_table,
+    loss_table,
+    share_matrix,
+    tables,
+    winners,
+    winners_table,
+    write_plot,
+)
 from examples.pretrain_pma import TRAINING_DEFAULTS
 from pmakit import PmaArguments, PmaTrainer, sweep
+from pmakit.tools.sweep import parse_rule
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
-MERGE_RULES = ("sma", "ema", "ema_corrected", "wma", "decay:cosine", "decay:1-sqrt")
-DUAL = {"sma": "linear", "decay:cosine": "cosine", "decay:1-sqrt": "1-sqrt"}
+MERGE_RULES = ("sma", "ema", "ema_corrected", "wma", "decay:cosine", "decay:1-sqrt", "bema", "ema_halflife:0.05")
+SEED_FILE = "seed_results.json"
 DEFAULTS = {
     **TRAINING_DEFAULTS,
     "output_dir": "runs/decay_merge",
@@ -69,9 +86,36 @@ class DecayArguments(ByteModelArguments):
         default="linear,cosine,1-sqrt",
         metadata={"help": "Real decays to fork, comma-separated (of linear, cosine, 1-sqrt)."},
     )
+    merge_rules: list[str] = field(
+        default_factory=lambda: list(MERGE_RULES),
+        metadata={"help": "Merge rule specs, space-separated: sma ema:0.1 decay:cosine bema:lag=10,bias_power=0.2"},
+    )
+    alpha_grid: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "More merges scored on the same runs, space-separated RULE:V1,V2,...: one spec per value of "
+            "the rule's first parameter (ema:0.05,0.1 is ema:0.05 and ema:0.1), reported as a table of their own."
+        },
+    )
+    seeds: str = field(
+        default="",
+        metadata={
+            "help": "Seeds, comma-separated: one constant run with its forks and merges per seed, in "
+            "output_dir/seed-N, then mean ± std over seeds. Empty: --seed only, in output_dir itself."
+        },
+    )
     ema_alpha: float = field(default=0.2, metadata={"help": "EMA weight of the newest sample for both EMA forms."})
     report_md: str | None = field(default=None, metadata={"help": "Markdown report (default output_dir/results.md)."})
     plot: str | None = field(default=None, metadata={"help": "PNG plot (default output_dir/decay_merge.png)."})
+
+
+@dataclass
+class Data:
+    """The model and the bytes every seed trains and is scored on."""
+
+    config: object
+    train: ByteBlocks
+    val: ByteBlocks
 
 
 class SaveAtSteps(TrainerCallback):
@@ -83,6 +127,30 @@ class SaveAtSteps(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         control.should_save = state.global_step in self.steps
         return control
+
+
+def grid_specs(items: list[str]) -> list[str]:
+    """``RULE:V1,V2`` -> ``RULE:V1``, ``RULE:V2``: one rule spec per value of the rule's first spec parameter."""
+    specs = []
+    for item in items:
+        rule, _, values = item.partition(":")
+        specs += [f"{rule}:{v.strip()}" for v in values.split(",") if v.strip()] or [rule]
+    return specs
+
+
+def scored_rules(ex: DecayArguments) -> list[str]:
+    """Every spec a seed merges: the merge rules, then the alpha grid's, each once."""
+    return list(dict.fromkeys([*ex.merge_rules, *grid_specs(ex.alpha_grid)]))
+
+
+def seed_list(args, ex: DecayArguments) -> list[int]:
+    """``--seeds``, or ``--seed`` alone when no seeds are given."""
+    return [int(s) for s in ex.seeds.split(",") if s.strip()] or [args.seed]
+
+
+def seed_dir(args, ex: DecayArguments, seed: int) -> Path:
+    """Where a seed runs: ``output_dir/seed-N`` with ``--seeds``, else ``output_dir`` itself."""
+    return Path(args.output_dir) / f"seed-{seed}" if ex.seeds.strip() else Path(args.output_dir)
 
 
 def parse_args(argv: list[str] | None) -> tuple[PmaArguments, DecayArguments, list[int]]:
@@ -102,9 +170,32 @@ def parse_args(argv: list[str] | None) -> tuple[PmaArguments, DecayArguments, li
     if unknown or not shapes:
         raise ValueError(f"--decay_shapes: {unknown or 'none given'}; choose from {', '.join(DECAY_SHAPES)}.")
     ex = dataclasses.replace(ex, decay_shapes=",".join(s for s in DECAY_SHAPES if s in shapes))
+    _check_rules_and_seeds(args, ex)
     limit = windows[-1] // interleave
     args = dataclasses.replace(args, save_strategy="no", pma_sample_store_limit=limit)
     return args, ex, windows
+
+
+def _check_rules_and_seeds(args, ex: DecayArguments) -> None:
+    """Every rule spec parses (`pmakit.sweep`'s own check) and the seeds are distinct integers, before training."""
+    if not ex.merge_rules:
+        raise ValueError("--merge_rules: give at least one rule.")
+    for spec in scored_rules(ex):
+        parse_rule(spec)
+    try:
+        seeds = seed_list(args, ex)
+    except ValueError:
+        raise ValueError(f"--seeds: {ex.seeds} must be integers separated by commas.") from None
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds: {ex.seeds} names a seed twice.")
+
+
+def load_data(ex: DecayArguments, eval_batch: int) -> Data:
+    data = load_corpus(ex.corpus, ex.max_corpus_bytes)
+    train_bytes, val_bytes = split_corpus(data, ex.val_fraction)
+    print(f"corpus {ex.corpus!r}: {len(train_bytes)} training and {len(val_bytes)} validation bytes", flush=True)
+    train = ByteBlocks(train_bytes, ex.block_size, ex.train_stride)
+    return Data(model_config(ex), train, ByteBlocks(val_bytes, ex.block_size).truncate(eval_batch))
 
 
 def constant_run(args, ex, config, train_ds, windows) -> Path:
@@ -141,68 +232,8 @@ def decay_fork(args, config, train_ds, run: Path, window: int, shape: str):
     return trainer.model
 
 
-def share(live: float, merged: float, decayed: float) -> float | None:
-    """(live - merged) / (live - decayed): the share of the decay's gain that the merge recovers."""
-    gain = live - decayed
-    return (live - merged) / gain if gain > 0 else None
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.0%}"
-
-
-def tables(live: float, decays: dict, merges: dict, windows: list[int], interleave: int, shapes=DECAY_SHAPES) -> str:
-    """The markdown report tables: losses per window, then each merge's share of each decay's gain."""
-    head = "| window (steps / samples) | " + " | ".join(f"{w} / {w // interleave}" for w in windows) + " |"
-    sep = "|---|" + "---|" * len(windows)
-    lines = [head, sep, "| live, constant LR (step T) | " + " | ".join(f"{live:.4f}" for _ in windows) + " |"]
-    for shape in shapes:
-        lines.append(f"| decay {shape} | " + " | ".join(f"{decays[shape, w]:.4f}" for w in windows) + " |")
-    for rule in MERGE_RULES:
-        lines.append(f"| merge {rule} | " + " | ".join(f"{merges[rule, w]:.4f}" for w in windows) + " |")
-    lines += ["", "| window | merge | " + " | ".join(f"share of {s} decay" for s in shapes) + " |"]
-    lines.append("|---|---|" + "---|" * len(shapes))
-    for w in windows:
-        for rule in MERGE_RULES:
-            cells = []
-            for shape in shapes:
-                cell = _pct(share(live, merges[rule, w], decays[shape, w]))
-                cells.append(f"**{cell}**" if DUAL.get(rule) == shape else cell)
-            lines.append(f"| {w} | {rule} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def write_plot(
-    path: Path, live: float, decays: dict, merges: dict, windows: list[int], title: str, shapes=DECAY_SHAPES
-) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.4), dpi=120)
-    ax.axhline(live, color="black", lw=1, label="live, constant LR")
-    for shape, color in zip(DECAY_SHAPES, ("tab:blue", "tab:orange", "tab:green"), strict=True):
-        if shape not in shapes:
-            continue
-        ax.plot(windows, [decays[shape, w] for w in windows], "s--", color=color, label=f"decay {shape}")
-    # each merge in its dual decay's colour; the rules without a dual decay in colours of their own
-    colors = {"sma": "tab:blue", "decay:cosine": "tab:orange", "decay:1-sqrt": "tab:green"}
-    colors |= {"ema": "tab:red", "ema_corrected": "tab:purple", "wma": "tab:brown"}
-    for rule in MERGE_RULES:
-        ax.plot(windows, [merges[rule, w] for w in windows], "o-", color=colors[rule], label=f"merge {rule}")
-    ax.set_xlabel("window L (steps): decay length = merge span")
-    ax.set_ylabel("validation loss (nats/byte)")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(windows, [str(w) for w in windows])
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    save_figure(fig, path)
-
-
 def run_merges(
-    run: Path, windows: list[int], interleave: int, alpha: float, val_ds, evaluate=validation_loss
+    run: Path, windows: list[int], interleave: int, alpha: float, val_ds, evaluate=validation_loss, rules=MERGE_RULES
 ) -> tuple[dict, object]:
     """Every rule over every window, scored on the validation bytes by ``evaluate(model, val_ds)``, through
     `pmakit.sweep`."""
@@ -212,7 +243,7 @@ def run_merges(
 
     result = sweep(
         run,
-        MERGE_RULES,
+        list(rules),
         [w // interleave for w in windows],
         score=score,
         output_dir=run / "sweep",
@@ -235,6 +266,81 @@ def count_params(config) -> int:
         return sum(p.numel() for p in LlamaForCausalLM(config).parameters())
 
 
+# The settings a seed's results depend on: a rerun reuses saved results only when these match.
+_SETTINGS = {
+    "args": (
+        "seed",
+        "max_steps",
+        "warmup_steps",
+        "learning_rate",
+        "per_device_train_batch_size",
+        "pma_interleave_step",
+    ),
+    "ex": ("corpus", "max_corpus_bytes", "val_fraction", "block_size", "train_stride", "hidden_size", "num_layers")
+    + ("num_heads", "intermediate_size"),
+}
+
+
+def load_seed(folder: Path, args, ex: DecayArguments) -> dict:
+    """A seed's saved record, or a fresh one; saved merges made with another ``ema_alpha`` are dropped."""
+    settings = {k: getattr(args, k) for k in _SETTINGS["args"]} | {k: getattr(ex, k) for k in _SETTINGS["ex"]}
+    path = folder / SEED_FILE
+    found = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if found and found["settings"] != settings:
+        raise ValueError(f"{path} was written with other settings ({found['settings']}); choose another --output_dir.")
+    record = {"settings": settings, "decays": {}, "merges": {}, "timing": {}, **found}
+    if record.get("ema_alpha") != ex.ema_alpha:
+        record |= {"ema_alpha": ex.ema_alpha, "merges": {}}
+    return record
+
+
+def save_seed(folder: Path, record: dict) -> None:
+    """Write the record beside the run, renamed into place: a crash never leaves half a file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{SEED_FILE}.tmp"
+    tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    os.replace(tmp, folder / SEED_FILE)
+
+
+def _timed(record: dict, key: str, started: float) -> None:
+    record["timing"][key] = record["timing"].get(key, 0.0) + time.perf_counter() - started
+
+
+def run_seed(args, ex: DecayArguments, windows: list[int], seed: int, data: Data, evaluate) -> dict:
+    """One seed: the constant run, the merges and the decay forks, each stage skipped when its results are saved."""
+    folder = seed_dir(args, ex, seed)
+    args = dataclasses.replace(args, seed=seed, output_dir=str(folder))
+    record = load_seed(folder, args, ex)
+    if "live" not in record:
+        started = time.perf_counter()
+        constant_run(args, ex, data.config, data.train, windows)
+        last = AutoModelForCausalLM.from_pretrained(folder / "pma-samples" / f"step-{args.max_steps}")
+        record["live"] = evaluate(last, data.val)
+        _timed(record, "train_s", started)
+        save_seed(folder, record)
+    todo = [r for r in scored_rules(ex) if any(f"{r}@{w}" not in record["merges"] for w in windows)]
+    if todo:
+        started = time.perf_counter()
+        merges, _ = run_merges(folder, windows, args.pma_interleave_step, ex.ema_alpha, data.val, evaluate, todo)
+        record["merges"] |= {f"{r}@{w}": v for (r, w), v in merges.items()}
+        _timed(record, "sweep_s", started)
+        save_seed(folder, record)
+    for w in windows:
+        for shape in ex.decay_shapes.split(","):
+            if f"{shape}@{w}" not in record["decays"]:
+                started = time.perf_counter()
+                record["decays"][f"{shape}@{w}"] = evaluate(
+                    decay_fork(args, data.config, data.train, folder, w, shape), data.val
+                )
+                _timed(record, "decay_forks_s", started)
+                save_seed(folder, record)
+                print(
+                    f"seed {seed}: decay {shape} over the last {w} steps: {record['decays'][f'{shape}@{w}']:.4f}",
+                    flush=True,
+                )
+    return record
+
+
 def main(argv: list[str] | None = None) -> dict:
     args, ex, windows = parse_args(argv)
     return experiment(args, ex, windows, argv)
@@ -250,89 +356,88 @@ def experiment(
     script: str = "examples.decay_merge",
     plot_name: str = "decay_merge.png",
 ) -> dict:
-    """The constant run, the sweep of merges and the decay forks, then the report, plot and ``results.json``.
+    """Per seed the constant run, the merges and the decay forks; then the report, plot and ``results.json``.
 
     ``evaluate(model, val_ds) -> loss`` scores every model (default: `validation_loss` where the model lies);
     `paper_scale.py` passes one that moves the model to the GPU under bf16 autocast.
     """
     started = time.perf_counter()
-    data = load_corpus(ex.corpus, ex.max_corpus_bytes)
-    train_bytes, val_bytes = split_corpus(data, ex.val_fraction)
-    train_ds = ByteBlocks(train_bytes, ex.block_size, ex.train_stride)
-    val_ds = ByteBlocks(val_bytes, ex.block_size).truncate(args.per_device_eval_batch_size)
-    config = model_config(ex)
-    interleave, steps = args.pma_interleave_step, args.max_steps
-    print(f"corpus {ex.corpus!r}: {len(train_bytes)} training and {len(val_bytes)} validation bytes", flush=True)
-
-    run = constant_run(args, ex, config, train_ds, windows)
-    train_s = time.perf_counter() - started
-    live = evaluate(AutoModelForCausalLM.from_pretrained(run / "pma-samples" / f"step-{steps}"), val_ds)
-    t0 = time.perf_counter()
-    merges, result = run_merges(run, windows, interleave, ex.ema_alpha, val_ds, evaluate)
-    sweep_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    decays = {}
+    data = load_data(ex, args.per_device_eval_batch_size)
+    runs = {seed: run_seed(args, ex, windows, seed, data, evaluate) for seed in seed_list(args, ex)}
     shapes = tuple(ex.decay_shapes.split(","))
-    for w in windows:
-        for shape in shapes:
-            decays[shape, w] = evaluate(decay_fork(args, config, train_ds, run, w, shape), val_ds)
-            print(f"decay {shape} over the last {w} steps: {decays[shape, w]:.4f}", flush=True)
-    forks_s = time.perf_counter() - t0
-    total_s = time.perf_counter() - started
-
-    text = tables(live, decays, merges, windows, interleave, shapes)
-    print("\n" + text + "\n", flush=True)
-    n_params = count_params(config)
+    summary = aggregate(runs, windows, shapes, ex.merge_rules)
+    summary["timing"] = {"wall_s (this call; reused stages cost nothing)": time.perf_counter() - started}
+    summary["timing"] |= _timing_sums(runs)
     title = (
-        f"{n_params / 1e6:.1f}M-param Llama, byte-level '{ex.corpus}', {steps} steps, LR {args.learning_rate:g} "
-        f"constant; samples every {interleave} steps"
+        f"{count_params(data.config) / 1e6:.1f}M-param Llama, byte-level '{ex.corpus}', {args.max_steps} steps, "
+        f"LR {args.learning_rate:g} constant; samples every {args.pma_interleave_step} steps"
     )
-    plot_path = Path(ex.plot) if ex.plot else run / plot_name
-    write_plot(plot_path, live, decays, merges, windows, title, shapes)
-    timing = {"train_s": train_s, "sweep_s": sweep_s, "decay_forks_s": forks_s, "total_s": total_s}
-    report_path = Path(ex.report_md) if ex.report_md else run / "results.md"
-    write_report(report_path, argv, text, title, timing, ex.ema_alpha, result, script)
-    summary = {
-        "live": live,
-        "decays": {f"{s}@{w}": v for (s, w), v in decays.items()},
-        "merges": {f"{r}@{w}": v for (r, w), v in merges.items()},
-        "timing": timing,
-    }
-    return write_summary(run, summary, report_path, plot_path, f"total {total_s:.0f} s")
+    out = Path(args.output_dir)
+    plot_path = Path(ex.plot) if ex.plot else out / plot_name
+    write_plot(plot_path, list(runs.values()), windows, title, shapes, ex.merge_rules)
+    report_path = Path(ex.report_md) if ex.report_md else out / "results.md"
+    text = report(list(runs.values()), args, ex, windows, title, summary["timing"])
+    print("\n" + text, flush=True)
+    write_report(report_path, argv, text, script)
+    summary = write_summary(out, summary, report_path, plot_path, f"wall {time.perf_counter() - started:.0f} s")
+    if report_path.parent.resolve() != out.resolve():  # the raw numbers beside a report kept elsewhere
+        report_path.with_suffix(".json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return summary
 
 
-def write_report(
-    path: Path, argv, table: str, title: str, timing: dict, alpha: float, result, script="examples.decay_merge"
-) -> None:
+def _timing_sums(runs: dict[int, dict]) -> dict:
+    keys = dict.fromkeys(k for r in runs.values() for k in r["timing"])
+    return {f"{k} (all seeds)": sum(r["timing"].get(k, 0.0) for r in runs.values()) for k in keys}
+
+
+def report(runs: list[dict], args, ex: DecayArguments, windows: list[int], title: str, timing: dict) -> str:
+    """The report's body: the tables, the winners per window, the alpha grid, the seeds' times and the machine."""
+    interleave, shapes = args.pma_interleave_step, tuple(ex.decay_shapes.split(","))
+    found = winners(runs, windows, shapes, ex.merge_rules)
+    grid = grid_specs(ex.alpha_grid)
+    seeds = ", ".join(str(s) for s in seed_list(args, ex))
+    lines = [
+        f"Setup: {title}. Seeds {seeds}: "
+        + ("mean ± sample std (n - 1) over seeds. " if len(runs) > 1 else "")
+        + "Validation loss in nats/byte on the same held-out bytes for every model. Decay forks resume the step "
+        "T-L checkpoint and decay the LR to 0 over the last L steps; merges take the samples of the last L steps "
+        f"(`ema`, `ema_corrected` with alpha {ex.ema_alpha:g} unless the spec gives one). Bold: the merge dual "
+        "to that decay (WSM).",
+        "",
+        tables(runs, windows, interleave, shapes, ex.merge_rules),
+        "",
+        "Best merge per window (lowest mean loss); differences are paired per seed, then mean ± std:",
+        "",
+        winners_table(runs, found),
+        "",
+        "Each model's loss minus the best merge's at that window, paired per seed (negative: better than the best "
+        "merge):",
+        "",
+        gap_table(runs, windows, shapes, ex.merge_rules),
+    ]
+    if grid:
+        lines += ["", "## Alpha grid", "", loss_table(runs, windows, interleave, shapes[:1], grid), ""]
+        lines += [f"Share of the {shapes[0]} decay's gain:", "", share_matrix(runs, windows, shapes[0], grid)]
+    return "\n".join([*lines, "", "## Run time", "", *_run_time(runs, timing), ""])
+
+
+def _run_time(runs: list[dict], timing: dict) -> list[str]:
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
     machine += f"{torch.get_num_threads()} torch threads"
     if torch.cuda.is_available():
         machine += f", GPU {torch.cuda.get_device_name()}"
     if hasattr(os, "getloadavg"):
-        machine += f", load average {os.getloadavg()[2]:.1f} (15 min) at the end"
+        machine += f", load average {os.getloadavg()[2]:.1f} (15 min) at the end of this call"
+    per_seed = [", ".join(f"{k} {v:.0f}" for k, v in r["timing"].items()) for r in runs]
+    lines = [f"- machine: {machine}", *[f"- {k}: {v:.1f}" for k, v in timing.items()]]
+    return lines + [f"- seed {r['settings']['seed']}: {t}" for r, t in zip(runs, per_seed, strict=True)]
+
+
+def write_report(path: Path, argv, text: str, script="examples.decay_merge") -> None:
     command = f"python -m {script} " + " ".join(argv if argv is not None else sys.argv[1:])
-    lines = [
-        "# Merging constant-LR samples against real LR decays: results",
-        "",
-        f"Command: `{command.strip()}`",
-        "",
-        f"Setup: {title}. Validation loss in nats/byte on the same held-out bytes for every model. "
-        "Decay forks resume the step T-L checkpoint and decay the LR to 0 over the last L steps; merges "
-        f"take the samples of the last L steps (both EMA forms with alpha {alpha:g}). Bold: the merge dual to "
-        "that decay (WSM).",
-        "",
-        table,
-        "",
-        f"Best merge by the sweep: {result.best.rule} over {result.best.window} samples.",
-        "",
-        "## Run time",
-        "",
-        f"- machine: {machine}",
-        *[f"- {k}: {v:.1f}" for k, v in timing.items()],
-        "",
-    ]
+    head = ["# Merging constant-LR samples against real LR decays: results", "", f"Command: `{command.strip()}`", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines), encoding="utf-8")
+    path.write_text("\n".join([*head, text]), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,11 @@ from dataclasses import dataclass
 import torch
 
 from examples.bytelm import load_corpus, validation_loss
-from examples.decay_merge import MERGE_RULES, count_params, experiment, model_config, parse_args
+from examples.decay_merge import MERGE_RULES, count_params, experiment, model_config, parse_args, scored_rules
+
+
+# The rules the paper size merges: the six its GPU-slot estimate was sized for (`--merge_rules` adds more).
+PAPER_RULES = tuple(r for r in MERGE_RULES if r not in ("bema", "ema_halflife:0.05"))
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,7 @@ SIZES = {
             "--num_layers", "10", "--num_heads", "16", "--intermediate_size", "2816", "--max_steps", "1500",
             "--warmup_steps", "100", "--learning_rate", "1e-3", "--per_device_train_batch_size", "32",
             "--per_device_eval_batch_size", "32", "--windows", "100,200", "--decay_shapes", "linear",
-            "--logging_steps", "50",
+            "--logging_steps", "50", "--merge_rules", *PAPER_RULES,
         ),
         True,
         bf16_on_cuda=True,
@@ -115,11 +119,12 @@ def estimate(args, ex, windows: list[int], tflops: float, corpus_bytes: int) -> 
     tokens_per_step = args.per_device_train_batch_size * ex.block_size
     shapes = len(ex.decay_shapes.split(","))
     steps = args.max_steps + sum(windows) * shapes
-    evals = 1 + len(windows) * (len(MERGE_RULES) + shapes)
+    rules = len(scored_rules(ex))
+    evals = 1 + len(windows) * (rules + shapes)
     interleave, model_bytes = args.pma_interleave_step, 4 * n
     stored = windows[-1] // interleave if args.pma_start_step else args.max_steps // interleave
-    written = model_bytes * (stored + 3 * len(windows) + len(windows) * len(MERGE_RULES) + 1)
-    merged_inputs = sum(w // interleave for w in windows) * len(MERGE_RULES) + windows[-1] // interleave
+    written = model_bytes * (stored + 3 * len(windows) + len(windows) * rules + 1)
+    merged_inputs = sum(w // interleave for w in windows) * rules + windows[-1] // interleave
     parts = {
         "train_s": steps * (per_token * tokens_per_step / (tflops * 1e12) + 0.015),
         "eval_s": evals * corpus_bytes * ex.val_fraction * per_token / 3 / (tflops * 1e12),

@@ -5,7 +5,7 @@ whole training split, ``--shared_steps``; 0 forks from the random initialisation
 of a real corpus (the Python language reference that ships with CPython, ``pydoc_data.topics``,
 split by topic: non-IID) with different learning rates. They are merged by plain averaging
 (0.5 / 0.5), once for a pair trained without WSA and once for a pair trained with the WSA loss
-(`pmakit.tools.wsa.add_wsa` on a stock `transformers.Trainer`, target = the scopes at the fork).
+(`pmakit.training.wsa.add_wsa` on a stock `transformers.Trainer`, target = the scopes at the fork).
 For both pairs the script prints the validation loss of each run and of the average, the scope
 spread between the two runs, and the loss along the line ``(1 - alpha) A + alpha B`` for alpha in
 [0, 1], saved as a PNG. Every model is scored on the same held-out blocks (paired).
@@ -29,8 +29,9 @@ from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
 from examples.bytelm import ByteBlocks, llama_config, load_corpus, split_corpus, validation_loss
 from examples.common import save_figure
-from pmakit.tools.scope import compare_scopes, compute_scopes
-from pmakit.tools.wsa import WsaConfig, add_wsa
+from pmakit.soups.scopes import compare_scopes, compute_scopes
+from pmakit.training.wsa import add_wsa
+from pmakit.training.wsa_config import WsaConfig
 
 
 def parse_args(argv=None) -> argparse.Namespace:

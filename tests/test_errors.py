@@ -13,8 +13,8 @@ from pmakit.averaging.registry import MissingParameterError, RangeError, Unknown
 from pmakit.io.folders import DiskFullError, OutputBusyError
 from pmakit.io.hub import HubDownloadError, HubPushError
 from pmakit.online.config import PmaConfig
-from pmakit.tools.spike import SpikeRecoveryError
 from pmakit.training.background import BackgroundExportError
+from pmakit.training.spike import SpikeRecoveryError
 
 
 SRC = Path(errors.__file__).parent

@@ -9,8 +9,8 @@ from transformers import HfArgumentParser
 
 from pmakit import PmaArguments, PmaConfig
 from pmakit.settings import at_least, one_of, prefixed_settings, setting, settle, settle_in_place, with_settings
-from pmakit.tools.spike import SpikeConfig
-from pmakit.tools.wsa import WsaConfig
+from pmakit.training.spike_config import SpikeConfig
+from pmakit.training.wsa_config import WsaConfig
 
 
 @dataclasses.dataclass(frozen=True)

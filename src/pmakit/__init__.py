@@ -41,27 +41,28 @@ _EXPORTS = {
     "HubPushError": "io.hub",
     "HubDownloadError": "io.hub",
     "HubTarget": "io.hub_target",
-    "SpikeConfig": "tools.spike",
-    "SpikeRecoveryCallback": "tools.spike",
-    "SpikeRecoveryError": "tools.spike",
-    "average_lora_adapters": "tools.lora",
-    "greedy_soup": "tools.greedy_soup",
-    "GreedySoupResult": "tools.greedy_soup",
-    "LearnedSoup": "tools.learned_soup",
-    "fit_learned_soup": "tools.learned_soup",
-    "Scope": "tools.scope",
-    "compute_scopes": "tools.scope",
-    "compare_scopes": "tools.scope",
-    "fuse_scopes": "tools.scope",
-    "format_scope_report": "tools.scope",
-    "warn_if_scopes_differ": "tools.scope",
-    "WsaConfig": "tools.wsa",
-    "WsaRegularizer": "tools.wsa",
-    "WsaCallback": "tools.wsa",
-    "add_wsa": "tools.wsa",
-    "merge_buffers": "tools.buffers",
-    "average_models": "tools.buffers",
-    "update_bn": "tools.buffers",
+    "SpikeConfig": "training.spike_config",
+    "SpikeRecoveryCallback": "training.spike",
+    "SpikeRecoveryError": "training.spike",
+    "average_lora_adapters": "soups.lora",
+    "greedy_soup": "soups.greedy",
+    "GreedySoupResult": "soups.greedy",
+    "LearnedSoup": "soups.learned",
+    "fit_learned_soup": "soups.learned",
+    "Scope": "soups.scopes",
+    "compute_scopes": "soups.scopes",
+    "compare_scopes": "soups.scopes",
+    "fuse_scopes": "soups.scopes",
+    "format_scope_report": "soups.scopes",
+    "warn_on_scope_differences": "soups.scopes",
+    "warn_if_scopes_differ": "soups.scopes",
+    "WsaConfig": "training.wsa_config",
+    "WsaRegularizer": "training.wsa",
+    "WsaCallback": "training.wsa",
+    "add_wsa": "training.wsa",
+    "merge_buffers": "soups.buffers",
+    "average_models": "soups.buffers",
+    "update_bn": "soups.buffers",
     "sweep": "tools.sweep",
     "SweepResult": "tools.sweep",
     "text_loss_scorer": "tools.sweep",
@@ -94,24 +95,27 @@ if TYPE_CHECKING:
     from .online.config import PmaConfig
     from .online.engine import PmaEngine, attach_engine
     from .online.gather import gather_averaged_state_dict
-    from .tools.buffers import average_models, merge_buffers, update_bn
-    from .tools.fusionbench import WeightedAverageForLLama
-    from .tools.greedy_soup import GreedySoupResult, greedy_soup
-    from .tools.learned_soup import LearnedSoup, fit_learned_soup
-    from .tools.lm_eval_scorer import lm_eval_scorer
-    from .tools.lora import average_lora_adapters
-    from .tools.scope import (
+    from .soups.buffers import average_models, merge_buffers, update_bn
+    from .soups.greedy import GreedySoupResult, greedy_soup
+    from .soups.learned import LearnedSoup, fit_learned_soup
+    from .soups.lora import average_lora_adapters
+    from .soups.scopes import (
         Scope,
         compare_scopes,
         compute_scopes,
         format_scope_report,
         fuse_scopes,
         warn_if_scopes_differ,
+        warn_on_scope_differences,
     )
-    from .tools.spike import SpikeConfig, SpikeRecoveryCallback, SpikeRecoveryError
+    from .tools.fusionbench import WeightedAverageForLLama
+    from .tools.lm_eval_scorer import lm_eval_scorer
     from .tools.sweep import SweepResult, sweep, text_loss_scorer, trainer_scorer
-    from .tools.wsa import WsaCallback, WsaConfig, WsaRegularizer, add_wsa
     from .training.arguments import PmaArguments
     from .training.callback import PmaCallback
     from .training.optim import PmaAdamW, create_pma_optimizer, finish_pma
+    from .training.spike import SpikeRecoveryCallback, SpikeRecoveryError
+    from .training.spike_config import SpikeConfig
     from .training.trainer import PmaTrainer
+    from .training.wsa import WsaCallback, WsaRegularizer, add_wsa
+    from .training.wsa_config import WsaConfig

@@ -235,10 +235,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
+    from .io.hub_target import HubTarget
     from .tools.sweep import parse_rule, sweep, text_loss_scorer
 
     for rule in args.rules:
         parse_rule(rule)  # a bad rule exits 2 before torch is imported
+    target = HubTarget(args.push_to_hub, private=args.private) if args.push_to_hub else None
     if args.lm_eval_tasks:
         scorer = _lm_eval_scorer(args)
     else:
@@ -258,12 +260,10 @@ def _run_sweep(args: argparse.Namespace) -> int:
             score=scorer,
             output_dir=args.output_dir,
             metric=getattr(scorer, "metric_name", f"loss per {args.per} (nats)"),
-            higher_is_better=getattr(scorer, "higher_is_better", False),
             alpha=args.alpha,
             source=args.source,
             overwrite=args.overwrite,
-            push_to_hub=args.push_to_hub,
-            private=args.private,
+            push_to_hub=target,
         )
     except Exception as e:
         if type(e).__name__ != "HubPushError":
@@ -358,8 +358,9 @@ def _warn_scopes(inputs: dict, options) -> None:
 def options_from_args(args: argparse.Namespace, base: dict | None = None):
     """`MergeOptions` from ``base`` settings (a recipe's) with the flags given on top; a progress bar by default."""
     from .merging import MergeOptions
+    from .merging.recipe import with_hub_flags
 
-    return MergeOptions(**{"progress": True, **(base or {}), **option_settings(args)})
+    return MergeOptions(**with_hub_flags({"progress": True, **(base or {}), **option_settings(args)}))
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@
 - `HubError` (a `RuntimeError`): the Hub refused or failed; `pmakit.io.hub.HubPushError` and
   `pmakit.io.hub.HubDownloadError`.
 - `TrainingError` (a `RuntimeError`): a training run cannot go on; `pmakit.training.BackgroundExportError`
-  and `pmakit.tools.spike.SpikeRecoveryError`.
+  and `pmakit.training.spike.SpikeRecoveryError`.
 - `pmakit.io.folders.DiskFullError` (an `OSError`): the disk filled up while a folder was written.
 
 Every message names what is wrong (tensor, file, field) in one line, and shows input values through

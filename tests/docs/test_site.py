@@ -42,7 +42,7 @@ WSA_FIELDS = ["weight", "target", "reference", "reference_weights", "layers"]
     [
         (f"{ARGUMENTS} pma_ -pma_spike_ -pma_wsa_", [f"pma_{f.name}" for f in dataclasses.fields(PmaConfig)]),
         (f"{ARGUMENTS} pma_wsa_", [f"pma_wsa_{name}" for name in WSA_FIELDS]),
-        ("pmakit.tools.spike.SpikeConfig interval num_samples", ["num_samples", "interval"]),
+        ("pmakit.training.spike_config.SpikeConfig interval num_samples", ["num_samples", "interval"]),
     ],
 )
 def test_prefixes_select_and_exclude_fields(spec, expected):
@@ -51,7 +51,7 @@ def test_prefixes_select_and_exclude_fields(spec, expected):
 
 def test_markers_are_replaced_and_bad_ones_fail_the_build():
     hook = _hook()
-    page = "before\n<!-- settings: pmakit.tools.wsa.WsaConfig -->\nafter"
+    page = "before\n<!-- settings: pmakit.training.wsa_config.WsaConfig -->\nafter"
     out = hook.expand_settings(page)
     assert out.startswith("before\n| name | default | meaning |") and "`weight`" in out and out.endswith("after")
     for spec, cause in [
@@ -80,12 +80,12 @@ def test_the_settings_pages_use_every_configuration_dataclass():
     dataclasses_with_tables = (
         "online.config.PmaConfig",
         "training.arguments.PmaArguments",
-        "tools.spike.SpikeConfig",
+        "training.spike_config.SpikeConfig",
         "merging.options.MergeOptions",
     )
     for dotted in dataclasses_with_tables:
         assert f"<!-- settings: pmakit.{dotted}" in pages, f"no settings table for {dotted}"
-    assert "<!-- settings: pmakit.tools.wsa.WsaConfig -->" in pages
+    assert "<!-- settings: pmakit.training.wsa_config.WsaConfig -->" in pages
 
 
 def test_api_reference_documents_every_public_name():

@@ -6,8 +6,9 @@ import pytest
 import yaml
 from huggingface_hub import HfApi, snapshot_download
 
+from pmakit import HubTarget
 from pmakit.cli import main
-from pmakit.merging import MergeError, merge
+from pmakit.merging import MergeError, MergeOptions, load_recipe, merge
 from tests.helpers.folders import read_folder, save_models
 
 
@@ -32,9 +33,7 @@ def test_merge_hub_models_push_and_download_back(local_hub, tmp_path, monkeypatc
         tmp_path / "out",
         algo="wma",
         max_shard_size="30KB",
-        push_to_hub="alice/merged",
-        private=True,
-        commit_message="PMA merge",
+        push_to_hub=HubTarget("alice/merged", private=True, commit_message="PMA merge"),
         cache_dir=tmp_path / "cache",
     )
     # the merge read the Hub copies: the same weights as the local folders, m1 from branch `dev`
@@ -114,3 +113,58 @@ def test_mistyped_local_path_says_both_local_and_hub(local_hub, tmp_path, monkey
     err = capsys.readouterr().err
     assert f"Input runs/ckpt is not a local folder (no {tmp_path / 'runs' / 'ckpt'})" in err
     assert "as a Hub id it failed" in err and "not found" in err
+
+
+def test_merge_old_hub_settings_warn_and_still_push(local_hub, tmp_path, monkeypatch):
+    folders = save_models(tmp_path, 2)
+    monkeypatch.setenv("HF_TOKEN", local_hub.write_token)
+    with pytest.warns(FutureWarning) as record:
+        merge(folders, tmp_path / "out", push_to_hub="alice/old", private=True, revision="b1", commit_message="old")
+    messages = [str(w.message) for w in record if issubclass(w.category, FutureWarning)]
+    assert len(messages) == 3 and all("of MergeOptions is deprecated" in m and "0.2.0" in m for m in messages)
+    assert local_hub.commits("alice/old", revision="b1")[0] == "old" and local_hub.repo("alice/old").private
+
+
+def test_cli_hub_flags_push_one_target_without_a_warning(local_hub, tmp_path, monkeypatch, recwarn):
+    folders = save_models(tmp_path, 2)
+    monkeypatch.setenv("HF_TOKEN", local_hub.write_token)
+    argv = ["average", *map(str, folders), "-o", str(tmp_path / "out"), "--push-to-hub", "alice/flags", "--private"]
+    assert main([*argv, "--revision", "b2", "--commit-message", "flags", "--no-progress"]) == 0
+    assert local_hub.commits("alice/flags", revision="b2")[0] == "flags" and local_hub.repo("alice/flags").private
+    assert not [w for w in recwarn if issubclass(w.category, FutureWarning)]
+
+
+def test_a_target_and_an_old_hub_setting_together_are_refused(tmp_path):
+    with pytest.warns(FutureWarning), pytest.raises(MergeError, match=r"put private=\.\.\. in the HubTarget"):
+        MergeOptions(push_to_hub=HubTarget("me/x"), private=True)
+    options = MergeOptions(push_to_hub=HubTarget("me/x", revision="v1"))
+    with pytest.warns(FutureWarning), pytest.raises(MergeError, match=r"put commit_message=\.\.\. in the HubTarget"):
+        merge([tmp_path / "missing"], tmp_path / "out", options=options, commit_message="m")
+    assert options.push_to_hub == HubTarget("me/x", revision="v1") and options.revision is None
+
+
+def test_the_options_token_pushes_when_the_target_has_none():
+    assert MergeOptions(push_to_hub="me/x", token="t1").hub_target("msg") == HubTarget(
+        "me/x", token="t1", commit_message="msg"
+    )
+    own = HubTarget("me/x", token="t2", commit_message="mine")
+    assert MergeOptions(push_to_hub=own, token="t1").hub_target("msg") == own
+
+
+def test_recipe_top_level_hub_keys_are_deprecated_and_folded(tmp_path):
+    (tmp_path / "r.yaml").write_text("models: [a]\npush_to_hub: me/x\nprivate: true\nrevision: v1\n")
+    with pytest.warns(FutureWarning) as record:
+        loaded = load_recipe(tmp_path / "r.yaml")
+    messages = [str(w.message) for w in record]
+    assert "The top-level recipe key `private` is deprecated" in messages[0] and "under `push_to_hub:`" in messages[0]
+    assert len(messages) == 2 and "`revision`" in messages[1]
+    assert loaded == {"models": ["a"], "push_to_hub": HubTarget("me/x", private=True, revision="v1")}
+    (tmp_path / "r.yaml").write_text("models: [a]\npush_to_hub: {repo_id: me/x, private: true}\nprivate: false\n")
+    with (
+        pytest.warns(FutureWarning),
+        pytest.raises(MergeError, match="`private` is given under `push_to_hub:` and at"),
+    ):
+        load_recipe(tmp_path / "r.yaml")
+    (tmp_path / "r.yaml").write_text("models: [a]\npush_to_hub: {repo_id: me/x, private: 'yes'}\n")
+    with pytest.raises(MergeError, match="`push_to_hub`: HubTarget `private` must be true or false"):
+        load_recipe(tmp_path / "r.yaml")

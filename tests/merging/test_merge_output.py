@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from pmakit import HubTarget
 from pmakit.io.safetensors import ShardWriter
 from pmakit.merging import RECIPE_FILE, MergeError, load_recipe, merge
 from tests.helpers.folders import make_tokenizer, read_folder, save_models
@@ -157,7 +158,7 @@ def test_recipe_keys_are_checked(tmp_path):
     with pytest.raises(MergeError, match="Unknown recipe key.*algoo"):
         load_recipe(tmp_path / "r.yaml")
     (tmp_path / "r.yaml").write_text("models: [a]\npush_to_hub: {repo_id: me/x, private: true}\n")
-    assert load_recipe(tmp_path / "r.yaml") == {"models": ["a"], "push_to_hub": "me/x", "private": True}
+    assert load_recipe(tmp_path / "r.yaml") == {"models": ["a"], "push_to_hub": HubTarget("me/x", private=True)}
 
 
 def test_interrupt_mid_write_leaves_nothing(tmp_path, monkeypatch):

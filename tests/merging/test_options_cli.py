@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from pmakit import HubTarget
 from pmakit.averaging import ALGORITHMS
 from pmakit.cli import build_parser, main, options_from_args
 from pmakit.merging import MergeOptions
 from pmakit.merging.options import option_fields
+from pmakit.merging.recipe import load_recipe
 from tests.helpers.folders import read_folder, save_models
 
 
@@ -73,10 +75,6 @@ OLD_FLAGS = [
     (["--overwrite"], "overwrite", True),
     (["--allow-nonfinite"], "allow_nonfinite", True),
     (["--allow-pickle"], "allow_pickle", True),
-    (["--push-to-hub", "me/model"], "push_to_hub", "me/model"),
-    (["--private"], "private", True),
-    (["--revision", "v2"], "revision", "v2"),
-    (["--commit-message", "merged"], "commit_message", "merged"),
     (["--dry-run"], "dry_run", True),
     (["--threads", "3"], "threads", 3),
     (["--no-progress"], "progress", False),
@@ -95,6 +93,23 @@ def test_old_average_flags_parse_to_the_same_values(argv, name, value):
     untouched = {k: v for k, v in OLD_CLI_DEFAULTS.items() if k != name and f"--{k}" not in argv}
     assert {k: getattr(options, k) for k in untouched} == untouched
     assert options.progress is (name != "progress")
+
+
+HUB_FLAGS = [
+    (["--push-to-hub", "me/model"], HubTarget("me/model")),
+    (["--push-to-hub", "me/model", "--private"], HubTarget("me/model", private=True)),
+    (["--push-to-hub", "me/model", "--revision", "v2"], HubTarget("me/model", revision="v2")),
+    (["--push-to-hub", "me/model", "--commit-message", "merged"], HubTarget("me/model", commit_message="merged")),
+    (["--private", "--revision", "v2"], None),  # no push: the Hub flags alone do nothing, as before
+]
+
+
+@pytest.mark.parametrize("argv, target", HUB_FLAGS, ids=[" ".join(a) for a, _ in HUB_FLAGS])
+def test_hub_flags_build_one_target_without_a_warning(argv, target, recwarn):
+    options = options_from_args(build_parser().parse_args(["average", "run", "-o", "out", *argv]))
+    assert options.push_to_hub == target
+    assert (options.private, options.revision, options.commit_message) == (False, None, None)
+    assert not [w for w in recwarn if issubclass(w.category, FutureWarning)]  # the flags are not deprecated
 
 
 def test_no_flags_gives_the_defaults_with_a_progress_bar():
@@ -143,7 +158,13 @@ def test_merge_flags_override_the_recipe(tmp_path, capsys):
     assert main(["merge", str(recipe), "-o", str(out), "--overwrite", "--algo", "sma", "--no-progress"]) == 0
     assert "alpha" not in yaml.safe_load((out / "pmakit_recipe.yaml").read_text())
     args = build_parser().parse_args(["merge", str(recipe), "--push-to-hub", "me/x", "--threads", "2"])
-    assert (options_from_args(args).push_to_hub, options_from_args(args).threads) == ("me/x", 2)
+    assert (options_from_args(args).push_to_hub, options_from_args(args).threads) == (HubTarget("me/x"), 2)
+    pushing = {"models": ["a"], "push_to_hub": {"repo_id": "me/x", "private": True, "revision": "v1"}}
+    recipe.write_text(yaml.safe_dump(pushing))
+    args = build_parser().parse_args(["merge", str(recipe), "--revision", "v2", "--commit-message", "m"])
+    settings = {k: v for k, v in load_recipe(recipe).items() if k != "models"}
+    target = HubTarget("me/x", private=True, revision="v2", commit_message="m")  # the flags over the recipe's
+    assert options_from_args(args, settings).push_to_hub == target
 
 
 def test_algo_choices_are_the_averaging_rules(capsys):

@@ -14,7 +14,7 @@ from pmakit.cli import main
 from pmakit.merging import MergeError, merge
 from pmakit.merging.plan import build_plan
 from pmakit.merging.sources import resolve_source
-from pmakit.tools.buffers import average_models
+from pmakit.soups.buffers import average_models
 from tests.helpers.folders import save_models
 
 
@@ -51,7 +51,7 @@ def test_batchnorm_counters_come_from_the_newest_and_floats_are_averaged(tmp_pat
             continue
         closed_form = sum(w / 6 * s[name].double() for w, s in zip(weights, states, strict=True))
         assert torch.equal(value, closed_form.float()), name  # fp64 accumulation: bitwise
-    # the same rule as the torch helpers of pmakit.tools.buffers, on the same models
+    # the same rule as the torch helpers of pmakit.soups.buffers, on the same models
     in_memory = average_models(models, weights)
     assert torch.equal(in_memory["1.num_batches_tracked"], out["1.num_batches_tracked"])
     assert all(torch.allclose(in_memory[k].double(), out[k].double(), rtol=1e-6, atol=1e-7) for k in out)

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from pmakit import HubTarget
 from pmakit.cli import main
 from pmakit.merging import MergeError, MergeOptions, load_recipe, merge
 from pmakit.merging.recipe import RECIPE_KEYS, options_from_recipe
@@ -58,12 +59,7 @@ def test_a_recipe_round_trips_through_options(tmp_path):
     inputs, options = options_from_recipe(path)
     assert inputs == {"models": ["a", "b", "c"], "output": "out"}
     assert options.weights == (1.0, 2.0, 3.0) and options.backbone_patterns == ("^lm_head\\.",)
-    assert (options.push_to_hub, options.private, options.revision, options.commit_message) == (
-        "me/merged",
-        True,
-        "v1",
-        "hi",
-    )
+    assert options.push_to_hub == HubTarget("me/merged", private=True, revision="v1", commit_message="hi")
     again = _write(tmp_path / "again.yaml", {"models": ["a", "b", "c"], **options.recipe_settings()})
     assert options_from_recipe(again)[1] == options
 

@@ -85,7 +85,9 @@ def test_sweep_and_scorer_equal_the_lm_eval_command(run_dir, tmp_path):
     assert printed["acc"] == pytest.approx(swept, abs=5e-5)
 
     scorer = lm_eval_scorer(TASK, include_path=DATA, metric="acc_norm")
-    assert scorer.higher_is_better and scorer(direct) == reference["acc_norm,none"]
+    assert scorer.greater_is_better and scorer(direct) == reference["acc_norm,none"]
+    with pytest.warns(FutureWarning, match="`LmEvalScorer.higher_is_better` is deprecated"):
+        assert scorer.higher_is_better  # the old name still reads
     assert printed["acc_norm"] == pytest.approx(reference["acc_norm,none"], abs=5e-5)
     best = max(float(r[column]) for r in rows)  # accuracy: the sweep keeps the highest
     assert f"| {best:.6g} | yes |" in (out / "sweep.md").read_text()

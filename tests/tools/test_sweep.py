@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Trainer
 
-from pmakit import ALGORITHMS, InputError, merge
+from pmakit import ALGORITHMS, HubTarget, InputError, merge
 from pmakit.cli import main
 from pmakit.tools.sweep import parse_rule, sweep, sweep_inputs, text_loss_scorer, trainer_scorer
 from tests.helpers.folders import make_tokenizer, read_folder
@@ -71,7 +71,7 @@ def test_sweep_writes_table_csv_plot_and_card(run_dir, tmp_path):
 
     out = tmp_path / "sweep"
     result = sweep(
-        run_dir, ["sma", "wma"], [1, 3], score=score, output_dir=out, metric="norm sum", higher_is_better=True
+        run_dir, ["sma", "wma"], [1, 3], score=score, output_dir=out, metric="norm sum", greater_is_better=True
     )
     assert len(calls) == 4 and result.best.score == max(r.score for r in result.rows)
     rows = list(csv.DictReader((out / "sweep.csv").open()))
@@ -146,8 +146,7 @@ def test_sweep_pushes_best_with_its_card(run_dir, held_out, local_hub, tmp_path,
         [2],
         score=text_loss_scorer(held_out, max_length=32),
         output_dir=tmp_path / "out",
-        push_to_hub="alice/swept",
-        private=True,
+        push_to_hub=HubTarget("alice/swept", private=True),
     )
     assert result.commit_url.startswith(f"{local_hub.endpoint}/alice/swept/commit/")
     remote = local_hub.files("alice/swept")

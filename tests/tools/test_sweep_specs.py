@@ -27,3 +27,26 @@ def test_spec_parameters_reach_the_merge(tmp_path):
         parse_rule("ema:2")
     with pytest.raises(InputError, match="Unknown sweep rule 'weights'"):
         parse_rule("weights")
+
+
+def test_step_aware_specs_reach_the_merge(tmp_path):
+    """Parameters with no merge setting of their own (``ema_halflife:h``, ``bema:...``) go to the merge in the spec."""
+    from pmakit import merge
+
+    folders = save_models(tmp_path, 3, names=["step-100", "step-200", "step-300"])
+    specs = ["ema_halflife:0.5", "ema_halflife:0.05", "bema:bias_power=1,lag=5"]
+    expected = {}
+    for spec in specs:
+        merge(folders, tmp_path / spec, algo=spec, progress=False)
+        expected[spec] = read_folder(tmp_path / spec)
+
+    def score_for(spec):
+        return lambda folder: max(float((read_folder(folder)[k] - v).abs().max()) for k, v in expected[spec].items())
+
+    for spec in specs:
+        result = sweep(folders, [spec], [3], score=score_for(spec), save_best=False)
+        assert result.rows[0].score == 0.0  # the same merge, bit for bit
+    # the two half-lives weigh the samples differently, so a spec's parameter is not lost on the way
+    assert any(not (expected[specs[0]][k] == expected[specs[1]][k]).all() for k in expected[specs[0]])
+    assert parse_rule("ema_halflife:0.25") == {"algo": "ema_halflife:0.25"}
+    assert parse_rule("decay:cosine") == {"algo": "decay", "decay_shape": "cosine"}

@@ -10,8 +10,8 @@ import yaml
 from transformers import HfArgumentParser
 
 from pmakit import PmaArguments, PmaConfig
-from pmakit.tools.spike import SpikeConfig
-from pmakit.tools.wsa import WsaConfig
+from pmakit.training.spike_config import SpikeConfig
+from pmakit.training.wsa_config import WsaConfig
 
 
 # field -> (a value other than its default, the other settings that value needs)

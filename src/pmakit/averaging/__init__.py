@@ -59,20 +59,9 @@ from __future__ import annotations
 
 from . import rules as _rules  # noqa: F401 (registers the rules)
 from .law import AveragingRule, fold_coefficients, merge_weights
-from .registry import (
-    MissingParameterError,
-    Param,
-    RangeError,
-    Rule,
-    RuleError,
-    UnknownRuleError,
-    UnusedParameterError,
-    parse_spec,
-    register,
-    rule_class,
-    rule_names,
-    spec_forms,
-)
+from .registry import *  # noqa: F403 (the registry's public names, listed once in its __all__)
+from .registry import __all__ as _registry_names
+from .registry import rule_names
 from .shapes import DECAY_SHAPES, DecayShape
 from .tensors import AVERAGED, COPIED_FROM_NEWEST, tensor_merge_action
 
@@ -84,23 +73,12 @@ __all__ = [
     "DECAY_SHAPES",
     "AveragingRule",
     "DecayShape",
-    "MissingParameterError",
-    "Param",
-    "RangeError",
-    "Rule",
-    "RuleError",
-    "UnknownRuleError",
-    "UnusedParameterError",
     "fold_coefficients",
     "merge_weights",
-    "parse_spec",
-    "register",
-    "rule_class",
-    "rule_names",
-    "spec_forms",
     "tensor_merge_action",
+    *_registry_names,
 ]
 
 ALGORITHMS: tuple[str, ...] = rule_names()
-"""The registered rules, in order: ``sma``, ``ema``, ``ema_corrected``, ``wma``, ``weights``, ``decay``,
-``ema_halflife``."""
+"""The registered rules, in registration order: ``sma``, ``ema``, ``ema_corrected``, ``wma``, ``weights``,
+``decay``, ``ema_halflife``, ``bema``."""

@@ -17,7 +17,7 @@ def tensor_merge_action(is_floating_point: bool) -> str:
     ``num_batches_tracked``, masks, position ids) are copied from the newest sample:
     :data:`COPIED_FROM_NEWEST`, because averaging a counter turns it into a fraction and the
     newest model's count is the one that goes with its statistics. The offline merger (from
-    safetensors dtypes) and `pmakit.tools.buffers` (from torch dtypes) both follow it.
+    safetensors dtypes) and `pmakit.soups.buffers` (from torch dtypes) both follow it.
 
     Args:
         is_floating_point: whether the tensor holds floating-point values.

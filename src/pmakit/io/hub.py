@@ -37,7 +37,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import get_token
 
 from ..errors import HubError, InputError, brief
-from .hub_target import HubTarget
+from .hub_target import HubTarget, hub_target_of
 
 
 __all__ = [
@@ -230,12 +230,12 @@ def push_folder_to_hub(
     folder: str | os.PathLike,
     repo_id: str | HubTarget,
     *,
-    private: bool | None = False,
+    private: bool | None = None,
     revision: str | None = None,
     commit_message: str | None = None,
     token: str | None = None,
     path_in_repo: str | None = None,
-    create_pr: bool = False,
+    create_pr: bool | None = None,
 ) -> str:
     """Upload the model folder ``folder`` to a Hub repo and return the commit URL.
 
@@ -247,30 +247,21 @@ def push_folder_to_hub(
 
     Args:
         folder: A finished model folder.
-        repo_id: ``namespace/name``, or a `HubTarget` holding every setting (the keywords are then ignored).
+        repo_id: ``namespace/name`` (with the keywords below), or a `HubTarget` holding every setting.
 
     Returns:
         The URL of the commit (or of the pull request's commit).
 
     Raises:
-        ValueError: the repo id is malformed or the folder is empty.
+        ValueError: the repo id is malformed, a `HubTarget` comes with keywords, or the folder is empty.
         InputError: a symlink in the folder points outside it (its target is named; nothing is sent).
         FileNotFoundError: ``folder`` is not a folder.
         HubPushError: the Hub refused or failed (after retries of transient errors). The local
             folder is kept; the message says where it is.
     """
-    target = (
-        repo_id
-        if isinstance(repo_id, HubTarget)
-        else HubTarget(
-            repo_id,
-            private=private,
-            revision=revision,
-            commit_message=commit_message,
-            token=token,
-            path_in_repo=path_in_repo,
-            create_pr=create_pr,
-        )
+    settings = dict(private=private, revision=revision, commit_message=commit_message, token=token)
+    target = hub_target_of(
+        repo_id, where="push_folder_to_hub", path_in_repo=path_in_repo, create_pr=create_pr, **settings
     )
     folder = Path(folder).expanduser().resolve()
     if not folder.is_dir():

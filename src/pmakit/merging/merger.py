@@ -257,8 +257,9 @@ def merge(
     :class:`pmakit.averaging.AveragingRule`, the same law as online PMA. ``backbone_only`` keeps
     embeddings, LM head and final norm of ``base_model``.
     Floats are accumulated in ``accumulate_dtype`` and written in the inputs' dtype unless
-    ``out_dtype``. ``push_to_hub`` is a repo id; the token comes from ``token``, the environment or
-    the saved login, and is never printed. Every setting is a field of :class:`MergeOptions`.
+    ``out_dtype``. ``push_to_hub`` is a repo id or a `HubTarget`; the token comes from the target,
+    ``token``, the environment or the saved login, and is never printed. Every setting is a field of
+    :class:`MergeOptions`.
 
     Args:
         models: model folders or Hub ids, oldest first (or one run folder).

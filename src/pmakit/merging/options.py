@@ -36,9 +36,10 @@ from ..averaging import (
     parse_spec,
     rule_class,
 )
+from ..deprecation import REMOVED_IN
 from ..errors import InputError, MergeError, brief
 from ..io.dtype_names import canonical_dtype, parse_size
-from ..io.hub_target import HubTarget, check_repo_id
+from ..io.hub_target import HubTarget, as_hub_target
 from .sources import KINDS
 
 
@@ -55,6 +56,12 @@ DEFAULT_BLOCK_ELEMENTS = 1 << 18
 def _opt(default: Any, help: str, **meta: Any) -> Any:
     """A dataclass field with its help text and CLI/recipe metadata."""
     return field(default=default, metadata={"help": help, **meta})
+
+
+def _old_hub_opt(default: Any, name: str, flag_help: str, metavar: str | None = None) -> Any:
+    """A separate Hub setting, deprecated in Python (it goes in the `HubTarget`); its CLI flag stays."""
+    help = f"Deprecated (removed in {REMOVED_IN}): write `push_to_hub=HubTarget(repo_id, {name}=...)`."
+    return _opt(default, help, flag_help=flag_help, **({"metavar": metavar} if metavar else {}))
 
 
 @dataclass(frozen=True)
@@ -170,13 +177,15 @@ class MergeOptions:
         False, "Accept pickled checkpoints (.bin, FSDP DCP, DeepSpeed ZeRO), read by an allow-list unpickler."
     )
     # the Hub
-    push_to_hub: str | None = _opt(
-        None, "Push the merged folder to this Hub repo (name or namespace/name).", metavar="REPO_ID"
+    push_to_hub: str | HubTarget | None = _opt(
+        None,
+        "Push the merged folder to this Hub repo (name or namespace/name) or `pmakit.HubTarget`.",
+        metavar="REPO_ID",
     )
-    private: bool = _opt(False, "Create the Hub repo private (only when it does not exist yet).")
-    revision: str | None = _opt(None, "Hub branch to push to (created when missing).", metavar="BRANCH")
-    commit_message: str | None = _opt(
-        None, "Hub commit message; default names the rule and the number of inputs.", metavar="MESSAGE"
+    private: bool = _old_hub_opt(False, "private", "Create the Hub repo private (only when it does not exist yet).")
+    revision: str | None = _old_hub_opt(None, "revision", "Hub branch to push to (created when missing).", "BRANCH")
+    commit_message: str | None = _old_hub_opt(
+        None, "commit_message", "Hub commit message; default names the rule and the number of inputs.", "MESSAGE"
     )
     token: str | None = field(
         default=None,
@@ -221,6 +230,7 @@ class MergeOptions:
         _check_choices(self)
         _check_ranges(self)
         _check_formats(self)
+        _fold_hub_settings(self)
         self.rule()
 
     def rule(self) -> AveragingRule:
@@ -243,16 +253,12 @@ class MergeOptions:
             raise MergeError(str(e)) from e
 
     def hub_target(self, default_message: str | None = None) -> HubTarget | None:
-        """Where the merged folder goes on the Hub, or ``None`` without ``push_to_hub``."""
-        if self.push_to_hub is None:
+        """Where the merged folder goes on the Hub (the options' ``token`` unless the target has one), or None."""
+        target = self.push_to_hub
+        if target is None:
             return None
-        return HubTarget(
-            self.push_to_hub,
-            private=self.private,
-            revision=self.revision,
-            token=self.token,
-            commit_message=self.commit_message or default_message,
-        )
+        message = target.commit_message or default_message
+        return dataclasses.replace(target, token=target.token or self.token, commit_message=message)
 
     def recipe_settings(self) -> dict[str, Any]:
         """The recipe fields whose value differs from the default (a minimal, reproducible recipe)."""
@@ -281,7 +287,10 @@ def recipe_fields() -> tuple[dataclasses.Field, ...]:
 
 
 def _plain(value: Any) -> Any:
-    """A YAML-friendly value: tuples become lists."""
+    """A YAML-friendly value: tuples become lists, a `HubTarget` the recipe's mapping (never its token)."""
+    if isinstance(value, HubTarget):
+        fields = dataclasses.asdict(value)
+        return {k: v for k, v in fields.items() if k != "token" and v != getattr(HubTarget, k, None)}
     return list(value) if isinstance(value, tuple) else value
 
 
@@ -334,6 +343,8 @@ def _convert_scalar(value: Any, hint: Any) -> Any:
         return float(value) if isinstance(value, (int, float)) else _MISMATCH
     if hint is str:
         return os.fspath(value) if isinstance(value, (str, os.PathLike)) else _MISMATCH
+    if hint is HubTarget:
+        return value if isinstance(value, HubTarget) else _MISMATCH
     return _MISMATCH  # pragma: no cover - every field type is handled above
 
 
@@ -371,8 +382,17 @@ def _check_formats(options: MergeOptions) -> None:
         parse_size(options.max_shard_size)
         if options.out_dtype is not None:
             canonical_dtype(options.out_dtype, "out_dtype")
-        if options.push_to_hub is not None:
-            check_repo_id(options.push_to_hub)
     except (InputError, ValueError) as e:
+        raise MergeError(str(e)) from e
+
+
+def _fold_hub_settings(options: MergeOptions) -> None:
+    """``push_to_hub`` becomes one `HubTarget`; the deprecated separate Hub fields are folded into it (warned)."""
+    legacy = dict(private=options.private or None, revision=options.revision, commit_message=options.commit_message)
+    try:
+        target = as_hub_target(options.push_to_hub, where="MergeOptions", **legacy)
+    except InputError as e:
         message = str(e)
         raise MergeError(message if "`" in message else f"`push_to_hub`: {message}") from e
+    for name, value in {"push_to_hub": target, "private": False, "revision": None, "commit_message": None}.items():
+        object.__setattr__(options, name, value)

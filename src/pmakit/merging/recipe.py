@@ -39,26 +39,25 @@ YAML aliases (``*name``) are refused: a kilobyte of nested aliases expands to bi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..errors import MergeError, brief
+from ..deprecation import warn_deprecated
+from ..errors import InputError, MergeError, brief
+from ..io.hub_target import HubTarget
 from .options import MergeOptions, recipe_fields
 
 
-__all__ = ["INPUT_KEYS", "RECIPE_KEYS", "load_recipe", "options_from_recipe"]
+__all__ = ["INPUT_KEYS", "RECIPE_KEYS", "load_recipe", "options_from_recipe", "with_hub_flags"]
 
 INPUT_KEYS: tuple[str, ...] = ("models", "run_dir", "output")
 RECIPE_KEYS: tuple[str, ...] = (*INPUT_KEYS, *(f.name for f in recipe_fields()))
-_PUSH_KEYS = {
-    "repo_id": "push_to_hub",
-    "private": "private",
-    "revision": "revision",
-    "commit_message": "commit_message",
-}
+_PUSH_KEYS = ("repo_id", "private", "revision", "commit_message")
+_LOOSE_PUSH_KEYS = ("private", "revision", "commit_message")  # the command line's flags; old top-level recipe keys
 _MERGEKIT_KEYS = frozenset({"merge_method", "parameters", "dtype", "tokenizer_source", "tokenizer"})
 
 
@@ -141,16 +140,9 @@ def _read_yaml(path: Path) -> dict:
 
 
 def _split(data: dict) -> tuple[dict, dict]:
-    """Separate the inputs from the settings; flatten the ``push_to_hub`` mapping; refuse unknown keys."""
+    """Separate the inputs from the settings; ``push_to_hub`` becomes one `HubTarget`; refuse unknown keys."""
     data = dict(data)
-    push = data.get("push_to_hub")
-    if isinstance(push, dict):
-        unknown = sorted(set(push) - set(_PUSH_KEYS))
-        if unknown or "repo_id" not in push:
-            raise MergeError(
-                f"`push_to_hub` takes {', '.join(_PUSH_KEYS)} (repo_id required), got {brief(sorted(map(str, push)))}."
-            )
-        data.update({_PUSH_KEYS[k]: v for k, v in push.items()})
+    _fold_push(data)
     unknown = sorted(set(data) - set(RECIPE_KEYS), key=str)
     if unknown:
         raise MergeError(
@@ -164,6 +156,43 @@ def _split(data: dict) -> tuple[dict, dict]:
     inputs = {k: data.pop(k) for k in INPUT_KEYS if k in data}
     _check_inputs(inputs)
     return inputs, data
+
+
+def _fold_push(data: dict) -> None:
+    """``push_to_hub`` (a repo id or a mapping) as one `HubTarget`; old top-level push keys fold in, with a warning."""
+    loose = {k: data.pop(k) for k in _LOOSE_PUSH_KEYS if k in data}
+    for key in loose:
+        warn_deprecated(f"The top-level recipe key `{key}`", f"write it under `push_to_hub:` ({key}: ...)")
+    push = data.get("push_to_hub")
+    push = {"repo_id": push} if isinstance(push, str) else dict(push) if isinstance(push, dict) else None
+    if push is None:
+        return  # no push (loose keys alone never pushed), or a value MergeOptions names
+    if sorted(set(push) - set(_PUSH_KEYS)) or "repo_id" not in push:
+        raise MergeError(
+            f"`push_to_hub` takes {', '.join(_PUSH_KEYS)} (repo_id required), got {brief(sorted(map(str, push)))}."
+        )
+    twice = sorted(set(loose) & set(push))
+    if twice:
+        raise MergeError(f"`{twice[0]}` is given under `push_to_hub:` and at the top level; give it once.")
+    data["push_to_hub"] = _hub_target(push.pop("repo_id"), {**push, **loose})
+
+
+def _hub_target(repo: str | HubTarget, settings: dict) -> HubTarget:
+    """``repo`` (a repo id or a target) with ``settings`` on top, as one `HubTarget`."""
+    try:
+        return dataclasses.replace(repo if isinstance(repo, HubTarget) else HubTarget(repo), **settings)
+    except InputError as e:
+        raise MergeError(f"`push_to_hub`: {e}") from None
+
+
+def with_hub_flags(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with ``private``/``revision``/``commit_message`` (the command line's flags) folded into
+    ``push_to_hub``: one `HubTarget`, the flags over a recipe's values. Without a push the flags do nothing."""
+    settings = dict(settings)
+    flags = {k: settings.pop(k) for k in _LOOSE_PUSH_KEYS if k in settings}
+    if settings.get("push_to_hub") is not None:
+        settings["push_to_hub"] = _hub_target(settings["push_to_hub"], flags)
+    return settings
 
 
 def _check_inputs(inputs: dict) -> None:

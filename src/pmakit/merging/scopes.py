@@ -3,8 +3,9 @@
 Averaging models whose layers have different scales (a "scope", after Weight Scope Alignment,
 arXiv 2408.12237) is a warning sign. This module measures the scopes of saved model folders
 without torch, streaming each tensor from its memory-mapped safetensors file in chunks with
-fp64 sums, and flags the layers whose scopes differ. `pmakit.tools.scope` adds live models,
-state dicts and scope fusion on top.
+fp64 sums, flags the layers whose scopes differ, and fuses several models' scopes into one target.
+This is the one scopes module: `pmakit.soups.scopes` is its torch front-end (live models, state
+dicts and tensors are measured there, with the same chunked reduction and the same checks).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import mmap
 import os
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..errors import InputError, brief
 from ..io.safetensors import FLOAT_DTYPES, TensorInfo, storage_dtype
 from .checkpoints import read_checkpoint_tensors
 from .convert import widen_bf16_bits
@@ -34,7 +36,10 @@ __all__ = [
     "compare_scopes",
     "folder_scopes",
     "format_scope_report",
+    "fuse_scopes",
+    "is_scope_map",
     "is_selected",
+    "scope_of_chunks",
     "warn_on_scope_differences",
     "welford_merge",
 ]
@@ -82,20 +87,33 @@ def chunk_stats(values: np.ndarray) -> tuple[int, float, float]:
     return flat.size, mean, float(np.square(flat - mean).sum())
 
 
-def _stored_scope(maps: Mapping[Path, mmap.mmap], info: TensorInfo) -> Scope:
-    """One tensor's scope, chunk by chunk, across the files its pieces lie in (sharded checkpoints)."""
+Stats = tuple[int, float, float]
+
+
+def scope_of_chunks(chunks: Iterable, stats: Callable[[object], Stats] = chunk_stats) -> Scope:
+    """The scope of the values in ``chunks``, each reduced by ``stats`` and folded exactly (`welford_merge`).
+
+    The torch front-end passes tensor chunks and a torch ``stats``; everything after the per-chunk
+    reduction is shared.
+    """
+    total: Stats = (0, 0.0, 0.0)
+    for chunk in chunks:
+        total = welford_merge(total, stats(chunk))
+    n, mean, m2 = total
+    return Scope(mean, math.sqrt(m2 / n) if n else 0.0, n)
+
+
+def _stored_chunks(maps: Mapping[Path, mmap.mmap], info: TensorInfo):
+    """One tensor's values, chunk by chunk, across the files its pieces lie in (sharded checkpoints)."""
     dtype = storage_dtype(info.dtype)
-    stats = (0, 0.0, 0.0)
     for start in range(0, info.numel, CHUNK_ELEMENTS):
         end = min(info.numel, start + CHUNK_ELEMENTS)
         for file, byte, lo, hi in info.spans(start, end):
             chunk = np.frombuffer(maps[file], dtype, hi - lo, byte)
             if info.dtype == "BF16":  # bit patterns: widened exactly, no ml_dtypes import
                 chunk = widen_bf16_bits(chunk, np.empty(chunk.size, np.float32))
-            stats = welford_merge(stats, chunk_stats(chunk))
+            yield chunk
             del chunk
-    n, mean, m2 = stats
-    return Scope(mean, math.sqrt(m2 / n), n)
 
 
 def folder_scopes(
@@ -119,7 +137,7 @@ def folder_scopes(
                 if file not in maps:
                     fh = stack.enter_context(open(file, "rb"))
                     maps[file] = stack.enter_context(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))
-            scopes[name] = _stored_scope(maps, info)
+            scopes[name] = scope_of_chunks(_stored_chunks(maps, info))
     return scopes
 
 
@@ -194,11 +212,93 @@ def format_scope_report(
     return "\n".join(lines)
 
 
+def _normalised(weights: Sequence[float] | None, count: int) -> list[float]:
+    if weights is None:
+        return [1.0 / count] * count
+    weights = [float(w) for w in weights]
+    if len(weights) != count:
+        raise InputError(f"`weights` has {len(weights)} entries for {count} models.")
+    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise InputError(f"`weights` must be finite, non-negative and not all zero; got {brief(weights)}.")
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def fuse_scopes(scopes: Sequence[Mapping[str, Scope]], weights: Sequence[float] | None = None) -> ScopeMap:
+    """One target scope per layer from several models: the moments of their weighted mixture.
+
+    With normalised weights ``p_k`` the fused layer is the Gaussian matching the mixture
+    ``sum_k p_k N(mu_k, sigma_k^2)``: ``mu = sum_k p_k mu_k`` and
+    ``sigma^2 = sum_k p_k (sigma_k^2 + mu_k^2) - mu^2``. With equal weights and equal layer sizes
+    this is exactly the mean and std of all the models' weights pooled together. The WSA paper
+    fuses scopes for multi-stage merges but our notes do not give its formula; this is our choice.
+    Every model must have the same layers.
+
+    Args:
+        scopes: One ``{layer: Scope}`` per model.
+        weights: Mixture weights (None: equal).
+
+    Returns:
+        ``{layer: Scope}`` of the fused target.
+
+    Raises:
+        ValueError: no models, models with different layers, or bad weights.
+    """
+    if not scopes:
+        raise InputError("fuse_scopes needs at least one model's scopes.")
+    probs = _normalised(weights, len(scopes))
+    names = list(scopes[0])
+    for k, other in enumerate(scopes[1:], start=1):
+        missing = [n for n in names if n not in other]
+        extra = [n for n in other if n not in scopes[0]]
+        if missing or extra:
+            raise InputError(
+                f"Model {k} does not have the same layers as model 0 (missing {missing[:3]}, extra {extra[:3]})."
+            )
+    fused: ScopeMap = {}
+    for name in names:
+        mean = sum(p * s[name].mean for p, s in zip(probs, scopes, strict=True))
+        second = sum(p * (s[name].std ** 2 + s[name].mean ** 2) for p, s in zip(probs, scopes, strict=True))
+        fused[name] = Scope(mean, math.sqrt(max(second - mean * mean, 0.0)), scopes[0][name].numel)
+    return fused
+
+
+def is_scope_map(value: object) -> bool:
+    """Whether ``value`` is already measured (``{layer: Scope}``), as opposed to something to measure."""
+    return isinstance(value, Mapping) and all(isinstance(s, Scope) for s in value.values())
+
+
+def _measured(value: object, measure: dict) -> ScopeMap:
+    if is_scope_map(value):
+        return dict(value)
+    if isinstance(value, (str, os.PathLike)):
+        return folder_scopes(value, **measure)
+    raise InputError(
+        f"Scopes are compared from `{{layer: Scope}}` maps or model folders; got {brief(value)} "
+        "(modules and state dicts: `pmakit.soups.scopes.warn_on_scope_differences`)."
+    )
+
+
 def warn_on_scope_differences(
-    scopes: Sequence[Mapping[str, Scope]], threshold: float = DEFAULT_THRESHOLD, *, stacklevel: int = 2
+    inputs: Sequence, threshold: float = DEFAULT_THRESHOLD, *, stacklevel: int = 2, **measure
 ) -> list[ScopeDifference]:
-    """Warn (``UserWarning``) naming the layers whose scopes differ beyond ``threshold``; return them."""
-    flagged = compare_scopes(scopes, threshold)
+    """Warn (``UserWarning``) naming the layers whose scopes differ beyond ``threshold``; return them.
+
+    Meant to run before a merge: averaging models whose layer scales differ can land in a region
+    of higher loss; WSA training (`pmakit.training.wsa`) keeps runs that will be merged aligned.
+
+    Args:
+        inputs: ``{layer: Scope}`` maps, or model folders (measured with `folder_scopes`); the torch
+            front-end of the same name also takes modules and state dicts.
+        threshold: Flag a layer when ``max(std ratio - 1, mean spread / std)`` exceeds it.
+        stacklevel: Where the warning points: 1, the line that calls this function; 2 (the
+            default, for the merger), its caller.
+        **measure: ``min_ndim`` / ``pattern``, for the inputs that are measured here.
+
+    Returns:
+        The flagged layers, worst first (empty when the scopes agree).
+    """
+    flagged = compare_scopes([_measured(x, measure) for x in inputs], threshold)
     if flagged:
         worst = ", ".join(
             f"{d.name} (std ratio {d.std_ratio:.3f}, mean shift {d.mean_shift:.3f})" for d in flagged[:5]

@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Sequence
 
 from ..errors import MergeError
+from ..io.hub_target import HubTarget, as_hub_target
 from ..merging.merger import MergeResult, merge
 
 
@@ -58,7 +59,7 @@ class WeightedAverageForLLama:
         backbone_only: bool = True,
         merged_model_save_path: str | os.PathLike | None = None,
         save_tokenizer: bool = True,
-        push_to_hub: bool | str = False,
+        push_to_hub: str | HubTarget | bool | None = None,
         *,
         base_model: str | os.PathLike | None = None,
         **merge_kwargs,
@@ -72,7 +73,8 @@ class WeightedAverageForLLama:
                 norm by default) come unchanged from ``base_model``, else from the first model.
             merged_model_save_path: the output folder (default: a temporary one, removed after loading).
             save_tokenizer: copy the tokenizer files.
-            push_to_hub: a repo id, or ``True`` for the save path's folder name.
+            push_to_hub: a repo id or a `HubTarget`. ``True`` (deprecated) pushes to the save path's folder
+                name; ``False`` is no push.
             base_model: a base model kept apart (not averaged): the donor of config, tokenizer and, with
                 ``backbone_only``, of the tensors outside the backbone.
             **merge_kwargs: further settings of :func:`pmakit.merge` (``accumulate_dtype``, ``out_dtype``, ...).
@@ -87,11 +89,13 @@ class WeightedAverageForLLama:
         self.merge_kwargs = merge_kwargs
         self.result: MergeResult | None = None
 
-    def _repo_id(self) -> str | None:
-        if not self.push_to_hub:
-            return None
-        if isinstance(self.push_to_hub, str):
+    def _hub_target(self) -> str | HubTarget | None:
+        """``push_to_hub`` for `merge` (which checks it): ``True`` (deprecated) names the save path's folder."""
+        if not isinstance(self.push_to_hub, bool):
             return self.push_to_hub
+        return as_hub_target(self.push_to_hub, where="WeightedAverageForLLama", repo_for_true=self._repo_for_true)
+
+    def _repo_for_true(self) -> str:
         if self.merged_model_save_path is None:
             raise MergeError("push_to_hub=True needs merged_model_save_path (its name is the repo id) or a repo id.")
         return os.path.basename(os.path.normpath(self.merged_model_save_path))
@@ -118,7 +122,7 @@ class WeightedAverageForLLama:
             backbone_only=self.backbone_only,
             base_model=base,
             save_tokenizer=self.save_tokenizer,
-            push_to_hub=self._repo_id(),
+            push_to_hub=self._hub_target(),
         )
         if self.base_model is None:  # FusionBench's donor is the first model; merge()'s the newest
             settings["config_source"] = "first"

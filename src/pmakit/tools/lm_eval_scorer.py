@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
+from ..deprecation import warn_deprecated
 from ..errors import InputError, brief
 
 
@@ -78,8 +79,8 @@ class LmEvalScorer:
     """``score(folder) -> float``: the mean of one lm-eval metric over tasks, for `sweep`; see `lm_eval_scorer`.
 
     Attributes:
-        higher_is_better: Whether a larger score is better (lm-eval's own direction for the metric); pass it to
-            `sweep`.
+        greater_is_better: Whether a larger score is better (lm-eval's own direction for the metric); `sweep`
+            reads it. ``higher_is_better`` is its deprecated name.
         metric_name: A label for the sweep table, e.g. ``"hellaswag acc_norm (lm-eval)"``.
         last_results: lm-eval's per-task results of the last scored folder.
     """
@@ -90,7 +91,7 @@ class LmEvalScorer:
         from lm_eval.api.registry import is_higher_better
 
         direction = is_higher_better(metric.split(",")[0])
-        self.higher_is_better = True if direction is None else bool(direction)
+        self.greater_is_better = True if direction is None else bool(direction)
         self.metric_name = f"{' '.join(tasks)} {metric} (lm-eval)"
         self.last_results: dict = {}
 
@@ -98,6 +99,12 @@ class LmEvalScorer:
         model_args = {**self._model_args, "pretrained": str(folder)}
         self.last_results = _evaluate("hf", self.tasks, self._manager, model_args=model_args, **self._options)
         return _mean_metric(self.last_results, self.tasks, self.metric)
+
+    @property
+    def higher_is_better(self) -> bool:
+        """Deprecated name of ``greater_is_better``."""
+        warn_deprecated("`LmEvalScorer.higher_is_better`", "read `greater_is_better`")
+        return self.greater_is_better
 
 
 def _mean_metric(results: dict, tasks: list[str], metric: str) -> float:
@@ -141,7 +148,7 @@ def lm_eval_scorer(
         model_args: Further ``HFLM`` arguments (``dtype``, ``trust_remote_code``...), as in ``--model_args``.
 
     Returns:
-        An `LmEvalScorer`: ``score(folder) -> float``, with ``higher_is_better`` to pass to `sweep`.
+        An `LmEvalScorer`: ``score(folder) -> float``, with the ``greater_is_better`` that `sweep` reads.
 
     Raises:
         ImportError: lm-eval is not installed (the message names the ``lm-eval`` extra).

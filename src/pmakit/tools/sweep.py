@@ -8,7 +8,7 @@ and CSV) and a plot of score against window, one line per rule. The best candida
 
 Scores come from a user function ``score(folder) -> float``, from a Trainer's ``evaluate`` (`trainer_scorer`)
 or from the causal-LM loss on a held-out text file (`text_loss_scorer`, what ``pmakit sweep --text`` uses).
-Lower is better unless ``higher_is_better``.
+Lower is better unless ``greater_is_better`` (by default the scorer's own ``greater_is_better``, if it has one).
 
 Everything that can be checked is checked before the first merge: the rules, windows, inputs and merge
 settings (each candidate is planned from the headers), the output folder, and the scorer (`text_loss_scorer`
@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import averaging
+from ..deprecation import greater_is_better_of, renamed_keyword, warn_deprecated
 from ..errors import InputError, brief
 from ..io.folders import atomic_directory, output_lock, scratch_directory
-from ..io.hub_target import HubTarget
+from ..io.hub_target import HubTarget, as_hub_target
 
 
 __all__ = [
@@ -55,7 +56,9 @@ _STEP = re.compile(r"^(?:checkpoint|step)-(\d+)$")
 def parse_rule(spec: str) -> dict:
     """The `pmakit.merge` keywords of a rule spec: ``ema``, ``ema:0.1``, ``decay:SHAPE``.
 
-    The spec is parsed by `pmakit.averaging.parse_spec` and its parameters checked by the rule.
+    The spec is parsed by `pmakit.averaging.parse_spec` and its parameters checked by the rule. Parameters
+    that are merge settings (``alpha``, ``decay_shape``) become keywords; a spec with others
+    (``ema_halflife:0.25``, ``bema:lag=20``) is passed whole as ``algo``, which the merge parses again.
 
     Raises:
         InputError: the rule is unknown or cannot be swept (``weights``), or a parameter is refused (the
@@ -68,6 +71,10 @@ def parse_rule(spec: str) -> dict:
         raise InputError(f"Unknown sweep rule {brief(spec)}; valid rules: {valid}.") from None
     except averaging.RuleError as e:
         raise InputError(f"Rule {brief(spec)}: {str(e).rstrip('.')}; valid rules: {valid}.") from None
+    from ..merging.options import option_fields
+
+    if set(params) - {f.name for f in option_fields()}:
+        return {"algo": spec}
     return {"algo": algo, **params}
 
 
@@ -96,7 +103,7 @@ class SweepResult:
 
     rows: list[SweepRow]
     best: SweepRow
-    higher_is_better: bool
+    greater_is_better: bool
     table_md: Path | None = None
     table_csv: Path | None = None
     plot: Path | None = None
@@ -104,6 +111,12 @@ class SweepResult:
     best_folder: Path | None = None
     commit_url: str | None = None
     markdown: str = field(default="", repr=False)
+
+    @property
+    def higher_is_better(self) -> bool:
+        """Deprecated name of `greater_is_better`."""
+        warn_deprecated("`SweepResult.higher_is_better`", "read `greater_is_better`")
+        return self.greater_is_better
 
 
 def _step_of(folder: Path) -> int | None:
@@ -162,7 +175,8 @@ def _candidates(rules: Sequence[str], windows: Sequence[int], n_inputs: int) -> 
 def _candidate_settings(candidate: Candidate, alpha: float, options: dict) -> dict:
     """The `pmakit.merge` settings of one candidate: the sweep's options, its alpha unless the spec gives one."""
     rule = parse_rule(candidate.rule)
-    swept = {"alpha": alpha} if "alpha" in averaging.rule_class(rule["algo"]).param_names() else {}
+    name = averaging.parse_spec(candidate.rule)[0]
+    swept = {"alpha": alpha} if "alpha" in averaging.rule_class(name).param_names() else {}
     return {**options, **swept, **rule}
 
 
@@ -217,11 +231,11 @@ def _score_candidate(inputs, candidate, scratch: Path, score: Scorer, alpha: flo
     return SweepRow(candidate.rule, candidate.window, _step_of(window[0]), _step_of(window[-1]), value)
 
 
-def _best(rows: list[SweepRow], higher_is_better: bool) -> SweepRow:
+def _best(rows: list[SweepRow], greater_is_better: bool) -> SweepRow:
     finite = [r for r in rows if math.isfinite(r.score)]
     if not finite:
         raise InputError("No sweep candidate got a finite score.")
-    return (max if higher_is_better else min)(finite, key=lambda r: r.score)
+    return (max if greater_is_better else min)(finite, key=lambda r: r.score)
 
 
 def _markdown(rows: list[SweepRow], best: SweepRow, metric: str) -> str:
@@ -280,7 +294,7 @@ def _write_reports(result: SweepResult, out: Path, metric: str) -> None:
 
 def _card_section(result: SweepResult, metric: str) -> str:
     best = result.best
-    direction = "higher" if result.higher_is_better else "lower"
+    direction = "higher" if result.greater_is_better else "lower"
     return (
         "\n## Sweep\n\n"
         f"Chosen by `pmakit sweep` as the best of {len(result.rows)} candidate merges by {metric} "
@@ -310,15 +324,16 @@ def sweep(
     score: Scorer,
     output_dir: str | os.PathLike | None = None,
     metric: str = "score",
-    higher_is_better: bool = False,
+    greater_is_better: bool | None = None,
     alpha: float = 0.2,
     source: str = "auto",
     save_best: bool = True,
     overwrite: bool = False,
     push_to_hub: str | HubTarget | None = None,
-    private: bool = False,
-    token: str | None = None,
     merge_options: dict | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+    higher_is_better: bool | None = None,
 ) -> SweepResult:
     """Merge and score every (rule, window) candidate; write the table and plot; save and push the best.
 
@@ -330,15 +345,18 @@ def sweep(
         score: ``score(folder) -> float`` on a merged model folder (`text_loss_scorer`, `trainer_scorer`).
         output_dir: Where ``sweep.md``, ``sweep.csv``, ``sweep.png`` and ``best/`` go (None: write nothing).
         metric: The score's name in the table, the plot and the card.
-        higher_is_better: Pick the largest score instead of the smallest.
+        greater_is_better: Pick the largest score instead of the smallest (default: the scorer's own
+            ``greater_is_better`` attribute, e.g. `lm_eval_scorer`'s, else False).
         alpha: EMA weight of the newest sample for ``ema`` and ``ema_corrected``.
         source: ``auto``, ``samples`` or ``checkpoints`` for a run folder.
         save_best: Merge the best candidate again into ``output_dir/best`` with a card recording the sweep.
         overwrite: Replace an existing ``output_dir/best``.
-        push_to_hub: Repo id (or `HubTarget`) to push ``best/`` to; needs ``output_dir`` and ``save_best``.
-        private: Create the Hub repo private.
-        token: Hub token (else the environment or the saved login).
+        push_to_hub: Repo id or `HubTarget` (private, token...) to push ``best/`` to; needs ``output_dir`` and
+            ``save_best``.
         merge_options: Further `pmakit.merge` keywords (``accumulate_dtype``, ``out_dtype``, ``threads``...).
+        private: Deprecated: ``push_to_hub=HubTarget(repo_id, private=True)``.
+        token: Deprecated: ``push_to_hub=HubTarget(repo_id, token=...)``.
+        higher_is_better: Deprecated name of ``greater_is_better``.
 
     Returns:
         A `SweepResult`.
@@ -350,7 +368,11 @@ def sweep(
     """
     folders = sweep_inputs(inputs, source)
     candidates = _candidates(rules, list(windows), len(folders))
-    target = _hub_target(push_to_hub, private, token, output_dir, save_best)
+    target = _hub_target(push_to_hub, output_dir, save_best, private=private, token=token)
+    greater = renamed_keyword(
+        greater_is_better, higher_is_better, new="greater_is_better", old="higher_is_better", where="sweep"
+    )
+    greater = greater if greater is not None else bool(greater_is_better_of(score))
     out = Path(output_dir) if output_dir is not None else None
     if out is not None:
         _check_output_dir(out, save_best, overwrite)
@@ -359,7 +381,7 @@ def sweep(
     _check_scorer(score, plans[0].donor.path)
     with output_lock(out) if out is not None else nullcontext(), scratch_directory("pmakit-sweep") as scratch:
         rows = [_score_candidate(folders, c, scratch, score, alpha, options) for c in candidates]
-        result = SweepResult(rows=rows, best=_best(rows, higher_is_better), higher_is_better=higher_is_better)
+        result = SweepResult(rows=rows, best=_best(rows, greater), greater_is_better=greater)
         result.markdown = _markdown(rows, result.best, metric)
         if out is not None:
             _finish(result, folders, out, alpha, options, metric, overwrite, save_best, target)
@@ -377,19 +399,12 @@ def _finish(result: SweepResult, folders, out: Path, alpha, options, metric, ove
         result.commit_url = push_folder_to_hub(result.best_folder, target)
 
 
-def _hub_target(push_to_hub, private: bool, token, output_dir, save_best: bool) -> HubTarget | None:
-    if push_to_hub is None:
-        return None
-    if output_dir is None or not save_best:
+def _hub_target(push_to_hub, output_dir, save_best: bool, **deprecated) -> HubTarget | None:
+    message = "Upload the best merge of a pmakit sweep"
+    target = as_hub_target(push_to_hub, where="sweep", default_message=message, **deprecated)
+    if target is not None and (output_dir is None or not save_best):
         raise InputError("`push_to_hub` pushes the saved best model: give `output_dir` and keep `save_best`.")
-    if isinstance(push_to_hub, HubTarget):
-        return push_to_hub
-    try:
-        return HubTarget(
-            push_to_hub, private=private, token=token, commit_message="Upload the best merge of a pmakit sweep"
-        )
-    except ValueError as e:
-        raise InputError(str(e)) from None
+    return target
 
 
 def load_weights_into(model, folder: str | os.PathLike) -> None:

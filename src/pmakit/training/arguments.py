@@ -17,9 +17,9 @@ from ..errors import InputError
 from ..online.config import PmaConfig
 from ..online.windows import WSD
 from ..settings import prefixed_settings, setting, settle_in_place, unprefixed, with_settings
-from ..tools.spike import SpikeConfig
-from ..tools.wsa import WsaConfig
 from .schedule import check_wsd_scheduler
+from .spike_config import SpikeConfig
+from .wsa_config import WsaConfig
 
 
 __all__ = ["PmaArguments"]
@@ -98,7 +98,7 @@ class PmaArguments(TrainingArguments):
 
     @property
     def pma_wsa_config(self) -> WsaConfig | None:
-        """The WSA settings as a `pmakit.tools.wsa.WsaConfig`, or None while `pma_wsa_weight` is 0 (off)."""
+        """The WSA settings as a `pmakit.training.wsa_config.WsaConfig`, or None while `pma_wsa_weight` is 0 (off)."""
         if not self.pma_wsa_weight:
             return None
         return WsaConfig(**unprefixed(self, WsaConfig, "pma_wsa_"))

@@ -8,14 +8,16 @@ the Trainer allows under FSDP (it refuses ``optimizers=`` there).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from transformers import TrainingArguments, get_scheduler
 
+from ..deprecation import warn_deprecated
 from ..errors import InputError
 from ..io.hub import push_folder_to_hub
-from ..io.hub_target import HubTarget
+from ..io.hub_target import HubTarget, as_hub_target
 from ..online.config import PmaConfig
 from ..online.distributed import is_main_process, unwrap_optimizer
 from ..online.engine import PmaEngine, attach_engine
@@ -106,7 +108,7 @@ class PmaAdamW(torch.optim.AdamW):
         super().__init__(params, **adamw_kwargs)
         self.pma_engine = _attach(self, _as_config(pma), pma_model, output_dir, processing_class)
 
-    def pma_finish(self, *, push_to_hub: bool = False, **hub_settings) -> Path | None:
+    def pma_finish(self, *, push_to_hub: str | HubTarget | None = None, **hub_settings) -> Path | None:
         """End of training: write the final (partial) cycle to ``pma/`` and push it when asked (see `finish_pma`)."""
         return finish_pma(self, push_to_hub=push_to_hub, **hub_settings)
 
@@ -198,7 +200,7 @@ def _trainer_settings(args, optimizer_cls, optimizer_kwargs: dict, num_training_
 def finish_pma(
     optimizer: torch.optim.Optimizer,
     *,
-    push_to_hub: bool = False,
+    push_to_hub: str | HubTarget | bool | None = None,
     hub_model_id: str | None = None,
     token: str | None = None,
     private: bool | None = None,
@@ -207,40 +209,50 @@ def finish_pma(
     """End of training for the optimizer route: what `PmaCallback` does at ``on_train_end``.
 
     Waits for a background export, writes ``output_dir/pma`` from the unfinished cycle when no
-    cycle completed, and with ``push_to_hub`` uploads ``pma/`` to ``hub_model_id`` (default: the
-    config's ``hub_model_id``). Call it on every process once training ends (a sharded model is
-    gathered); only the main process writes and pushes.
+    cycle completed, and with ``push_to_hub`` uploads ``pma/`` there. Call it on every process once
+    training ends (a sharded model is gathered); only the main process writes and pushes.
 
     Args:
         optimizer: a `PmaAdamW` or an optimizer from `create_pma_optimizer` (Accelerate wrappers are fine).
-        push_to_hub: upload ``pma/`` after writing it.
-        hub_model_id: the Hub repo to push to (default: the PMA settings' ``hub_model_id``).
-        token: the Hub token (default: ``HF_TOKEN``, else the stored login).
-        private: create the repo private (only when it does not exist yet).
-        revision: the branch to push to, created from main when missing.
+        push_to_hub: the repo id, or a `HubTarget` (token, private, revision...), to upload ``pma/`` to.
+            ``True`` (deprecated) pushes to ``hub_model_id``, else the PMA settings' ``hub_model_id``.
+        hub_model_id: deprecated: ``push_to_hub="namespace/name"``.
+        token: deprecated: ``push_to_hub=HubTarget(repo_id, token=...)``.
+        private: deprecated: ``push_to_hub=HubTarget(repo_id, private=True)``.
+        revision: deprecated: ``push_to_hub=HubTarget(repo_id, revision=...)``.
 
     Returns:
         The ``pma`` folder on the main process (None elsewhere, or when no sample was taken).
 
     Raises:
-        ValueError: the optimizer carries no PMA exporter, or a push has no repo id.
+        ValueError: the optimizer carries no PMA exporter, a push has no repo id, or a `HubTarget` is
+            given together with a separate Hub setting.
     """
     engine: PmaEngine | None = getattr(unwrap_optimizer(optimizer), "_pma_engine", None)
     exporter = next((h for h in engine._handlers if isinstance(h, PmaExporter)), None) if engine else None
     if exporter is None:
         raise InputError("This optimizer writes no PMA folders: create it with `output_dir=` (and the model).")
-    repo_id = hub_model_id or exporter.config.hub_model_id
-    if push_to_hub and not repo_id:
-        raise InputError("`push_to_hub` needs `hub_model_id` (or `hub_model_id` in the PMA settings).")
-    folder = exporter.finish(engine)
-    if folder is None or not push_to_hub or not exporter.is_main_process:
-        return folder
-    target = HubTarget(
-        repo_id,
-        private=private,
-        revision=revision,
-        token=token,
-        commit_message=f"PMA merged model (end of training, step {engine.step})",
+    target = _finish_target(
+        push_to_hub, hub_model_id, exporter.config, token=token, private=private, revision=revision
     )
-    push_folder_to_hub(folder, target)
+    folder = exporter.finish(engine)
+    if folder is None or target is None or not exporter.is_main_process:
+        return folder
+    message = f"PMA merged model (end of training, step {engine.step})"
+    push_folder_to_hub(folder, target if target.commit_message else replace(target, commit_message=message))
     return folder
+
+
+def _finish_target(push_to_hub, hub_model_id: str | None, config: PmaConfig, **deprecated) -> HubTarget | None:
+    """`finish_pma`'s push target: the one `as_hub_target`, plus its deprecated ``hub_model_id``."""
+    if hub_model_id is not None:
+        warn_deprecated("`hub_model_id=` of finish_pma", "pass the repo id: push_to_hub='namespace/name'")
+        if not isinstance(push_to_hub, bool) and push_to_hub is not None:
+            raise InputError("finish_pma: give the repo in `push_to_hub` only, not also `hub_model_id`.")
+
+    def repo_for_true() -> str:
+        if not (hub_model_id or config.hub_model_id):
+            raise InputError("`push_to_hub=True` needs `hub_model_id` (or `hub_model_id` in the PMA settings).")
+        return hub_model_id or config.hub_model_id
+
+    return as_hub_target(push_to_hub, where="finish_pma", repo_for_true=repo_for_true, **deprecated)

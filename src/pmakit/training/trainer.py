@@ -6,10 +6,10 @@ from transformers import DefaultFlowCallback, Trainer, TrainingArguments
 
 from ..online.config import PmaConfig
 from ..online.engine import PmaEngine
-from ..tools.spike import SpikeRecoveryCallback
-from ..tools.wsa import add_wsa
 from .arguments import PmaArguments
 from .callback import PmaCallback
+from .spike import SpikeRecoveryCallback
+from .wsa import add_wsa
 
 
 __all__ = ["PmaTrainer"]
@@ -48,7 +48,7 @@ class PmaTrainer(Trainer):
         handler.insert(1 if handler and isinstance(handler[0], DefaultFlowCallback) else 0, self.pma_callback)
         self.wsa_callback = None
         wsa_config = args.pma_wsa_config if isinstance(args, PmaArguments) else None
-        if wsa_config is not None:  # WSA loss term (pmakit.tools.wsa), logged as `wsa_loss`
+        if wsa_config is not None:  # WSA loss term (pmakit.training.wsa), logged as `wsa_loss`
             self.wsa_callback = add_wsa(self, wsa_config)
         self.spike_callback = None
         if isinstance(args, PmaArguments) and args.pma_spike_recovery:

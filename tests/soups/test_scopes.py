@@ -7,14 +7,15 @@ import math
 import pytest
 import torch
 
+from pmakit.errors import InputError
 from pmakit.merging import scopes as merging_scopes
-from pmakit.tools.scope import (
+from pmakit.soups.scopes import (
     Scope,
     compare_scopes,
     compute_scopes,
     format_scope_report,
     fuse_scopes,
-    warn_if_scopes_differ,
+    warn_on_scope_differences,
 )
 from tests.helpers.models import tiny_llama
 
@@ -105,8 +106,24 @@ def test_compare_flags_exactly_the_rescaled_layer(tmp_path):
     assert len(flagged_rows) == 1 and "up_proj" in flagged_rows[0] and "1.500" in flagged_rows[0]
     base.save_pretrained(tmp_path / "a")
     other.save_pretrained(tmp_path / "b")
-    with pytest.warns(UserWarning, match="up_proj"):
-        assert len(warn_if_scopes_differ([tmp_path / "a", tmp_path / "b"], 0.1)) == 1
+    for inputs in ([tmp_path / "a", tmp_path / "b"], [base, other], [s0, other.state_dict()], [tmp_path / "a", s1]):
+        with pytest.warns(UserWarning, match="up_proj") as seen:
+            assert [d.name for d in warn_on_scope_differences(inputs, 0.1)] == ["model.layers.1.mlp.up_proj.weight"]
+        assert seen[0].filename == __file__  # the line that called it
+
+
+def test_the_torch_free_core_compares_folders_and_scope_maps_and_refuses_modules(tmp_path):
+    base, other = tiny_llama(seed=5), tiny_llama(seed=5)
+    with torch.no_grad():
+        other.model.layers[0].mlp.gate_proj.weight.mul_(0.5)
+    base.save_pretrained(tmp_path / "a")
+    with pytest.warns(UserWarning, match="gate_proj"):
+        flagged = merging_scopes.warn_on_scope_differences([tmp_path / "a", compute_scopes(other)], 0.1, stacklevel=1)
+    assert [d.name for d in flagged] == ["model.layers.0.mlp.gate_proj.weight"]
+    assert flagged[0].std_ratio == pytest.approx(2.0, rel=1e-9)
+    with pytest.raises(InputError, match="pmakit.soups.scopes"):
+        merging_scopes.warn_on_scope_differences([base, other])
+    assert merging_scopes.fuse_scopes is fuse_scopes  # one implementation, re-exported by the front-end
 
 
 def test_cli_inspect_scopes_and_merge_warning(tmp_path, capsys):

@@ -31,6 +31,7 @@ from torch.func import functional_call
 from ..errors import InputError
 from ..io.cards import build_model_card
 from ..io.folders import atomic_directory
+from ..io.hub_target import HubTarget, as_hub_target
 from ..io.weight_files import find_weight_files
 from .weighted_sum import weighted_sum
 
@@ -133,8 +134,8 @@ class LearnedSoup:
         path: str | os.PathLike,
         *,
         processing_class=None,
-        push_to_hub: str | None = None,
-        private: bool = False,
+        push_to_hub: str | HubTarget | None = None,
+        private: bool | None = None,
         revision: str | None = None,
         commit_message: str | None = None,
         token: str | None = None,
@@ -143,23 +144,22 @@ class LearnedSoup:
         """Write the soup as a model folder (``model`` is the template: config and save format), optionally push it.
 
         The folder is built aside and renamed into place; the card (README.md) lists the coefficients.
+        ``push_to_hub`` is a repo id or a `HubTarget`; ``private``, ``revision``, ``commit_message`` and
+        ``token`` beside it are deprecated (they go in the `HubTarget`).
         """
+        hub = dict(private=private, revision=revision, commit_message=commit_message, token=token)
+        target = as_hub_target(
+            push_to_hub, where="LearnedSoup.save", default_message="Upload learned soup (pmakit)", **hub
+        )
         with atomic_directory(path, overwrite=overwrite) as tmp:
             model.save_pretrained(tmp, state_dict=dict(self.state_dict))  # save_pretrained may consume the dict
             if processing_class is not None and hasattr(processing_class, "save_pretrained"):
                 processing_class.save_pretrained(tmp)
             (tmp / "README.md").write_text(self.model_card(), encoding="utf-8")
-        if push_to_hub:
+        if target is not None:
             from ..io.hub import push_folder_to_hub
 
-            push_folder_to_hub(
-                path,
-                push_to_hub,
-                private=private,
-                revision=revision,
-                commit_message=commit_message or "Upload learned soup (pmakit)",
-                token=token,
-            )
+            push_folder_to_hub(path, target)
         return Path(path)
 
 

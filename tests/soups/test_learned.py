@@ -7,7 +7,8 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from pmakit.tools.learned_soup import fit_learned_soup, soup_loss
+from pmakit import HubTarget
+from pmakit.soups.learned import fit_learned_soup, soup_loss
 from tests.helpers.models import TokenDataset, tiny_llama
 
 
@@ -92,9 +93,7 @@ def test_soup_pushed_to_the_hub_with_its_card(local_hub, tmp_path):
     soup.save(
         tiny_llama(seed=0),
         tmp_path / "soup",
-        push_to_hub="soup",
-        token=local_hub.write_token,
-        commit_message="Add learned soup",
+        push_to_hub=HubTarget("soup", token=local_hub.write_token, commit_message="Add learned soup"),
     )
     files = local_hub.files("alice/soup")
     assert files["README.md"] == (tmp_path / "soup" / "README.md").read_bytes()

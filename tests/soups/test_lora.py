@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from pmakit.averaging import merge_weights
-from pmakit.tools.lora import average_lora_adapters, load_lora_adapter, lora_deltas
+from pmakit.soups.lora import average_lora_adapters, load_lora_adapter, lora_deltas
 from tests.helpers.models import SEQ, VOCAB, tiny_llama
 
 
@@ -63,7 +63,7 @@ def adapters(tmp_path_factory):
 
 
 def _reference(paths, weights):
-    """Dense fp64 reference, independent of pmakit.tools.lora: sum_i w_i (alpha_i/r_i or alpha_i/sqrt r_i) B_i A_i."""
+    """Dense fp64 reference, independent of pmakit.soups.lora: sum_i w_i (alpha_i/r_i or alpha_i/sqrt r_i) B_i A_i."""
     out = {}
     for path, w in zip(paths, weights, strict=True):
         cfg = json.loads((path / "adapter_config.json").read_text())

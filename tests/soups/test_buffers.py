@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pmakit.tools.buffers import average_models, merge_buffers, update_bn
+from pmakit.soups.buffers import average_models, merge_buffers, update_bn
 
 
 class SmallCNN(nn.Module):

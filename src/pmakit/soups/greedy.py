@@ -11,7 +11,7 @@ Memory: one fp32 running average of the kept ingredients plus the evaluation mod
 is read tensor by tensor from memory-mapped safetensors, so memory does not grow with the
 number of candidates. The running average follows `pmakit.averaging` (SMA: ``c_k = 1/k``).
 
-The evaluation is a function ``evaluate(model) -> float`` or a `transformers.Trainer` with an
+The evaluation is a function ``score(model) -> float`` or a `transformers.Trainer` with an
 eval set (``trainer.evaluate()[metric_key]``, e.g. ``eval_loss``; lower is better for losses).
 The result is written like any merge: an atomic folder with the config and tokenizer of the best
 ingredient and a model card listing each candidate with its score and whether it was kept; it
@@ -24,15 +24,17 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from ..averaging import AveragingRule
+from ..deprecation import greater_is_better_of, renamed_keyword
 from ..errors import InputError, brief
 from ..io.cards import build_model_card
 from ..io.folders import atomic_directory, check_output_outside_inputs
+from ..io.hub_target import HubTarget, as_hub_target
 from ..io.side_files import copy_side_files
 from ..io.weight_files import find_weight_files
 from .weighted_sum import weighted_sum
@@ -127,10 +129,10 @@ def _load(model_state: dict, cand: _Candidate, keys: Sequence[str]) -> None:
         target.copy_(value)
 
 
-def _make_scorer(evaluate, metric_key: str | None, greater_is_better: bool | None):
+def _make_scorer(score, metric_key: str | None, greater_is_better: bool | None):
     """(score function of the model, metric name, greater_is_better) for a callable or a Trainer."""
-    if hasattr(evaluate, "evaluate") and hasattr(evaluate, "model"):
-        trainer = evaluate
+    if hasattr(score, "evaluate") and hasattr(score, "model"):
+        trainer = score
         args = trainer.args
         key = metric_key or getattr(args, "metric_for_best_model", None) or "eval_loss"
         if not key.startswith("eval_"):
@@ -143,23 +145,24 @@ def _make_scorer(evaluate, metric_key: str | None, greater_is_better: bool | Non
         if trainer.eval_dataset is None:
             raise InputError("The Trainer passed to greedy_soup needs an `eval_dataset` (the held-out set).")
 
-        def score(model) -> float:
+        def by_trainer(model) -> float:
             metrics = trainer.evaluate()
             if key not in metrics:
                 raise KeyError(f"The Trainer's evaluation has no metric {brief(key)}; it returned {sorted(metrics)}.")
             return float(metrics[key])
 
-        return score, key, greater_is_better, trainer.model
-    if not callable(evaluate):
-        raise TypeError("`evaluate` must be a function model -> float or a transformers Trainer with an eval set.")
+        return by_trainer, key, greater_is_better, trainer.model
+    if not callable(score):
+        raise TypeError("`score` must be a function model -> float or a transformers Trainer with an eval set.")
+    greater_is_better = greater_is_better if greater_is_better is not None else greater_is_better_of(score)
     if greater_is_better is None:
-        raise InputError("With an evaluation function, say whether higher is better: greater_is_better=True or False.")
-    return (lambda model: float(evaluate(model))), metric_key or "score", greater_is_better, None
+        raise InputError("With a score function, say whether higher is better: greater_is_better=True or False.")
+    return (lambda model: float(score(model))), metric_key or "score", greater_is_better, None
 
 
 def greedy_soup(
     candidates: Sequence[str | os.PathLike],
-    evaluate: Callable[[torch.nn.Module], float] | object,
+    score: Callable[[torch.nn.Module], float] | object = None,
     *,
     output_dir: str | os.PathLike | None = None,
     model: torch.nn.Module | None = None,
@@ -168,15 +171,16 @@ def greedy_soup(
     metric_key: str | None = None,
     strict: bool = False,
     overwrite: bool = False,
-    push_to_hub: str | None = None,
-    private: bool = False,
+    push_to_hub: str | HubTarget | None = None,
+    private: bool | None = None,
     revision: str | None = None,
     commit_message: str | None = None,
     token: str | None = None,
+    evaluate: Callable[[torch.nn.Module], float] | object = None,
 ) -> GreedySoupResult:
     """Build a greedy soup of ``candidates`` (model folders with safetensors weights).
 
-    ``evaluate`` scores the model it is given (its weights are set to the candidate or trial soup
+    ``score`` scores the model it is given (its weights are set to the candidate or trial soup
     first), or is a `Trainer` whose model is used. ``model`` is the evaluation model for a
     function (default: ``AutoModelForCausalLM.from_pretrained`` of the first candidate).
     ``scores`` are the candidates' own held-out scores if already known (skips evaluating them
@@ -186,19 +190,21 @@ def greedy_soup(
 
     Args:
         candidates: Model folders, in any order (they are sorted by their own score).
-        evaluate: A function ``model -> score`` or a `transformers.Trainer` with an eval set.
+        score: A function ``model -> score`` or a `transformers.Trainer` with an eval set.
         output_dir: Where the soup is written (None: not written).
-        model: The evaluation model for a function ``evaluate``.
+        model: The evaluation model for a function ``score``.
         scores: The candidates' own scores, if known.
-        greater_is_better: Direction of the score (a Trainer's metric sets it).
+        greater_is_better: Direction of the score (default: the Trainer's metric, or the function's own
+            ``greater_is_better`` attribute).
         metric_key: The Trainer metric to use (default: its ``metric_for_best_model`` or ``eval_loss``).
         strict: Keep a candidate only if the score strictly improves.
         overwrite: Replace an existing output folder.
-        push_to_hub: A repo id to push the soup to.
-        private: Create the Hub repo private.
-        revision: Hub branch to push to.
-        commit_message: Hub commit message.
-        token: Hub token.
+        push_to_hub: A repo id or `HubTarget` (private, revision, commit message, token) to push the soup to.
+        private: Deprecated: ``push_to_hub=HubTarget(repo_id, private=True)``.
+        revision: Deprecated: ``push_to_hub=HubTarget(repo_id, revision=...)``.
+        commit_message: Deprecated: ``push_to_hub=HubTarget(repo_id, commit_message=...)``.
+        token: Deprecated: ``push_to_hub=HubTarget(repo_id, token=...)``.
+        evaluate: Deprecated name of ``score``.
 
     Returns:
         What was tried and kept, the final score, and where the soup went.
@@ -206,15 +212,18 @@ def greedy_soup(
     Raises:
         FileNotFoundError: a candidate folder is missing.
         KeyError: the Trainer's evaluation has no ``metric_key``.
-        TypeError: ``evaluate`` is neither a function nor a Trainer.
+        TypeError: ``score`` is neither a function nor a Trainer.
         ValueError: no candidates or one listed twice, candidates whose tensors differ, a Trainer
             without ``eval_dataset``, a function without ``greater_is_better``, one score per
             candidate missing, or ``push_to_hub`` without ``output_dir``.
     """
+    score = renamed_keyword(score, evaluate, new="score", old="evaluate", where="greedy_soup")
     folders = _candidate_folders(candidates, scores)
-    if push_to_hub and output_dir is None:
+    hub = dict(private=private, revision=revision, commit_message=commit_message, token=token)
+    target = as_hub_target(push_to_hub, where="greedy_soup", **hub)
+    if target is not None and output_dir is None:
         raise InputError("`push_to_hub` uploads the written soup: pass `output_dir` too.")
-    score_fn, metric, higher, trainer_model = _make_scorer(evaluate, metric_key, greater_is_better)
+    score_fn, metric, higher, trainer_model = _make_scorer(score, metric_key, greater_is_better)
     model = _evaluation_model(model, trainer_model, folders)
     with ExitStack() as stack:
         cands = [_Candidate(f, stack) for f in folders]
@@ -223,8 +232,8 @@ def greedy_soup(
     result = GreedySoupResult(steps, run.current, higher, strict, metric=metric)
     if output_dir is not None:
         result.output_dir = _write(model, Path(output_dir), best.folder, result, overwrite)
-        if push_to_hub:
-            result.hub_url = _push(result, push_to_hub, private, revision, commit_message, token)
+        if target is not None:
+            result.hub_url = _push(result, target)
     return result
 
 
@@ -328,17 +337,13 @@ def _mixed(average: torch.Tensor, cand: _Candidate, key: str, c: float, dtype: t
     )
 
 
-def _push(result: GreedySoupResult, repo_id: str, private, revision, commit_message, token) -> str:
+def _push(result: GreedySoupResult, target: HubTarget) -> str:
     from ..io.hub import push_folder_to_hub
 
-    return push_folder_to_hub(
-        result.output_dir,
-        repo_id,
-        private=private,
-        revision=revision,
-        commit_message=commit_message or f"Greedy soup of {len(result.kept)} of {len(result.steps)} candidates",
-        token=token,
-    )
+    if target.commit_message is None:
+        message = f"Greedy soup of {len(result.kept)} of {len(result.steps)} candidates"
+        target = replace(target, commit_message=message)
+    return push_folder_to_hub(result.output_dir, target)
 
 
 def _write(model, output: Path, best: Path, result: GreedySoupResult, overwrite: bool) -> Path:

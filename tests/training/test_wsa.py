@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
-from pmakit.tools import wsa as wsa_mod
-from pmakit.tools.scope import Scope, compute_scopes, fuse_scopes
-from pmakit.tools.wsa import WsaConfig, WsaRegularizer, add_wsa, wsa_target_scopes
+from pmakit.soups.scopes import Scope, compute_scopes, fuse_scopes, tensor_scope
+from pmakit.training import wsa as wsa_mod
 from pmakit.training.arguments import PmaArguments
+from pmakit.training.wsa import WsaConfig, WsaRegularizer, add_wsa, wsa_target_scopes
 from tests.helpers.models import TokenDataset, tiny_llama
 
 
@@ -208,7 +208,7 @@ def test_pma_trainer_wsa_logged_and_target_survives_resume(tmp_path):
         pma_save=False,
     )
     model = tiny_llama(seed=0)
-    init = {n: Scope(*wsa_mod._scope_of(p)) for n, p in model.named_parameters() if p.dim() >= 2}
+    init = {n: tensor_scope(p) for n, p in model.named_parameters() if p.dim() >= 2}
     trainer = PmaTrainer(model=model, args=_args(PmaArguments, tmp_path, **kw), train_dataset=data)
     trainer.train()
     losses = [h["wsa_loss"] for h in trainer.state.log_history if "wsa_loss" in h]

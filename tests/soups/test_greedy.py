@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pmakit.tools.greedy_soup import greedy_soup
+from pmakit import HubTarget
+from pmakit.soups.greedy import greedy_soup
 from tests.helpers.models import TokenDataset, tiny_llama
 
 
@@ -106,7 +107,10 @@ def test_with_trainer_eval_loss_and_hub_push(setup, tmp_path, local_hub):
     )
     trainer = Trainer(model=tiny_llama(0), args=args, eval_dataset=data)
     result = greedy_soup(
-        folders, trainer, output_dir=tmp_path / "soup", push_to_hub="alice/soup", token=local_hub.write_token
+        folders,
+        trainer,
+        output_dir=tmp_path / "soup",
+        push_to_hub=HubTarget("alice/soup", token=local_hub.write_token),
     )
 
     def eval_loss(model) -> float:  # independent of the Trainer: mean of the two 16-sample batch losses

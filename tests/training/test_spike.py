@@ -10,7 +10,7 @@ import torch
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from pmakit import PmaArguments, PmaTrainer
-from pmakit.tools.spike import SpikeConfig, SpikeRecoveryCallback, SpikeRecoveryError
+from pmakit.training.spike import SpikeConfig, SpikeRecoveryCallback, SpikeRecoveryError
 from tests.helpers.models import TokenDataset, tiny_llama
 from tests.helpers.training import SnapshotCallback, plain_args, pma_args
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pmakit.tools.weighted_sum import weighted_sum
+from pmakit.soups.weighted_sum import weighted_sum
 
 
 U32 = 2.0**-24  # unit roundoff of fp32

@@ -1,4 +1,4 @@
-"""The one weighted sum of torch tensors used by the tools (buffers, LoRA averaging, soups).
+"""The one weighted sum of torch tensors used by the soups (buffers, LoRA averaging, soups) and spike recovery.
 
 Each tool used to accumulate ``sum_i w_i t_i`` its own way (fp32 here, fp64 there, some checking
 shapes, some not). This is the single implementation: the terms are added in input order into a
