@@ -144,6 +144,7 @@ class PmaEngine:
         self._keys = slot_keys(self.rule)  # the tensors kept per parameter: the average, then the rule's anchors
         self._handlers: list[CycleHandler] = []
         self._sample_handlers: list[CycleHandler] = []
+        self._fold_handlers: list[CycleHandler] = []
         self._groups: list[_Group] | None = None
         self._signature: tuple | None = None
         self._pending: list[threading.Thread] = []
@@ -265,6 +266,14 @@ class PmaEngine:
         if handler not in self._sample_handlers:
             self._sample_handlers.append(handler)
 
+    def add_fold_handler(self, handler: CycleHandler) -> None:
+        """Run ``handler(engine, step)`` after every sample (e.g. `pmakit.online.schedule.MergeWindows`).
+
+        Like a sample handler, but for every sample: after the fold, before the cycle end.
+        """
+        if handler not in self._fold_handlers:
+            self._fold_handlers.append(handler)
+
     def drive_externally(self, param_source: Callable[[], list[list[torch.Tensor]]]) -> None:
         """Stop counting the optimizer's own ``step`` calls: the owner calls `on_step` once per real step.
 
@@ -316,6 +325,8 @@ class PmaEngine:
         if self.config.is_stored_step(step):
             for handler in list(self._sample_handlers):  # before a write-back changes the live weights
                 handler(self, step)
+        for handler in list(self._fold_handlers):
+            handler(self, step)
         if k >= self.config.fused_num:
             self._end_cycle(step)
 
