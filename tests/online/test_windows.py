@@ -71,6 +71,10 @@ STEPS = dict(interleave_step=100, merge_window=200)
         (dict(merge_steps=[400], offload="cpu", **STEPS), "`offload`='cpu' is not supported with a schedule"),
         (dict(merge_steps=[400], export="async", **STEPS), "`export`='async' is not supported with a schedule"),
         (
+            dict(merge_steps=[400], fused_algo="bema:lag=5", **STEPS),
+            "`fused_algo`='bema:lag=5' needs a copy of each cycle's first sample beside the average",
+        ),
+        (
             dict(merge_steps=[400], eval=True, eval_lm_eval_tasks=["arc_easy"], **STEPS),
             "`eval_lm_eval_tasks`=.* is not supported with a schedule",
         ),

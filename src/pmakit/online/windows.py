@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..averaging import RuleError, parse_spec, rule_class
 from ..errors import InputError, brief
 
 
@@ -173,11 +174,23 @@ _REFUSED = (
     ("offload", lambda v: v == "cpu", "is not supported with a schedule: the windows are kept beside the weights"),
     ("export", lambda v: v == "async", "is not supported with a schedule: scheduled merges are written synchronously"),
     (
+        "fused_algo",
+        lambda v: isinstance(v, str) and bool(_anchors_of(v)),
+        "needs a copy of each cycle's first sample beside the average, which a schedule's windows do not keep",
+    ),
+    (
         "eval_lm_eval_tasks",
         bool,
         "is not supported with a schedule: scheduled merges are scored by the Trainer's evaluation only",
     ),
 )
+
+
+def _anchors_of(spec: str) -> tuple[str, ...]:
+    try:
+        return rule_class(parse_spec(spec)[0]).anchors
+    except RuleError:  # a bad spec is named by its own check
+        return ()
 
 
 def _check_companions(values: Mapping[str, Any], name: Name) -> None:
