@@ -69,7 +69,6 @@ TOO_LONG = {
     "io/hub.py",
     "io/torch_pickle.py",
     "merging/plan.py",
-    "online/engine.py",
     "soups/lora.py",
     "tools/sweep.py",
 }
@@ -103,11 +102,15 @@ def _type_checking_only(tree: ast.Module) -> set[int]:
     return lines
 
 
-def imports_of(module: str) -> tuple[set[str], set[str]]:
-    """(modules of pmakit, top-level third-party packages) that ``module`` imports, lazily or not."""
+def imports_of(module: str, type_checking: bool = False) -> tuple[set[str], set[str]]:
+    """(modules of pmakit, top-level third-party packages) that ``module`` imports, lazily or not.
+
+    Imports under ``if TYPE_CHECKING:`` are left out unless ``type_checking``: they never run, but an
+    annotation import is still a dependency, so the cycle check counts them.
+    """
     path = MODULES[module]
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    skip = _type_checking_only(tree)
+    skip = set() if type_checking else _type_checking_only(tree)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     internal, external = set(), set()
     for node in ast.walk(tree):
@@ -150,26 +153,69 @@ def test_imports_flow_down_the_layers(module):
     assert not heavy, f"{module} ({layer(module)}) imports {heavy}"
 
 
-def test_no_import_cycles():
-    edges = {m: {t for t in GRAPH[m][0] if t in MODULES and layer(t) != "api"} for m in MODULES if layer(m) != "api"}
+def _find_cycle(graph: dict[str, tuple[set[str], set[str]]]) -> list[str] | None:
+    """The first import cycle among the modules below the api layer (depth-first), or None."""
+    edges = {m: {t for t in graph[m][0] if t in MODULES and layer(t) != "api"} for m in MODULES if layer(m) != "api"}
     state: dict[str, int] = {}
     path: list[str] = []
 
-    def visit(node: str) -> None:
+    def visit(node: str) -> list[str] | None:
         state[node] = 1
         path.append(node)
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == 1:
-                cycle = path[path.index(nxt) :] + [nxt]
-                pytest.fail("import cycle: " + " -> ".join(cycle))
-            if nxt not in state:
-                visit(nxt)
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
         path.pop()
         state[node] = 2
+        return None
 
     for node in sorted(edges):
-        if node not in state:
-            visit(node)
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_no_import_cycles():
+    cycle = _find_cycle(GRAPH)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+TYPED_GRAPH = {m: imports_of(m, type_checking=True) for m in MODULES}
+
+
+def test_no_import_cycles_even_through_annotations():
+    """An import under ``if TYPE_CHECKING:`` is a dependency too: a cycle through one is still a cycle."""
+    cycle = _find_cycle(TYPED_GRAPH)
+    assert cycle is None, "import cycle (annotation imports included): " + " -> ".join(cycle or [])
+
+
+def _imported_by(module: str, graph: dict) -> set[str]:
+    """Every module that ``module`` imports, directly or through others."""
+    seen, todo = set(), [module]
+    while todo:
+        for nxt in graph[todo.pop()][0]:
+            if nxt in MODULES and nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def test_backend_adapters_sit_on_the_engine():
+    """The engine knows no backend: DeepSpeed's adapter imports the engine, never the reverse (annotations too)."""
+    engine = "pmakit.online.engine"
+    below = _imported_by(engine, TYPED_GRAPH)
+    assert "pmakit.online.deepspeed" not in below
+    assert not [m for m in below if engine in TYPED_GRAPH[m][0]], "the engine imports a module that imports it"
+    assert engine in TYPED_GRAPH["pmakit.online.deepspeed"][0]
+
+
+def test_the_checker_sees_annotation_imports():
+    assert "pmakit.io.safetensors" in TYPED_GRAPH["pmakit.merging.sources"][0]  # under `if TYPE_CHECKING:` only
+    assert "pmakit.io.safetensors" not in GRAPH["pmakit.merging.sources"][0]
+    cycle = _find_cycle({**TYPED_GRAPH, "pmakit.online.engine": ({"pmakit.online.deepspeed"}, set())})
+    assert cycle is not None and "pmakit.online.deepspeed" in cycle
 
 
 def test_the_checker_sees_lazy_and_relative_imports():

@@ -2,22 +2,22 @@
 
 ZeRO re-points the torch optimizer at flat fp32 partitions and steps it once per (sub-)group,
 so the engine is driven from the ZeRO optimizer's own ``step`` instead of the torch one's.
+
+An adapter on the engine, not under it: this module imports the engine and drives it through its
+public surface (`PmaEngine.drive_externally`, `PmaEngine.on_step`, `PmaEngine.layout_key`); the engine
+knows nothing of DeepSpeed. `attach_engine` reaches `follow_deepspeed` through the backend adapters
+that the `pmakit.online` package registers (`pmakit.online.hooks.BACKENDS`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from ..errors import InputError
+from .engine import PmaEngine
 
 
-if TYPE_CHECKING:
-    from .engine import PmaEngine
-
-
-__all__ = ["attach_deepspeed", "find_zero_optimizer"]
+__all__ = ["attach_deepspeed", "find_zero_optimizer", "follow_deepspeed"]
 
 
 def _relink_zero_fragments(engine: PmaEngine, zero_optimizer) -> None:
@@ -27,9 +27,9 @@ def _relink_zero_fragments(engine: PmaEngine, zero_optimizer) -> None:
     the average is allocated after that step, so the links are rebuilt once it exists (and
     whenever it is replaced, e.g. by a checkpoint load). `pmakit.online.gather` gathers through them.
     """
-    if not hasattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state") or engine._groups is None:
+    key = engine.layout_key
+    if not hasattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state") or key is None:
         return
-    key = tuple(id(a) for group in engine._groups for a in group.avgs)
     if getattr(zero_optimizer, "_pma_linked", None) != key:
         zero_optimizer._hp_optimizer_states_linked = False
         zero_optimizer._lazy_init_hp_params_optimizer_state()
@@ -50,6 +50,16 @@ def find_zero_optimizer(optimizer):
             return optimizer
         optimizer = getattr(optimizer, "optimizer", None)
     return None
+
+
+def follow_deepspeed(engine: PmaEngine, optimizer) -> None:
+    """Drive ``engine`` from the DeepSpeed ZeRO optimizer in ``optimizer``'s wrapper chain, if there is one.
+
+    The backend adapter `attach_engine` runs (`pmakit.online.hooks.BACKENDS`): nothing happens without ZeRO.
+    """
+    zero = find_zero_optimizer(optimizer)
+    if zero is not None:
+        attach_deepspeed(engine, zero)
 
 
 def attach_deepspeed(engine: PmaEngine, zero_optimizer) -> None:

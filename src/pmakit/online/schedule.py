@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import PmaConfig
-from .engine import cycle_settings
+from .counters import cycle_settings
 from .kernels import fold_into
 from .windows import MergePlan
 

@@ -13,6 +13,7 @@ for parameters the optimizer has not stepped yet.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,7 +21,7 @@ from ..averaging import AveragingRule, rule_class, rule_names
 from .kernels import fold_into
 
 
-__all__ = ["AVG_KEY", "fold_sample", "is_slot_key", "pending_key", "pop_pending", "slot_keys"]
+__all__ = ["AVG_KEY", "SlotGroup", "fold_sample", "is_slot_key", "pending_key", "pop_pending", "slot_keys"]
 
 AVG_KEY = "pma_avg"
 _PENDING = "_pending"
@@ -76,3 +77,25 @@ def fold_sample(
         if f:
             torch._foreach_sub_(anchor, samples)  # anchor - x_n, in place: no temporary of the model's size
             torch._foreach_add_(avgs, anchor, alpha=-f)
+
+
+@dataclass
+class SlotGroup:
+    """Parameters of one (device, dtype) with their averages: the unit a foreach kernel works on.
+
+    ``params``/``avgs`` are what the optimizer holds (DTensors under FSDP2); ``lparams``/``lavgs``
+    are their rank-local shards, the plain tensors the kernels run on, so a sharded average is
+    never materialised in full.
+    """
+
+    params: list[torch.Tensor]
+    avgs: list[torch.Tensor]
+    lparams: list[torch.Tensor] = field(default_factory=list)
+    lavgs: list[torch.Tensor] = field(default_factory=list)
+    lanchors: list[list[torch.Tensor]] = field(default_factory=list)  # local shards, one list per anchor of the rule
+    staging: list[torch.Tensor] | None = None  # pinned CPU copies of CUDA params (offload="cpu")
+    fold_cache: dict = field(default_factory=dict)  # `fold_into`'s plan and scratch for this group
+
+    def fold(self, samples: list[torch.Tensor], c: float, start: bool, finish: Sequence[float] | None) -> None:
+        """Fold ``samples`` (the local parameters, or their staged copies) into this group (`fold_sample`)."""
+        fold_sample(self.lavgs, samples, c, self.fold_cache, self.lanchors, start, finish or ())

@@ -99,9 +99,11 @@ class PmaCallback(TrainerCallback):
             is_main_process=args.should_save,
             disable_tqdm=bool(args.disable_tqdm),
         )
-        engine._handlers = [h for h in engine._handlers if not _is_export_handler(h)]
+        for handler in engine.on_cycle_end:  # a run started again replaces the exporter of the last one
+            if _is_export_handler(handler):
+                engine.on_cycle_end.remove(handler)
         if self.schedule is None:
-            engine.add_cycle_handler(self._export_cycle)
+            engine.on_cycle_end.add(self._export_cycle)
         else:  # the schedule replaces the back-to-back cycles (see `pmakit.training.schedule`)
             self.schedule.start(engine, args, state.max_steps, self.exporter, self.trainer)
         if getattr(args, "_pma_horizon_checked", None) != (state.max_steps, self.config):  # else done by the args
@@ -111,7 +113,9 @@ class PmaCallback(TrainerCallback):
 
     def _attach_sample_store(self, engine: PmaEngine, args: TrainingArguments, kwargs: dict) -> None:
         """With ``sample_store`` on, write every sample as ``pma-samples/step-<t>`` (see `PmaSampleStore`)."""
-        engine._sample_handlers = [h for h in engine._sample_handlers if not isinstance(h, PmaSampleStore)]
+        for store in engine.on_sample:
+            if isinstance(store, PmaSampleStore):
+                engine.on_sample.remove(store)
         if self.config.sample_store:
             store = PmaSampleStore(
                 kwargs.get("model"),
@@ -121,7 +125,7 @@ class PmaCallback(TrainerCallback):
                 is_main_process=args.should_save,
                 disable_tqdm=bool(args.disable_tqdm),
             )
-            engine.add_sample_handler(store)
+            engine.on_sample.add(store)
 
     def _export_cycle(self, engine: PmaEngine, step: int) -> None:
         """The engine's cycle handler: the exporter (which has the Trainer's progress-bar setting)."""

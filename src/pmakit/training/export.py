@@ -311,7 +311,7 @@ class PmaExporter:
             return True  # nothing to gather: the main process writes from its own copy
         group = side_process_group() if sharded else None
         snapshots = {id(e): snapshot_entry(e, reuse_cpu=e.averaged) for e in entries}
-        engine.add_join_hook(self.join)  # a CPU average is used as is: the next fold waits for the writer
+        engine.on_join.add(self.join)  # a CPU average is used as is: the next fold waits for the writer
         layout = plan_layout(model, entries)
         card = self.model_card(model, step, steps) if self.is_main_process else None
 

@@ -19,8 +19,8 @@ from ..errors import InputError
 from ..io.hub import push_folder_to_hub
 from ..io.hub_target import HubTarget, as_hub_target
 from ..online.config import PmaConfig
-from ..online.distributed import is_main_process, unwrap_optimizer
-from ..online.engine import PmaEngine, attach_engine
+from ..online.distributed import is_main_process
+from ..online.engine import PmaEngine, attach_engine, engine_of
 from .callback import remove_stale_pma_temporaries
 from .export import PmaExporter
 
@@ -55,7 +55,7 @@ def _attach(
                 "Writing `pma-<step>` folders needs the model: pass it (`pma_model=` for `PmaAdamW`) "
                 "with `output_dir=`."
             )
-        engine.add_cycle_handler(
+        engine.on_cycle_end.add(
             PmaExporter(
                 model,
                 output_dir,
@@ -228,8 +228,8 @@ def finish_pma(
         ValueError: the optimizer carries no PMA exporter, a push has no repo id, or a `HubTarget` is
             given together with a separate Hub setting.
     """
-    engine: PmaEngine | None = getattr(unwrap_optimizer(optimizer), "_pma_engine", None)
-    exporter = next((h for h in engine._handlers if isinstance(h, PmaExporter)), None) if engine else None
+    engine = engine_of(optimizer)
+    exporter = engine.on_cycle_end.find(PmaExporter) if engine else None
     if exporter is None:
         raise InputError("This optimizer writes no PMA folders: create it with `output_dir=` (and the model).")
     target = _finish_target(

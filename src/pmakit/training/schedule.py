@@ -122,7 +122,7 @@ class ScheduledMerges:
             self.windows.detach()
         self.windows = MergeWindows(engine.optimizer, plan, config)
         self.exporter, self.trainer, self.written = exporter, trainer, []
-        engine.add_fold_handler(self.fold)
+        engine.on_fold.add(self.fold)
         params = sum(p.numel() for group in engine.optimizer.param_groups for p in group["params"] if p.requires_grad)
         logger.info(
             "PMA: merges at steps %s over %d steps (%d samples each); up to %d window(s) open at once, %.1f MB each.",
