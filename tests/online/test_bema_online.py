@@ -194,7 +194,7 @@ def test_theta0_of_a_parameter_without_optimizer_state_is_saved_beside_it(attach
     else:
         optimizer2.load_state_dict(state)
         engine2 = attach_engine(optimizer2, config)
-    assert engine2._stored(resumed.late_head.weight, THETA0).dtype == torch.float32
+    assert engine2._store.stored(resumed.late_head.weight, THETA0).dtype == torch.float32
     train_gated(resumed, optimizer2, range(4, 9))
     averages, averages2 = engine.averages(), engine2.averages()
     for p, p2 in zip(trainable(model), trainable(resumed), strict=True):

@@ -15,7 +15,7 @@ import torch
 import transformers
 
 from pmakit import PmaConfig
-from pmakit.online.engine import AVG_KEY, attach_engine
+from pmakit.online.engine import AVG_KEY, attach_engine, engine_of
 from tests.helpers.gated import CONDITIONAL, gated_llama
 from tests.helpers.models import SEQ, VOCAB
 
@@ -119,12 +119,12 @@ def test_resume_between_samples_is_bitwise(kind, attach):
     engine.add_cycle_handler(lambda e, step: merged2.update({step: _named(resumed, e.averages())}))
     train(resumed, optimizer2, range(SAVE_AT + 1, STEPS + 1))
 
-    averages = _named(model, optimizer._pma_engine.averages())
+    averages = _named(model, engine_of(optimizer).averages())
     for name, average in _named(resumed, engine.averages()).items():
         assert torch.equal(trainable(resumed)[name], trainable(model)[name]), name
         assert torch.equal(average, averages[name]), name
         assert torch.equal(merged2[6][name], merged[6][name]), name
-    assert engine.counters == optimizer._pma_engine.counters
+    assert engine.counters == engine_of(optimizer).counters
 
 
 def test_loading_a_state_dict_with_an_average_alone_does_not_break_adam():
@@ -144,7 +144,7 @@ def test_loading_a_state_dict_with_an_average_alone_does_not_break_adam():
     optimizer2.load_state_dict(state)
     train(resumed, optimizer2, range(SAVE_AT + 1, STEPS + 1))
     train(model, optimizer, range(SAVE_AT + 1, STEPS + 1))
-    averages = _named(model, optimizer._pma_engine.averages())
+    averages = _named(model, engine_of(optimizer).averages())
     for name, average in _named(resumed, engine.averages()).items():
         assert torch.equal(average, averages[name]), name
     assert set(CONDITIONAL) <= set(averages)

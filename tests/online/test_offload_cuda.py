@@ -9,7 +9,7 @@ import torch
 
 from pmakit import PmaConfig
 from pmakit.averaging import AveragingRule
-from pmakit.online.engine import AVG_KEY, attach_engine
+from pmakit.online.engine import AVG_KEY, attach_engine, engine_of
 from pmakit.training.export import PmaExporter
 
 
@@ -109,7 +109,7 @@ def added_peak_memory(offload, n_params_target=64 * 2**20, width=4096):
         for t in range(1, 13):
             step(model, optimizer, t, width)
         if use_pma:
-            optimizer._pma_engine.join()
+            engine_of(optimizer).join()
         torch.cuda.synchronize()
         peaks.append(torch.cuda.max_memory_allocated())
         n_params = sum(p.numel() for p in model.parameters())

@@ -18,7 +18,7 @@ import torch
 from transformers import Trainer
 
 from pmakit import PmaAdamW, PmaCallback, PmaConfig, PmaTrainer
-from pmakit.online.distributed import unwrap_optimizer
+from pmakit.online.engine import engine_of
 from tests.helpers.gated import CONDITIONAL, StepGate, gated_llama
 from tests.helpers.models import TokenDataset
 from tests.helpers.training import SnapshotCallback, load_folder, plain_args, pma_args
@@ -61,7 +61,7 @@ def live(trainer) -> dict[str, torch.Tensor]:
 
 
 def averages(trainer) -> dict[str, torch.Tensor]:
-    engine = unwrap_optimizer(trainer.optimizer)._pma_engine
+    engine = engine_of(trainer.optimizer)
     by_param = engine.averages()
     return {name: by_param[p] for name, p in trainer.model.named_parameters() if p.requires_grad}
 

@@ -5,6 +5,7 @@ import torch
 from transformers import Trainer
 
 from pmakit import PmaAdamW, PmaConfig, create_pma_optimizer
+from pmakit.online.engine import engine_of
 from tests.helpers.models import TokenDataset, tiny_llama
 from tests.helpers.training import SnapshotCallback, load_folder, plain_args, weighted
 
@@ -35,7 +36,7 @@ def test_factory_weight_decay_groups_and_scheduler():
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.1 and all(p.ndim >= 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0.0 and all(p.ndim == 1 for p in no_decay["params"])
-    assert optimizer._pma_engine.config.interleave_step == 5
+    assert engine_of(optimizer).config.interleave_step == 5
     assert scheduler.get_last_lr()[0] == pytest.approx(3e-3)
 
 

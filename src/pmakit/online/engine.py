@@ -29,6 +29,7 @@ import torch
 from ..errors import InputError
 from .config import PmaConfig
 from .counters import COUNTERS_KEY, Counters
+from .counters import cycle_settings as cycle_settings  # moved to counters; importable here as before
 from .distributed import unwrap_optimizer
 from .hooks import BACKENDS, Hooks
 from .layout import build_groups
@@ -312,10 +313,6 @@ class PmaEngine:
             self._groups = build_groups(lists, self._store, refill=self.num_samples > 0)
             self._signature = signature
         return self._groups
-
-    def _stored(self, p: torch.Tensor, key: str = AVG_KEY) -> torch.Tensor | None:
-        """``p``'s average (or anchor ``key``), in its optimizer state or beside it (None before it is allocated)."""
-        return self._store.stored(p, key)
 
     # ------------------------------------------------------------------ save and load
     def _before_save(self, optimizer) -> None:
