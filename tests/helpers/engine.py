@@ -42,3 +42,17 @@ def train_and_sample(config, dtype=torch.float32, steps: int = 11):
             snapshots.append(snapshot(model))
             sample_steps.append(t)
     return model, engine, snapshots, sample_steps
+
+
+class ZeroLike:
+    """What the engine reads of a DeepSpeed ZeRO-1/2 optimizer: flat fp32 partitions a torch optimizer steps."""
+
+    def __init__(self, flats: list[torch.Tensor]) -> None:
+        self.single_partition_of_fp32_groups = flats
+        self.optimizer = torch.optim.AdamW([{"params": [flat]} for flat in flats], lr=1e-2)
+        self.overflow = False
+
+    def step(self) -> None:
+        for i, flat in enumerate(self.single_partition_of_fp32_groups):
+            flat.grad = torch.sin(flat.detach() * (i + 1))
+        self.optimizer.step()

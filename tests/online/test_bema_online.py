@@ -13,7 +13,7 @@ import torch
 
 from pmakit import PmaConfig
 from pmakit.online.engine import AVG_KEY, attach_engine
-from tests.helpers.engine import make_model, snapshot, train_and_sample, train_step
+from tests.helpers.engine import ZeroLike, make_model, snapshot, train_and_sample, train_step
 from tests.helpers.gated import gated_llama
 from tests.helpers.models import SEQ, VOCAB
 from tests.helpers.references import bema_reference
@@ -226,20 +226,6 @@ def test_cuda_offload_is_the_on_device_merge():
         results.append([averages[p].cpu() for p in model.parameters()])
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-
-
-class ZeroLike:
-    """What the engine reads of a DeepSpeed ZeRO-1/2 optimizer: flat fp32 partitions a torch optimizer steps."""
-
-    def __init__(self, flats: list[torch.Tensor]) -> None:
-        self.single_partition_of_fp32_groups = flats
-        self.optimizer = torch.optim.AdamW([{"params": [flat]} for flat in flats], lr=1e-2)
-        self.overflow = False
-
-    def step(self) -> None:
-        for i, flat in enumerate(self.single_partition_of_fp32_groups):
-            flat.grad = torch.sin(flat.detach() * (i + 1))
-        self.optimizer.step()
 
 
 def test_zero_partitions_keep_theta0_in_their_state_and_resume_it():

@@ -5,7 +5,7 @@ import torch
 from pmakit import PmaConfig
 from pmakit.online.engine import attach_engine, engine_of
 from pmakit.online.hooks import BACKENDS, Hooks
-from tests.helpers.engine import make_model, train_step
+from tests.helpers.engine import ZeroLike, make_model, train_step
 
 
 class Recorder:
@@ -92,3 +92,32 @@ def test_attach_engine_runs_the_backend_adapters_and_engine_of_finds_the_engine(
     assert seen == [(engine, wrapped)] and engine.optimizer is optimizer
     assert engine_of(wrapped) is engine and engine_of(optimizer) is engine
     assert not engine.deepspeed  # the DeepSpeed adapter (registered by the package) found no ZeRO optimizer
+
+
+class LinkingZero(ZeroLike):
+    """A ZeRO-1/2-like optimizer that links its parameters to views of its state (what `gather` reads through)."""
+
+    def __init__(self, flats):
+        super().__init__(flats)
+        self.links = 0
+
+    def _lazy_init_hp_params_optimizer_state(self):
+        self.links += 1
+
+
+def test_the_deepspeed_adapter_relinks_when_the_average_is_replaced():
+    """`attach_engine` reaches the ZeRO adapter (registered by the package); it relinks the fragments once the
+    average exists, not again while the same tensors stay, and again after a load replaced them (`layout_key`)."""
+    config = PmaConfig(interleave_step=2, fused_num=10)
+    zero = LinkingZero([torch.linspace(-1, 1, 40).requires_grad_(), torch.linspace(0, 2, 24).requires_grad_()])
+    engine = attach_engine(zero, config)
+    assert engine.deepspeed and engine.layout_key is None
+    zero.step()
+    key = engine.layout_key
+    assert zero.links == 1 and len(key) == 2
+    zero.step()
+    zero.step()
+    assert zero.links == 1 and engine.layout_key == key
+    zero.optimizer.load_state_dict(zero.optimizer.state_dict())
+    zero.step()
+    assert zero.links == 2 and engine.layout_key != key and engine.num_samples == 2
