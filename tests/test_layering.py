@@ -71,7 +71,7 @@ TOO_LONG = {
     "merging/plan.py",
     "online/engine.py",
     "soups/lora.py",
-    "tools/sweep.py",
+    "tools/sweep/run.py",
 }
 
 

@@ -283,7 +283,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
 def _lm_eval_scorer(args: argparse.Namespace):
     """The sweep's lm-eval scorer (lm-eval is imported here, not when the command line is parsed)."""
     from .errors import InputError
-    from .tools.lm_eval_scorer import lm_eval_scorer
+    from .tools.sweep.lm_eval import lm_eval_scorer
 
     try:
         return lm_eval_scorer(

@@ -26,6 +26,7 @@ OLD_NAMES = {
     "pmakit.tools.weighted_sum": ["ACCUMULATE_DTYPES", "weighted_sum"],
     "pmakit.tools.spike": ["SpikeConfig", "SpikeRecoveryCallback", "SpikeRecoveryError"],
     "pmakit.tools.wsa": ["WSA_TARGETS", "WsaCallback", "WsaConfig", "WsaRegularizer", "add_wsa", "wsa_target_scopes"],
+    "pmakit.tools.lm_eval_scorer": ["LmEvalScorer", "lm_eval_scorer", "pma_lm_eval_metrics", "require_lm_eval"],
 }
 
 # A fresh interpreter, so that every old path is imported for the first time there (and warns).

@@ -22,6 +22,7 @@ MOVED = {
     "pmakit.tools.weighted_sum": "pmakit.soups.weighted_sum",
     "pmakit.tools.spike": "pmakit.training.spike",
     "pmakit.tools.wsa": "pmakit.training.wsa",
+    "pmakit.tools.lm_eval_scorer": "pmakit.tools.sweep.lm_eval",
 }
 
 

@@ -27,7 +27,7 @@ from ..errors import InputError
 from ..io.folders import remove_stale_temporaries
 from ..online.config import PmaConfig
 from ..online.engine import AVG_KEY, PmaEngine, attach_engine
-from ..tools.lm_eval_scorer import check_lm_eval_settings, pma_lm_eval_metrics
+from ..tools.sweep.lm_eval import check_lm_eval_settings, pma_lm_eval_metrics
 from .export import LATEST_DIR, PMA_PREFIX, PmaExporter
 from .samples import PmaSampleStore
 

@@ -30,11 +30,11 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import averaging
-from ..deprecation import greater_is_better_of, renamed_keyword, warn_deprecated
-from ..errors import InputError, brief
-from ..io.folders import atomic_directory, output_lock, scratch_directory
-from ..io.hub_target import HubTarget, as_hub_target
+from ... import averaging
+from ...deprecation import greater_is_better_of, renamed_keyword, warn_deprecated
+from ...errors import InputError, brief
+from ...io.folders import atomic_directory, output_lock, scratch_directory
+from ...io.hub_target import HubTarget, as_hub_target
 
 
 __all__ = [
@@ -71,7 +71,7 @@ def parse_rule(spec: str) -> dict:
         raise InputError(f"Unknown sweep rule {brief(spec)}; valid rules: {valid}.") from None
     except averaging.RuleError as e:
         raise InputError(f"Rule {brief(spec)}: {str(e).rstrip('.')}; valid rules: {valid}.") from None
-    from ..merging.options import option_fields
+    from ...merging.options import option_fields
 
     if set(params) - {f.name for f in option_fields()}:
         return {"algo": spec}
@@ -181,7 +181,7 @@ def _candidate_settings(candidate: Candidate, alpha: float, options: dict) -> di
 
 
 def _merge_candidate(inputs: list[Path], candidate: Candidate, output: Path, alpha: float, options: dict):
-    from ..merging import merge
+    from ...merging import merge
 
     settings = _candidate_settings(candidate, alpha, options)
     return merge(inputs[-candidate.window :], output, overwrite=True, progress=False, **settings)
@@ -189,7 +189,7 @@ def _merge_candidate(inputs: list[Path], candidate: Candidate, output: Path, alp
 
 def _plan_candidates(inputs: list[Path], candidates: list[Candidate], alpha: float, options: dict) -> list:
     """Plan every candidate from the headers: a bad setting or input fails before the first merge."""
-    from ..merging import plan_merge
+    from ...merging import plan_merge
 
     return [plan_merge(inputs[-c.window :], **_candidate_settings(c, alpha, options)) for c in candidates]
 
@@ -394,7 +394,7 @@ def _finish(result: SweepResult, folders, out: Path, alpha, options, metric, ove
     if save_best:
         result.best_folder = _save_best(result, folders, out, alpha, options, metric, overwrite)
     if target is not None:
-        from ..io.hub import push_folder_to_hub
+        from ...io.hub import push_folder_to_hub
 
         result.commit_url = push_folder_to_hub(result.best_folder, target)
 
