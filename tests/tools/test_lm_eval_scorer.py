@@ -22,8 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pmakit import PmaConfig, PmaTrainer, lm_eval_scorer, merge  # noqa: E402
 from pmakit.cli import main  # noqa: E402
-from pmakit.tools.sweep.lm_eval import pma_lm_eval_metrics  # noqa: E402
 from pmakit.tools.sweep import sweep_inputs  # noqa: E402
+from pmakit.tools.sweep.lm_eval import pma_lm_eval_metrics  # noqa: E402
 from tests.helpers.folders import make_tokenizer, save_models  # noqa: E402
 from tests.helpers.models import TokenDataset, tiny_llama  # noqa: E402
 from tests.helpers.training import pma_args  # noqa: E402
