@@ -1,6 +1,6 @@
 """lm-evaluation-harness scoring: sweep scores equal the `lm_eval` command's for the same folder; training logs them.
 
-The task is a local YAML over a jsonl shipped in tests/tools/data/lm_eval_task (nothing is downloaded): its
+The task is a local YAML over a jsonl shipped in tests/tools/sweep/data/lm_eval_task (nothing is downloaded): its
 `data_files` path is relative, which lm-eval resolves from the working folder, so every run here starts there.
 """
 
