@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy
 import pytest
 
 from pmakit.errors import InputError
@@ -44,6 +45,7 @@ def test_alphas_expand_the_rules_that_take_one():
     assert expand_alphas(["ema"], [1 / 3]) == ["ema:0.3333333333333333"]  # every digit: the spec is the value
     assert parse_rule(expand_alphas(["ema"], [1 / 3])[0]) == {"algo": "ema", "alpha": 1 / 3}
     assert expand_alphas(rules, None) == rules
+    assert expand_alphas(["ema"], numpy.array([0.25, 0.5], dtype=numpy.float32)) == ["ema:0.25", "ema:0.5"]
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numbers
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,13 +53,15 @@ def parse_rule(spec: str) -> dict:
     return {"algo": algo, **params}
 
 
-def _checked_alphas(alphas: Sequence[float]) -> list[float]:
-    if isinstance(alphas, (str, bytes)) or not isinstance(alphas, Sequence) or not alphas:
+def _checked_alphas(alphas: Iterable[float]) -> list[float]:
+    """The grid's alphas as floats, each once, in the order given (a list, a tuple, a numpy array...)."""
+    values = None if isinstance(alphas, (str, bytes)) or not isinstance(alphas, Iterable) else list(alphas)
+    if not values:
         raise InputError(f"`alphas` must be a non-empty list of numbers, got {brief(alphas)}.")
-    for alpha in alphas:
+    for alpha in values:
         if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool):
             raise InputError(f"`alphas` must hold numbers in (0, 1), got {brief(alpha)}.")
-    return list(dict.fromkeys(float(a) for a in alphas))
+    return list(dict.fromkeys(float(a) for a in values))
 
 
 def _with_alpha(spec: str, name: str, alpha: float) -> str:
@@ -70,7 +72,7 @@ def _with_alpha(spec: str, name: str, alpha: float) -> str:
     return f"{spec}{',' if ':' in spec else ':'}alpha={alpha!r}"
 
 
-def expand_alphas(rules: Sequence[str], alphas: Sequence[float] | None) -> list[str]:
+def expand_alphas(rules: Sequence[str], alphas: Iterable[float] | None) -> list[str]:
     """The rule specs of a grid: a spec of a rule with an ``alpha`` it does not give, once per alpha.
 
     ``["sma", "ema"]`` with alphas ``[0.1, 0.2]`` gives ``sma``, ``ema:0.1``, ``ema:0.2``; specs that
@@ -147,7 +149,9 @@ def sweep_inputs(inputs: Sequence[str | os.PathLike] | str | os.PathLike, source
     return chosen
 
 
-def candidates(rules: Sequence[str], windows: Sequence[int], n_inputs: int, alphas=None) -> list[Candidate]:
+def candidates(
+    rules: Sequence[str], windows: Sequence[int], n_inputs: int, alphas: Iterable[float] | None = None
+) -> list[Candidate]:
     """Every (rule spec, window) pair, rules first, each spec and window once; checked before any merge."""
     if not rules or not windows:
         raise InputError("A sweep needs at least one rule and one window.")

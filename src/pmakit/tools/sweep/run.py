@@ -6,7 +6,7 @@ import math
 import os
 import shutil
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -99,7 +99,7 @@ def sweep(
     metric: str = "score",
     greater_is_better: bool | None = None,
     alpha: float | None = None,
-    alphas: Sequence[float] | None = None,
+    alphas: Iterable[float] | None = None,
     source: str = "auto",
     save_best: bool = True,
     overwrite: bool = False,
