@@ -10,22 +10,12 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from pmakit import PmaConfig
-from pmakit.averaging import AveragingRule
+from pmakit.averaging import AveragingRule, fold_coefficients
 from pmakit.merging import merge
 from tests.helpers.folders import read_folder
 from tests.helpers.models import TokenDataset, tiny_llama
+from tests.helpers.references import bema_reference
 from tests.helpers.training import load_folder, plain_args
-
-
-def trl_loop(samples, steps, kappa=0.5, eta=0.2, rho=10.0, gamma=1.0, floor=0.0):
-    """TRL's BEMACallback update, written out in fp64: theta_0 = samples[0]; EMA from it; ema + alpha (x - theta_0)."""
-    theta0 = ema = samples[0]
-    out = theta0
-    for x, t in zip(samples[1:], steps[1:], strict=True):
-        beta = max((rho + gamma * t) ** -kappa, floor)
-        ema = (1 - beta) * ema + beta * x
-        out = ema + (rho + gamma * t) ** -eta * (x - theta0)
-    return out
 
 
 @pytest.mark.parametrize(
@@ -34,9 +24,9 @@ def trl_loop(samples, steps, kappa=0.5, eta=0.2, rho=10.0, gamma=1.0, floor=0.0)
         ("bema", {}),
         (
             "bema:ema_power=0.3,bias_power=0.6,lag=4,multiplier=2,min_ema_multiplier=0.2",
-            dict(kappa=0.3, eta=0.6, rho=4.0, gamma=2.0, floor=0.2),
+            dict(ema_power=0.3, bias_power=0.6, lag=4.0, multiplier=2.0, min_ema_multiplier=0.2),
         ),
-        ("bema:ema_power=0,bias_power=8", dict(kappa=0.0, eta=8.0)),  # EMA off: the newest sample, nearly
+        ("bema:ema_power=0,bias_power=8", dict(ema_power=0.0, bias_power=8.0)),  # EMA off: the newest sample, nearly
     ],
     ids=["defaults", "all-parameters", "ema-off"],
 )
@@ -47,7 +37,15 @@ def test_closed_form_is_trls_update_loop(spec, trl):
     weights = AveragingRule.from_spec(spec).weights_for(len(steps), steps)
     assert math.fsum(weights) == pytest.approx(1.0, abs=1e-14)
     got = math.fsum(w * x for w, x in zip(weights, samples, strict=True))
-    assert got == pytest.approx(trl_loop(samples, steps, **trl), rel=1e-12, abs=1e-15)
+    assert got == pytest.approx(bema_reference(samples, steps, **trl)[0], rel=1e-12, abs=1e-15)
+    # the running form: an EMA folded from theta_0, then the rule's finish adds alpha (x_n - theta_0)
+    rule, avg = AveragingRule.from_spec(spec), 0.0
+    for c, x in zip(fold_coefficients(rule, len(steps), steps), samples, strict=True):
+        avg += c * (x - avg)
+    assert avg == pytest.approx(bema_reference(samples, steps, **trl)[1], rel=1e-12, abs=1e-15)
+    assert rule.anchors == ("theta0",) and set(rule.finish(len(steps), steps)) == {"theta0"}
+    avg += rule.finish(len(steps), steps)["theta0"] * (samples[-1] - samples[0])
+    assert avg == pytest.approx(got, rel=1e-12, abs=1e-15)
 
 
 def test_theta0_weighs_negative_at_trls_defaults():
@@ -56,9 +54,13 @@ def test_theta0_weighs_negative_at_trls_defaults():
     assert AveragingRule("bema").weights_for(1, [7]) == [1.0]  # theta_0 alone is itself
 
 
-def test_online_pma_refuses_bema_and_says_how_to_merge_it():
-    with pytest.raises(ValueError, match="no running form.*merge them offline"):
-        PmaConfig(fused_algo="bema", fused_num=4)
+def test_online_pma_takes_bema_and_its_specs():
+    assert PmaConfig(fused_algo="bema", fused_num=4).rule.anchors == ("theta0",)
+    config = PmaConfig(fused_algo="bema:ema_power=0.3,lag=4,min_ema_multiplier=0.1", fused_num=4)
+    assert (config.rule.rule.ema_power, config.rule.rule.lag, config.rule.rule.min_ema_multiplier) == (0.3, 4.0, 0.1)
+    assert AveragingRule("bema").finish(1, [7]) == {}  # theta_0 alone needs no correction
+    with pytest.raises(ValueError, match="lag \\+ multiplier \\* step > 0"):
+        PmaConfig(fused_algo="bema:lag=-5000", fused_num=4, interleave_step=1000)
 
 
 class SaveSamples(TrainerCallback):

@@ -19,8 +19,12 @@ from deepspeed.utils import safe_get_full_fp32_param
 from pmakit.online.deepspeed import attach_deepspeed
 from pmakit.online.engine import AVG_KEY, PmaEngine, attach_engine
 from pmakit.training.export import PmaExporter
-from tests.distributed.reference import CONFIG, STEPS, batch
+from tests.distributed.reference import BEMA, CONFIG, STEPS, batch
 from tests.helpers.models import tiny_llama
+from tests.helpers.references import bema_reference
+
+
+THETA0 = "pma_bema_theta0"
 
 
 def zero_initialize(model, optimizer, stage: int):
@@ -46,13 +50,19 @@ def run_stages(work) -> None:
     dist.destroy_process_group()
 
 
-def build(stage: int):
+def build(stage: int, config=CONFIG):
     model = tiny_llama()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    pma = attach_engine(optimizer, CONFIG)
+    pma = attach_engine(optimizer, config)
     engine, zero_optimizer = zero_initialize(model, optimizer, stage)
-    assert attach_engine(zero_optimizer, CONFIG) is pma and pma.deepspeed
+    assert attach_engine(zero_optimizer, config) is pma and pma.deepspeed
     return engine, zero_optimizer, pma
+
+
+def train_step(engine, step: int, rank: int) -> None:
+    ids = batch(step)[4 * rank : 4 * rank + 4]
+    engine.backward(engine(input_ids=ids, labels=ids).loss)
+    engine.step()
 
 
 def check(out: Path, stage: int, rank: int) -> None:
@@ -61,10 +71,7 @@ def check(out: Path, stage: int, rank: int) -> None:
     pma.add_cycle_handler(PmaExporter(engine.module, out / "run", CONFIG, is_main_process=rank == 0))
     samples = []
     for step in range(1, STEPS + 1):
-        ids = batch(step)[4 * rank : 4 * rank + 4]
-        loss = engine(input_ids=ids, labels=ids).loss
-        engine.backward(loss)
-        engine.step()
+        train_step(engine, step, rank)
         if CONFIG.is_sample_step(step):  # the fp32 master weights PMA samples, gathered independently
             samples.append({n: safe_get_full_fp32_param(p).double() for n, p in engine.module.named_parameters()})
     if rank == 0:
@@ -96,5 +103,44 @@ def check(out: Path, stage: int, rank: int) -> None:
     (out / f"facts_rank{rank}.json").write_text(json.dumps(facts))
 
 
+def theta0(pma) -> list[torch.Tensor]:
+    """BEMA's theta_0 of each fp32 partition, from the optimizer state beside the partition's average."""
+    return [pma.optimizer.state[flat][THETA0] for flat in pma.averages()]
+
+
+def check_bema(out: Path, stage: int, rank: int) -> None:
+    """BEMA on ZeRO: theta_0 of each fp32 partition sits beside its average, is saved mid-cycle (step 4, samples
+    at 2 and 4) in DeepSpeed's checkpoint and restored in fp32; the merge at step 6 is exported."""
+    engine, _, pma = build(stage, BEMA)
+    pma.add_cycle_handler(PmaExporter(engine.module, out / "bema", BEMA, is_main_process=rank == 0))
+    samples, facts = [], {}
+    for step in range(1, STEPS + 1):
+        train_step(engine, step, rank)
+        if BEMA.is_sample_step(step):
+            samples.append({n: safe_get_full_fp32_param(p).double() for n, p in engine.module.named_parameters()})
+        if step == 4:
+            engine.save_checkpoint(str(out / "ds_bema"), tag="step4")
+            saved, counters = [t.clone() for t in theta0(pma)], pma.counters
+            facts["theta0_fp32_partition"] = all(t.dtype == torch.float32 and t.dim() == 1 for t in saved)
+    if rank == 0:
+        steps = [2, 4, 6]
+        reference = {n: bema_reference([s[n] for s in samples], steps)[0] for n in samples[0]}
+        torch.save(reference, out / "bema_reference.pt")
+    engine2, _, pma2 = build(stage, BEMA)
+    engine2.load_checkpoint(str(out / "ds_bema"), tag="step4")
+    loaded = theta0(pma2)
+    facts["resume_ok"] = pma2.counters == counters and len(loaded) == len(saved)
+    for t1, t2 in zip(saved, loaded, strict=True):
+        n = min(t1.numel(), t2.numel())  # DeepSpeed saves partitions without their alignment padding
+        facts["resume_ok"] &= torch.equal(t1[:n], t2[:n]) and t2.dtype == torch.float32
+    (out / f"bema_facts_rank{rank}.json").write_text(json.dumps(facts))
+
+
+def check_all(out: Path, stage: int, rank: int) -> None:
+    check(out, stage, rank)
+    dist.barrier()
+    check_bema(out, stage, rank)
+
+
 if __name__ == "__main__":
-    run_stages(check)
+    run_stages(check_all)

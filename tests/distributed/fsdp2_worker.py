@@ -20,11 +20,12 @@ from torch.distributed.tensor import DTensor
 from pmakit.online.engine import AVG_KEY, attach_engine
 from pmakit.online.gather import _full
 from pmakit.training.export import PmaExporter
-from tests.distributed.reference import CONFIG, STEPS, batch
+from tests.distributed.reference import BEMA, CONFIG, STEPS, batch
 from tests.helpers.models import tiny_llama
 
 
 DEVICE = "cpu"
+THETA0 = "pma_bema_theta0"
 
 
 def sharded_model(dtype):
@@ -35,8 +36,8 @@ def sharded_model(dtype):
     return model
 
 
-def train(model, optimizer, steps, rank):
-    for step in range(1, steps + 1):
+def train(model, optimizer, steps, rank, first=1):
+    for step in range(first, steps + 1):
         ids = batch(step)[4 * rank : 4 * rank + 4].to(DEVICE)
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
@@ -53,6 +54,7 @@ def main() -> None:
     dist.init_process_group("nccl" if mode.startswith("cuda") else "gloo")
     for dtype_name in sys.argv[2].split(","):
         check(out / dtype_name, getattr(torch, dtype_name), dist.get_rank())
+        check_bema(out / dtype_name, getattr(torch, dtype_name), dist.get_rank())
     dist.barrier()
     dist.destroy_process_group()
 
@@ -102,6 +104,38 @@ def check(out: Path, dtype: torch.dtype, rank: int) -> None:
         facts["resume_ok"] &= torch.equal(a1.to_local(), a2.to_local())
         facts["resume_ok"] &= optimizer2.state[p2][AVG_KEY] is a2
     (out / f"facts_rank{rank}.json").write_text(json.dumps(facts))
+
+
+def check_bema(out: Path, dtype: torch.dtype, rank: int) -> None:
+    """BEMA saved through DCP mid-cycle (samples at 2 and 4): theta_0 comes back as an fp32 DTensor sharded like
+    its parameter, and the resumed run's merge at step 6 is the uninterrupted one, bit for bit."""
+    model = sharded_model(dtype)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    engine = attach_engine(optimizer, BEMA)
+    train(model, optimizer, 4, rank)
+    dcp.save({"optim": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(out / "dcp_bema"))
+    model2 = sharded_model(dtype)
+    with torch.no_grad():
+        for p, p2 in zip(model.parameters(), model2.parameters(), strict=True):
+            p2.to_local().copy_(p.to_local())
+    optimizer2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
+    engine2 = attach_engine(optimizer2, BEMA)
+    state = {"optim": get_optimizer_state_dict(model2, optimizer2)}
+    dcp.load(state, checkpoint_id=str(out / "dcp_bema"))
+    set_optimizer_state_dict(model2, optimizer2, state["optim"])
+    ok = engine2.counters == engine.counters
+    for p, p2 in zip(model.parameters(), model2.parameters(), strict=True):
+        theta, theta2 = optimizer.state[p][THETA0], optimizer2.state[p2][THETA0]
+        ok &= isinstance(theta2, DTensor) and theta2.dtype == torch.float32 and theta2.placements == p2.placements
+        ok &= torch.equal(theta.to_local(), theta2.to_local())
+    train(model, optimizer, STEPS, rank, first=5)
+    train(model2, optimizer2, STEPS, rank, first=5)
+    averages, averages2 = engine.averages(), engine2.averages()
+    for p, p2 in zip(model.parameters(), model2.parameters(), strict=True):
+        ok &= torch.equal(averages[p].to_local(), averages2[p2].to_local())
+    names = {p: n for n, p in model.named_parameters()}
+    torch.save({names[p]: _full(a, True) for p, a in averages.items()}, out / f"bema_averages_rank{rank}.pt")
+    (out / f"bema_facts_rank{rank}.json").write_text(json.dumps({"resume_ok": bool(ok)}))
 
 
 if __name__ == "__main__":

@@ -51,3 +51,15 @@ def test_zero_average_follows_fp32_partitions(zero_run, stage):
     unsharded = unsharded_reference()
     worst = max((saved[n] - unsharded[n]).abs().max().item() for n in saved)
     assert worst < 1e-2, worst
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_zero_bema_keeps_theta0_beside_the_partitions_and_resumes_it(zero_run, stage):
+    facts = [json.loads((zero_run / f"zero{stage}" / f"bema_facts_rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(f["theta0_fp32_partition"] and f["resume_ok"] for f in facts), facts
+    # The export equals TRL's BEMA (fp64) of the fp32 master weights gathered at the sample steps 2, 4, 6.
+    saved = load_folder(zero_run / f"zero{stage}" / "bema" / "pma-6")
+    reference = torch.load(zero_run / f"zero{stage}" / "bema_reference.pt")
+    assert saved and set(saved) <= set(reference)
+    for name, tensor in saved.items():  # theta_0 weighs negative: up to (1 + 2 alpha) times the samples' size
+        torch.testing.assert_close(tensor.double(), reference[name], rtol=4e-6, atol=4e-7, msg=f"ZeRO-{stage} {name}")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.distributed.launch import torchrun
-from tests.distributed.reference import unsharded_reference
+from tests.distributed.reference import BEMA, unsharded_reference
 from tests.helpers.training import load_folder
 
 
@@ -45,6 +45,17 @@ def test_fsdp2_average_matches_unsharded_run(fsdp2_run):
     worst = max((gathered[n] - reference[n]).abs().max().item() for n in reference)
     print(f"FSDP2 vs unsharded: max |difference| of the averages = {worst:.3g}")
     for name, ref in reference.items():
+        torch.testing.assert_close(gathered[name], ref, rtol=1e-4, atol=2e-5, msg=name)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fsdp2_bema_resumes_theta0_through_dcp_bitwise(fsdp2_run, dtype):
+    assert all(json.loads((fsdp2_run / dtype / f"bema_facts_rank{r}.json").read_text())["resume_ok"] for r in (0, 1))
+
+
+def test_fsdp2_bema_merge_matches_unsharded_run(fsdp2_run):
+    gathered = torch.load(fsdp2_run / "float32" / "bema_averages_rank0.pt")
+    for name, ref in unsharded_reference(torch.float32, BEMA).items():
         torch.testing.assert_close(gathered[name], ref, rtol=1e-4, atol=2e-5, msg=name)
 
 

@@ -80,14 +80,14 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def trainer_for(output_dir, callbacks=(), **overrides):
-    """A `PmaTrainer` on the tiny Llama with `pma_args` (``overrides`` on top) and an evaluation set."""
+def trainer_for(output_dir, callbacks=(), model=None, **overrides):
+    """A `PmaTrainer` on ``model`` (the tiny Llama) with `pma_args` (``overrides`` on top) and an evaluation set."""
     from pmakit import PmaTrainer
 
     from .models import TokenDataset, tiny_llama
 
     return PmaTrainer(
-        model=tiny_llama(),
+        model=model if model is not None else tiny_llama(),
         args=pma_args(output_dir, **overrides),
         train_dataset=TokenDataset(),
         eval_dataset=TokenDataset(16, seed=9),

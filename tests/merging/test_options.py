@@ -15,6 +15,7 @@ from pmakit.averaging import ALGORITHMS
 from pmakit.merging import MergeError, MergeOptions, merge, plan_merge
 from pmakit.merging.options import option_fields, recipe_fields
 from tests.helpers.folders import read_folder, reference, save_models
+from tests.helpers.merging import RUN_ONLY_OPTIONS
 
 
 # The defaults of merge()'s keywords before the options object existed: they must not move.
@@ -61,16 +62,7 @@ def test_defaults_are_the_old_keyword_defaults_and_every_field_has_help():
     assert set(OLD_DEFAULTS) | {"config_source", "decay_shape"} == {f.name for f in option_fields()}
     for f in option_fields():
         assert f.metadata["help"].endswith(".") and len(f.metadata["help"]) > 20, f.name
-    assert {f.name for f in option_fields()} - {f.name for f in recipe_fields()} == {
-        "token",
-        "threads",
-        "block_elements",
-        "reader",
-        "progress",
-        "dry_run",
-        "check_scopes",
-        "scope_threshold",
-    }
+    assert {f.name for f in option_fields()} - {f.name for f in recipe_fields()} == RUN_ONLY_OPTIONS
     assert pmakit.MergeOptions is MergeOptions and callable(pmakit.merge)
 
 

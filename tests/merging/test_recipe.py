@@ -16,6 +16,7 @@ from pmakit.cli import main
 from pmakit.merging import MergeError, MergeOptions, load_recipe, merge
 from pmakit.merging.recipe import RECIPE_KEYS, options_from_recipe
 from tests.helpers.folders import read_folder, reference, save_models
+from tests.helpers.merging import RUN_ONLY_OPTIONS
 
 
 EPS32 = 2.0**-24
@@ -28,16 +29,7 @@ def _write(path, data) -> str:
 
 def test_schema_is_the_inputs_and_the_recipe_fields():
     assert RECIPE_KEYS[:3] == ("models", "run_dir", "output")
-    assert set(RECIPE_KEYS[3:]) == {f for f in MergeOptions.__dataclass_fields__} - {
-        "token",
-        "threads",
-        "block_elements",
-        "reader",
-        "progress",
-        "dry_run",
-        "check_scopes",
-        "scope_threshold",
-    }
+    assert set(RECIPE_KEYS[3:]) == {f for f in MergeOptions.__dataclass_fields__} - RUN_ONLY_OPTIONS
 
 
 def test_a_recipe_round_trips_through_options(tmp_path):

@@ -59,7 +59,7 @@ def test_no_work_on_steps_without_sample(monkeypatch):
     engine = attach_engine(optimizer, PmaConfig(interleave_step=4, fused_num=100))
     calls = []
     original = engine._fold
-    monkeypatch.setattr(engine, "_fold", lambda c: (calls.append(c), original(c)))
+    monkeypatch.setattr(engine, "_fold", lambda c, **anchors: (calls.append(c), original(c, **anchors)))
     for t in range(1, 10):
         train_step(model, optimizer, t)
     assert calls == [1.0, 0.5]

@@ -11,7 +11,7 @@ from pmakit import PmaTrainer
 from pmakit.averaging import AveragingRule
 from pmakit.online.engine import AVG_KEY
 from tests.helpers.models import TokenDataset, tiny_llama
-from tests.helpers.training import SnapshotCallback, load_folder, plain_args, pma_args, weighted
+from tests.helpers.training import SnapshotCallback, StopAt, load_folder, plain_args, pma_args, weighted
 
 
 def train(tmp_path, model=None, callbacks=(), train_dataset=None, **overrides):
@@ -157,15 +157,6 @@ def test_start_step_skips_early_samples(tmp_path):
     trainer = train(tmp_path, pma_start_step=4, max_steps=10)
     assert trainer.pma_engine.counters["merged_steps"] == [6, 8, 10]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("pma-")) == ["pma-10"]
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 @pytest.mark.parametrize("write_back", [False, True], ids=["shadow", "write_back"])

@@ -7,7 +7,9 @@ equivalent forms, and both are derived here from the same rule:
   merger accumulates directly (it knows ``n`` up front and may use unnormalised weights);
 * running form: ``avg <- avg + c_k (x_k - avg)`` with ``c_1 = 1``
   (:meth:`AveragingRule.coefficient`), which the online engine uses so that the average is
-  valid after every sample and needs no second buffer.
+  valid after every sample and needs no second buffer. One rule, ``bema``, is no running average
+  of itself: it keeps the first sample as an anchor (:attr:`AveragingRule.anchors`) and corrects
+  the average after the last one (:meth:`AveragingRule.finish`).
 
 =============  ==================================================  ==================================
 rule           weight of ``x_i`` among ``n`` samples                 ``c_k``
@@ -19,6 +21,7 @@ ema_corrected  ``a(1-a)^(n-i) / (1-(1-a)^n)``                      ``a / (1-(1-a
 weights        ``w_i / sum(w)``                                    ``w_k / sum_{j<=k} w_j``
 decay          ``d((i-1)/n) - d(i/n)``                             ``w_k / (1 - d(k/n))`` (needs ``n``)
 ema_halflife   the running form multiplied out (step-aware)         ``1 - 2^(-(s_k - s_(k-1)) / (h (s_k + b)))``
+bema           EMA from ``x_1`` + ``a (x_n - x_1)`` (step-aware)     ``beta(s_k)``, then ``finish``
 =============  ==================================================  ==================================
 
 Two EMA forms, for two situations:

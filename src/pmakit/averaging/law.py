@@ -133,6 +133,21 @@ class AveragingRule:
         self._check_steps(k, steps, at_least=True)
         return self._rule.coefficient(k, n, steps)
 
+    @property
+    def anchors(self) -> tuple[str, ...]:
+        """The buffers the running form keeps beside the average, copies of the cycle's first sample (``bema``)."""
+        return self._rule.anchors
+
+    def finish(self, n: int, steps: Sequence[int] | None = None) -> dict[str, float]:
+        """The running form's correction after the ``n``-th, last sample: ``{anchor: f}``, add ``f (x_n - anchor)``.
+
+        Empty for the rules without `anchors`, whose running average is already the merge.
+        """
+        if n < 1:
+            raise InputError(f"Need at least one sample to average, got n={n}.")
+        self._check_steps(n, steps, at_least=True)
+        return self._rule.finish(n, steps)
+
     def _check_steps(self, n: int, steps: Sequence[int] | None, at_least: bool = False) -> None:
         if steps is None:
             if self._rule.step_aware:
@@ -184,7 +199,7 @@ def merge_weights(
 
 
 def fold_coefficients(rule: AveragingRule, n: int, steps: Sequence[int] | None = None) -> list[float]:
-    """``[c_1, ..., c_n]``: folding samples with these reproduces ``rule.weights_for(n)``.
+    """``[c_1, ..., c_n]``: folding samples with these, then `AveragingRule.finish`, gives ``rule.weights_for(n)``.
 
     Args:
         rule: The averaging rule.

@@ -115,7 +115,9 @@ class Rule(abc.ABC):
 
     Subclasses set ``name``, ``title`` (card words) and ``params``, and write :meth:`weights_for` and
     :meth:`coefficient` (for ``k >= 2``; ``c_1`` is always 1), plus :meth:`check` for what the
-    declared parameters cannot say alone. Instances hold the parameters as attributes.
+    declared parameters cannot say alone. Instances hold the parameters as attributes. A running form
+    that is not an average of itself may keep ``anchors`` (copies of the cycle's first sample) and
+    correct the average after the last sample (:meth:`finish`).
     """
 
     name: ClassVar[str]
@@ -123,6 +125,9 @@ class Rule(abc.ABC):
     params: ClassVar[tuple[Param, ...]] = ()
     step_aware: ClassVar[bool] = False
     """The weights depend on the samples' training steps, which must then be given."""
+    anchors: ClassVar[tuple[str, ...]] = ()
+    """Buffers the running form keeps beside the average, each a copy of the cycle's first sample (``bema``:
+    ``theta0``); online they are fp32 tensors per parameter, saved and restored with the average."""
 
     def __init__(self, **settings: Any) -> None:
         declared = self.param_names()
@@ -176,6 +181,11 @@ class Rule(abc.ABC):
     @abc.abstractmethod
     def coefficient(self, k: int, n: int | None = None, steps: Sequence[int] | None = None) -> float:
         """``c_k`` of the running form for ``k >= 2``; ``n``: the window's length where known."""
+
+    def finish(self, n: int, steps: Sequence[int] | None = None) -> dict[str, float]:
+        """The running form's correction after the ``n``-th, last sample: ``{anchor: f}`` adds ``f (x_n - anchor)``
+        to the average. None for rules without anchors: their running average is the merge."""
+        return {}
 
     def words(self) -> str:
         """How a model card names the rule, e.g. ``EMA (alpha=0.2)``."""

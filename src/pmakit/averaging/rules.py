@@ -286,11 +286,12 @@ class Bema(Rule):
     ``beta = max(r(s_k)^-ema_power, min_ema_multiplier)``; the output adds
     ``alpha = r(s_n)^-bias_power`` times ``x_n - theta_0``. So ``theta_0`` weighs its EMA weight
     minus ``alpha`` (negative at TRL's defaults), the newest sample its EMA weight plus ``alpha``;
-    the weights still sum to one. The output is not a running average of itself: online it would need
-    ``theta_0`` and the EMA kept apart, so there is no running form here (merge the samples offline).
+    the weights still sum to one. The output is not a running average of itself, so the running form
+    keeps ``theta_0`` as an anchor: it folds the EMA (``c_k = beta``) and :meth:`finish` adds the
+    correction after the last sample.
     """
 
-    name, title, step_aware = "bema", "BEMA", True
+    name, title, step_aware, anchors = "bema", "BEMA", True, ("theta0",)
     params = (
         _number("ema_power", "TRL's `ema_power` (kappa): the EMA folds with (lag + multiplier s)^-ema_power.", 0.5),
         _number("bias_power", "TRL's `bias_power` (eta): the correction is (lag + multiplier s)^-bias_power.", 0.2),
@@ -324,18 +325,16 @@ class Bema(Rule):
 
     def weights_for(self, n: int, steps: Sequence[int] | None = None) -> list[float]:
         weights = chained_weights([1.0] + [self.ema_coefficient(s) for s in steps[1:n]])
-        if n > 1:
-            alpha = self.correction(steps[n - 1])
+        for alpha in self.finish(n, steps).values():  # theta_0 is the first sample
             weights[0] -= alpha
             weights[n - 1] += alpha
         return weights
 
     def coefficient(self, k: int, n: int | None = None, steps: Sequence[int] | None = None) -> float:
-        raise RuleError(
-            "The `bema` rule has no running form: its output is an EMA plus a correction against theta_0, not an "
-            "average folded sample by sample. Keep the samples (`pma_sample_store=True`) and merge them offline "
-            "with `--algo bema`."
-        )
+        return self.ema_coefficient(steps[k - 1])
+
+    def finish(self, n: int, steps: Sequence[int] | None = None) -> dict[str, float]:
+        return {"theta0": self.correction(steps[n - 1])} if n > 1 else {}
 
     def words(self) -> str:
         return f"BEMA (ema_power={self.ema_power:g}, bias_power={self.bias_power:g}, lag={self.lag:g})"

@@ -25,6 +25,7 @@ from ..averaging import (
 )
 from ..errors import InputError, brief
 from ..settings import at_least, one_of, setting, settle
+from .windows import WSD, check_merge_max_open, check_merge_steps, check_merge_window, merge_steps_value, window_cycle
 
 
 __all__ = ["EXPORT_CHOICES", "OFFLOAD_CHOICES", "PmaConfig"]
@@ -84,6 +85,7 @@ def sample_steps_of_first_cycle(values: dict) -> list[int]:
 
 def _check_rule(key: str, values: dict, name) -> None:  # noqa: ARG001 (a setting's check)
     """The rule's own checks, and its weights and running form over a cycle of `fused_num`; errors name the field."""
+    values = window_cycle(values)  # under a merge schedule the rule averages one window
     try:
         rule = _rule_of(values)
         # A whole cycle only where the weights depend on its length: `fused_num` may be huge (10**9).
@@ -140,13 +142,35 @@ class PmaConfig:
     )
     fused_num: int = setting(
         10,
-        "Samples per cycle: after this many samples the merged model is written and the average restarts.",
+        "Samples per cycle: after this many samples the merged model is written and the average restarts. "
+        "With `merge_steps` it is set to a window's sample count (`merge_window / interleave_step`).",
         at_least(1),
     )
     interleave_step: int = setting(
         1000,
         "Optimizer steps between samples: a sample is taken after every `interleave_step`-th step.",
         at_least(1),
+    )
+    merge_steps: list[int] | str | None = setting(
+        None,
+        "Merge at these optimizer steps instead of back-to-back cycles, each merge averaging the samples of the "
+        "last `merge_window` steps (windows may overlap), written as `pma-<step>`; or 'wsd': once, right before the "
+        "decay of the Trainer's warmup_stable_decay schedule. Multiples of `interleave_step`, sorted.",
+        check_merge_steps,
+        convert=merge_steps_value,
+        arg_type=list[str] | None,
+    )
+    merge_window: int | None = setting(
+        None,
+        "With `merge_steps`: the optimizer steps each merge averages, a multiple of `interleave_step` (a merge at "
+        "step s takes the samples in (s - merge_window, s]).",
+        check_merge_window,
+    )
+    merge_max_open: int = setting(
+        2,
+        "With `merge_steps`: the most windows open at once. Each open window keeps an fp32 copy of the trainable "
+        "weights (4 bytes per parameter); a schedule that needs more is refused.",
+        check_merge_max_open,
     )
     ema_alpha: float = setting(
         0.2,
@@ -233,6 +257,8 @@ class PmaConfig:
     def __post_init__(self) -> None:
         for key, value in settle(PmaConfig, {f.name: getattr(self, f.name) for f in fields(self)}).items():
             object.__setattr__(self, key, value)  # frozen: normalised once, here
+        if self.merge_steps is not None:  # the engine's own cycle is one window (its rule needs the count)
+            object.__setattr__(self, "fused_num", self.merge_window // self.interleave_step)
 
     @property
     def rule(self) -> AveragingRule:
@@ -258,7 +284,17 @@ class PmaConfig:
 
     def check_horizon(self, max_steps: int) -> None:
         """Warn when no cycle can complete within ``max_steps`` optimizer steps."""
-        if max_steps <= 0:
+        if max_steps <= 0 or self.merge_steps == WSD:
+            return
+        if self.merge_steps is not None:
+            late = [s for s in self.merge_steps if s > max_steps]
+            if late:
+                warnings.warn(
+                    f"PMA: the merges at steps {', '.join(map(str, late))} come after max_steps={max_steps}: "
+                    "they will not be written.",
+                    UserWarning,
+                    stacklevel=3,
+                )
             return
         samples = sum(1 for t in range(1, max_steps + 1) if self.is_sample_step(t)) if max_steps < 10**7 else None
         if samples is not None and samples < self.fused_num:

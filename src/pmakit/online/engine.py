@@ -22,6 +22,12 @@ in the current cycle, the steps they were taken at) sit in ``optimizer.param_gro
 which ``load_state_dict`` restores verbatim. ``Optimizer.load_state_dict`` casts floating state to the parameter dtype;
 the engine's load hooks keep the average in fp32 (bf16/fp16 models).
 
+A rule whose running form keeps anchors (``bema``: ``theta_0``, the cycle's first sample) gets one more
+fp32 tensor per parameter and anchor, kept exactly like the average (`pmakit.online.slots`: state key
+``pma_bema_theta0``, pending ``pma_bema_theta0_pending``); after the cycle's last sample the rule's
+``finish`` corrects the average in place, so that it holds the merge when the cycle-end handlers read it.
+Between cycle ends such an average holds the running part only (for ``bema``, the EMA from ``theta_0``).
+
 Resuming with other settings. The counters also record the settings that shape a cycle
 (``fused_algo``, ``fused_num``, ``interleave_step``, ``start_step``, and ``ema_alpha`` /
 ``fused_weights`` where the rule uses them). When a checkpoint is resumed under different
@@ -56,15 +62,14 @@ from ..errors import InputError
 from .config import PmaConfig
 from .deepspeed import attach_deepspeed, find_zero_optimizer
 from .distributed import is_dtensor, like_dtensor, local_shard, unwrap_optimizer
-from .kernels import fold_into
+from .slots import AVG_KEY, fold_sample, is_slot_key, pending_key, pop_pending, slot_keys
 
 
 __all__ = ["AVG_KEY", "COUNTERS_KEY", "PENDING_KEY", "PmaEngine", "attach_engine"]
 
 logger = logging.getLogger(__name__)
 
-AVG_KEY = "pma_avg"
-PENDING_KEY = "pma_avg_pending"  # saved averages of parameters without optimizer state: {position: average}
+PENDING_KEY = pending_key(AVG_KEY)  # saved averages of parameters without optimizer state: {position: average}
 COUNTERS_KEY = "pma"
 SETTINGS_KEY = "settings"
 _RULES_WITHOUT_ALPHA = ("sma", "wma", "weights")
@@ -110,6 +115,7 @@ class _Group:
     avgs: list[torch.Tensor]
     lparams: list[torch.Tensor] = field(default_factory=list)
     lavgs: list[torch.Tensor] = field(default_factory=list)
+    lanchors: list[list[torch.Tensor]] = field(default_factory=list)  # local shards, one list per anchor of the rule
     staging: list[torch.Tensor] | None = None  # pinned CPU copies of CUDA params (offload="cpu")
     fold_cache: dict = field(default_factory=dict)  # `fold_into`'s plan and scratch for this group
 
@@ -135,8 +141,10 @@ class PmaEngine:
         self.optimizer = optimizer
         self.config = config
         self.rule = config.rule
+        self._keys = slot_keys(self.rule)  # the tensors kept per parameter: the average, then the rule's anchors
         self._handlers: list[CycleHandler] = []
         self._sample_handlers: list[CycleHandler] = []
+        self._fold_handlers: list[CycleHandler] = []
         self._groups: list[_Group] | None = None
         self._signature: tuple | None = None
         self._pending: list[threading.Thread] = []
@@ -145,8 +153,8 @@ class PmaEngine:
         self._stream = None
         self._copied = None  # CUDA event: the offload copy of the parameters has finished
         self._stashed: dict = {}
-        # Averages of parameters whose optimizer state is still empty (see the module docstring).
-        self._unstepped: dict[torch.Tensor, torch.Tensor] = {}
+        # Averages (and anchors) of parameters whose optimizer state is still empty: {param: {key: tensor}}.
+        self._unstepped: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
         self._loading_counters = True  # whether the state dict being loaded carries PMA counters
         self._param_source: Callable[[], list[list[torch.Tensor]]] | None = None
         self.deepspeed = False  # set by `attach_deepspeed`: the average shadows ZeRO's fp32 partitions
@@ -258,6 +266,14 @@ class PmaEngine:
         if handler not in self._sample_handlers:
             self._sample_handlers.append(handler)
 
+    def add_fold_handler(self, handler: CycleHandler) -> None:
+        """Run ``handler(engine, step)`` after every sample (e.g. `pmakit.online.schedule.MergeWindows`).
+
+        Like a sample handler, but for every sample: after the fold, before the cycle end.
+        """
+        if handler not in self._fold_handlers:
+            self._fold_handlers.append(handler)
+
     def drive_externally(self, param_source: Callable[[], list[list[torch.Tensor]]]) -> None:
         """Stop counting the optimizer's own ``step`` calls: the owner calls `on_step` once per real step.
 
@@ -301,25 +317,29 @@ class PmaEngine:
         k = counters["count"] + 1
         steps = [*_split_steps(counters["sample_steps"]), step] if self.rule.rule.step_aware else None
         coefficient = self.rule.coefficient(k, self.config.fused_num, steps)
+        finish = self.rule.finish(k, steps) if k >= self.config.fused_num else {}
         self._adopt_stepped()
-        self._fold(coefficient)
+        self._fold(coefficient, start=k == 1, finish=[finish.get(a, 0.0) for a in self.rule.anchors])
         counters["count"] = k
         counters["sample_steps"] = _join_steps([*_split_steps(counters["sample_steps"]), step])
         if self.config.is_stored_step(step):
             for handler in list(self._sample_handlers):  # before a write-back changes the live weights
                 handler(self, step)
+        for handler in list(self._fold_handlers):
+            handler(self, step)
         if k >= self.config.fused_num:
             self._end_cycle(step)
 
-    def _fold(self, c: float) -> None:
+    def _fold(self, c: float, start: bool = False, finish: list[float] | None = None) -> None:
+        """Fold the parameters in with ``c``; ``start``/``finish``: the anchors' work (`slots.fold_sample`)."""
         self.join()
         for group in self._param_groups():
             if group.staging is not None:
-                self._fold_offloaded(group, c)
+                self._fold_offloaded(group, c, start, finish)
             else:
-                fold_into(group.lavgs, group.lparams, c, cache=group.fold_cache)
+                fold_sample(group.lavgs, group.lparams, c, group.fold_cache, group.lanchors, start, finish)
 
-    def _fold_offloaded(self, group: _Group, c: float) -> None:
+    def _fold_offloaded(self, group: _Group, c: float, start: bool, finish: list[float] | None) -> None:
         """CUDA params, pinned-CPU average: copy on a side stream, fold on a CPU thread.
 
         The training stream goes on at once; only the next optimizer update waits (on the GPU) for
@@ -338,7 +358,7 @@ class PmaEngine:
         def work() -> None:
             try:
                 event.synchronize()
-                fold_into(group.lavgs, group.staging, c, cache=group.fold_cache)
+                fold_sample(group.lavgs, group.staging, c, group.fold_cache, group.lanchors, start, finish)
             except BaseException as err:  # surfaced by join()
                 self._pending_error = err
 
@@ -423,22 +443,27 @@ class PmaEngine:
             return self._groups
         by_key: dict[tuple, _Group] = {}
         offload = self.config.offload == "cpu"
-        fresh: list[tuple[torch.Tensor, torch.Tensor]] = []  # (average, parameter shard) allocated just now
+        fresh: list[tuple[torch.Tensor, torch.Tensor]] = []  # (average or anchor, parameter shard) allocated just now
         for params in lists:
             for p in params:
                 if not p.requires_grad:
                     continue
-                stored = self._stored_average(p) is not None
-                avg = self._average_for(p, offload)
-                if not stored:
-                    fresh.append((local_shard(avg), local_shard(p)))
                 local = local_shard(p)
-                key = (local.device, local.dtype)
-                entry = by_key.setdefault(key, _Group([], []))
+                slots = []
+                for key in self._keys:
+                    stored = self._stored(p, key) is not None
+                    slots.append(self._slot_for(p, key, offload))
+                    if not stored:
+                        fresh.append((local_shard(slots[-1]), local))
+                entry = by_key.setdefault(
+                    (local.device, local.dtype), _Group([], [], lanchors=[[] for _ in slots[1:]])
+                )
                 entry.params.append(p)
-                entry.avgs.append(avg)
+                entry.avgs.append(slots[0])
                 entry.lparams.append(local)
-                entry.lavgs.append(local_shard(avg))
+                entry.lavgs.append(local_shard(slots[0]))
+                for anchors, anchor in zip(entry.lanchors, slots[1:], strict=True):
+                    anchors.append(local_shard(anchor))
         for (device, _dtype), entry in by_key.items():
             if offload and device.type == "cuda":
                 entry.staging = [torch.empty(p.shape, dtype=p.dtype, pin_memory=True) for p in entry.lparams]
@@ -451,8 +476,9 @@ class PmaEngine:
     def _fill_missing(self, fresh: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Samples were taken but some averages did not come back (a loader that dropped them): start
         those from the live weights, the best guess left, rather than from zeros, which would shrink them."""
+        count = len({id(local) for _, local in fresh})
         warnings.warn(
-            f"PMA: {len(fresh)} parameter(s) have no stored average although the current cycle holds samples (the "
+            f"PMA: {count} parameter(s) have no stored average although the current cycle holds samples (the "
             "checkpoint loader dropped them?); their average restarts from the live weights.",
             UserWarning,
             stacklevel=3,
@@ -460,14 +486,14 @@ class PmaEngine:
         for avg, local in fresh:
             avg.copy_(local)
 
-    def _stored_average(self, p: torch.Tensor) -> torch.Tensor | None:
-        """``p``'s average, in its optimizer state or beside it (None before the first allocation)."""
+    def _stored(self, p: torch.Tensor, key: str = AVG_KEY) -> torch.Tensor | None:
+        """``p``'s average (or anchor ``key``), in its optimizer state or beside it (None before it is allocated)."""
         state = self.optimizer.state.get(p)
-        avg = state.get(AVG_KEY) if state else None
-        return self._unstepped.get(p) if avg is None else avg
+        avg = state.get(key) if state else None
+        return self._unstepped.get(p, {}).get(key) if avg is None else avg
 
-    def _average_for(self, p: torch.Tensor, offload: bool) -> torch.Tensor:
-        avg = self._stored_average(p)
+    def _slot_for(self, p: torch.Tensor, key: str, offload: bool) -> torch.Tensor:
+        avg = self._stored(p, key)
         pinned = offload and local_shard(p).device.type == "cuda"
         if pinned and is_dtensor(p):
             raise InputError(
@@ -479,24 +505,27 @@ class PmaEngine:
         device = torch.device("cpu") if offload else local_shard(p).device
         if avg is None:
             avg = _new_average(p, device, pinned)
-            self._keep(p, avg)
+            self._keep(p, key, avg)
         elif avg.dtype != torch.float32 or local_shard(avg).device != device:
             avg = _moved_average(avg, p, device, pinned)
-            self._keep(p, avg)
+            self._keep(p, key, avg)
         return avg
 
-    def _keep(self, p: torch.Tensor, avg: torch.Tensor) -> None:
-        """Store ``p``'s average in its optimizer state if the optimizer has created that state, else beside it.
+    def _keep(self, p: torch.Tensor, key: str, avg: torch.Tensor) -> None:
+        """Store ``p``'s average (or anchor) in its optimizer state if the optimizer has created it, else beside it.
 
         An optimizer that finds a non-empty state takes it for its own (Adam would skip initialising it).
         ZeRO's fp32 partitions are always stepped before the engine allocates, so they always have state.
         """
         state = self.optimizer.state.get(p)
         if self.deepspeed or _has_optimizer_state(state):
-            self.optimizer.state[p][AVG_KEY] = avg
-            self._unstepped.pop(p, None)
+            self.optimizer.state[p][key] = avg
+            kept = self._unstepped.pop(p, {})
+            kept.pop(key, None)
+            if kept:
+                self._unstepped[p] = kept
         else:
-            self._unstepped[p] = avg
+            self._unstepped.setdefault(p, {})[key] = avg
 
     def _adopt_stepped(self) -> None:
         """Move the averages of parameters the optimizer has stepped since into their optimizer state.
@@ -505,7 +534,7 @@ class PmaEngine:
         the cached kernel groups stay valid.
         """
         for p in [p for p in self._unstepped if _has_optimizer_state(self.optimizer.state.get(p))]:
-            self.optimizer.state[p][AVG_KEY] = self._unstepped.pop(p)
+            self.optimizer.state[p].update(self._unstepped.pop(p))
 
     def _flat_params(self) -> list[torch.Tensor]:
         """The optimizer's parameters in its order: the positions used by its state dict."""
@@ -523,24 +552,30 @@ class PmaEngine:
             missing = [p for p in self._unstepped if id(p) not in position]
             if missing:
                 raise RuntimeError(f"PMA: {len(missing)} averaged tensor(s) are not parameters of the optimizer.")
-            pending = {position[id(p)]: avg for p, avg in self._unstepped.items()}
-            state_dict["param_groups"][0] = {**state_dict["param_groups"][0], PENDING_KEY: pending}
+            first = state_dict["param_groups"][0] = dict(state_dict["param_groups"][0])
+            for key in self._keys:
+                first[pending_key(key)] = {
+                    position[id(p)]: kept[key] for p, kept in self._unstepped.items() if key in kept
+                }
         return state_dict
 
     def _take_loaded_pending(self) -> None:
         """Take the pending averages that a load without the engine's hooks left in ``param_groups[0]``."""
-        pending = self.optimizer.param_groups[0].pop(PENDING_KEY, None)
+        pending = pop_pending(self.optimizer.param_groups[0])
         if pending:
             params = self._flat_params()
-            self._restore_averages([(params[int(i)], avg) for i, avg in pending.items()])
+            self._restore_slots([(params[int(i)], k, t) for k, kept in pending.items() for i, t in kept.items()])
 
-    def _restore_averages(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Put loaded averages in place, in fp32 on the average's device (a load casts and moves state)."""
+    def _restore_slots(self, loaded: list[tuple[torch.Tensor, str, torch.Tensor]]) -> None:
+        """Put loaded averages and anchors in place, in fp32 on the average's device (a load casts and moves state).
+        Anchors of another rule are dropped: a cycle resumed under another rule restarts (module docstring)."""
         offload = self.config.offload == "cpu"
-        for p, avg in pairs:
+        for p, key, avg in loaded:
+            if key not in self._keys:
+                continue
             pinned = offload and local_shard(p).device.type == "cuda"
             device = torch.device("cpu") if offload else local_shard(p).device
-            self._keep(p, _moved_average(avg, p, device, pinned, copy=True))
+            self._keep(p, key, _moved_average(avg, p, device, pinned, copy=True))
         self._groups = None
 
     def _before_load(self, optimizer, state_dict: dict) -> dict:
@@ -557,26 +592,27 @@ class PmaEngine:
         id_map = dict(zip(saved_ids, params, strict=True))
         state = {}
         for index, entry in state_dict.get("state", {}).items():
-            if isinstance(entry, dict) and AVG_KEY in entry:
+            if isinstance(entry, dict) and any(is_slot_key(key) for key in entry):
                 if index in id_map:
-                    self._stashed[index] = (id_map[index], entry[AVG_KEY])
-                entry = {key: value for key, value in entry.items() if key != AVG_KEY}
+                    slots = {key: value for key, value in entry.items() if is_slot_key(key)}
+                    self._stashed.update({(index, key): (id_map[index], key, t) for key, t in slots.items()})
+                entry = {key: value for key, value in entry.items() if not is_slot_key(key)}
                 if not entry:  # a checkpoint of an older pmakit: the average alone, no optimizer state
                     continue
             state[index] = entry
-        pending = groups[0].get(PENDING_KEY) or {}
-        for position, avg in pending.items():
-            self._stashed[("pending", int(position))] = (params[int(position)], avg)
+        first = dict(groups[0])
+        for key, pending in pop_pending(first).items():
+            for position, avg in pending.items():
+                self._stashed[("pending", key, int(position))] = (params[int(position)], key, avg)
         loaded = {**state_dict, "state": state}
-        if PENDING_KEY in groups[0]:
-            first = {key: value for key, value in groups[0].items() if key != PENDING_KEY}
+        if len(first) != len(groups[0]):
             loaded["param_groups"] = [first, *state_dict["param_groups"][1:]]
         return loaded
 
     def _after_load(self, optimizer) -> None:
         """Put the stashed fp32 averages back: into the optimizer state where it has one, else beside it."""
         self._unstepped = {}  # the load replaced the whole state
-        self._restore_averages(list(self._stashed.values()))
+        self._restore_slots(list(self._stashed.values()))
         self._stashed = {}
         if COUNTERS_KEY in optimizer.param_groups[0]:
             self._reconcile_settings()
@@ -585,8 +621,8 @@ class PmaEngine:
 
 
 def _has_optimizer_state(state: dict | None) -> bool:
-    """Whether the optimizer has created ``state`` (anything there besides the average)."""
-    return bool(state) and any(key != AVG_KEY for key in state)
+    """Whether the optimizer has created ``state`` (anything there besides the average and anchors)."""
+    return bool(state) and any(not is_slot_key(key) for key in state)
 
 
 def _optimizer_steps(optimizer: torch.optim.Optimizer) -> int:

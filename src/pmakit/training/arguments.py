@@ -15,7 +15,9 @@ from transformers import TrainingArguments
 
 from ..errors import InputError
 from ..online.config import PmaConfig
+from ..online.windows import WSD
 from ..settings import prefixed_settings, setting, settle_in_place, unprefixed, with_settings
+from .schedule import check_wsd_scheduler
 from .spike_config import SpikeConfig
 from .wsa_config import WsaConfig
 
@@ -82,6 +84,8 @@ class PmaArguments(TrainingArguments):
             )
         settle_in_place(self)
         super().__post_init__()
+        if self.pma_merge_steps == WSD:
+            check_wsd_scheduler(self)
         if self.max_steps and self.max_steps > 0:
             config = self.pma_config
             config.check_horizon(self.max_steps)

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -26,10 +24,12 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from ..errors import InputError
 from ..io.folders import remove_stale_temporaries
 from ..online.config import PmaConfig
-from ..online.engine import AVG_KEY, PmaEngine, attach_engine
+from ..online.engine import PmaEngine, attach_engine
+from ..online.slots import is_slot_key
 from ..tools.sweep.lm_eval import check_lm_eval_settings, pma_lm_eval_metrics
 from .export import LATEST_DIR, PMA_PREFIX, PmaExporter
 from .samples import PmaSampleStore
+from .schedule import ScheduledMerges, silent_on_evaluate
 
 
 __all__ = ["PmaCallback", "remove_stale_pma_temporaries"]
@@ -40,25 +40,6 @@ _PMA_FOLDER_RE = re.compile(rf"^(?:{re.escape(LATEST_DIR)}|{re.escape(PMA_PREFIX
 def remove_stale_pma_temporaries(output_dir: str | Path) -> list[Path]:
     """Delete what dead writers left of ``pma``/``pma-<step>`` folders in ``output_dir`` (no other folder)."""
     return remove_stale_temporaries(output_dir, lambda name: _PMA_FOLDER_RE.match(name) is not None)
-
-
-@contextmanager
-def _silent_on_evaluate(trainer) -> Iterator[None]:
-    """Keep ``trainer.evaluate`` from calling the callbacks' ``on_evaluate`` within the block.
-
-    The PMA evaluation runs inside the main one; its metrics reach the callbacks through the main
-    evaluation's ``metrics`` (so each evaluation is seen once, e.g. by `EarlyStoppingCallback`).
-    """
-    handler = trainer.callback_handler
-    previous = vars(handler).get("on_evaluate")
-    handler.on_evaluate = lambda args, state, control, *rest, **kwargs: control
-    try:
-        yield
-    finally:
-        if previous is None:
-            del handler.on_evaluate
-        else:
-            handler.on_evaluate = previous
 
 
 class PmaCallback(TrainerCallback):
@@ -88,6 +69,7 @@ class PmaCallback(TrainerCallback):
         self.trainer = trainer
         self.engine: PmaEngine | None = None
         self.exporter: PmaExporter | None = None
+        self.schedule = ScheduledMerges(self.config) if self.config.merge_steps is not None else None
         self._in_pma_eval = False
 
     def attach(self, optimizer) -> PmaEngine:
@@ -118,7 +100,10 @@ class PmaCallback(TrainerCallback):
             disable_tqdm=bool(args.disable_tqdm),
         )
         engine._handlers = [h for h in engine._handlers if not _is_export_handler(h)]
-        engine.add_cycle_handler(self._export_cycle)
+        if self.schedule is None:
+            engine.add_cycle_handler(self._export_cycle)
+        else:  # the schedule replaces the back-to-back cycles (see `pmakit.training.schedule`)
+            self.schedule.start(engine, args, state.max_steps, self.exporter, self.trainer)
         if getattr(args, "_pma_horizon_checked", None) != (state.max_steps, self.config):  # else done by the args
             self.config.check_horizon(state.max_steps)
         self._attach_sample_store(engine, args, kwargs)
@@ -145,10 +130,12 @@ class PmaCallback(TrainerCallback):
     def _check_resumed_precision(self, engine: PmaEngine) -> None:
         state = engine.optimizer.state
         cast = {
-            entry[AVG_KEY].dtype
+            value.dtype
             for entry in state.values()
-            if isinstance(entry, dict) and AVG_KEY in entry and entry[AVG_KEY].dtype != torch.float32
-        }
+            if isinstance(entry, dict)
+            for key, value in entry.items()
+            if is_slot_key(key) and value.dtype != torch.float32
+        }  # the average, and anchors such as bema's theta_0
         if cast:
             warnings.warn(
                 f"PMA: the resumed average was cast to {', '.join(map(str, cast))} by `Optimizer.load_state_dict` "
@@ -160,6 +147,8 @@ class PmaCallback(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if not self.config.eval or self._in_pma_eval or self.trainer is None or metrics is None:
+            return
+        if self.schedule is not None:  # each scheduled merge is evaluated once, when it is written
             return
         engine = self.engine
         if engine is None or not engine.has_average:
@@ -174,7 +163,7 @@ class PmaCallback(TrainerCallback):
         pma_prefix = prefix.replace("eval", "eval_pma", 1) if prefix.startswith("eval") else f"{prefix}_pma"
         self._in_pma_eval = True
         try:
-            with engine.swapped(), _silent_on_evaluate(self.trainer):
+            with engine.swapped(), silent_on_evaluate(self.trainer):
                 pma_metrics = self.trainer.evaluate(eval_dataset=eval_dataset, metric_key_prefix=pma_prefix)
                 pma_metrics.update(pma_lm_eval_metrics(self.trainer, self.config, dataset_name))
         finally:
@@ -189,12 +178,16 @@ class PmaCallback(TrainerCallback):
             push_pma_folder(args, self.config, trainer=self.trainer, step=self.engine.step)
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self.schedule is not None:
+            self.schedule.flush(control)
         if control.should_save and self.exporter is not None:
             self.exporter.join()  # a checkpoint save must not race with a background export
 
     def _finish_latest(self) -> None:
         """Make sure ``pma/`` holds the latest merge (an unfinished cycle's average if none completed)."""
-        if self.engine is not None and self.exporter is not None:
+        if self.engine is not None and self.schedule is not None:
+            self.schedule.finish(self.engine.step)
+        elif self.engine is not None and self.exporter is not None:
             self.exporter.finish(self.engine)
 
 

@@ -272,19 +272,26 @@ class PmaExporter:
 
     def _write(self, engine: PmaEngine, folder: Path, step: int, steps: list[int]) -> Path | None:
         """Called on every process (gathers are collective); only the main process writes."""
+        deepspeed = getattr(engine, "deepspeed", False)
+        averages, key = ({}, AVG_KEY) if deepspeed else (engine.averages(), None)
+        return self._save(averages, folder, step, steps, optimizer_state_key=key)
+
+    def _save(self, averages: dict, folder: Path, step: int, steps: list[int], **options) -> Path | None:
         model = unwrap_model(self.model)
         card = self.model_card(model, step, steps) if self.is_main_process else None
-        deepspeed = getattr(engine, "deepspeed", False)
         with progress_bars(not self.disable_tqdm):
             return save_averaged_model(
-                model,
-                {} if deepspeed else engine.averages(),
-                folder,
-                processing_class=self.processing_class,
-                model_card=card,
-                is_main_process=self.is_main_process,
-                optimizer_state_key=AVG_KEY if deepspeed else None,
-            )
+                model, averages, folder, processing_class=self.processing_class, model_card=card,
+                is_main_process=self.is_main_process, **options,
+            )  # fmt: skip
+
+    def export_merge(self, averages: dict, step: int, steps: list[int]) -> Path | None:
+        """Write a merge held outside the engine (a scheduled window's ``{param: fp32}``) as ``pma-<step>``, now."""
+        folder = self.output_dir / (f"{PMA_PREFIX}{step}" if self.config.save else LATEST_DIR)
+        self._save(averages, folder, step, steps)
+        if self.is_main_process and self.config.save:
+            self._publish_latest(folder, steps)
+        return folder if self.is_main_process else None
 
     def _start_background(self, engine: PmaEngine, folder: Path, step: int, steps: list[int], publish) -> bool:
         """Snapshot this rank's share of the average and start the writer thread; False: export synchronously.
@@ -354,6 +361,8 @@ class PmaExporter:
             "weights": [round(w, 8) for w in weights],
         }
         recipe.update(config.rule_card_settings())
+        if config.merge_steps is not None:  # a scheduled merge: the samples of the last merge_window steps
+            recipe["merge_window"] = config.merge_window
         summary = (
             f"This model is the {rule.describe(len(steps))} of the weights taken during training at optimizer "
             f"steps {', '.join(map(str, steps))} (every {config.interleave_step} steps), written at step {step} "

@@ -41,6 +41,11 @@ def _as_config(pma: PmaConfig | dict | None) -> PmaConfig:
 def _attach(
     optimizer, config: PmaConfig, model, output_dir, processing_class, disable_tqdm: bool = False
 ) -> PmaEngine:
+    if config.merge_steps is not None:
+        raise InputError(
+            "Merge schedules (`merge_steps`) run through `PmaTrainer` or `PmaCallback`, which write and evaluate each "
+            "merge at the step it ends; the optimizer route supports back-to-back cycles only."
+        )
     engine = attach_engine(optimizer, config)
     if output_dir is not None:
         if is_main_process():
