@@ -67,7 +67,7 @@ _EXPORTS = {
     "SweepResult": "tools.sweep",
     "text_loss_scorer": "tools.sweep",
     "trainer_scorer": "tools.sweep",
-    "lm_eval_scorer": "tools.lm_eval_scorer",
+    "lm_eval_scorer": "tools.sweep.lm_eval",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -109,8 +109,8 @@ if TYPE_CHECKING:
         warn_on_scope_differences,
     )
     from .tools.fusionbench import WeightedAverageForLLama
-    from .tools.lm_eval_scorer import lm_eval_scorer
     from .tools.sweep import SweepResult, sweep, text_loss_scorer, trainer_scorer
+    from .tools.sweep.lm_eval import lm_eval_scorer
     from .training.arguments import PmaArguments
     from .training.callback import PmaCallback
     from .training.optim import PmaAdamW, create_pma_optimizer, finish_pma

@@ -194,12 +194,28 @@ def _add_sweep(sub) -> None:
     s.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass")
     s.add_argument("--max-length", type=int, default=512, help="tokens per block")
     s.add_argument("--device", help="torch device for scoring (default: cpu)")
-    s.add_argument("--alpha", type=float, default=0.2, help="EMA weight of the newest sample (ema, ema_corrected)")
+    alphas = s.add_mutually_exclusive_group()
+    alphas.add_argument(
+        "--alpha", type=float, help="EMA weight of the newest sample (ema, ema_corrected; default 0.2)"
+    )
+    alphas.add_argument(
+        "--alphas", type=_numbers, metavar="A,B,...", help="alpha grid: one candidate per alpha of ema, ema_corrected"
+    )
     s.add_argument("--source", choices=["auto", "samples", "checkpoints"], default="auto", help="run folder inputs")
     s.add_argument("-o", "--output-dir", required=True, help="folder for sweep.md/.csv/.png and best/")
     s.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT/best")
     s.add_argument("--push-to-hub", metavar="REPO_ID", help="push the best merge to this Hub repo")
     s.add_argument("--private", action="store_true", help="create the Hub repo private")
+
+
+def _numbers(text: str) -> list[float]:
+    """``0.05,0.1,0.2`` as numbers (argparse reports a bad one with exit code 2)."""
+    from .errors import brief
+
+    try:
+        return [float(item) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {brief(text)}") from None
 
 
 @contextlib.contextmanager
@@ -236,10 +252,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def _run_sweep(args: argparse.Namespace) -> int:
     from .io.hub_target import HubTarget
-    from .tools.sweep import parse_rule, sweep, text_loss_scorer
+    from .tools.sweep import expand_alphas, parse_rule, sweep, text_loss_scorer
 
-    for rule in args.rules:
-        parse_rule(rule)  # a bad rule exits 2 before torch is imported
+    for rule in expand_alphas(args.rules, args.alphas):
+        parse_rule(rule)  # a bad rule or alpha exits 2 before torch is imported
     target = HubTarget(args.push_to_hub, private=args.private) if args.push_to_hub else None
     if args.lm_eval_tasks:
         scorer = _lm_eval_scorer(args)
@@ -261,6 +277,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
             output_dir=args.output_dir,
             metric=getattr(scorer, "metric_name", f"loss per {args.per} (nats)"),
             alpha=args.alpha,
+            alphas=args.alphas,
             source=args.source,
             overwrite=args.overwrite,
             push_to_hub=target,
@@ -272,7 +289,9 @@ def _run_sweep(args: argparse.Namespace) -> int:
         print(f"pmakit: error: push failed: {message}; the best merge is kept in {args.output_dir}", file=sys.stderr)
         return PUSH_FAILED
     print(result.markdown)
-    print(f"best: {result.best.rule} over {result.best.window} inputs, saved to {result.best_folder}")
+    best = result.best
+    params = f" ({best.params_text.replace(';', ', ')})" if best.params else ""
+    print(f"best: {best.rule}{params} over {best.window} inputs, saved to {result.best_folder}")
     print(f"table: {result.table_md} and {result.table_csv}")
     print(f"plot: {result.plot}" if result.plot else f"plot: none ({result.plot_note})")
     if result.commit_url:
@@ -283,7 +302,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
 def _lm_eval_scorer(args: argparse.Namespace):
     """The sweep's lm-eval scorer (lm-eval is imported here, not when the command line is parsed)."""
     from .errors import InputError
-    from .tools.lm_eval_scorer import lm_eval_scorer
+    from .tools.sweep.lm_eval import lm_eval_scorer
 
     try:
         return lm_eval_scorer(
@@ -467,8 +486,9 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-# `name=value` as Python errors write a setting: the value is True/False, quoted text, `...` or one word.
-_SETTING = r"\b{name}=(True|False|'[^']*'|\"[^\"]*\"|\.\.\.|[\w.+-]+)"
+# `name=value` as Python errors write a setting: the value is True/False, quoted text, `...` or one word; not
+# inside a rule spec (`ema_corrected:alpha=0.1`, `bema:lag=5,alpha=...`), which the command line takes as written.
+_SETTING = r"(?<![:,])\b{name}=(True|False|'[^']*'|\"[^\"]*\"|\.\.\.|[\w.+-]+)"
 
 
 def _flag_for(f, value: str) -> str | None:

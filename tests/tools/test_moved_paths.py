@@ -1,4 +1,5 @@
-"""The old `pmakit.tools.*` paths of the moved modules still import: the new module itself, with a FutureWarning."""
+"""The old `pmakit.tools.*` paths of the moved modules still import: the new module itself, with a FutureWarning;
+and the sweep, now a package, still offers every name it had as a module, without loading torch."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ OLD_NAMES = {
     "pmakit.tools.weighted_sum": ["ACCUMULATE_DTYPES", "weighted_sum"],
     "pmakit.tools.spike": ["SpikeConfig", "SpikeRecoveryCallback", "SpikeRecoveryError"],
     "pmakit.tools.wsa": ["WSA_TARGETS", "WsaCallback", "WsaConfig", "WsaRegularizer", "add_wsa", "wsa_target_scopes"],
+    "pmakit.tools.lm_eval_scorer": ["LmEvalScorer", "lm_eval_scorer", "pma_lm_eval_metrics", "require_lm_eval"],
 }
 
 # A fresh interpreter, so that every old path is imported for the first time there (and warns).
@@ -79,3 +81,26 @@ def test_deprecated_scope_warning_name_warns_and_still_works():
         warnings.simplefilter("always")
         assert warn_on_scope_differences([a, b], 0.1) == flagged
     assert [w.category for w in seen] == [UserWarning] and seen[0].filename == __file__
+
+
+# What `pmakit.tools.sweep` offered when it was one module: its `__all__` and the helpers others import.
+SWEEP_NAMES = [
+    *("Candidate", "SweepResult", "SweepRow", "TextLossScorer", "parse_rule", "sweep", "sweep_inputs"),
+    *("text_loss_scorer", "trainer_scorer", "Scorer", "causal_lm_nats", "load_weights_into", "write_plot"),
+]
+SWEEP_PROBE = """
+import json, sys
+import pmakit.tools.sweep as package
+from pmakit import SweepResult, lm_eval_scorer, sweep, text_loss_scorer, trainer_scorer
+light = sorted(m for m in ("torch", "transformers", "matplotlib", "lm_eval") if m in sys.modules)
+print(json.dumps({"light": light, "missing": [n for n in json.loads(sys.argv[1]) if not hasattr(package, n)],
+                  "same": sweep is package.sweep and text_loss_scorer is package.scorers.text_loss_scorer}))
+"""
+
+
+def test_the_sweep_package_keeps_the_module_names_and_stays_light():
+    run = subprocess.run(
+        [sys.executable, "-c", SWEEP_PROBE, json.dumps(SWEEP_NAMES)], capture_output=True, text=True, check=True
+    )
+    out = json.loads(run.stdout)
+    assert out == {"light": [], "missing": [], "same": True}

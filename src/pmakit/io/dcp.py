@@ -24,7 +24,8 @@ from pathlib import Path
 from ..errors import InputError, brief
 from .archive import as_count, as_counts, as_list, as_mapping, as_text
 from .safetensors import DTYPES, ITEMSIZES, Piece, TensorInfo
-from .torch_pickle import MetadataIndex, Record, TensorRef, TorchArchive, TorchDtype, read_pickle
+from .torch_pickle import TorchArchive
+from .torch_unpickler import MetadataIndex, Record, TensorRef, TorchDtype, read_pickle
 
 
 __all__ = ["METADATA_FILE", "DcpCheckpoint", "DcpTensor", "is_dcp_folder"]

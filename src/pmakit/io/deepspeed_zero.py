@@ -31,7 +31,8 @@ from pathlib import Path
 from ..errors import InputError, brief
 from .archive import as_count, as_counts, as_list, as_mapping, as_text
 from .safetensors import DTYPES, Piece, TensorInfo
-from .torch_pickle import TensorRef, TorchArchive
+from .torch_pickle import TorchArchive
+from .torch_unpickler import TensorRef
 
 
 __all__ = ["ZeroCheckpoint", "find_zero_folder"]

@@ -10,7 +10,8 @@ failures (HTTP 5xx/429, dropped connections) are retried; a push that still fail
 config, generation config, tokenizer files and the model card.
 
 The token comes from the argument, else from ``HF_TOKEN`` or ``hf auth login`` (resolved by
-`huggingface_hub`); it is never printed, logged or put in an error message.
+`huggingface_hub`); it is never printed, logged or put in an error message. What went wrong is read
+into those messages by `pmakit.io.hub_failures`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlsplit
 
 import httpx2
 from huggingface_hub import HfApi, constants, snapshot_download
@@ -29,7 +29,6 @@ from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
     LocalEntryNotFoundError,
-    LocalTokenNotFoundError,
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
     RevisionNotFoundError,
@@ -37,6 +36,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import get_token
 
 from ..errors import HubError, InputError, brief
+from .hub_failures import download_failure, is_transient, push_reason, safe_cause, scrub
 from .hub_target import HubTarget, hub_target_of
 
 
@@ -73,7 +73,6 @@ DOWNLOAD_PATTERNS: tuple[str, ...] = (
 #: first wait between them in seconds (doubled each time). The client also retries its own calls.
 RETRY_ATTEMPTS = 3
 RETRY_WAIT = 2.0
-_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _sleep = time.sleep  # replaced by the test suite to keep retries fast
 
 T = TypeVar("T")
@@ -111,69 +110,13 @@ class HubDownloadError(HubError):
         self.status = status
 
 
-# --------------------------------------------------------------------------------------- errors
-def _chain(err: BaseException) -> list[BaseException]:
-    """``err`` and its causes/contexts, outermost first (the client wraps HTTP errors, e.g. in LFS uploads)."""
-    seen: list[BaseException] = []
-    while err is not None and err not in seen:
-        seen.append(err)
-        err = err.__cause__ or err.__context__
-    return seen
-
-
-def _http_error(err: BaseException) -> HfHubHTTPError | None:
-    return next((e for e in _chain(err) if isinstance(e, HfHubHTTPError) and e.response is not None), None)
-
-
-def _transport_error(err: BaseException) -> httpx2.TransportError | None:
-    return next((e for e in _chain(err) if isinstance(e, httpx2.TransportError)), None)
-
-
-def _is_transient(err: BaseException) -> bool:
-    http = _http_error(err)
-    if http is not None:
-        return http.response.status_code in _TRANSIENT_STATUS
-    return _transport_error(err) is not None
-
-
-def _where(response) -> str:
-    try:
-        request = response.request
-    except (AttributeError, RuntimeError):  # httpx raises when a response has no request attached
-        return ""
-    if request is None:
-        return ""
-    url = urlsplit(str(request.url))
-    return f" to {request.method} {url.scheme}://{url.netloc}{url.path}"  # no query: signed URLs stay out
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    line = " ".join(part.strip() for part in str(text).splitlines() if part.strip())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-def _scrub(text: str, token: str | bool | None) -> str:
-    """Remove any token (the explicit one and the one the client would use) from a message."""
-    secrets = {t for t in (token if isinstance(token, str) else None, get_token()) if t}
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
-
-
-def _safe_cause(err: BaseException, token: str | bool | None) -> BaseException | None:
-    """``err`` to chain for debugging, or None when any message in its chain shows a token."""
-    secrets = {t for t in (token if isinstance(token, str) else None, get_token()) if t}
-    texts = [str(e) for e in _chain(err)]
-    return None if any(s in t for s in secrets for t in texts) else err
-
-
 def _with_retries(step: str, call: Callable[[], T]) -> T:
     wait = RETRY_WAIT
     for attempt in range(1, RETRY_ATTEMPTS + 1):
         try:
             return call()
         except Exception as err:
-            if attempt == RETRY_ATTEMPTS or not _is_transient(err):
+            if attempt == RETRY_ATTEMPTS or not is_transient(err):
                 raise
             logger.warning(
                 "Hub %s failed (%s); retrying in %.0f s [%d/%d].",
@@ -186,43 +129,6 @@ def _with_retries(step: str, call: Callable[[], T]) -> T:
             _sleep(wait)
             wait *= 2
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _push_reason(err: BaseException, repo_id: str, revision: str | None, had_token: bool) -> tuple[str, int | None]:
-    if isinstance(err, LocalTokenNotFoundError):
-        return "no Hub token was found: pass `token=`, set HF_TOKEN or run `hf auth login`", None
-    http = _http_error(err)
-    if http is not None:
-        status = http.response.status_code
-        where = _where(http.response)
-        if status == 401:
-            if not had_token:
-                return (
-                    f"the Hub requires authentication (HTTP 401{where}) and no token was found: pass `token=`, "
-                    "set HF_TOKEN or run `hf auth login`",
-                    status,
-                )
-            return (
-                f"the Hub rejected the token (HTTP 401{where}): check that it is valid and has write access",
-                status,
-            )
-        if status == 403:
-            return f"the token may not write to {repo_id} (HTTP 403{where}): use a token with write access", status
-        if isinstance(http, RevisionNotFoundError):
-            return f"revision {revision!r} was not found in {repo_id} (HTTP 404{where})", status
-        if isinstance(http, RepositoryNotFoundError):
-            return f"repository {repo_id} was not found or is not visible to this token (HTTP {status}{where})", status
-        if status == 404:
-            return f"not found (HTTP 404{where})", status
-        server = http.server_message or ""
-        suffix = f": {_one_line(server, 200)}" if server else ""
-        retried = " after retries" if status in _TRANSIENT_STATUS else ""
-        return f"the Hub answered HTTP {status}{where}{retried}{suffix}", status
-    transport = _transport_error(err)
-    if transport is not None:
-        detail = f"{type(transport).__name__}: {_one_line(transport)}"
-        return f"the connection to the Hub failed after retries ({detail})", None
-    return f"{type(err).__name__}: {_one_line(err)}", None
 
 
 # --------------------------------------------------------------------------------------- push
@@ -272,7 +178,7 @@ def push_folder_to_hub(
     try:
         info, repo = _upload(folder, target)
     except Exception as err:
-        raise _push_error(err, folder, target) from _safe_cause(err, target.token)
+        raise _push_error(err, folder, target) from safe_cause(err, target.token)
     url = str(info.commit_url)
     logger.info("Pushed %s to %s: %s%s", folder, repo, url, f" (pull request {info.pr_url})" if info.pr_url else "")
     return url
@@ -324,8 +230,8 @@ def _push_error(err: BaseException, folder: Path, target: HubTarget) -> HubPushE
     where = target.repo_id + (f" (revision {target.revision})" if target.revision else "")
     where += f", path {target.path_in_repo}" if target.path_in_repo else ""
     had_token = bool(target.token or get_token())
-    reason, status = _push_reason(err, target.repo_id, target.revision, had_token=had_token)
-    message = _scrub(
+    reason, status = push_reason(err, target.repo_id, target.revision, had_token=had_token)
+    message = scrub(
         f"Could not push {folder} to the Hub repo {where}: {reason}. The local folder is kept at {folder}.",
         target.token,
     )
@@ -351,23 +257,6 @@ def _download_patterns(allow_patterns: Sequence[str] | str | None, sub: str) -> 
         return [f"{sub}/{p}" for p in patterns], ([f"{sub}/*/*"] if allow_patterns is None else None)
     # top level only: a run repo also holds `pma/`, `last-checkpoint/`, ...
     return patterns, (["*/*"] if allow_patterns is None else None)
-
-
-def _download_failure(err: BaseException, repo_id: str, revision: str | None, at: str):
-    """(message, error, HTTP status) for a failed download, naming what is missing or why the Hub refused."""
-    if isinstance(err, RevisionNotFoundError):
-        return f"Revision {revision!r} was not found in the Hub repo {repo_id}.", err, 404
-    if isinstance(err, RepositoryNotFoundError):
-        status = err.response.status_code if err.response is not None else None
-        message = (
-            f"The Hub repo {repo_id} was not found at {constants.ENDPOINT}, or it is private and the token cannot "
-            "read it: check the id and pass a token with read access (`token=`, HF_TOKEN or `hf auth login`)."
-        )
-        return message, err, status
-    http = _http_error(err)
-    status = http.response.status_code if http is not None else None
-    detail = f"HTTP {status}{_where(http.response)}" if http is not None else _one_line(err)
-    return f"Could not download {at} from the Hub: {detail}.", err, status
 
 
 def download_model(
@@ -406,8 +295,8 @@ def download_model(
     at = f"{repo_id}" + (f" (revision {revision})" if revision else "")
 
     def fail(message: str, err: BaseException | None, status: int | None = None) -> HubDownloadError:
-        exc = HubDownloadError(_scrub(message, token), repo_id=repo_id, revision=revision, status=status)
-        exc.__cause__ = _safe_cause(err, token) if err is not None else None
+        exc = HubDownloadError(scrub(message, token), repo_id=repo_id, revision=revision, status=status)
+        exc.__cause__ = safe_cause(err, token) if err is not None else None
         exc.__suppress_context__ = True
         return exc
 
@@ -419,7 +308,7 @@ def download_model(
             )
         )  # fmt: skip
     except (RevisionNotFoundError, RepositoryNotFoundError, *_DOWNLOAD_ERRORS) as err:
-        exc = fail(*_download_failure(err, repo_id, revision, at))
+        exc = fail(*download_failure(err, repo_id, revision, at))
         raise exc from exc.__cause__  # fail() chose the cause: the error, unless a message in it shows a token
     folder = path / sub if sub else path
     if not folder.is_dir() or not any(p.is_file() for p in folder.rglob("*")):

@@ -13,7 +13,7 @@ They are tried in that order, so a ZeRO-1/2 Trainer checkpoint, which also holds
 
 With ``state="pma"`` the PMA average kept in the optimizer state (``pma_avg``) is read instead of
 the weights: from Accelerate's ``optimizer_0/`` DCP folder, or from the ZeRO optimizer states.
-Pickles are read by the allow-list unpickler of :mod:`pmakit.io.torch_pickle`: no torch, no
+Pickles are read by the allow-list unpickler of :mod:`pmakit.io.torch_unpickler`: no torch, no
 process group, no model, no copy.
 """
 

@@ -1,14 +1,14 @@
-"""Checking the inputs against each other and deciding, per output tensor, what to do with it.
+"""Deciding, per output tensor, what a merge does with it, once the inputs are checked against each other.
 
-All validation happens here, from the safetensors headers and ``config.json`` alone, before a
-single weight is read or an output byte written: a merge of hundreds of checkpoints should not
-fail at its last tensor because one file was truncated.
+All validation happens before a single weight is read or an output byte written, from the
+safetensors headers and ``config.json`` alone (here, in `pmakit.merging.checks` and, for the LM
+head, `pmakit.merging.heads`): a merge of hundreds of checkpoints should not fail at its last tensor
+because one file was truncated.
 """
 
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +16,8 @@ from pathlib import Path
 from ..averaging import COPIED_FROM_NEWEST, AveragingRule, tensor_merge_action
 from ..errors import MergeError, brief
 from ..io.safetensors import OutputTensor, TensorInfo, canonical_dtype, parse_size, plan_shards
+from .checks import check_alike, check_architectures, rule_weights
+from .heads import LM_HEAD, common_tensor_names, is_tied, lm_head_inputs, output_tied
 from .sources import ModelSource
 
 
@@ -132,64 +134,6 @@ def _human(n: float) -> str:
     return f"{n} B"  # pragma: no cover
 
 
-def _arch(source: ModelSource) -> tuple[str | None, tuple[str, ...]]:
-    """``(model_type, architectures)`` from the config: what must agree for weights to mean the same thing."""
-    config = source.config
-    return config.get("model_type"), tuple(config.get("architectures") or ())
-
-
-def _tied(config: dict) -> bool:
-    """Whether the LM head is the embedding (then ``lm_head.weight``, if saved, is not a tensor of its own)."""
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-    return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
-
-
-# Above this sum of |weights| a merge amplifies the inputs' differences more than any average would (1).
-EXTRAPOLATION_WARNING = 10.0
-
-
-def _rule_weights(rule: AveragingRule, sources: Sequence[ModelSource]) -> list[float]:
-    """The rule's closed-form weights; a count the rule cannot serve is a `MergeError` like every bad input."""
-    try:
-        weights = rule.weights_for(len(sources), _input_steps(rule, sources))
-    except ValueError as e:
-        raise MergeError(str(e)) from e
-    _warn_on_weights(rule, weights)
-    return weights
-
-
-def _input_steps(rule: AveragingRule, sources: Sequence[ModelSource]) -> list[int] | None:
-    """The inputs' training steps, for a rule that weighs by them: each must be known (named ``step-N``,
-    ``checkpoint-N``, ``pma-N``, or from a run folder), and they must rise."""
-    if not rule.rule.step_aware:
-        return None
-    unknown = [s.label for s in sources if s.step is None]
-    if unknown:
-        raise MergeError(
-            f"The `{rule.algo}` rule weighs inputs by their training steps, but the step of {', '.join(unknown)} "
-            "is unknown: name the folders `step-N`, `checkpoint-N` or `pma-N`, or merge a run folder."
-        )
-    steps = [s.step for s in sources]
-    if any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
-        raise MergeError(f"The `{rule.algo}` rule needs inputs in rising step order, oldest first; got steps {steps}.")
-    return steps
-
-
-def _warn_on_weights(rule: AveragingRule, weights: list[float]) -> None:
-    """Weights that are legal but rarely meant: all zero (an all-zero model) or a far extrapolation."""
-    given = f"weights {list(rule.weights)}" if rule.weights is not None else rule.algo
-    if all(w == 0 for w in weights):
-        warnings.warn(f"Every weight is zero ({given}): the merged floats are all zero.", stacklevel=3)
-    elif sum(abs(w) for w in weights) > EXTRAPOLATION_WARNING:
-        applied = ", ".join(f"{w:.6g}" for w in weights)
-        warnings.warn(
-            f"The {given} extrapolate far beyond the inputs: applied weights {applied} (sum of |w| "
-            f"{sum(abs(w) for w in weights):.6g} > {EXTRAPOLATION_WARNING:g}); differences between inputs are "
-            "amplified by that much.",
-            stacklevel=3,
-        )
-
-
 def _accumulate_dtype(name: str) -> str:
     """The numpy name of the accumulator dtype; only float32 and float64 accumulate safely."""
     code = canonical_dtype(name, "accumulate_dtype")
@@ -224,95 +168,6 @@ def choose_donor(sources: Sequence[ModelSource], base: ModelSource | None, donor
     return base
 
 
-def _check_architectures(sources: list[ModelSource], base: ModelSource | None, donor: ModelSource) -> None:
-    """Every input (and the base) has the donor's architecture; adapters are not mixed with full models.
-
-    A config without ``architectures`` (some exporters drop it) is accepted, with a warning naming
-    its file, when its ``model_type`` matches and its tensors have the same names and shapes.
-    """
-    if donor.config:
-        listed = [donor, *sources, *([base] if base is not None else [])]
-        everyone = [s for i, s in enumerate(listed) if s.config and all(s is not t for t in listed[:i])]
-        reference = next((s for s in everyone if _arch(s)[1]), donor)  # one that names its architectures
-        for s in everyone:
-            if _arch(s) != _arch(reference):
-                _check_unnamed_architecture(s, reference)
-    if len({s.is_adapter for s in sources}) > 1:
-        raise MergeError("Cannot merge PEFT adapter folders with full model folders.")
-
-
-def _check_unnamed_architecture(source: ModelSource, reference: ModelSource) -> None:
-    """Accept ``source`` (warn) when only its ``architectures`` is missing and its tensors match, else refuse."""
-    arch, ref = _arch(source), _arch(reference)
-    differ = f"Inputs have different architectures: {source.label} is {arch[0]} {list(arch[1])}, "
-    differ += f"{reference.label} is {ref[0]} {list(ref[1])}"
-    if arch[1] or arch[0] != ref[0]:
-        raise MergeError(differ + ".")
-    config = source.path / ("adapter_config.json" if source.is_adapter else "config.json")
-    mismatch = _tensor_mismatch(source, reference)
-    if mismatch:
-        raise MergeError(f"{differ}: {config} has no `architectures` and {mismatch}.")
-    warnings.warn(
-        f"{config} has no `architectures`; merging it as {list(ref[1])} like {reference.label}, "
-        f"since its model_type ({arch[0]}) and its tensor names and shapes match.",
-        stacklevel=4,
-    )
-
-
-def _tensor_mismatch(source: ModelSource, reference: ModelSource) -> str | None:
-    """The first tensor (name or shape) in which ``source`` differs from ``reference``; the LM head's tying aside."""
-    mine = {n: i.shape for n, i in source.tensors.items() if n != LM_HEAD}
-    theirs = {n: i.shape for n, i in reference.tensors.items() if n != LM_HEAD}
-    for name in sorted(mine.keys() ^ theirs.keys()):
-        where = source.label if name in mine else reference.label
-        return f"tensor {name!r} is only in {where}"
-    for name in sorted(mine):
-        if tuple(mine[name]) != tuple(theirs[name]):
-            return f"tensor {name!r} is {list(mine[name])} there but {list(theirs[name])} in {reference.label}"
-    return None
-
-
-LM_HEAD = "lm_head.weight"
-
-
-def _output_tied(sources: list[ModelSource], base: ModelSource | None, backbone_only: bool) -> bool:
-    """Whether the output ties its LM head to its embeddings.
-
-    Backbone-only merges keep the base's head, so they keep its tying. Otherwise the output is
-    untied as soon as one averaged input has an LM head of its own: averaging it with the other
-    inputs' heads (a tied input's head is its embedding matrix) is the only way not to drop it.
-    """
-    if backbone_only and base is not None:
-        return _tied(base.config)
-    return all(_tied(s.config) for s in sources) or not any(LM_HEAD in s.tensors for s in sources)
-
-
-def _common_tensor_names(sources: list[ModelSource], tied: bool) -> list[str]:
-    """The tensor names every input holds, in the first input's order.
-
-    The LM head is planned apart: left out when the output is ``tied``, else added once (a tied
-    input stands in with its embedding, see `_lm_head_inputs`; a backbone-only base gives its own).
-    """
-
-    def names_of(s: ModelSource) -> list[str]:
-        return [n for n in s.tensors if n != LM_HEAD]
-
-    first = sources[0]
-    order = [n for n in first.tensors if n != LM_HEAD or not tied]
-    if not tied and LM_HEAD not in order:
-        order.append(LM_HEAD)
-    wanted = set(order) - {LM_HEAD}
-    for s in sources[1:]:
-        have = set(names_of(s))
-        missing = sorted(wanted - have)
-        if missing:
-            raise MergeError(f"Tensor {brief(missing[0])} is missing from input {s.label} (present in {first.label}).")
-        extra = sorted(have - wanted)
-        if extra:
-            raise MergeError(f"Tensor {brief(extra[0])} of input {s.label} is missing from input {first.label}.")
-    return order
-
-
 def _backbone(backbone_only: bool, patterns: tuple[str, ...], base: ModelSource | None) -> list[re.Pattern] | None:
     """The compiled backbone patterns for a backbone-only merge (checked always), else ``None``."""
     try:
@@ -345,42 +200,10 @@ def _from_base(name: str, base: ModelSource, out_code: str | None) -> PlannedTen
     return PlannedTensor(OutputTensor(name, dtype, info.shape), "base", [info])
 
 
-def _check_alike(name: str, infos: list[TensorInfo]) -> None:
-    """Every input holds ``name`` with the same shape and kind (and the same dtype for non-floats)."""
-    ref = infos[-1]
-    for info in infos:
-        if info.shape != ref.shape:
-            raise MergeError(
-                f"Shape mismatch for tensor {brief(name)}: {list(info.shape)} in {info.file} "
-                f"but {list(ref.shape)} in {ref.file}."
-            )
-        if info.is_float != ref.is_float or (not ref.is_float and info.dtype != ref.dtype):
-            raise MergeError(f"Tensor {brief(name)} is {info.dtype} in {info.file} but {ref.dtype} in {ref.file}.")
-
-
-def _tied_embedding(source: ModelSource, head: TensorInfo, owner: ModelSource) -> TensorInfo:
-    """The embedding matrix a tied ``source`` uses as its LM head (the one ``embed`` tensor shaped like ``head``)."""
-    found = [i for n, i in source.tensors.items() if "embed" in n and n != LM_HEAD and i.shape == head.shape]
-    if len(found) != 1:
-        raise MergeError(
-            f"Input {source.label} ties its LM head to its embeddings (tie_word_embeddings) but input "
-            f"{owner.label} has its own {brief(LM_HEAD)} {list(head.shape)}, and no single embedding of "
-            f"{source.label} has that shape to stand in for its head; merge inputs with the same tying."
-        )
-    return found[0]
-
-
-def _lm_head_inputs(sources: list[ModelSource]) -> list[TensorInfo]:
-    """Every input's LM head for an untied output: its own ``lm_head.weight``, or the embedding it is tied to."""
-    owner = next(s for s in sources if LM_HEAD in s.tensors)
-    head = owner.tensors[LM_HEAD]
-    return [s.tensors[LM_HEAD] if LM_HEAD in s.tensors else _tied_embedding(s, head, owner) for s in sources]
-
-
 def _from_inputs(name: str, sources: list[ModelSource], out_code: str | None) -> PlannedTensor:
     """Floats are folded from every input; integers and bools are copied from the newest (the buffer rule)."""
-    infos = _lm_head_inputs(sources) if name == LM_HEAD else [s.tensors[name] for s in sources]
-    _check_alike(name, infos)
+    infos = lm_head_inputs(sources) if name == LM_HEAD else [s.tensors[name] for s in sources]
+    check_alike(name, infos)
     newest = infos[-1]
     odd = next((i for i in infos if i.dtype != newest.dtype), None)
     if odd is not None and out_code is None and newest.is_float:
@@ -444,14 +267,14 @@ def build_plan(
     sources = list(sources)
     if not sources:
         raise MergeError("Nothing to merge: no inputs.")
-    weights = _rule_weights(rule, sources)
+    weights = rule_weights(rule, sources)
     accumulate = _accumulate_dtype(accumulate_dtype)
     out_code = canonical_dtype(out_dtype) if out_dtype is not None else None
     shard_bytes = parse_size(max_shard_size)
     donor_source = choose_donor(sources, base, donor)
-    _check_architectures(sources, base, donor_source)
-    tied = _output_tied(sources, base, backbone_only)
-    names = _common_tensor_names(sources, tied)
+    check_architectures(sources, base, donor_source)
+    tied = output_tied(sources, base, backbone_only)
+    names = common_tensor_names(sources, tied)
     patterns = tuple(backbone_patterns) if backbone_patterns is not None else DEFAULT_BACKBONE_PATTERNS
     planned = _plan_tensors(names, sources, base, _backbone(backbone_only, patterns, base), out_code)
     _check_backbone_matched(planned, backbone_only, patterns)
@@ -469,7 +292,7 @@ def build_plan(
         backbone_only=backbone_only,
         backbone_patterns=patterns,
         out_dtype=out_code,
-        tie_word_embeddings=tied if tied != _tied(donor_source.config) else None,
+        tie_word_embeddings=tied if tied != is_tied(donor_source.config) else None,
     )
 
 

@@ -16,7 +16,8 @@ A LoRA adapter changes a weight by ``delta = s * B @ A`` (``s = lora_alpha / r``
 The weights follow `pmakit.averaging` (sma, ema, wma or explicit weights; inputs oldest first).
 Non-LoRA tensors of the adapters (``modules_to_save``, trainable tokens) are linear in the
 weights, so they are averaged directly. Accumulation is fp32 (fp64 on request); outputs keep the
-adapters' dtype. Output folders are built aside and renamed into place when complete.
+adapters' dtype. Output folders are built aside and renamed into place when complete. Adapter
+folders are read, and their exact updates computed, by `pmakit.soups.lora_adapter`.
 """
 
 from __future__ import annotations
@@ -27,12 +28,11 @@ import os
 import re
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..averaging import AveragingRule
 from ..errors import InputError, brief
@@ -40,126 +40,13 @@ from ..io.cards import build_model_card
 from ..io.folders import atomic_directory, check_output_outside_inputs
 from ..io.side_files import copy_side_files
 from ..io.weight_files import WEIGHT_INDEXES, find_weight_files
+from .lora_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapter, base_name, load_lora_adapter, lora_deltas
 from .weighted_sum import weighted_sum
 
 
 __all__ = ["LORA_METHODS", "LoraAdapter", "average_lora_adapters", "load_lora_adapter", "lora_deltas"]
 
 LORA_METHODS = ("factor", "concat", "merge")
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-_PREFIX = "base_model.model."
-_LORA_RE = re.compile(
-    r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?P<suffix>\.weight)?$"
-)
-
-
-@dataclass
-class LoraAdapter:
-    """One adapter folder: its config and tensors (loaded on CPU)."""
-
-    path: Path
-    config: dict
-    tensors: dict[str, torch.Tensor]
-
-    def modules(self) -> dict[str, dict[str, str]]:
-        """``{module key prefix: {"A": key, "B": key}}`` for every LoRA module of the adapter."""
-        found: dict[str, dict[str, str]] = {}
-        for key in self.tensors:
-            m = _LORA_RE.match(key)
-            if m:
-                found.setdefault(m["module"], {})["A" if m["kind"].endswith("A") else "B"] = key
-        for module, pair in found.items():
-            if set(pair) != {"A", "B"}:
-                raise InputError(f"{self.path}: LoRA module {brief(module)} has only its {next(iter(pair))} factor.")
-        return found
-
-    def extras(self) -> list[str]:
-        """Tensors that are not LoRA factors (modules_to_save, trainable tokens): averaged linearly."""
-        return [k for k in self.tensors if not _LORA_RE.match(k)]
-
-    def scaling(self, module: str) -> float:
-        """``s`` of ``delta = s * B @ A`` for a module (rank from the tensors, alpha from the config)."""
-        rank = self.tensors[self.modules()[module]["A"]].shape[0]
-        name = module[len(_PREFIX) :] if module.startswith(_PREFIX) else module
-        alpha = _pattern_value(self.config.get("alpha_pattern") or {}, name, self.config.get("lora_alpha", 8))
-        if self.config.get("use_rslora"):
-            return float(alpha) / math.sqrt(rank)
-        return float(alpha) / rank
-
-
-def _pattern_value(patterns: dict, module: str, default):
-    """PEFT's rank/alpha pattern lookup: a key matches the module's full name or a dotted suffix of it."""
-    for key, value in patterns.items():
-        if module == key or re.fullmatch(rf"(.*\.)?{key}", module):
-            return value
-    return default
-
-
-def load_lora_adapter(path: str | os.PathLike) -> LoraAdapter:
-    """Read a PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
-    folder = Path(path)
-    config_file, weights_file = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{folder} is not a PEFT adapter folder: {ADAPTER_CONFIG} is missing.")
-    if not weights_file.is_file():
-        extra = ""
-        if (folder / "adapter_model.bin").exists():
-            extra = " (pickled adapter_model.bin is not read; re-save it with safetensors)"
-        raise FileNotFoundError(f"{folder}: {ADAPTER_WEIGHTS} is missing{extra}.")
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    peft_type = str(config.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise InputError(f"{folder}: only LoRA adapters can be averaged here; this one is {brief(peft_type)}.")
-    if config.get("use_dora"):
-        raise InputError(
-            f"{folder}: DoRA adapters (use_dora=true) have a magnitude vector that does not average "
-            "like B @ A; they are not supported."
-        )
-    if config.get("lora_bias"):
-        raise InputError(f"{folder}: adapters with lora_bias=true are not supported.")
-    try:
-        tensors = load_file(weights_file)
-    except Exception as err:  # safetensors raises its own error types for corrupt files
-        raise InputError(f"{weights_file} cannot be read as safetensors: {err}") from err
-    adapter = LoraAdapter(folder, config, tensors)
-    if not adapter.modules():
-        raise InputError(f"{weights_file} holds no LoRA factors (lora_A / lora_B tensors).")
-    return adapter
-
-
-def _delta(adapter: LoraAdapter, module: str, dtype=torch.float64) -> torch.Tensor:
-    """``s * B @ A`` in the base weight's layout (embeddings and fan_in_fan_out layers transposed)."""
-    keys = adapter.modules()[module]
-    a, b = adapter.tensors[keys["A"]].to(dtype), adapter.tensors[keys["B"]].to(dtype)
-    delta = b.flatten(1) @ a.flatten(1)
-    if "lora_embedding" in keys["A"] or adapter.config.get("fan_in_fan_out"):
-        delta = delta.T
-    return adapter.scaling(module) * delta
-
-
-def lora_deltas(
-    adapters: Sequence[LoraAdapter], weights: Sequence[float], dtype=torch.float64
-) -> dict[str, torch.Tensor]:
-    """The exact weighted average of the updates, ``{module: sum_i w_i s_i B_i A_i}`` (dense; for checks).
-
-    A module that only some adapters adapt gets the terms of those adapters (the others add zero).
-    """
-    terms: dict[str, tuple[list[torch.Tensor], list[float], list[Path]]] = {}
-    for adapter, w in zip(adapters, weights, strict=True):
-        for module in adapter.modules():
-            deltas, ws, paths = terms.setdefault(module, ([], [], []))
-            deltas.append(_delta(adapter, module, dtype))
-            ws.append(w)
-            paths.append(adapter.path)
-    return {
-        module: weighted_sum(deltas, ws, name=module, sources=paths, accumulate_dtype=dtype, out_dtype=dtype)
-        for module, (deltas, ws, paths) in terms.items()
-    }
-
-
-def _weights(n: int, algo: str, alpha: float, weights, normalize: bool) -> list[float]:
-    return AveragingRule(algo, alpha, tuple(weights) if weights is not None else None, normalize).weights_for(n)
 
 
 def _average_extras(adapters: Sequence[LoraAdapter], weights: Sequence[float], acc) -> dict[str, torch.Tensor]:
@@ -245,7 +132,7 @@ def _concat_average(adapters, weights, acc) -> tuple[dict, dict]:
             raise InputError(
                 f"Module {brief(module)}: the adapters' factors have incompatible shapes ({err})."
             ) from None
-        ranks[module[len(_PREFIX) :] if module.startswith(_PREFIX) else module] = out[keys["A"]].shape[0]
+        ranks[base_name(module)] = out[keys["A"]].shape[0]
     config = dict(adapters[-1].config)
     rank = max(ranks.values())
     # Scaling 1 everywhere: lora_alpha == r per module, without rsLoRA; the s_i are folded into B.
@@ -263,11 +150,9 @@ def _merge_targets(adapters, weights, acc) -> dict[str, torch.Tensor | tuple[str
     """Base weight name -> the averaged update to add, or ``("replace", tensor)`` for modules_to_save."""
     targets: dict[str, torch.Tensor | tuple[str, torch.Tensor]] = {}
     for module, delta in lora_deltas(adapters, weights, dtype=acc).items():
-        name = module[len(_PREFIX) :] if module.startswith(_PREFIX) else module
-        targets[f"{name}.weight"] = delta
+        targets[f"{base_name(module)}.weight"] = delta
     for key, value in _average_extras(adapters, weights, acc).items():
-        name = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
-        name = name.replace(".modules_to_save.", ".").replace(".original_module.", ".")
+        name = base_name(key).replace(".modules_to_save.", ".").replace(".original_module.", ".")
         targets[name] = ("replace", value)
     return targets
 
@@ -386,8 +271,8 @@ def average_lora_adapters(
     """
     _check_method(method, adapters, base_model)
     loaded = [load_lora_adapter(p) for p in adapters]
-    w = _weights(len(loaded), algo, alpha, weights, normalize)
     rule = AveragingRule(algo, alpha, tuple(weights) if weights is not None else None, normalize)
+    w = rule.weights_for(len(loaded))
     output = Path(output_dir)
     check_output_outside_inputs(output, [(str(a.path), a.path) for a in loaded])
     with atomic_directory(output, overwrite=overwrite) as tmp:

@@ -1,9 +1,10 @@
 """Tools around a merge: sweeps of merge candidates and their scorers, and the FusionBench-style class.
 
 Soups, LoRA averaging, buffers and weight scopes moved to `pmakit.soups`; spike recovery and WSA
-(Trainer callbacks) to `pmakit.training`. Their old module paths (``pmakit.tools.greedy_soup``, ...)
-still import, with a ``FutureWarning``: the import returns the new module itself, so names, identity
-and monkeypatching are unchanged. No file stays at the old paths, so git follows the renames.
+(Trainer callbacks) to `pmakit.training`; the lm-eval scorer into the sweep package
+(`pmakit.tools.sweep.lm_eval`). Their old module paths (``pmakit.tools.greedy_soup``, ...) still import,
+with a ``FutureWarning``: the import returns the new module itself, so names, identity and monkeypatching
+are unchanged. No file stays at the old paths, so git follows the renames.
 """
 
 import importlib
@@ -22,6 +23,7 @@ MOVED = {
     "pmakit.tools.weighted_sum": "pmakit.soups.weighted_sum",
     "pmakit.tools.spike": "pmakit.training.spike",
     "pmakit.tools.wsa": "pmakit.training.wsa",
+    "pmakit.tools.lm_eval_scorer": "pmakit.tools.sweep.lm_eval",
 }
 
 

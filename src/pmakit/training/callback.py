@@ -26,7 +26,7 @@ from ..io.folders import remove_stale_temporaries
 from ..online.config import PmaConfig
 from ..online.engine import PmaEngine, attach_engine
 from ..online.slots import is_slot_key
-from ..tools.lm_eval_scorer import check_lm_eval_settings, pma_lm_eval_metrics
+from ..tools.sweep.lm_eval import check_lm_eval_settings, pma_lm_eval_metrics
 from .export import LATEST_DIR, PMA_PREFIX, PmaExporter
 from .samples import PmaSampleStore
 from .schedule import ScheduledMerges, silent_on_evaluate

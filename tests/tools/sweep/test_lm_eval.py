@@ -1,6 +1,6 @@
 """lm-evaluation-harness scoring: sweep scores equal the `lm_eval` command's for the same folder; training logs them.
 
-The task is a local YAML over a jsonl shipped in tests/tools/data/lm_eval_task (nothing is downloaded): its
+The task is a local YAML over a jsonl shipped in tests/tools/sweep/data/lm_eval_task (nothing is downloaded): its
 `data_files` path is relative, which lm-eval resolves from the working folder, so every run here starts there.
 """
 
@@ -22,8 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pmakit import PmaConfig, PmaTrainer, lm_eval_scorer, merge  # noqa: E402
 from pmakit.cli import main  # noqa: E402
-from pmakit.tools.lm_eval_scorer import pma_lm_eval_metrics  # noqa: E402
 from pmakit.tools.sweep import sweep_inputs  # noqa: E402
+from pmakit.tools.sweep.lm_eval import pma_lm_eval_metrics  # noqa: E402
 from tests.helpers.folders import make_tokenizer, save_models  # noqa: E402
 from tests.helpers.models import TokenDataset, tiny_llama  # noqa: E402
 from tests.helpers.training import pma_args  # noqa: E402

@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
-from ..deprecation import warn_deprecated
-from ..errors import InputError, brief
+from ...deprecation import warn_deprecated
+from ...errors import InputError, brief
 
 
 __all__ = ["LmEvalScorer", "lm_eval_scorer", "pma_lm_eval_metrics", "require_lm_eval"]
