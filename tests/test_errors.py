@@ -69,15 +69,19 @@ def _sources():
     return [(path.relative_to(SRC), ast.parse(path.read_text(encoding="utf-8"))) for path in files]
 
 
-def test_src_raises_no_bare_value_error():
-    """Bad input is an `InputError` (still a `ValueError`), so ``except PmakitError`` sees all of it."""
+@pytest.mark.parametrize(
+    ("builtin", "ours"), [("ValueError", "InputError"), ("RuntimeError", "TrainingError or HubError")]
+)
+def test_src_raises_no_bare_builtin_error(builtin, ours):
+    """Bad input is an `InputError` (still a `ValueError`), a failed run a `TrainingError` (still a `RuntimeError`),
+    so ``except PmakitError`` sees all of it and existing ``except ValueError``/``RuntimeError`` clauses still do."""
     found = []
     for path, tree in _sources():
         for node in _raises(tree):
             exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
-            if isinstance(exc, ast.Name) and exc.id == "ValueError":
+            if isinstance(exc, ast.Name) and exc.id == builtin:
                 found.append(f"{path}:{node.lineno}")
-    assert not found, f"raise ValueError (use pmakit.errors.InputError): {found}"
+    assert not found, f"raise {builtin} (use pmakit.errors.{ours}): {found}"
 
 
 def test_no_raise_message_holds_an_unbounded_repr():

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, TrainingError
 from .config import PmaConfig
 from .counters import COUNTERS_KEY, Counters
 from .counters import cycle_settings as cycle_settings  # moved to counters; importable here as before
@@ -279,7 +279,7 @@ class PmaEngine:
         """
         self.join()
         if not self.has_average:
-            raise RuntimeError("PMA has taken no sample yet, so there is no average to read.")
+            raise TrainingError("PMA has taken no sample yet, so there is no average to read.")
         return {p: a for group in self._param_groups() for p, a in zip(group.params, group.avgs, strict=True)}
 
     @contextmanager
@@ -287,7 +287,7 @@ class PmaEngine:
         """Put the PMA weights into the live parameters, then restore them bit for bit."""
         self.join()
         if not self.has_average:
-            raise RuntimeError("PMA has taken no sample yet, so there are no PMA weights to swap in.")
+            raise TrainingError("PMA has taken no sample yet, so there are no PMA weights to swap in.")
         groups = self._param_groups()
         backups = [[torch.empty_like(p) for p in g.lparams] for g in groups]
         with torch.no_grad():

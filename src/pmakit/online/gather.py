@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import TrainingError
 from .distributed import is_dtensor, like_dtensor
 
 
@@ -169,7 +170,8 @@ def _gather_zero(param, key: str, is_main_process: bool):
     if param.requires_grad:
         full = safe_get_full_optimizer_state(param, key)
         if full is None:
-            raise RuntimeError(f"DeepSpeed has no `{key}` state for a parameter of shape {tuple(_full_shape(param))}.")
+            shape = tuple(_full_shape(param))
+            raise TrainingError(f"DeepSpeed has no `{key}` state for a parameter of shape {shape}.")
         return full.detach().cpu() if is_main_process else None
     if hasattr(param, "ds_id"):
         from deepspeed.runtime.zero import GatheredParameters

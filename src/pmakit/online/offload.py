@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, TrainingError
 from .distributed import is_dtensor, like_dtensor, local_shard
 from .slots import SlotGroup
 
@@ -118,4 +118,4 @@ class Offload:
             self._threads.pop().join()
         if self._error is not None:
             err, self._error = self._error, None
-            raise RuntimeError("PMA: the asynchronous update of the average failed.") from err
+            raise TrainingError("PMA: the asynchronous update of the average failed.") from err

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import TrainingError
 from .offload import moved_average, placement
 from .slots import AVG_KEY, is_slot_key, pending_key, pop_pending
 
@@ -94,7 +95,7 @@ class SlotStore:
         position = {id(p): i for i, p in enumerate(self.flat_params())}
         missing = [p for p in self.unstepped if id(p) not in position]
         if missing:
-            raise RuntimeError(f"PMA: {len(missing)} averaged tensor(s) are not parameters of the optimizer.")
+            raise TrainingError(f"PMA: {len(missing)} averaged tensor(s) are not parameters of the optimizer.")
         first = state_dict["param_groups"][0] = dict(state_dict["param_groups"][0])
         for key in self.keys:
             first[pending_key(key)] = {position[id(p)]: kept[key] for p, kept in self.unstepped.items() if key in kept}

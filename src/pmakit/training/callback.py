@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..errors import InputError
+from ..errors import InputError, TrainingError
 from ..io.folders import remove_stale_temporaries
 from ..online.config import PmaConfig
 from ..online.engine import PmaEngine, attach_engine
@@ -80,7 +80,7 @@ class PmaCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         optimizer = kwargs.get("optimizer")
         if optimizer is None:
-            raise RuntimeError("PmaCallback needs the Trainer's optimizer, but the Trainer passed none.")
+            raise TrainingError("PmaCallback needs the Trainer's optimizer, but the Trainer passed none.")
         engine = self.attach(optimizer)
         engine.start_counting_at(state.global_step)
         if args.should_save:

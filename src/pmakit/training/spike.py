@@ -154,7 +154,7 @@ class SpikeRecoveryCallback(TrainerCallback):
     # ------------------------------------------------------------------ Trainer events
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if optimizer is None:
-            raise RuntimeError("SpikeRecoveryCallback needs the Trainer's optimizer, but the Trainer passed none.")
+            raise TrainingError("SpikeRecoveryCallback needs the Trainer's optimizer, but the Trainer passed none.")
         self._optimizer = unwrap_optimizer(optimizer)
         self._params = [p for g in self._optimizer.param_groups for p in g["params"] if p.requires_grad]
         self._install(model)

@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..errors import InputError
+from ..errors import InputError, TrainingError
 from ..online.distributed import unwrap_model, unwrap_optimizer
 from ..soups.scopes import Scope, compute_scopes, fuse_scopes, tensor_scope
 from .wsa_config import WSA_TARGETS, WsaConfig
@@ -310,7 +310,7 @@ class WsaCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self.trainer is None:
-            raise RuntimeError(
+            raise TrainingError(
                 "WsaCallback adds a loss term, so it needs the trainer: use `add_wsa(trainer, config)`."
             )
         model = kwargs.get("model")
