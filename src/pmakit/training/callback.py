@@ -91,14 +91,7 @@ class PmaCallback(TrainerCallback):
                 "needs the trainer: use `PmaCallback(config, trainer=trainer)` or `PmaTrainer`."
             )
         check_lm_eval_settings(self.config)
-        self.exporter = PmaExporter(
-            kwargs.get("model"),
-            args.output_dir,
-            self.config,
-            processing_class=kwargs.get("processing_class"),
-            is_main_process=args.should_save,
-            disable_tqdm=bool(args.disable_tqdm),
-        )
+        self.exporter = PmaExporter.for_trainer(args, self.config, kwargs)
         for handler in engine.on_cycle_end:  # a run started again replaces the exporter of the last one
             if _is_export_handler(handler):
                 engine.on_cycle_end.remove(handler)
@@ -117,15 +110,7 @@ class PmaCallback(TrainerCallback):
             if isinstance(store, PmaSampleStore):
                 engine.on_sample.remove(store)
         if self.config.sample_store:
-            store = PmaSampleStore(
-                kwargs.get("model"),
-                args.output_dir,
-                self.config,
-                processing_class=kwargs.get("processing_class"),
-                is_main_process=args.should_save,
-                disable_tqdm=bool(args.disable_tqdm),
-            )
-            engine.on_sample.add(store)
+            engine.on_sample.add(PmaSampleStore.for_trainer(args, self.config, kwargs))
 
     def _export_cycle(self, engine: PmaEngine, step: int) -> None:
         """The engine's cycle handler: the exporter (which has the Trainer's progress-bar setting)."""

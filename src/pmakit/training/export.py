@@ -16,11 +16,11 @@ import shutil
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
 
 from ..io.cards import build_model_card
 from ..io.folders import atomic_directory, copy_model_folder, reporting_disk_full
-from ..online.config import PmaConfig
 from ..online.distributed import is_dtensor, unwrap_model
 from ..online.engine import AVG_KEY, PmaEngine
 from ..online.gather import (
@@ -33,6 +33,7 @@ from ..online.gather import (
 )
 from .background import BackgroundWriter, side_process_group
 from .streaming import DEFAULT_MAX_SHARD_SIZE, plan_layout, streamable, write_side_files, write_streamed
+from .writer import ModelWriter
 
 
 __all__ = ["LATEST_DIR", "PMA_PREFIX", "PmaExporter", "progress_bars", "save_averaged_model", "save_live_model"]
@@ -176,7 +177,7 @@ def _is_peft_model(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-class PmaExporter:
+class PmaExporter(ModelWriter):
     """Writes the merged model as a complete HF model folder; an engine cycle handler.
 
     With ``save`` on, each cycle end writes ``output_dir/pma-<step>`` and refreshes
@@ -188,24 +189,12 @@ class PmaExporter:
     the average again (next fold, checkpoint save, reads).
     """
 
-    def __init__(
-        self,
-        model,
-        output_dir: str | Path,
-        config: PmaConfig,
-        *,
-        processing_class=None,
-        is_main_process: bool = True,
-        disable_tqdm: bool = False,
-    ) -> None:
-        self.model = model
-        self.output_dir = Path(output_dir)
-        self.config = config
-        self.processing_class = processing_class
-        self.is_main_process = is_main_process
-        self.disable_tqdm = disable_tqdm
-        self.background = BackgroundWriter()
-        self._warned_sync = False
+    _warned_sync = False  # the one warning that async export fell back to a synchronous write
+
+    @cached_property
+    def background(self) -> BackgroundWriter:
+        """The thread that writes an ``export="async"`` folder while training goes on."""
+        return BackgroundWriter()
 
     def __call__(self, engine: PmaEngine, step: int) -> None:
         self.export_cycle(engine, step)

@@ -14,10 +14,10 @@ import re
 import shutil
 from pathlib import Path
 
-from ..online.config import PmaConfig
 from ..online.distributed import unwrap_model
 from ..online.engine import PmaEngine
 from .export import progress_bars, save_live_model
+from .writer import ModelWriter
 
 
 __all__ = ["SAMPLES_DIR", "SAMPLE_PREFIX", "PmaSampleStore", "stored_samples"]
@@ -38,7 +38,7 @@ def stored_samples(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-class PmaSampleStore:
+class PmaSampleStore(ModelWriter):
     """Writes the live weights at each stored sample; an engine sample handler (`PmaEngine.add_sample_handler`).
 
     Every process must call it (sharded weights are gathered collectively); only the main process
@@ -46,22 +46,10 @@ class PmaSampleStore:
     shards" bar that ``save_pretrained`` would otherwise draw for every sample.
     """
 
-    def __init__(
-        self,
-        model,
-        output_dir: str | Path,
-        config: PmaConfig,
-        *,
-        processing_class=None,
-        is_main_process: bool = True,
-        disable_tqdm: bool = False,
-    ) -> None:
-        self.model = model
-        self.root = Path(output_dir) / SAMPLES_DIR
-        self.config = config
-        self.processing_class = processing_class
-        self.is_main_process = is_main_process
-        self.disable_tqdm = disable_tqdm
+    @property
+    def root(self) -> Path:
+        """``output_dir/pma-samples``: the folder the samples are written into."""
+        return self.output_dir / SAMPLES_DIR
 
     def __call__(self, engine: PmaEngine, step: int) -> Path | None:
         folder = self.root / f"{SAMPLE_PREFIX}{step}"
