@@ -103,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pmakit`` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # looked up when called, so a test can replace one (monkeypatch.setattr(cli, "_cmd_inspect", ...))
     commands = {"merge": _cmd_merge, "average": _cmd_average, "inspect": _cmd_inspect, "push": _cmd_push}
     handler = {**commands, "sweep": _cmd_sweep}[args.command]
     try:
