@@ -1,0 +1,8 @@
+"""``python -m pmakit``: the ``pmakit`` command (as ``python -m pmakit.cli``)."""
+
+import sys
+
+from .cli import main
+
+
+sys.exit(main())

@@ -1,0 +1,8 @@
+"""``python -m pmakit.cli``: the ``pmakit`` command."""
+
+import sys
+
+from . import main
+
+
+sys.exit(main())
