@@ -14,6 +14,7 @@ Facts (peaks, stalls, sizes) go to ``facts_rank<r>.json`` for the test.
 
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -61,10 +62,18 @@ def main() -> None:
     facts = {"full_bytes": sum(p.numel() * 4 for p in model.parameters())}
     facts["largest_bytes"] = max(p.numel() * 4 for p in model.parameters())
 
-    dist.barrier()
-    with PeakRss() as probe:
-        save_averaged_model(model, averages, out / "stream", is_main_process=main_process, max_shard_size="20MB")
-    facts["stream_peak"] = probe.peak
+    # The least of three streamed exports: the allocator and gloo's buffers add noise on top of what an export
+    # holds (one reading in a few ran 10% over), never below it; a full copy would show in every reading.
+    peaks = []
+    for i in range(3):
+        dist.barrier()
+        folder = out / ("stream" if i == 0 else f"stream-again-{i}")
+        with PeakRss() as probe:
+            save_averaged_model(model, averages, folder, is_main_process=main_process, max_shard_size="20MB")
+        peaks.append(probe.peak)
+        if i and main_process:
+            shutil.rmtree(folder)
+    facts["stream_peak"], facts["stream_peaks"] = min(peaks), peaks
     dist.barrier()
     with PeakRss() as probe:
         full = gather_averaged_state_dict(model, averages, is_main_process=main_process)
