@@ -18,8 +18,8 @@ def input_scopes(plan) -> tuple[list, list[str]]:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Print a run's checkpoint folders and the merge plan (with ``--scopes``, the weight scopes)."""
+    from ..io.dtype_names import format_size
     from ..merging import is_run_dir, list_checkpoints, plan_merge
-    from ..merging.plan import _human
 
     selection = option_settings(args)
     selected_kind = selection.pop("kind", "checkpoint")
@@ -36,7 +36,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                     + (f", spacing {gaps}" if gaps else "")
                 )
                 for c in found:
-                    print(f"    {c.path.name:<20} step {c.step:>8}  {_human(c.size):>10}")
+                    print(f"    {c.path.name:<20} step {c.step:>8}  {format_size(c.size):>10}")
         if not any(list_checkpoints(run, k) for k in ("checkpoint", "pma")):
             print("  no checkpoint-N or pma-N folders")
             return 0

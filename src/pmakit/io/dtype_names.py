@@ -15,6 +15,7 @@ __all__ = [
     "FLOAT_DTYPES",
     "ITEMSIZES",
     "canonical_dtype",
+    "format_size",
     "parse_size",
 ]
 
@@ -96,3 +97,12 @@ def parse_size(size: int | str) -> int:
     if value <= 0:
         raise InputError(f"`max_shard_size` must be positive, got {brief(size)}.")
     return value
+
+
+def format_size(n: float) -> str:
+    """Bytes for people, in powers of 1000 (``"1.5 GB"``), as plans and ``pmakit inspect`` print them."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..averaging import COPIED_FROM_NEWEST, AveragingRule, tensor_merge_action
 from ..errors import MergeError, brief
+from ..io.dtype_names import format_size
 from ..io.safetensors import OutputTensor, TensorInfo, canonical_dtype, parse_size, plan_shards
 from .checks import check_alike, check_architectures, rule_weights
 from .heads import LM_HEAD, common_tensor_names, is_tied, lm_head_inputs, output_tied
@@ -118,20 +119,12 @@ class MergePlan:
             f"copied from the newest input {counts['newest']} (integer/bool); "
             f"config and tokenizer from {self.donor.label}"
         )
-        lines.append(f"  reads {_human(self.bytes_to_read)}, writes {_human(self.bytes_to_write)}")
+        lines.append(f"  reads {format_size(self.bytes_to_read)}, writes {format_size(self.bytes_to_write)}")
         return "\n".join(lines)
 
 
 def _names(names: list[str]) -> str:
     return ", ".join(f"`{n}`" for n in names)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n} B"  # pragma: no cover
 
 
 def _accumulate_dtype(name: str) -> str:
