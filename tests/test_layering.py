@@ -34,7 +34,14 @@ LAYER_OF_PACKAGE = {
     "training": "training",
     "cli": "cli",
 }
-LAYER_OF_MODULE = {"errors": "core", "settings": "core", "deprecation": "core", "__init__": "api", "__main__": "cli"}
+LAYER_OF_MODULE = {
+    "errors": "core",
+    "settings": "core",
+    "deprecation": "core",
+    "lazy": "core",
+    "__init__": "api",
+    "__main__": "cli",
+}
 MAY_IMPORT = {
     "core": {"core"},
     "io": {"core", "io"},

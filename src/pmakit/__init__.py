@@ -4,8 +4,9 @@ Attributes are imported lazily so that the offline merger and the `pmakit` comma
 for importing torch and transformers.
 """
 
-from importlib import import_module
 from typing import TYPE_CHECKING
+
+from .lazy import lazy_exports
 
 
 __version__ = "0.1.0"
@@ -73,18 +74,7 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    from .errors import brief
-
-    raise AttributeError(f"module 'pmakit' has no attribute {brief(name)}")
-
-
-def __dir__():
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)
 
 
 if TYPE_CHECKING:

@@ -8,8 +8,9 @@ Names are imported on first use, so that ``pmakit.merging.options`` (what the co
 needs) loads without numpy and the fold.
 """
 
-from importlib import import_module
 from typing import TYPE_CHECKING
+
+from ..lazy import lazy_exports
 
 
 _EXPORTS = {
@@ -51,19 +52,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        where = _EXPORTS[name]
-        value = getattr(import_module(where if where.startswith("..") else f".{where}", __name__), name)
-        globals()[name] = value
-        return value
-    from ..errors import brief
-
-    raise AttributeError(f"module 'pmakit.merging' has no attribute {brief(name)}")
-
-
-def __dir__():
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)
 
 
 if TYPE_CHECKING:

@@ -8,8 +8,9 @@ Names are imported on first use, so that ``pmakit.soups.weighted_sum`` loads wit
 ``weighted_sum`` is imported from that module: the package attribute of that name is the module).
 """
 
-from importlib import import_module
 from typing import TYPE_CHECKING
+
+from ..lazy import lazy_exports
 
 
 _EXPORTS = {
@@ -63,18 +64,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    from ..errors import brief
-
-    raise AttributeError(f"module 'pmakit.soups' has no attribute {brief(name)}")
-
-
-def __dir__():
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)
 
 
 if TYPE_CHECKING:
