@@ -8,8 +8,8 @@ with anchors (`Rule.anchors`, ``bema``'s ``theta0``) gets one more fp32 copy per
 window, set to the window's first sample, and its `Rule.finish` correction is applied when the last
 sample is folded (`fold_sample`, as the engine does for a cycle), so a merge is the rule's closed form.
 
-Where the state lives. The accumulators are kept beside the optimizer, and saved *with* it: the
-optimizer's state dict carries them, anchors included, in ``param_groups[0]["pma_windows"]`` (keyed by the parameter's
+Where the state lives. The accumulators (and anchors) are kept beside the optimizer, and saved *with*
+it: the optimizer's state dict carries them in ``param_groups[0]["pma_windows"]`` (keyed by the parameter's
 position in the optimizer's order, like the engine's pending averages), which ``load_state_dict``
 restores verbatim and uncast; `MergeWindows` takes them back when attached (or on a later load). A
 Trainer checkpoint therefore resumes a window exactly. This holds for one process and for DDP
