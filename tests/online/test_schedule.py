@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from pmakit import PmaConfig
+from pmakit.errors import InputError
 from pmakit.online.engine import attach_engine
 from pmakit.online.schedule import STATE_KEY, MergeWindows
 from pmakit.online.windows import MergePlan
 from tests.helpers.engine import make_model, snapshot, train_step, weighted_sum
-from tests.helpers.references import gap_ema_weights
+from tests.helpers.references import bema_reference, gap_ema_weights
 
 
 # Windows of 3 samples (every 2 steps) ending at 6, 8 and 12: {2,4,6}, {4,6,8}, {8,10,12}; 6 and 8 share
@@ -45,9 +46,16 @@ RULES = {
 }
 
 
+# bema (TRL's BEMA) keeps an anchor, theta0, beside each window's average: TRL's defaults, and every parameter changed
+BEMA_PARAMS = {"bema": {}, "bema:ema_power=0.3,bias_power=0.6,lag=4,multiplier=2,min_ema_multiplier=0.4": {
+    "ema_power": 0.3, "bias_power": 0.6, "lag": 4.0, "multiplier": 2.0, "min_ema_multiplier": 0.4,
+}}  # fmt: skip
+
+
 def _config(algo="sma", ends=ENDS, **settings):
+    rule = RULES[algo][0] if algo in RULES else {"merge_max_open": 4}  # two bema windows: 2 x 2 fp32 copies
     return PmaConfig(
-        fused_algo=algo, interleave_step=EVERY, merge_steps=ends, merge_window=WINDOW, **{**RULES[algo][0], **settings}
+        fused_algo=algo, interleave_step=EVERY, merge_steps=ends, merge_window=WINDOW, **{**rule, **settings}
     )
 
 
@@ -93,6 +101,37 @@ def test_overlapping_windows_match_fp64_closed_forms(algo):
             assert ((avg.double() - ref).abs() <= 8 * (len(steps) - 1) * u32 * largest + 1e-12).all(), (end, i)
 
 
+@pytest.mark.parametrize("algo", list(BEMA_PARAMS), ids=["trl-defaults", "all-parameters"])
+def test_overlapping_bema_windows_match_trls_closed_form(algo):
+    params = BEMA_PARAMS[algo]
+    model, optimizer, windows = _setup(_config(algo))
+    assert windows.rule.anchors == ("theta0",)
+    snapshots = {}
+    merges = _run(model, optimizer, windows, range(1, 14), snapshots=snapshots)
+    assert sorted(merges) == ENDS and not windows.open
+    u32 = torch.finfo(torch.float32).eps / 2
+    for end, (steps, averages) in merges.items():
+        alpha = (params.get("lag", 10.0) + params.get("multiplier", 1.0) * end) ** -params.get("bias_power", 0.2)
+        for i, avg in enumerate(averages):
+            samples = [snapshots[s][i] for s in steps]
+            merged, ema = bema_reference(samples, steps, **params)  # fp64, TRL's update written out
+            # the fold's lerps and the correction round in fp32, on operands at most (1 + 2 alpha) max|x|
+            largest = torch.stack([x.abs() for x in samples]).amax(dim=0)
+            bound = 8 * (len(steps) + 1) * u32 * (1 + 2 * alpha) * largest
+            assert avg.dtype == torch.float32 and ((avg.double() - merged).abs() <= bound).all(), (end, i)
+            # the correction was applied: the merge is far from the EMA part at this tolerance
+            assert (avg.double() - ema).abs().max() > 1e3 * u32 * samples[0].abs().max(), (end, i)
+
+
+def test_bema_windows_count_their_anchor_against_merge_max_open():
+    message = (
+        r"keeps 2 windows open .*each 2 fp32 copies .*theta0\): 4 fp32 copies in all; `merge_max_open`=3 allows 3"
+    )
+    with pytest.raises(InputError, match=message):
+        _config("bema", merge_max_open=3)
+    assert _config("bema", ends=[6, 12], merge_max_open=2).merge_max_open == 2  # one window at a time: 2 copies
+
+
 def test_plan_counts_open_windows():
     plan = MergePlan(tuple(ENDS), WINDOW, EVERY)
     assert plan.size == 3 and plan.sample_steps(8) == [4, 6, 8]
@@ -109,16 +148,21 @@ def _saved(optimizer):
     return torch.load(buffer, weights_only=True)
 
 
+@pytest.mark.parametrize("algo", ["wma", "bema"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("attach", ["before_load", "after_load"])
-def test_resume_mid_window_is_bitwise(attach, dtype):
-    config = _config("wma")
+def test_resume_mid_window_is_bitwise(attach, dtype, algo):
+    config = _config(algo)
     straight = _run(*_setup(config, dtype=dtype), range(1, 14))
     model, optimizer, windows = _setup(config, dtype=dtype)
     _run(model, optimizer, windows, range(1, 6))  # step 5: windows 6 (samples 2, 4) and 8 (sample 4) are open
     assert sorted(windows.open) == [6, 8]
     state, weights = _saved(optimizer), {k: v.clone() for k, v in model.state_dict().items()}
-    assert sorted(state["param_groups"][0][STATE_KEY]["open"]) == ["6", "8"]
+    saved = state["param_groups"][0][STATE_KEY]["open"]
+    assert sorted(saved) == ["6", "8"]
+    assert all(sorted(w.get("anchors", {})) == list(config.rule.anchors) for w in saved.values())
+    if config.rule.anchors:  # theta0 of window 8 is its first sample, step 4's weights, saved as fp32
+        assert all(t.dtype == torch.float32 for t in saved["8"]["anchors"]["theta0"].values())
     assert STATE_KEY not in optimizer.param_groups[0]  # saved from the windows, never left in the live groups
 
     model = make_model(dtype, seed=5)  # other weights: everything must come from the checkpoint

@@ -168,8 +168,9 @@ class PmaConfig:
     )
     merge_max_open: int = setting(
         2,
-        "With `merge_steps`: the most windows open at once. Each open window keeps an fp32 copy of the trainable "
-        "weights (4 bytes per parameter); a schedule that needs more is refused.",
+        "With `merge_steps`: the most windows open at once, counted in fp32 copies of the trainable weights (4 "
+        "bytes per parameter): a window keeps one, plus one per anchor of the rule (a `bema` window keeps two); a "
+        "schedule that needs more is refused.",
         check_merge_max_open,
     )
     ema_alpha: float = setting(

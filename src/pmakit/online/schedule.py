@@ -3,10 +3,13 @@
 `MergeWindows` is an engine fold handler (`PmaEngine.add_fold_handler`): after each sample it folds
 the live weights into every window that takes that sample, with the configured rule's running
 form over the window (``avg <- avg + c_k (x_k - avg)``, ``k`` the sample's place in the window),
-and when a window's last sample is in it hands the merge over (`take_ready`) and frees it.
+and when a window's last sample is in it hands the merge over (`take_ready`) and frees it. A rule
+with anchors (`Rule.anchors`, ``bema``'s ``theta0``) gets one more fp32 copy per anchor in each
+window, set to the window's first sample, and its `Rule.finish` correction is applied when the last
+sample is folded (`fold_sample`, as the engine does for a cycle), so a merge is the rule's closed form.
 
-Where the state lives. The accumulators are kept beside the optimizer, and saved *with* it: the
-optimizer's state dict carries them in ``param_groups[0]["pma_windows"]`` (keyed by the parameter's
+Where the state lives. The accumulators (and anchors) are kept beside the optimizer, and saved *with*
+it: the optimizer's state dict carries them in ``param_groups[0]["pma_windows"]`` (keyed by the parameter's
 position in the optimizer's order, like the engine's pending averages), which ``load_state_dict``
 restores verbatim and uncast; `MergeWindows` takes them back when attached (or on a later load). A
 Trainer checkpoint therefore resumes a window exactly. This holds for one process and for DDP
@@ -25,7 +28,7 @@ import torch
 
 from .config import PmaConfig
 from .counters import cycle_settings
-from .kernels import fold_into
+from .slots import fold_sample
 from .windows import MergePlan
 
 
@@ -36,16 +39,21 @@ STATE_KEY = "pma_windows"
 
 @dataclass
 class _Window:
-    """One open window: its fp32 accumulators, grouped by (device, dtype) as the fold kernel wants them."""
+    """One open window: its fp32 accumulators and anchors, grouped by (device, dtype) as the fold kernel wants them.
+
+    ``anchors[g][i]`` holds group ``g``'s copies of the rule's ``i``-th anchor.
+    """
 
     count: int
     params: list[list[torch.Tensor]]
     accs: list[list[torch.Tensor]]
+    anchors: list[list[list[torch.Tensor]]]
     caches: list[dict] = field(default_factory=list)
 
-    def pairs(self) -> dict[torch.Tensor, torch.Tensor]:
-        """``{param: accumulator}``."""
-        return {p: a for ps, accs in zip(self.params, self.accs, strict=True) for p, a in zip(ps, accs, strict=True)}
+    def pairs(self, which: int | None = None) -> dict[torch.Tensor, torch.Tensor]:
+        """``{param: accumulator}`` (``which``: ``{param: copy of the anchor which}``)."""
+        tensors = self.accs if which is None else [anchors[which] for anchors in self.anchors]
+        return {p: a for ps, ts in zip(self.params, tensors, strict=True) for p, a in zip(ps, ts, strict=True)}
 
 
 @dataclass
@@ -60,7 +68,8 @@ class Merge:
 class MergeWindows:
     """The windows of ``plan`` on ``optimizer``'s trainable parameters, merged with ``config``'s rule.
 
-    Memory: one fp32 copy of the trainable weights per open window, at most ``len(plan.most_open())``.
+    Memory: ``1 + len(rule.anchors)`` fp32 copies of the trainable weights per open window, at most
+    ``len(plan.most_open())`` windows.
 
     Args:
         optimizer: The (unwrapped) optimizer whose parameters are averaged and whose state dict carries the windows.
@@ -102,9 +111,14 @@ class MergeWindows:
         elif window is None or window.count != k - 1:
             self._drop(end, step, 0 if window is None else window.count, k)
             return
-        c = self.rule.coefficient(k, self.plan.size, self.plan.sample_steps(end)[:k])
-        for params, accs, cache in zip(window.params, window.accs, window.caches, strict=True):
-            fold_into(accs, params, c, cache=cache)
+        steps = self.plan.sample_steps(end)
+        c = self.rule.coefficient(k, self.plan.size, steps[:k])
+        finish = self.rule.finish(k, steps[:k]) if step == end else {}
+        factors = [finish.get(anchor, 0.0) for anchor in self.rule.anchors]
+        for params, accs, anchors, cache in zip(
+            window.params, window.accs, window.anchors, window.caches, strict=True
+        ):
+            fold_sample(accs, params, c, cache, anchors, start=k == 1, finish=factors)
         window.count = k
         if step == end:
             del self.open[end]
@@ -127,7 +141,10 @@ class MergeWindows:
             groups.setdefault((p.device, p.dtype), []).append(p)
         params = list(groups.values())
         accs = [[torch.empty_like(p, dtype=torch.float32) for p in ps] for ps in params]
-        return _Window(0, params, accs, [{} for _ in params])
+        anchors = [
+            [[torch.empty_like(p, dtype=torch.float32) for p in ps] for _ in self.rule.anchors] for ps in params
+        ]
+        return _Window(0, params, accs, anchors, [{} for _ in params])
 
     def _averaged(self) -> list[torch.Tensor]:
         """The trainable parameters in the optimizer's order (what the engine averages)."""
@@ -143,12 +160,18 @@ class MergeWindows:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        """The open windows: ``{"settings": ..., "open": {end: {"count": k, "tensors": {position: acc}}}}``."""
+        """The open windows: ``{"settings": ..., "open": {end: {"count": k, "tensors": {position: acc}}}}``; a rule
+        with anchors adds ``"anchors": {anchor: {position: copy}}`` to each window."""
         position = {id(p): i for i, p in enumerate(self._flat())}
-        open_windows = {
-            str(end): {"count": w.count, "tensors": {position[id(p)]: a for p, a in w.pairs().items()}}
-            for end, w in self.open.items()
-        }
+
+        def by_position(pairs: dict[torch.Tensor, torch.Tensor]) -> dict[int, torch.Tensor]:
+            return {position[id(p)]: t for p, t in pairs.items()}
+
+        open_windows = {}
+        for end, w in self.open.items():
+            entry = open_windows[str(end)] = {"count": w.count, "tensors": by_position(w.pairs())}
+            if self.rule.anchors:
+                entry["anchors"] = {a: by_position(w.pairs(i)) for i, a in enumerate(self.rule.anchors)}
         return {"settings": self.settings, "open": open_windows}
 
     def load_state_dict(self, state: dict) -> None:
@@ -165,11 +188,17 @@ class MergeWindows:
             )
             return
         flat = self._flat()
+
+        def restore(pairs: dict[torch.Tensor, torch.Tensor], saved_tensors: dict) -> None:
+            tensors = {id(flat[int(i)]): t for i, t in saved_tensors.items()}
+            for p, target in pairs.items():
+                target.copy_(tensors[id(p)])
+
         for end, entry in saved.items():
             window = self._new_window()
-            tensors = {id(flat[int(i)]): t for i, t in entry["tensors"].items()}
-            for p, acc in window.pairs().items():
-                acc.copy_(tensors[id(p)])
+            restore(window.pairs(), entry["tensors"])
+            for i, anchor in enumerate(self.rule.anchors):
+                restore(window.pairs(i), entry["anchors"][anchor])
             window.count = int(entry["count"])
             self.open[int(end)] = window
 

@@ -5,7 +5,8 @@ A schedule merges at chosen optimizer steps ``s`` (``merge_steps``), each over t
 holds ``merge_window / interleave_step`` samples, known before training. ``"wsd"`` stands for one
 merge right before a warmup-stable-decay schedule's decay, resolved when training starts (the
 Trainer's arguments say where the decay begins). Windows may overlap; each open window costs one
-fp32 accumulator, so the number open at once is bounded (``merge_max_open``).
+fp32 accumulator, plus one fp32 copy per anchor of the rule (`Rule.anchors`: ``bema`` keeps
+``theta0``, so two copies), and the copies open at once are bounded (``merge_max_open``).
 
 Pure Python: `PmaConfig` checks the settings with these functions, the engine's windows
 (`pmakit.online.schedule`) and the training glue read the plan.
@@ -14,7 +15,7 @@ Pure Python: `PmaConfig` checks the settings with these functions, the engine's 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,16 +67,20 @@ class MergePlan:
         return f"merge_steps={list(self.ends)}; merge_window={self.window}; interleave_step={self.every}"
 
 
-def checked_plan(ends: list[int], window: int, every: int, start_step: int, max_open: int, name: Name) -> MergePlan:
-    """The plan, refused (`InputError` naming the settings ``name`` gives) where a window cannot be filled.
+def checked_plan(
+    ends: list[int], window: int, every: int, start_step: int, max_open: int, name: Name, anchors: Sequence[str] = ()
+) -> MergePlan:
+    """The plan, refused (`InputError` naming the settings ``name`` gives) where a window cannot be filled or
+    its open windows would keep more fp32 copies than ``max_open``.
 
     Args:
         ends: The merge steps, sorted and unique.
         window: Optimizer steps each merge averages over.
         every: ``interleave_step``, the steps between samples.
         start_step: No sample is taken at or before this step.
-        max_open: The most windows that may be open at once.
+        max_open: The most fp32 copies of the trainable weights the open windows may keep at once.
         name: How a message calls a setting (``name("merge_window")`` -> ```pma_merge_window```).
+        anchors: The rule's anchors (`Rule.anchors`): each open window keeps one more fp32 copy per anchor.
     """
     _check_ends(ends, every, name)
     first = ends[0]
@@ -87,14 +92,23 @@ def checked_plan(ends: list[int], window: int, every: int, start_step: int, max_
         )
     plan = MergePlan(tuple(ends), window, every)
     group = plan.most_open()
-    if len(group) > max_open:
+    each = 1 + len(anchors)
+    if len(group) * each > max_open:
+        windows = f"{len(group)} window{'s' * (len(group) > 1)}"
         raise InputError(
-            f"{name('merge_steps')} with {name('merge_window')}={window} keeps {len(group)} windows open at once "
-            f"(the merges at steps {', '.join(map(str, group))}), each an fp32 copy of the trainable weights; "
-            f"{name('merge_max_open')}={max_open} allows {max_open}: space the merges {window} steps apart, shorten "
-            f"the window, or raise {name('merge_max_open')}."
+            f"{name('merge_steps')} with {name('merge_window')}={window} keeps {windows} open at once (the merges "
+            f"at steps {', '.join(map(str, group))}), each {_copies(anchors)}: {len(group) * each} fp32 copies in "
+            f"all; {name('merge_max_open')}={max_open} allows {max_open}: space the merges {window} steps apart, "
+            f"shorten the window, or raise {name('merge_max_open')}."
         )
     return plan
+
+
+def _copies(anchors: Sequence[str]) -> str:
+    if not anchors:
+        return "an fp32 copy of the trainable weights"
+    kept = ", ".join(anchors)
+    return f"{1 + len(anchors)} fp32 copies of the trainable weights (its average and the rule's anchors: {kept})"
 
 
 def _check_ends(ends: list[int], every: int, name: Name) -> None:
@@ -166,18 +180,14 @@ def check_merge_max_open(key: str, values: Mapping[str, Any], name: Name) -> Non
     _check_companions(values, name)
     start = values["start_step"]
     if steps != WSD and isinstance(start, int):
-        checked_plan(steps, values["merge_window"], values["interleave_step"], start, limit, name)
+        anchors = _anchors_of(values["fused_algo"]) if isinstance(values.get("fused_algo"), str) else ()
+        checked_plan(steps, values["merge_window"], values["interleave_step"], start, limit, name, anchors)
 
 
 _REFUSED = (
     ("write_back", lambda v: v is True, "continues training from each cycle's merge, and a schedule has no cycles"),
     ("offload", lambda v: v == "cpu", "is not supported with a schedule: the windows are kept beside the weights"),
     ("export", lambda v: v == "async", "is not supported with a schedule: scheduled merges are written synchronously"),
-    (
-        "fused_algo",
-        lambda v: isinstance(v, str) and bool(_anchors_of(v)),
-        "needs a copy of each cycle's first sample beside the average, which a schedule's windows do not keep",
-    ),
     (
         "eval_lm_eval_tasks",
         bool,

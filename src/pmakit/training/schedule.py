@@ -117,7 +117,8 @@ class ScheduledMerges:
             )
         every = config.interleave_step
         ends = [wsd_merge_step(args, max_steps, every)] if config.merge_steps == WSD else list(config.merge_steps)
-        plan = checked_plan(ends, config.merge_window, every, config.start_step, config.merge_max_open, name)
+        anchors = config.rule.anchors
+        plan = checked_plan(ends, config.merge_window, every, config.start_step, config.merge_max_open, name, anchors)
         if self.windows is not None:
             self.windows.detach()
         self.windows = MergeWindows(engine.optimizer, plan, config)
@@ -125,8 +126,10 @@ class ScheduledMerges:
         engine.on_fold.add(self.fold)
         params = sum(p.numel() for group in engine.optimizer.param_groups for p in group["params"] if p.requires_grad)
         logger.info(
-            "PMA: merges at steps %s over %d steps (%d samples each); up to %d window(s) open at once, %.1f MB each.",
-            ends, plan.window, plan.size, len(plan.most_open()), params * 4 / 1e6,
+            "PMA: merges at steps %s over %d steps (%d samples each); up to %d window(s) open at once, %.1f MB each "
+            "(%d fp32 cop%s of the trainable weights).",
+            ends, plan.window, plan.size, len(plan.most_open()), params * 4 * (1 + len(anchors)) / 1e6,
+            1 + len(anchors), "ies" if anchors else "y",
         )  # fmt: skip
 
     def fold(self, engine: PmaEngine, step: int) -> None:
