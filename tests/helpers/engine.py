@@ -56,3 +56,16 @@ class ZeroLike:
         for i, flat in enumerate(self.single_partition_of_fp32_groups):
             flat.grad = torch.sin(flat.detach() * (i + 1))
         self.optimizer.step()
+
+
+def attach_around_load(optimizer, state: dict, attach: str, make):
+    """Load ``state`` into ``optimizer``, calling ``make(optimizer)`` (what attaches to it) before or after the load.
+
+    Resume tests run both orders: `PmaTrainer` attaches before the Trainer loads, `PmaCallback` after.
+    """
+    if attach == "before_load":
+        made = make(optimizer)
+        optimizer.load_state_dict(state)
+        return made
+    optimizer.load_state_dict(state)
+    return make(optimizer)

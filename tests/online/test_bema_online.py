@@ -13,7 +13,7 @@ import torch
 
 from pmakit import PmaConfig
 from pmakit.online.engine import AVG_KEY, attach_engine
-from tests.helpers.engine import ZeroLike, make_model, snapshot, train_and_sample, train_step
+from tests.helpers.engine import ZeroLike, attach_around_load, make_model, snapshot, train_and_sample, train_step
 from tests.helpers.gated import gated_llama
 from tests.helpers.models import SEQ, VOCAB
 from tests.helpers.references import bema_reference
@@ -188,12 +188,7 @@ def test_theta0_of_a_parameter_without_optimizer_state_is_saved_beside_it(attach
     resumed = gated_llama(seed=7)
     resumed.load_state_dict(weights)
     optimizer2 = torch.optim.AdamW(trainable(resumed), lr=1e-2)
-    if attach == "before_load":
-        engine2 = attach_engine(optimizer2, config)
-        optimizer2.load_state_dict(state)
-    else:
-        optimizer2.load_state_dict(state)
-        engine2 = attach_engine(optimizer2, config)
+    engine2 = attach_around_load(optimizer2, state, attach, lambda o: attach_engine(o, config))
     assert engine2._store.stored(resumed.late_head.weight, THETA0).dtype == torch.float32
     train_gated(resumed, optimizer2, range(4, 9))
     averages, averages2 = engine.averages(), engine2.averages()

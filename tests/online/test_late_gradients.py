@@ -16,6 +16,7 @@ import transformers
 
 from pmakit import PmaConfig
 from pmakit.online.engine import AVG_KEY, attach_engine, engine_of
+from tests.helpers.engine import attach_around_load
 from tests.helpers.gated import CONDITIONAL, gated_llama
 from tests.helpers.models import SEQ, VOCAB
 
@@ -109,12 +110,7 @@ def test_resume_between_samples_is_bitwise(kind, attach):
     resumed = gated_llama(seed=7)
     resumed.load_state_dict(weights)
     optimizer2 = OPTIMIZERS[kind](list(trainable(resumed).values()))
-    if attach == "before_load":
-        engine = attach_engine(optimizer2, CONFIG)
-        optimizer2.load_state_dict(state)
-    else:
-        optimizer2.load_state_dict(state)
-        engine = attach_engine(optimizer2, CONFIG)
+    engine = attach_around_load(optimizer2, state, attach, lambda o: attach_engine(o, CONFIG))
     merged2 = {}
     engine.add_cycle_handler(lambda e, step: merged2.update({step: _named(resumed, e.averages())}))
     train(resumed, optimizer2, range(SAVE_AT + 1, STEPS + 1))

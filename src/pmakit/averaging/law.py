@@ -148,6 +148,11 @@ class AveragingRule:
         self._check_steps(n, steps, at_least=True)
         return self._rule.finish(n, steps)
 
+    def finish_factors(self, n: int, steps: Sequence[int] | None = None) -> list[float]:
+        """`finish` as one factor per anchor, in `anchors` order (0.0 where none): what the fold kernel takes."""
+        done = self.finish(n, steps)
+        return [done.get(anchor, 0.0) for anchor in self.anchors]
+
     def _check_steps(self, n: int, steps: Sequence[int] | None, at_least: bool = False) -> None:
         if steps is None:
             if self._rule.step_aware:

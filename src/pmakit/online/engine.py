@@ -231,9 +231,9 @@ class PmaEngine:
         k = self.num_samples + 1
         steps = [*self._counters.sample_steps(), step] if self.rule.rule.step_aware else None
         coefficient = self.rule.coefficient(k, self.config.fused_num, steps)
-        finish = self.rule.finish(k, steps) if k >= self.config.fused_num else {}
+        finish = self.rule.finish_factors(k, steps) if k >= self.config.fused_num else []
         self._store.adopt_stepped()
-        self._fold(coefficient, start=k == 1, finish=[finish.get(a, 0.0) for a in self.rule.anchors])
+        self._fold(coefficient, start=k == 1, finish=finish)
         self._counters.add_sample(step)
         if self.config.is_stored_step(step):
             self.on_sample.run(self, step)  # before a write-back changes the live weights

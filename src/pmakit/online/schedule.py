@@ -113,8 +113,7 @@ class MergeWindows:
             return
         steps = self.plan.sample_steps(end)
         c = self.rule.coefficient(k, self.plan.size, steps[:k])
-        finish = self.rule.finish(k, steps[:k]) if step == end else {}
-        factors = [finish.get(anchor, 0.0) for anchor in self.rule.anchors]
+        factors = self.rule.finish_factors(k, steps[:k]) if step == end else []
         for params, accs, anchors, cache in zip(
             window.params, window.accs, window.anchors, window.caches, strict=True
         ):
